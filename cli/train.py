@@ -1,0 +1,112 @@
+"""`patchgen-train`: train a patch U-Net on images (Twemoji built in, or any folder)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from .common import CliError, Command, user_errors
+
+EXAMPLE = """
+\b
+Example (a 2x2-grid model on the built-in Twemoji images, 32x32):
+  patchgen-train --data emoji --image-size 32 --grid 2 --max-steps 200 --out runs/emoji32
+  patchgen-train --out runs/emoji32 --resume --max-steps 400   # continue it
+"""
+
+
+def _csv_ints(_ctx, _param, value):
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
+@click.command(cls=Command, epilog=EXAMPLE, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--data", default="emoji", show_default=True, help="'emoji' (Twemoji, CC-BY 4.0, no download) or a folder of images.")
+@click.option("--image-size", type=click.IntRange(min=4), default=64, show_default=True, help="Image side in pixels.")
+@click.option("--grid", type=click.IntRange(min=1), default=2, show_default=True, help="G: patches per side (1 = full-image DDPM).")
+@click.option("--no-gcc", is_flag=True, help="Ablation: no Global Content Conditioning.")
+@click.option("--no-position", is_flag=True, help="Ablation: no position conditioning.")
+@click.option("--max-steps", type=click.IntRange(min=1), default=10000, show_default=True, help="Train until this many steps.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per step.")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder: checkpoint.pt, previews, train_log.csv.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint (its configs and data are reused).")
+@click.option("--base-width", type=click.IntRange(min=8), default=32, show_default=True, help="U-Net channels at the first level (multiple of 8).")
+@click.option("--channel-mults", default="1,2,2", show_default=True, callback=_csv_ints, help="Width multiplier per U-Net level.")
+@click.option("--num-res-blocks", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--attention-resolutions", default="8", show_default=True, callback=_csv_ints, help="Feature-map sizes with self-attention.")
+@click.option("--dropout", type=click.FloatRange(0, 1), default=0.0, show_default=True)
+@click.option("--prediction", type=click.Choice(["eps", "v", "x0"]), default="eps", show_default=True, help="Network target (the ONNX graph always outputs eps).")
+@click.option("--gcc-source", type=click.Choice(["xt", "x0"]), default="xt", show_default=True, help="Pool x_t (paper) or the previous x0 estimate (self-conditioning).")
+@click.option("--global-context", type=click.IntRange(min=0), default=0, show_default=True, help="Cells per side of a global context vector from GCC (0 = off).")
+@click.option("--schedule", type=click.Choice(["cosine", "linear"]), default="cosine", show_default=True)
+@click.option("--timesteps", type=click.IntRange(min=2), default=1000, show_default=True)
+@click.option("--loss", type=click.Choice(["l1", "l2"]), default="l1", show_default=True)
+@click.option("--loss-weighting", type=click.Choice(["none", "min_snr"]), default="none", show_default=True)
+@click.option("--patches-per-image", type=click.IntRange(min=0), default=0, show_default=True, help="Random patches per image per step (0 = all).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4, show_default=True)
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=200, show_default=True)
+@click.option("--ema-decay", type=click.FloatRange(0, 1), default=0.999, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-skin-tones", is_flag=True, help="Emoji data: leave out skin-tone variants.")
+@click.option("--holdout", type=click.FloatRange(0, 0.9), default=0.1, show_default=True, help="Fraction of images held out for evaluation (fixed seed).")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option("--preview-every", type=click.IntRange(min=0), default=500, show_default=True, help="Steps between preview grids, and one at the end (0 = none).")
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
+@user_errors
+def main(data, image_size, grid, no_gcc, no_position, max_steps, batch_size, out, resume, base_width,
+         channel_mults, num_res_blocks, attention_resolutions, dropout, prediction, gcc_source, global_context,
+         schedule, timesteps, loss, loss_weighting, patches_per_image, lr, warmup_steps, ema_decay, seed,
+         no_skin_tones, holdout, checkpoint_every, preview_every, device):
+    """Train a patch-based diffusion U-Net (Arakawa et al. 2023) and write checkpoints to --out."""
+    from patchgen.models.config import ModelConfig, TrainConfig
+    from patchgen.models.data import load_data
+    from patchgen.models.train import train
+    from patchgen.runtime.schedule import Schedule
+
+    def load_for(source: dict):
+        name = source["name"]
+        spec = "emoji" if name.startswith("twemoji") else name.removeprefix("folder:")
+        return load_data(spec, source["image_size"], skin_tones=not name.endswith("no-skin-tones"))
+
+    kwargs = {}
+    if not resume:
+        try:
+            config = ModelConfig(
+                image_size=image_size, grid=grid, base_width=base_width, channel_mults=channel_mults,
+                num_res_blocks=num_res_blocks, attention_resolutions=attention_resolutions, dropout=dropout,
+                use_position=not no_position and grid > 1, use_gcc=not no_gcc, global_context=global_context,
+                gcc_source=gcc_source, prediction=prediction, schedule=Schedule(kind=schedule, num_timesteps=timesteps))
+            tc = TrainConfig(batch_size=batch_size, patches_per_image=patches_per_image, lr=lr,
+                             warmup_steps=warmup_steps, ema_decay=ema_decay, loss=loss,
+                             loss_weighting=loss_weighting, seed=seed)
+        except ValueError as e:
+            raise CliError(str(e)) from None
+        click.echo(f"loading {data} images at {image_size}px ...", err=True)
+        images = load_data(data, image_size, skin_tones=not no_skin_tones)
+        if images.source["attribution"]:
+            click.echo(f"data: {images.source['attribution']}", err=True)
+        click.echo(f"data: {len(images.images)} images ({images.source['skipped']} unreadable skipped)", err=True)
+        kwargs = dict(data=images, config=config, tc=tc, holdout=holdout)
+
+    with click.progressbar(length=max_steps, label="training", show_pos=True, file=click.get_text_stream("stderr"),
+                           item_show_func=lambda s: s) as bar:
+        def progress(step, loss_value, speed):
+            bar.update(step - bar.pos, f"loss {loss_value:.4f}  {speed:.1f} img/s")
+
+        t0 = time.perf_counter()
+        result = train(out, max_steps, resume=resume, checkpoint_every=checkpoint_every,
+                       preview_every=preview_every, device=device, progress=progress, load_data=load_for,
+                       **kwargs)
+    done = len(result.losses)
+    click.echo(f"{done} steps in {time.perf_counter() - t0:.0f} s; checkpoint at step {result.step}: "
+               f"{out / 'checkpoint.pt'}", err=True)
+    if result.interrupted_by is not None:
+        click.echo("interrupted: checkpoint saved; continue with --resume", err=True)
+        raise SystemExit(128 + result.interrupted_by)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,248 @@
+"""DDPM training of the patch U-Net: a loss function, one optimisation step, and the resumable loop."""
+from __future__ import annotations
+
+import copy
+import csv
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from patchgen.runtime.images import make_grid, save_png, to_uint8
+from patchgen.runtime.layout import pool_gcc
+from patchgen.runtime.errors import PatchgenError
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import ModelConfig, TrainConfig
+from .data import ImageSet, holdout_split, to_model_range
+from .diffusion import (loss_weight, patch_inputs, predict_full, prediction_target, q_sample,
+                        schedule_coefficients, x0_from_prediction)
+from .sample import sample_torch
+from .unet import PatchUNet
+
+CHECKPOINT_NAME = "checkpoint.pt"
+HOLDOUT_SEED = 0  # fixed: the held-out evaluation images are the same for every run
+
+
+def gcc_input(net: PatchUNet, x_t, t, gen: torch.Generator) -> Optional[torch.Tensor]:
+    """The GCC the network sees during training [B, C, P, P], or None.
+
+    gcc_source "xt" pools x_t (the paper). "x0" is self-conditioning: on half the
+    steps GCC is zeros (the first sampling step), on the other half it pools a
+    no-grad first estimate x0_hat made with zero GCC over all patches.
+    """
+    config = net.config
+    if not config.use_gcc:
+        return None
+    if config.gcc_source == "xt":
+        return pool_gcc(x_t, config.patch_size)
+    p = config.patch_size
+    gcc = torch.zeros(x_t.shape[0], config.channels, p, p, device=x_t.device)
+    if torch.rand((), generator=gen) < 0.5:
+        with torch.no_grad():
+            coefs = schedule_coefficients(config.schedule)
+            pred = predict_full(net, x_t, t, gcc)
+            x0_hat = x0_from_prediction(config.prediction, pred, x_t, t, *(c.to(x_t.device) for c in coefs))
+            gcc = pool_gcc(x0_hat.clamp(-1, 1), p)
+    return gcc
+
+
+def diffusion_loss(net: PatchUNet, x0: torch.Tensor, gen: torch.Generator, tc: TrainConfig) -> torch.Tensor:
+    """One Monte-Carlo estimate of the DDPM loss on the patches of x0 [B, C, H, W] (values in [-1, 1])."""
+    config, dev = net.config, x0.device
+    sqrt_abar, sqrt_1m_abar = (c.to(dev) for c in schedule_coefficients(config.schedule))
+    b, g2 = x0.shape[0], config.grid**2
+    t = torch.randint(0, config.schedule.num_timesteps, (b,), generator=gen).to(dev)
+    noise = torch.randn(x0.shape, generator=gen).to(dev)
+    x_t = q_sample(x0, t, noise, sqrt_abar, sqrt_1m_abar)
+    gcc = gcc_input(net, x_t, t, gen)
+    if 0 < tc.patches_per_image < g2:  # a random subset of positions per image
+        index = torch.rand(b, g2, generator=gen).argsort(dim=1)[:, : tc.patches_per_image].to(dev)
+    else:
+        index = torch.arange(g2, device=dev).expand(b, -1)
+    k = index.shape[1]
+    patches, pos, gcc_p = patch_inputs(config, x_t, gcc, index)
+    target = prediction_target(config.prediction, x0, noise, t, sqrt_abar, sqrt_1m_abar)
+    target = patch_inputs(config, target, None, index)[0]
+    tp = t.repeat_interleave(k)
+    pred = net(patches, tp, pos, gcc_p)
+    err = (pred - target).abs() if tc.loss == "l1" else (pred - target) ** 2
+    w = loss_weight(config.prediction, tc.loss_weighting, tp, sqrt_abar, sqrt_1m_abar, tc.min_snr_gamma)
+    return (w * err.mean(dim=(1, 2, 3))).mean()
+
+
+def learning_rate(step: int, tc: TrainConfig) -> float:
+    """Linear warm-up to tc.lr over tc.warmup_steps, then constant."""
+    return tc.lr * min(1.0, (step + 1) / max(tc.warmup_steps, 1))
+
+
+@torch.no_grad()
+def ema_update(ema: PatchUNet, net: PatchUNet, step: int, decay: float) -> None:
+    """ema <- d ema + (1 - d) net, with d warmed up as min(decay, (1 + step) / (10 + step))."""
+    d = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), net.parameters()):
+        e.lerp_(p, 1 - d)
+
+
+@dataclass
+class TrainState:
+    net: PatchUNet
+    ema: PatchUNet
+    optimizer: torch.optim.Optimizer
+    gen: torch.Generator  # drives data order, t, noise, patch subsets
+    step: int = 0
+
+
+def new_state(config: ModelConfig, tc: TrainConfig, device: str = "cpu") -> TrainState:
+    torch.manual_seed(tc.seed)  # weight init and dropout
+    net = PatchUNet(config).to(device)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    return TrainState(net, ema, opt, torch.Generator().manual_seed(tc.seed))
+
+
+def train_step(state: TrainState, images: np.ndarray, tc: TrainConfig) -> float:
+    """One optimisation step on a random batch of `images` (uint8 [N, H, W, C]); returns the loss."""
+    device = next(state.net.parameters()).device
+    idx = torch.randint(0, len(images), (tc.batch_size,), generator=state.gen).numpy()
+    x0 = torch.from_numpy(to_model_range(images[idx])).to(device)
+    state.net.train()
+    loss = diffusion_loss(state.net, x0, state.gen, tc)
+    state.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(state.net.parameters(), tc.grad_clip)
+    for group in state.optimizer.param_groups:
+        group["lr"] = learning_rate(state.step, tc)
+    state.optimizer.step()
+    ema_update(state.ema, state.net, state.step, tc.ema_decay)
+    state.step += 1
+    return loss.item()
+
+
+def state_dict(state: TrainState, config: ModelConfig, tc: TrainConfig, data: dict) -> dict:
+    return {
+        "model_config": config.to_dict(),
+        "train_config": tc.to_dict(),
+        "data": data,
+        "step": state.step,
+        "model": state.net.state_dict(),
+        "ema": state.ema.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "rng": {"generator": state.gen.get_state(), "torch": torch.get_rng_state()},
+    }
+
+
+def restore_state(ckpt: dict, device: str = "cpu") -> TrainState:
+    state = new_state(ckpt["model_config"], ckpt["train_config"], device)
+    state.net.load_state_dict(ckpt["model"])
+    state.ema.load_state_dict(ckpt["ema"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.gen.set_state(ckpt["rng"]["generator"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    state.step = ckpt["step"]
+    return state
+
+
+def write_preview(path: Path, net: PatchUNet, count: int, steps: int, seed: int, data: dict) -> None:
+    """A grid of `count` samples, patch by patch through the runtime's sampling loop (DDIM, eta = 0)."""
+    images = to_uint8(sample_torch(net, count, seed=seed, steps=steps))
+    save_png(path, make_grid(images), {"patchgen:step_seed": str(seed), "patchgen:data": data.get("name", "")})
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints after the current step and returns."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._set)
+            except ValueError:  # not the main thread: signals stay with the caller
+                pass
+        return self
+
+    def _set(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+@dataclass
+class RunResult:
+    losses: list  # the loss of every step this call ran
+    step: int  # the step count the checkpoint holds
+    interrupted_by: Optional[int]  # the signal number that stopped the run early, if any
+
+
+def train(run_dir, max_steps: int, *, data: Optional[ImageSet] = None, config: Optional[ModelConfig] = None,
+          tc: Optional[TrainConfig] = None, holdout: float = 0.1, resume: bool = False,
+          checkpoint_every: int = 500, preview_every: int = 500, preview_count: int = 16,
+          preview_steps: int = 50, device: str = "cpu",
+          progress: Optional[Callable[[int, float, float], None]] = None,
+          load_data: Optional[Callable[[dict], ImageSet]] = None) -> RunResult:
+    """Train (or resume) a run in `run_dir` up to `max_steps` steps; checkpoint.pt and preview PNGs go there.
+
+    A resumed run reads its configs and data description from the checkpoint
+    (`load_data` rebuilds the images from it) and continues exactly: its losses
+    equal those of an uninterrupted run.
+    """
+    run_dir = Path(run_dir)
+    ckpt_path = run_dir / CHECKPOINT_NAME
+    if resume:
+        ckpt = load_checkpoint(ckpt_path)
+        config, tc, source = ckpt["model_config"], ckpt["train_config"], ckpt["data"]
+        if data is None:
+            data = load_data(source)
+        state = restore_state(ckpt, device)
+        del ckpt
+    else:
+        if ckpt_path.exists():
+            raise PatchgenError(f"{ckpt_path} already exists: pass --resume to continue it or choose a new --out")
+        if data is None or config is None or tc is None:
+            raise ValueError("a new run needs data, config and tc")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        source = {**data.source, "holdout_fraction": holdout, "holdout_seed": HOLDOUT_SEED,
+                  "image_size": config.image_size}
+        state = new_state(config, tc, device)
+    train_idx, _ = holdout_split(len(data.images), source["holdout_fraction"], source["holdout_seed"])
+    source["num_train"] = len(train_idx)
+    images = data.images[train_idx]
+    if images.shape[1] != config.image_size:
+        raise PatchgenError(f"data images are {images.shape[1]}px but the model is {config.image_size}px")
+
+    def checkpoint():
+        save_checkpoint(ckpt_path, state_dict(state, config, tc, source))
+
+    losses = []
+    log_path = run_dir / "train_log.csv"
+    with _StopFlag() as stop, open(log_path, "a", newline="") as log:
+        writer = csv.writer(log)
+        if log.tell() == 0:
+            writer.writerow(["step", "loss", "lr", "images_per_s"])
+        while state.step < max_steps and stop.signal is None:
+            t0 = time.perf_counter()
+            loss = train_step(state, images, tc)
+            speed = tc.batch_size / (time.perf_counter() - t0)
+            losses.append(loss)
+            writer.writerow([state.step, f"{loss:.6f}", f"{learning_rate(state.step - 1, tc):.3e}", f"{speed:.2f}"])
+            if progress is not None:
+                progress(state.step, loss, speed)
+            if state.step % checkpoint_every == 0:
+                checkpoint()
+            if preview_every and state.step % preview_every == 0:
+                write_preview(run_dir / f"preview_{state.step:07d}.png", state.ema, preview_count,
+                              preview_steps, tc.seed, source)
+        checkpoint()
+    if stop.signal is None and preview_every and state.step % preview_every:
+        write_preview(run_dir / f"preview_{state.step:07d}.png", state.ema, preview_count, preview_steps,
+                      tc.seed, source)
+    return RunResult(losses, state.step, stop.signal)

@@ -1,0 +1,1 @@
+"""patchgen's edge runtime: numpy + onnxruntime only, never torch."""

@@ -1,0 +1,85 @@
+"""The patch loop: a single-patch eps network turned into the full-image denoiser the samplers call."""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import numpy as np
+
+from .layout import from_patches, pool_gcc, position_onehot, to_patches
+from .samplers import image_rngs, normal_like, sample_ddim, sample_ddpm
+from .schedule import alphas_cumprod, timestep_sequence
+from .spec import ModelSpec
+
+# net(x [B,C,P,P] f32, t [B] i64, pos [B,G*G] f32 | None, gcc [B,C,P,P] f32 | None) -> eps [B,C,P,P] f32
+PatchNet = Callable[[np.ndarray, np.ndarray, Optional[np.ndarray], Optional[np.ndarray]], np.ndarray]
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+class PatchDenoiser:
+    """x_t -> clipped x0_hat for whole images, evaluating the network patch by patch.
+
+    Per step: GCC is pooled once from the full x_t (or, for gcc_source "x0", from
+    the previous step's x0_hat, zeros at the first step), the G*G patches of every
+    image go through `net` in calls of `patch_batch` patches, and the predicted
+    noise is merged back and turned into x0_hat. One instance serves one sampling run.
+    """
+
+    def __init__(self, net: PatchNet, spec: ModelSpec, patch_batch: int = 1, clip_x0: bool = True):
+        if patch_batch < 1:
+            raise ValueError(f"patch_batch must be >= 1, got {patch_batch}")
+        self.net, self.spec, self.patch_batch, self.clip_x0 = net, spec, patch_batch, clip_x0
+        self.alphas_cumprod = alphas_cumprod(spec.schedule)
+        self.positions = position_onehot(spec.grid)
+        self.x0_prev: Optional[np.ndarray] = None  # self-conditioning state
+
+    def gcc(self, x: np.ndarray) -> Optional[np.ndarray]:
+        """The GCC input [N, C, P, P] for this step, or None when the model has none."""
+        if not self.spec.use_gcc:
+            return None
+        if self.spec.gcc_source == "xt":
+            return pool_gcc(x, self.spec.patch_size)
+        if self.x0_prev is None:
+            p = self.spec.patch_size
+            return np.zeros((x.shape[0], self.spec.channels, p, p), np.float32)
+        return pool_gcc(self.x0_prev, self.spec.patch_size)
+
+    def __call__(self, x: np.ndarray, t: int) -> np.ndarray:
+        grid, g2 = self.spec.grid, self.spec.grid**2
+        n = x.shape[0]
+        gcc = self.gcc(x)
+        patches = np.ascontiguousarray(to_patches(x, grid))
+        patches = patches.reshape(n * g2, *patches.shape[2:])
+        eps = np.empty_like(patches)
+        for start in range(0, n * g2, self.patch_batch):
+            k = np.arange(start, min(start + self.patch_batch, n * g2))  # flat index = image * G^2 + position
+            eps[k] = self.net(
+                patches[k],
+                np.full(len(k), t, dtype=np.int64),
+                self.positions[k % g2] if self.spec.use_position else None,
+                gcc[k // g2] if gcc is not None else None,
+            )
+        eps = from_patches(eps.reshape(n, g2, *patches.shape[1:]), grid)
+        # x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), clipped to the data range as in the paper
+        abar = float(self.alphas_cumprod[t])
+        x0 = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
+        if self.clip_x0:
+            np.clip(x0, -1.0, 1.0, out=x0)
+        self.x0_prev = x0
+        return x0
+
+
+def sample_images(net: PatchNet, spec: ModelSpec, *, num_images: int, seed: int, steps: int,
+                  sampler: str = "ddim", eta: float = 0.0, patch_batch: int = 1, first_index: int = 0,
+                  callback=None) -> np.ndarray:
+    """Images [N, C, H, W] in [-1, 1]; image i is a function of (seed, first_index + i) only."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    rngs = image_rngs(seed, first_index, num_images)
+    x = normal_like(rngs, spec.image_shape)  # x_T ~ N(0, I)
+    denoise = PatchDenoiser(net, spec, patch_batch)
+    timesteps = timestep_sequence(spec.schedule.num_timesteps, steps)
+    if sampler == "ddpm":
+        return sample_ddpm(denoise, x, timesteps, denoise.alphas_cumprod, rngs, callback=callback)
+    return sample_ddim(denoise, x, timesteps, denoise.alphas_cumprod, rngs, eta=eta, callback=callback)

@@ -1,0 +1,36 @@
+import numpy as np
+import pytest
+
+from patchgen.models.config import ModelConfig, TrainConfig
+from patchgen.models.data import ImageSet
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """A U-Net small enough to train for a few steps in a test (16x16 images, ~30k parameters)."""
+    base = dict(image_size=16, grid=2, base_width=8, channel_mults=(1, 2), num_res_blocks=1,
+                attention_resolutions=(4,), attention_heads=2)
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def blob_images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """Synthetic training images: a coloured disc on white, uint8 [N, H, W, 3]."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    out = np.full((n, size, size, 3), 255, np.uint8)
+    for img in out:
+        cy, cx = rng.uniform(size * 0.3, size * 0.7, 2)
+        r = rng.uniform(size * 0.2, size * 0.35)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r**2] = rng.integers(0, 200, 3)
+    return out
+
+
+@pytest.fixture
+def blobs16() -> ImageSet:
+    return ImageSet(blob_images(64, 16), {"name": "blobs", "attribution": "", "license": "",
+                                          "num_images": 64, "skipped": 0})
+
+
+@pytest.fixture
+def tiny_train_config() -> TrainConfig:
+    return TrainConfig(batch_size=8, lr=2e-3, warmup_steps=5)
