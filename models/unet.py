@@ -59,9 +59,9 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
-        # softmax(q^T k / sqrt(d)) over key positions, written out so it exports to plain ONNX ops
-        attn = torch.softmax(torch.einsum("bhdi,bhdj->bhij", q, k) / math.sqrt(c // self.heads), dim=-1)
-        out = torch.einsum("bhij,bhdj->bhdi", attn, v).reshape(b, c, h, w)
+        # A = softmax(q^T k / sqrt(d)) over key positions j; out_i = sum_j A_ij v_j. Plain MatMul/Softmax in ONNX.
+        attn = torch.softmax(q.transpose(-1, -2) @ k / math.sqrt(c // self.heads), dim=-1)  # [B, heads, HW, HW]
+        out = (v @ attn.transpose(-1, -2)).reshape(b, c, h, w)
         return x + self.proj(out)
 
 

@@ -1,0 +1,68 @@
+"""Training throughput (images/s) of the default patch U-Net per grid, each grid in a fresh process.
+
+    python benchmarks/train_throughput.py --image-size 64 --grids 1,2,4 --steps 30
+"""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+RESULTS = Path(__file__).parent / "results"
+
+CHILD = r"""
+import json, sys, time
+import numpy as np, torch
+from patchgen.models.config import ModelConfig, TrainConfig
+from patchgen.models.train import new_state, train_step
+size, grid, steps, warmup, batch, threads = map(int, sys.argv[1:7])
+torch.set_num_threads(threads)
+config = ModelConfig(image_size=size, grid=grid, use_position=grid > 1)
+tc = TrainConfig(batch_size=batch)
+images = np.random.default_rng(0).integers(0, 256, (256, size, size, 3), dtype=np.uint8)
+state = new_state(config, tc)
+for _ in range(warmup):
+    train_step(state, images, tc)
+t0 = time.perf_counter()
+for _ in range(steps):
+    train_step(state, images, tc)
+dt = time.perf_counter() - t0
+print(json.dumps({"grid": grid, "image_size": size, "batch_size": batch, "steps": steps,
+                  "params": sum(p.numel() for p in state.net.parameters()),
+                  "images_per_s": steps * batch / dt, "s_per_step": dt / steps}))
+"""
+
+
+@click.command(epilog="Example: python benchmarks/train_throughput.py --image-size 64 --grids 1,2,4")
+@click.option("--image-size", type=click.IntRange(min=8), default=64, show_default=True)
+@click.option("--grids", default="1,2,4", show_default=True, help="Comma-separated grids, each in a fresh process.")
+@click.option("--steps", type=click.IntRange(min=1), default=30, show_default=True, help="Timed steps.")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed steps first.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "train_throughput", show_default=True,
+              help="Results stem: writes STEM.json and STEM.md.")
+def main(image_size, grids, steps, warmup, batch_size, threads, out):
+    """Images/s of DDPM training (default model, all patches per image) for each grid."""
+    rows = []
+    for grid in (int(g) for g in grids.split(",")):
+        args = [sys.executable, "-c", CHILD, *map(str, (image_size, grid, steps, warmup, batch_size, threads))]
+        row = json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
+        click.echo(f"grid {grid}: {row['images_per_s']:.1f} images/s ({row['params'] / 1e6:.2f} M params)")
+        rows.append(row)
+    machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, torch threads {threads}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
+    lines = [f"Training throughput at {image_size}x{image_size}, batch {batch_size} images, {machine}", "",
+             "| grid | params | images/s | s/step |", "|---|---|---|---|"]
+    lines += [f"| {r['grid']}x{r['grid']} | {r['params'] / 1e6:.2f} M | {r['images_per_s']:.1f} | {r['s_per_step']:.3f} |"
+              for r in rows]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
