@@ -1,0 +1,1 @@
+"""Checkpoint -> single-patch ONNX denoiser."""

@@ -15,6 +15,18 @@ def _umask() -> int:
     return mask
 
 
+def check_writable_folder(folder) -> None:
+    """Fail early, before any long work, when files cannot be created in `folder`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PatchgenError(f"output folder {folder} does not exist: create it or choose another path")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise PatchgenError(f"cannot write to {folder}: {e.strerror}; choose a writable folder") from None
+
+
 @contextlib.contextmanager
 def atomic_output(path, mode: str = "wb"):
     """Yield a file object; on success it replaces `path` in one rename, on error nothing is left behind."""

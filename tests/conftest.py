@@ -34,3 +34,27 @@ def blobs16() -> ImageSet:
 @pytest.fixture
 def tiny_train_config() -> TrainConfig:
     return TrainConfig(batch_size=8, lr=2e-3, warmup_steps=5)
+
+
+def write_checkpoint(path, config: ModelConfig, step: int = 0, seed: int = 0):
+    """An untrained (random-weight) checkpoint for `config`, as patchgen-train writes them."""
+    from patchgen.models.checkpoint import save_checkpoint
+    from patchgen.models.train import new_state, state_dict
+
+    tc = TrainConfig(seed=seed)
+    state = new_state(config, tc)
+    state.step = step
+    data = {"name": "test-blobs", "attribution": "made by the test", "license": "CC0", "num_train": 1}
+    save_checkpoint(path, state_dict(state, config, tc, data))
+    return path
+
+
+# Run Python code with `import torch` failing, as on an edge device without torch.
+BLOCK_TORCH = """
+import sys
+class _BlockTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, _BlockTorch())
+"""
