@@ -7,14 +7,14 @@ from typing import Callable, Optional
 import numpy as np
 
 from .layout import from_patches, pool_gcc, position_onehot, to_patches
-from .samplers import image_rngs, normal_like, sample_ddim, sample_ddpm
+from .samplers import image_rngs, normal_like, sample_ddim, sample_ddpm, sample_dpmpp_2m
 from .schedule import alphas_cumprod, timestep_sequence
 from .spec import ModelSpec
 
 # net(x [B,C,P,P] f32, t [B] i64, pos [B,G*G] f32 | None, gcc [B,C,P,P] f32 | None) -> eps [B,C,P,P] f32
 PatchNet = Callable[[np.ndarray, np.ndarray, Optional[np.ndarray], Optional[np.ndarray]], np.ndarray]
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpm++")
 
 
 class PatchDenoiser:
@@ -82,4 +82,6 @@ def sample_images(net: PatchNet, spec: ModelSpec, *, num_images: int, seed: int,
     timesteps = timestep_sequence(spec.schedule.num_timesteps, steps)
     if sampler == "ddpm":
         return sample_ddpm(denoise, x, timesteps, denoise.alphas_cumprod, rngs, callback=callback)
+    if sampler == "dpm++":
+        return sample_dpmpp_2m(denoise, x, timesteps, denoise.alphas_cumprod, rngs, callback=callback)
     return sample_ddim(denoise, x, timesteps, denoise.alphas_cumprod, rngs, eta=eta, callback=callback)
