@@ -19,12 +19,14 @@ from patchgen.runtime.errors import PatchgenError
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig
 from .data import ImageSet, holdout_split, to_model_range
+from .metrics import seam_score
 from .diffusion import (loss_weight, patch_inputs, predict_full, prediction_target, q_sample,
                         schedule_coefficients, x0_from_prediction)
 from .sample import sample_torch
 from .unet import PatchUNet
 
 CHECKPOINT_NAME = "checkpoint.pt"
+PROBE_IMAGES = 32  # held-out images for the GCC-use probe and the real seam score
 HOLDOUT_SEED = 0  # fixed: the held-out evaluation images are the same for every run
 
 
@@ -147,10 +149,38 @@ def restore_state(ckpt: dict, device: str = "cpu") -> TrainState:
     return state
 
 
-def write_preview(path: Path, net: PatchUNet, count: int, steps: int, seed: int, data: dict) -> None:
+def write_preview(path: Path, net: PatchUNet, count: int, steps: int, seed: int, data: dict) -> np.ndarray:
     """A grid of `count` samples, patch by patch through the runtime's sampling loop (DDIM, eta = 0)."""
     images = to_uint8(sample_torch(net, count, seed=seed, steps=steps))
-    save_png(path, make_grid(images), {"patchgen:step_seed": str(seed), "patchgen:data": data.get("name", "")})
+    save_png(path, make_grid(images), {"patchgen:seed": str(seed), "patchgen:data": data.get("name", "")})
+    return images
+
+
+EVAL_COLUMNS = ["step", "seam", "seam_real", "swap_increase_0_300", "swap_increase_300_700",
+                "swap_increase_700_1000", "mse_true_gcc_700_1000"]
+
+
+def evaluate(run_dir: Path, state: TrainState, probe_images: np.ndarray, tc: TrainConfig, source: dict,
+             count: int, steps: int) -> dict:
+    """Preview grid, its seam score next to real images', and the GCC-use probe; one row of eval_log.csv."""
+    config = state.ema.config
+    samples = write_preview(run_dir / f"preview_{state.step:07d}.png", state.ema, count, steps, tc.seed, source)
+    row = {"step": state.step, "seam": seam_score(samples, config.grid),
+           "seam_real": seam_score(probe_images, config.grid)}
+    device = next(state.ema.parameters()).device
+    for band in gcc_probe(state.ema, torch.from_numpy(to_model_range(probe_images)).to(device)):
+        key = band["band"].replace("-", "_")
+        row[f"swap_increase_{key}"] = band["swap_increase"]
+        if key.endswith("_1000"):
+            row["mse_true_gcc_700_1000"] = band["mse_true_gcc"]
+    path = run_dir / "eval_log.csv"
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, EVAL_COLUMNS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow({k: (f"{v:.5g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return row
 
 
 class _StopFlag:
@@ -213,9 +243,10 @@ def train(run_dir, max_steps: int, *, data: Optional[ImageSet] = None, config: O
         source = {**data.source, "holdout_fraction": holdout, "holdout_seed": HOLDOUT_SEED,
                   "image_size": config.image_size}
         state = new_state(config, tc, device)
-    train_idx, _ = holdout_split(len(data.images), source["holdout_fraction"], source["holdout_seed"])
+    train_idx, held_idx = holdout_split(len(data.images), source["holdout_fraction"], source["holdout_seed"])
     source["num_train"] = len(train_idx)
     images = data.images[train_idx]
+    probe_images = data.images[(held_idx if len(held_idx) else train_idx)[:PROBE_IMAGES]]
     if images.shape[1] != config.image_size:
         raise PatchgenError(f"data images are {images.shape[1]}px but the model is {config.image_size}px")
 
@@ -239,10 +270,45 @@ def train(run_dir, max_steps: int, *, data: Optional[ImageSet] = None, config: O
             if state.step % checkpoint_every == 0:
                 checkpoint()
             if preview_every and state.step % preview_every == 0:
-                write_preview(run_dir / f"preview_{state.step:07d}.png", state.ema, preview_count,
-                              preview_steps, tc.seed, source)
+                evaluate(run_dir, state, probe_images, tc, source, preview_count, preview_steps)
         checkpoint()
     if stop.signal is None and preview_every and state.step % preview_every:
-        write_preview(run_dir / f"preview_{state.step:07d}.png", state.ema, preview_count, preview_steps,
-                      tc.seed, source)
+        evaluate(run_dir, state, probe_images, tc, source, preview_count, preview_steps)
     return RunResult(losses, state.step, stop.signal)
+
+
+NOISE_BANDS = ((0, 300), (300, 700), (700, 1000))  # t ranges, for T = 1000 (scaled for other T)
+
+
+@torch.no_grad()
+def gcc_probe(net: PatchUNet, x0: torch.Tensor, seed: int = 0) -> list[dict]:
+    """Does the network use GCC? Per noise band, the x0_hat error with the true GCC and with another
+    image's GCC (the batch rolled by one). A coherent model must lose accuracy at high noise when its GCC
+    is swapped: the layout is decided there. Fixed noise (from `seed`) makes runs comparable over time."""
+    config = net.config
+    if not config.use_gcc:
+        return []
+    was_training = net.training
+    net.eval()
+    gen = torch.Generator().manual_seed(seed)
+    coefs = [c.to(x0.device) for c in schedule_coefficients(config.schedule)]
+    T, rows = config.schedule.num_timesteps, []
+    for lo, hi in NOISE_BANDS:
+        lo, hi = lo * T // 1000, hi * T // 1000
+        t = torch.randint(lo, hi, (x0.shape[0],), generator=gen).to(x0.device)
+        noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+        x_t = q_sample(x0, t, noise, *coefs)
+        if config.gcc_source == "xt":
+            gcc = pool_gcc(x_t, config.patch_size)
+        else:  # self-conditioning: the first estimate's pooled x0_hat, as the second pass sees it
+            zeros = torch.zeros(x0.shape[0], config.channels, config.patch_size, config.patch_size, device=x0.device)
+            first = x0_from_prediction(config.prediction, predict_full(net, x_t, t, zeros), x_t, t, *coefs)
+            gcc = pool_gcc(first.clamp(-1, 1), config.patch_size)
+        errors = []
+        for g in (gcc, gcc.roll(1, dims=0)):
+            x0_hat = x0_from_prediction(config.prediction, predict_full(net, x_t, t, g), x_t, t, *coefs)
+            errors.append(((x0_hat.clamp(-1, 1) - x0) ** 2).mean().item())
+        rows.append({"band": f"{lo}-{hi}", "mse_true_gcc": errors[0], "mse_swapped_gcc": errors[1],
+                     "swap_increase": errors[1] / max(errors[0], 1e-12) - 1})
+    net.train(was_training)
+    return rows

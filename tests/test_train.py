@@ -168,3 +168,21 @@ def test_sigterm_checkpoints_then_resumes(tmp_path, blobs16):
     r = run_cli("--out", str(run), "--resume", "--max-steps", str(step + 2), "--preview-every", "0")
     assert r.returncode == 0, r.stderr
     assert load_checkpoint(run / "checkpoint.pt")["step"] == step + 2
+
+
+def test_seam_score():
+    from patchgen.models.metrics import seam_score
+
+    yy, xx = np.mgrid[:16, :16]
+    smooth = np.repeat(((xx + yy) * 8).astype(np.uint8)[None, :, :, None], 3, axis=3)
+    assert seam_score(smooth, 2) == pytest.approx(1.0)
+    quilt = smooth.copy()
+    quilt[:, :8, 8:] = 255 - quilt[:, :8, 8:]  # one quadrant from another picture
+    assert seam_score(quilt, 2) > 3
+
+
+def test_evaluation_log(tmp_path, blobs16, tiny_train_config):
+    train(tmp_path, 2, data=blobs16, config=tiny_config(), tc=tiny_train_config, preview_every=2,
+          preview_count=4, preview_steps=2)
+    rows = (tmp_path / "eval_log.csv").read_text().splitlines()
+    assert rows[0].startswith("step,seam,seam_real,swap_increase_0_300") and rows[1].startswith("2,")
