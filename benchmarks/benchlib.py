@@ -52,24 +52,82 @@ from patchgen.export.onnx_export import export_onnx
 from patchgen.models.checkpoint import save_checkpoint
 from patchgen.models.config import ModelConfig, TrainConfig
 from patchgen.models.train import new_state, state_dict
-path, config = Path(sys.argv[1]), json.loads(sys.argv[2])
+path, config, keep = Path(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3] == "1"
 config["channel_mults"] = tuple(config.get("channel_mults", (1, 2, 2)))
 config["attention_resolutions"] = tuple(config.get("attention_resolutions", (8,)))
 cfg, tc = ModelConfig(**config), TrainConfig()
 ckpt = path.with_suffix(".pt")
 save_checkpoint(ckpt, state_dict(new_state(cfg, tc), cfg, tc, {"name": "random weights"}))
 export_onnx(ckpt, path, force=True)
-ckpt.unlink()
+if not keep:
+    ckpt.unlink()
 """
 
 
-def random_model(path: Path, image_size: int, grid: int, **config) -> Path:
-    """Export a random-weight patch model, in a child process (it needs torch; this process stays lean)."""
+def random_model(path: Path, image_size: int, grid: int, keep_checkpoint: bool = False, **config) -> Path:
+    """Export a random-weight patch model, in a child process (it needs torch; this process stays lean).
+    With keep_checkpoint the checkpoint stays beside it as PATH.pt (for the PyTorch comparison)."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         config = {"image_size": image_size, "grid": grid, "use_position": grid > 1, "use_gcc": grid > 1, **config}
-        subprocess.run(python("-c", MAKE_MODEL, str(path), json.dumps(config)), check=True)
+        subprocess.run(python("-c", MAKE_MODEL, str(path), json.dumps(config), str(int(keep_checkpoint))), check=True)
     return path
+
+
+# One sampling process, patchgen's runtime: prints imports / floor / peak (MiB) and seconds per step.
+# argv: model, options JSON (onnxruntime / malloc overrides, {} for the defaults), patch batch, steps, threads.
+SAMPLE_CHILD = r"""
+import json, os, sys, time
+from pathlib import Path
+def status(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+model_path, opts, patch_batch, steps, threads = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+if not opts.get("malloc_tuning", True):
+    os.environ["PATCHGEN_MALLOC_TUNING"] = "0"
+import numpy as np, onnxruntime as ort
+import patchgen.runtime.session as session
+base = session.session_options
+def options(threads=1):
+    so = base(threads)
+    so.enable_cpu_mem_arena = opts.get("arena", so.enable_cpu_mem_arena)
+    so.enable_mem_pattern = opts.get("pattern", so.enable_mem_pattern)
+    if not opts.get("prepack", True):
+        so.add_session_config_entry("session.disable_prepacking", "1")
+    if opts.get("init_device_alloc", False):
+        so.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
+    return so
+session.session_options = options
+from patchgen.runtime.model import load_model
+from patchgen.runtime.generate import make_plan, iter_samples
+imports = status("VmRSS")
+t0 = time.perf_counter()
+model = load_model(model_path, threads)
+load_s = time.perf_counter() - t0
+floor = status("VmRSS")
+plan = make_plan(model, 1, None, patch_batch)
+t0 = time.perf_counter()
+for _ in iter_samples(model, plan, num_images=1, seed=0, steps=steps):
+    pass
+print(json.dumps({"imports_mib": imports, "floor_mib": floor, "peak_mib": status("VmHWM"), "load_s": load_s,
+                  "s_per_step": (time.perf_counter() - t0) / steps}))
+"""
+
+
+def sample_run(model: Path, patch_batch: int, steps: int, threads: int, opts: dict | None = None,
+               repeats: int = 1) -> dict:
+    """SAMPLE_CHILD in fresh processes; memory from the kernel, time the fastest of `repeats`.
+    On failure the row holds the error instead."""
+    best = None
+    for _ in range(repeats):
+        r = run_fresh(python("-c", SAMPLE_CHILD, str(model), json.dumps(opts or {}), str(patch_batch), str(steps),
+                             str(threads)))
+        if r["returncode"] != 0:
+            return {"error": (r["stderr"].strip().splitlines() or ["?"])[-1][:120], "kernel_peak_mib": r["peak_mib"]}
+        row = {**json.loads(r["stdout"]), "kernel_peak_mib": r["peak_mib"]}
+        best = row if best is None or row["s_per_step"] < best["s_per_step"] else best
+    return best
 
 
 def write_results(stem: Path, title: str, columns: list[tuple[str, str]], rows: list[dict], notes: str = "") -> None:

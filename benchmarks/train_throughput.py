@@ -5,14 +5,11 @@
 from __future__ import annotations
 
 import json
-import platform
-import subprocess
-import sys
 from pathlib import Path
 
 import click
 
-RESULTS = Path(__file__).parent / "results"
+from benchlib import RESULTS, python, run_fresh, write_results
 
 CHILD = r"""
 import json, sys, time
@@ -50,19 +47,17 @@ def main(image_size, grids, steps, warmup, batch_size, threads, out):
     """Images/s of DDPM training (default model, all patches per image) for each grid."""
     rows = []
     for grid in (int(g) for g in grids.split(",")):
-        args = [sys.executable, "-c", CHILD, *map(str, (image_size, grid, steps, warmup, batch_size, threads))]
-        row = json.loads(subprocess.run(args, check=True, capture_output=True, text=True).stdout)
-        click.echo(f"grid {grid}: {row['images_per_s']:.1f} images/s ({row['params'] / 1e6:.2f} M params)")
+        r = run_fresh(python("-c", CHILD, *map(str, (image_size, grid, steps, warmup, batch_size, threads))))
+        if r["returncode"]:
+            raise click.ClickException(r["stderr"][-2000:])
+        row = json.loads(r["stdout"])
+        row["params_m"] = row["params"] / 1e6
+        click.echo(f"grid {grid}: {row['images_per_s']:.1f} images/s ({row['params_m']:.2f} M params)")
         rows.append(row)
-    machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, torch threads {threads}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1) + "\n")
-    lines = [f"Training throughput at {image_size}x{image_size}, batch {batch_size} images, {machine}", "",
-             "| grid | params | images/s | s/step |", "|---|---|---|---|"]
-    lines += [f"| {r['grid']}x{r['grid']} | {r['params'] / 1e6:.2f} M | {r['images_per_s']:.1f} | {r['s_per_step']:.3f} |"
-              for r in rows]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-
+    write_results(out, f"Training throughput at {image_size}x{image_size}, batch {batch_size} images, all patches "
+                       f"per image, default model, torch threads {threads}",
+                  [("grid", "grid"), ("params_m", "params (M)"), ("images_per_s", "images/s"),
+                   ("s_per_step", "s/step")], rows, "Each grid in a fresh process; mean over the timed steps.")
 
 if __name__ == "__main__":
     main()

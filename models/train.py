@@ -265,6 +265,7 @@ def train(run_dir, max_steps: int, *, data: Optional[ImageSet] = None, config: O
             speed = tc.batch_size / (time.perf_counter() - t0)
             losses.append(loss)
             writer.writerow([state.step, f"{loss:.6f}", f"{learning_rate(state.step - 1, tc):.3e}", f"{speed:.2f}"])
+            log.flush()
             if progress is not None:
                 progress(state.step, loss, speed)
             if state.step % checkpoint_every == 0:

@@ -1,0 +1,76 @@
+"""Peak RSS against the grid: the same U-Net width exported for G = 1 (full image), 2, 4, 8.
+
+For each image size and grid, one image sampled with a few DDIM steps in a fresh process, one patch per
+onnxruntime call (patchgen) and all G*G patches in one call (the official code's way). Two model sizes:
+the edge model (base width 32, multipliers 1-2-2, ~7 MB) and the paper's (width 128, 1-2-4-8).
+
+    python benchmarks/memory_vs_grid.py                        # edge model at 128, 256, 512; paper at 128
+    python benchmarks/memory_vs_grid.py --sizes 128 --grids 1,2 --no-paper --steps 1
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import click
+
+from benchlib import RESULTS, random_model, sample_run, write_results
+
+MODELS = {
+    "edge": dict(base_width=32, channel_mults=(1, 2, 2), attention_resolutions=(8,)),
+    "paper": dict(base_width=128, channel_mults=(1, 2, 4, 8), attention_resolutions=(16,)),
+}
+
+
+def fits(size: int, grid: int, levels: int) -> bool:
+    return size % grid == 0 and (size // grid) % 2 ** (levels - 1) == 0
+
+
+@click.command(epilog="Example: python benchmarks/memory_vs_grid.py --sizes 128,256 --steps 2")
+@click.option("--sizes", default="128,256,512", show_default=True, help="Image sizes for the edge model.")
+@click.option("--grids", default="1,2,4,8", show_default=True)
+@click.option("--paper/--no-paper", default=True, show_default=True, help="Also the paper-size model at --paper-size.")
+@click.option("--paper-size", type=int, default=128, show_default=True)
+@click.option("--steps", type=int, default=2, show_default=True)
+@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "memory_vs_grid", show_default=True)
+def main(sizes, grids, paper, paper_size, steps, threads, out):
+    """Peak RSS, floor, weights and time per step for each (model, size, grid, patches per call)."""
+    grids = [int(g) for g in grids.split(",")]
+    plan = [("edge", int(s)) for s in sizes.split(",")] + ([("paper", paper_size)] if paper else [])
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, size in plan:
+            config = MODELS[name]
+            full_peak = None
+            for grid in grids:
+                if not fits(size, grid, len(config["channel_mults"])):
+                    continue
+                model = random_model(Path(tmp) / f"{name}_{size}_{grid}.onnx", size, grid, **config)
+                for per_call in sorted({1, grid * grid}):
+                    r = sample_run(model, per_call, steps, threads)
+                    row = {"model": name, "size": size, "grid": f"{grid}x{grid}", "per_call": per_call,
+                           "file_mib": model.stat().st_size / 2**20, "floor_mib": r.get("floor_mib"),
+                           "peak_mib": r["kernel_peak_mib"] if "error" not in r else None,
+                           "s_per_step": r.get("s_per_step"), "error": r.get("error", "")}
+                    if grid == 1:
+                        full_peak = row["peak_mib"]
+                    if row["peak_mib"] and full_peak:
+                        row["vs_full"] = row["peak_mib"] / full_peak
+                    if row["peak_mib"] and row["floor_mib"]:
+                        row["peak_over_floor"] = row["peak_mib"] / row["floor_mib"]
+                    rows.append(row)
+                    click.echo(f"{name} {size} {grid}x{grid} x{per_call}/call: peak {row['peak_mib']} MiB, "
+                               f"floor {row['floor_mib']}, {row['s_per_step']} s/step {row['error']}")
+                model.unlink()
+    write_results(out, f"Peak RSS vs grid ({steps} DDIM steps, {threads} threads, random weights)",
+                  [("model", "model"), ("size", "image"), ("grid", "grid"), ("per_call", "patches/call"),
+                   ("file_mib", "ONNX MiB"), ("floor_mib", "floor MiB"), ("peak_mib", "peak MiB"),
+                   ("vs_full", "peak / 1x1 peak"), ("peak_over_floor", "peak / floor"), ("s_per_step", "s/step"),
+                   ("error", "note")], rows,
+                  "Each row is a fresh process; peak is the kernel's ru_maxrss, floor is VmRSS after the session "
+                  "opens. patches/call = G*G is the official code's way (all patches in one batch).")
+
+
+if __name__ == "__main__":
+    main()

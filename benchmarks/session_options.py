@@ -1,0 +1,103 @@
+"""Where the floor goes, and which onnxruntime / malloc settings give the lowest peak RSS.
+
+Breaks one sampling process down into: interpreter + numpy + onnxruntime (after imports), session
+machinery (a session on a tiny model), weights (the same network's session minus that), and activations
+(peak minus floor). Then measures each memory option, each in a fresh process: onnxruntime's CPU arena,
+memory pattern, weight prepacking, initializers through the device allocator, weights as external data,
+and patchgen's glibc malloc tuning.
+
+    python benchmarks/session_options.py --image-size 256 --grid 4
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import click
+
+from benchlib import RESULTS, python, random_model, run_fresh, sample_run, write_results
+
+EXTERNAL = r"""
+import sys, onnx
+m = onnx.load(sys.argv[1])
+onnx.save_model(m, sys.argv[2], save_as_external_data=True, all_tensors_to_one_file=True,
+                location=sys.argv[2].split("/")[-1] + ".data", size_threshold=1024)
+"""
+
+VARIANTS = {
+    "runtime default": {},
+    "ORT arena on": {"arena": True},
+    "memory pattern off": {"pattern": False},
+    "arena on, pattern off": {"arena": True, "pattern": False},
+    "prepacking off": {"prepack": False},
+    "initializers via device allocator": {"init_device_alloc": True},
+    "external data (mmap)": {"external": True},
+    "external data, prepacking off": {"external": True, "prepack": False},
+    "glibc malloc untuned": {"malloc_tuning": False},
+    "untuned, arena on (ORT defaults)": {"malloc_tuning": False, "arena": True},
+}
+
+
+def measure(model: Path, opts: dict, patch_batch: int, steps: int, threads: int, repeats: int) -> dict:
+    row = sample_run(model, patch_batch, steps, threads, opts, repeats)
+    if "error" in row:
+        raise click.ClickException(row["error"])
+    return row
+
+
+@click.command(epilog="Example: python benchmarks/session_options.py --image-size 256 --grid 4 --repeats 3")
+@click.option("--image-size", type=int, default=256, show_default=True)
+@click.option("--grid", type=int, default=4, show_default=True)
+@click.option("--steps", type=int, default=3, show_default=True)
+@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--repeats", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--base-width", type=int, default=32, show_default=True, help="U-Net width of the measured model.")
+@click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "session_options", show_default=True)
+def main(image_size, grid, steps, threads, repeats, base_width, out):
+    """Floor breakdown and peak RSS / speed per memory option, at 1 patch and all patches per call."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = random_model(tmp / "edge.onnx", image_size, grid, base_width=base_width)
+        # The same graph at width 8: (8 / base_width)^2 of the weights, the same nodes and kernels.
+        tiny = random_model(tmp / "tiny.onnx", image_size, grid, base_width=8)
+        external = tmp / "external.onnx"
+        run_fresh(python("-c", EXTERNAL, str(model), str(external)))
+        file_mib = model.stat().st_size / 2**20
+
+        t = measure(tiny, {}, 1, 1, threads, 1)
+        d = measure(model, {}, 1, steps, threads, 1)
+        breakdown = [
+            {"part": "interpreter + numpy + onnxruntime + patchgen.runtime", "mib": t["imports_mib"]},
+            {"part": f"session machinery (same graph at width 8, {tiny.stat().st_size / 2**20:.1f} MiB file)", "mib": t["floor_mib"] - t["imports_mib"]},
+            {"part": f"weights ({file_mib:.1f} MiB in the file, less the width-8 copy)", "mib": d["floor_mib"] - t["floor_mib"]},
+            {"part": "activations of one 1-patch call (peak - floor)", "mib": d["peak_mib"] - d["floor_mib"]},
+            {"part": "peak", "mib": d["peak_mib"]},
+        ]
+        write_results(out.with_name(out.name + "_floor"), f"Where the peak goes: {image_size}x{image_size}, "
+                      f"{grid}x{grid} grid, base width {base_width}, 1 patch per call, runtime defaults",
+                      [("part", "part"), ("mib", "MiB")], breakdown)
+        for row in breakdown:
+            click.echo(f"{row['part']:60s} {row['mib']:7.1f} MiB")
+
+        rows = []
+        for name, opts in VARIANTS.items():
+            path = external if opts.get("external") else model
+            one = measure(path, opts, 1, steps, threads, repeats)
+            full = measure(path, opts, grid * grid, steps, threads, repeats)
+            rows.append({"variant": name, "floor_mib": one["floor_mib"], "weights_mib": one["floor_mib"] - t["floor_mib"],
+                         "peak1_mib": one["kernel_peak_mib"], "peak_all_mib": full["kernel_peak_mib"],
+                         "s_step1": one["s_per_step"], "s_step_all": full["s_per_step"]})
+            click.echo(f"{name:36s} floor {one['floor_mib']:6.1f}  peak@1 {one['kernel_peak_mib']:6.1f}  "
+                       f"peak@{grid * grid} {full['kernel_peak_mib']:6.1f}  s/step {one['s_per_step']:.3f} / {full['s_per_step']:.3f}")
+    write_results(out, f"Memory options: {image_size}x{image_size}, {grid}x{grid} grid, base width {base_width}, "
+                       f"{threads} threads, {steps} DDIM steps; ONNX file {file_mib:.1f} MiB",
+                  [("variant", "setting"), ("floor_mib", "floor (MiB)"), ("weights_mib", "weights resident (MiB)"),
+                   ("peak1_mib", "peak, 1 patch/call"), ("peak_all_mib", f"peak, {grid * grid} patches/call"),
+                   ("s_step1", "s/step, 1 patch"), ("s_step_all", f"s/step, {grid * grid}")], rows,
+                  "Each cell is a fresh process; peak is the kernel's ru_maxrss, floor is VmRSS after the session "
+                  "opens; weights resident = floor minus the floor of the same graph at width 8; time is the "
+                  f"fastest of {repeats}.")
+
+
+if __name__ == "__main__":
+    main()
