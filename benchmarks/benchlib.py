@@ -143,3 +143,22 @@ def write_results(stem: Path, title: str, columns: list[tuple[str, str]], rows: 
     if notes:
         lines += ["", notes]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def plot(path: Path, draw) -> None:
+    """Save a figure drawn by draw(ax) as PNG, if matplotlib (the bench extra) is installed. Call it only after
+    all measurements: importing matplotlib makes this process large, which later children would inherit."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib not installed (pip install 'patchgen[bench]'): no plot {path.name}")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    draw(ax)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"))
+    plt.close(fig)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from benchlib import RESULTS, python, random_model, run_fresh, write_results
+from benchlib import RESULTS, plot, python, random_model, run_fresh, write_results
 
 SAMPLE = ["-c", "from patchgen.cli.sample import main; main()"]
 
@@ -72,6 +72,19 @@ def main(model, image_size, grid, steps, points, threads, out):
                   [("budget_mib", "budget (MiB)"), ("patch_batch", "patch batch"), ("peak_mib", "peak RSS (MiB)"),
                    ("within", "peak <= budget"), ("s_per_image", "s/image")], rows,
                   "Each row is a fresh `patchgen-sample` process; peak RSS is the kernel's ru_maxrss.")
+    swept = [r for r in rows[1:-1] if r["returncode"] == 0]
+
+    def draw(ax):
+        ax.plot([r["budget_mib"] for r in swept], [r["peak_mib"] for r in swept], "-o", label="measured peak")
+        ax.plot([r["budget_mib"] for r in swept], [r["budget_mib"] for r in swept], ":", color="gray", label="budget")
+        ax.set_xlabel("--memory-budget (MiB)")
+        ax.set_ylabel("peak RSS (MiB)")
+        twin = ax.twinx()
+        twin.plot([r["budget_mib"] for r in swept], [r["s_per_image"] for r in swept], "-s", color="C1",
+                  label="s/image")
+        twin.set_ylabel("s/image", color="C1")
+        ax.legend(loc="upper left", fontsize=8)
+    plot(out, draw)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,13 @@ the edge model (base width 32, multipliers 1-2-2, ~7 MB) and the paper's (width 
 """
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
 import click
 
-from benchlib import RESULTS, random_model, sample_run, write_results
+from benchlib import RESULTS, plot, random_model, sample_run, write_results
 
 MODELS = {
     "edge": dict(base_width=32, channel_mults=(1, 2, 2), attention_resolutions=(8,)),
@@ -22,8 +23,35 @@ MODELS = {
 }
 
 
+ATTENTION_LIMIT = 8 * 2**30  # bytes; beyond this the export's own torch check would exhaust a 24 GiB machine
+
+
 def fits(size: int, grid: int, levels: int) -> bool:
     return size % grid == 0 and (size // grid) % 2 ** (levels - 1) == 0
+
+
+def attention_bytes(size: int, grid: int, levels: int, heads: int = 4) -> int:
+    """Bytes of one mid-block attention matrix at batch 3 (the exporter's parity check): heads x N^2 floats."""
+    tokens = (size // grid // 2 ** (levels - 1)) ** 2
+    return 3 * heads * tokens**2 * 4
+
+
+def plot_peaks(out: Path, rows: list[dict]) -> None:
+    """Peak RSS against G, one line per (model, size, patches per call)."""
+    def draw(ax):
+        series = sorted({(r["model"], r["size"], r["per_call"] == 1) for r in rows})
+        for name, size, one in series:
+            pts = [(int(r["grid"].split("x")[0]), r["peak_mib"]) for r in rows if r.get("peak_mib")
+                   and (r["model"], r["size"], r["per_call"] == 1) == (name, size, one)]
+            if pts:
+                ax.plot(*zip(*pts), "-o" if one else "--x",
+                        label=f"{name} {size}px, {'1 patch' if one else 'all patches'}/call")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("grid G (G x G patches)")
+        ax.set_ylabel("peak RSS (MiB)")
+        ax.legend(fontsize=7)
+    plot(out, draw)
 
 
 @click.command(epilog="Example: python benchmarks/memory_vs_grid.py --sizes 128,256 --steps 2")
@@ -34,8 +62,12 @@ def fits(size: int, grid: int, levels: int) -> bool:
 @click.option("--steps", type=int, default=2, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "memory_vs_grid", show_default=True)
-def main(sizes, grids, paper, paper_size, steps, threads, out):
+@click.option("--plot-only", is_flag=True, help="Only redraw the plot from OUT.json.")
+def main(sizes, grids, paper, paper_size, steps, threads, out, plot_only):
     """Peak RSS, floor, weights and time per step for each (model, size, grid, patches per call)."""
+    if plot_only:
+        plot_peaks(out, json.loads(out.with_suffix(".json").read_text())["rows"])
+        return
     grids = [int(g) for g in grids.split(",")]
     plan = [("edge", int(s)) for s in sizes.split(",")] + ([("paper", paper_size)] if paper else [])
     rows = []
@@ -45,6 +77,12 @@ def main(sizes, grids, paper, paper_size, steps, threads, out):
             full_peak = None
             for grid in grids:
                 if not fits(size, grid, len(config["channel_mults"])):
+                    continue
+                need = attention_bytes(size, grid, len(config["channel_mults"]))
+                if need > ATTENTION_LIMIT:
+                    rows.append({"model": name, "size": size, "grid": f"{grid}x{grid}", "per_call": 1,
+                                 "error": f"does not fit: mid-block attention alone needs {need / 2**30:.0f} GiB"})
+                    click.echo(f"{name} {size} {grid}x{grid}: {rows[-1]['error']}")
                     continue
                 model = random_model(Path(tmp) / f"{name}_{size}_{grid}.onnx", size, grid, **config)
                 for per_call in sorted({1, grid * grid}):
@@ -70,6 +108,8 @@ def main(sizes, grids, paper, paper_size, steps, threads, out):
                    ("error", "note")], rows,
                   "Each row is a fresh process; peak is the kernel's ru_maxrss, floor is VmRSS after the session "
                   "opens. patches/call = G*G is the official code's way (all patches in one batch).")
+
+    plot_peaks(out, rows)
 
 
 if __name__ == "__main__":

@@ -55,16 +55,22 @@ def _csv_ints(_ctx, _param, value):
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--preview-every", type=click.IntRange(min=0), default=500, show_default=True, help="Steps between preview grids, and one at the end (0 = none).")
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads [default: torch's choice].")
 @user_errors
 def main(data, image_size, grid, no_gcc, no_position, max_steps, batch_size, out, resume, base_width,
          channel_mults, num_res_blocks, attention_resolutions, dropout, prediction, gcc_source, global_context,
          schedule, timesteps, loss, loss_weighting, patches_per_image, lr, warmup_steps, ema_decay, seed,
-         no_skin_tones, holdout, checkpoint_every, preview_every, device):
+         no_skin_tones, holdout, checkpoint_every, preview_every, device, threads):
     """Train a patch-based diffusion U-Net (Arakawa et al. 2023) and write checkpoints to --out."""
     from patchgen.models.config import ModelConfig, TrainConfig
     from patchgen.models.data import load_data
     from patchgen.models.train import train
     from patchgen.runtime.schedule import Schedule
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
     def load_for(source: dict):
         name = source["name"]

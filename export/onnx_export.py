@@ -113,6 +113,8 @@ def metadata(ckpt: dict, ema: bool) -> dict[str, str]:
         "patchgen.training.steps": str(ckpt.get("step", 0)),
         "patchgen.data.name": str(data.get("name", "")),
         "patchgen.data.num_train": str(data.get("num_train", "")),
+        "patchgen.data.holdout_fraction": str(data.get("holdout_fraction", "")),
+        "patchgen.data.holdout_seed": str(data.get("holdout_seed", "")),
         "patchgen.data.attribution": str(data.get("attribution", "")),
         "patchgen.data.license": str(data.get("license", "")),
         "patchgen.opset": str(OPSET),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 import signal
 import time
 from dataclasses import dataclass
@@ -252,6 +253,10 @@ def train(run_dir, max_steps: int, *, data: Optional[ImageSet] = None, config: O
 
     def checkpoint():
         save_checkpoint(ckpt_path, state_dict(state, config, tc, source))
+
+    if not resume:
+        (run_dir / "config.json").write_text(json.dumps({**config.to_dict(), **tc.to_dict(), "data": source},
+                                                        indent=1, default=str) + "\n")
 
     losses = []
     log_path = run_dir / "train_log.csv"

