@@ -17,17 +17,22 @@ def _lead(x, n: int):
     return tuple(x.shape[: x.ndim - n])
 
 
-def to_patches(x, grid: int):
-    """(..., C, H, W) -> (..., G*G, C, P, P), patches in row-major order (index i*G + j)."""
+def patch_view(x, grid: int):
+    """(..., C, H, W) -> (..., G, G, C, P, P): patch (i, j) at [..., i, j]. A view for contiguous numpy input,
+    so writing into it writes into x."""
     *lead, c, h, w = x.shape
     if h % grid or w % grid:
         raise ValueError(f"grid {grid} does not divide the image size {h}x{w}")
-    ph, pw = h // grid, w // grid
     k = len(lead)
-    x = x.reshape(*lead, c, grid, ph, grid, pw)
+    x = x.reshape(*lead, c, grid, h // grid, grid, w // grid)
     # (..., C, Gi, Pi, Gj, Pj) -> (..., Gi, Gj, C, Pi, Pj)
-    x = _permute(x, (*range(k), k + 1, k + 3, k, k + 2, k + 4))
-    return x.reshape(*lead, grid * grid, c, ph, pw)
+    return _permute(x, (*range(k), k + 1, k + 3, k, k + 2, k + 4))
+
+
+def to_patches(x, grid: int):
+    """(..., C, H, W) -> (..., G*G, C, P, P), patches in row-major order (index i*G + j)."""
+    v = patch_view(x, grid)
+    return v.reshape(*v.shape[:-5], grid * grid, *v.shape[-3:])
 
 
 def from_patches(p, grid: int):

@@ -6,7 +6,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .layout import from_patches, pool_gcc, position_onehot, to_patches
+from .layout import patch_view, pool_gcc, position_onehot
 from .samplers import image_rngs, normal_like, sample_ddim, sample_ddpm, sample_dpmpp_2m
 from .schedule import alphas_cumprod, timestep_sequence
 from .spec import ModelSpec
@@ -23,7 +23,8 @@ class PatchDenoiser:
     Per step: GCC is pooled once from the full x_t (or, for gcc_source "x0", from
     the previous step's x0_hat, zeros at the first step), the G*G patches of every
     image go through `net` in calls of `patch_batch` patches, and the predicted
-    noise is merged back and turned into x0_hat. One instance serves one sampling run.
+    noise is merged back and turned into x0_hat. One instance serves one sampling run;
+    its patch and noise buffers are allocated on the first step and reused after.
     """
 
     def __init__(self, net: PatchNet, spec: ModelSpec, patch_batch: int = 1, clip_x0: bool = True):
@@ -33,6 +34,7 @@ class PatchDenoiser:
         self.alphas_cumprod = alphas_cumprod(spec.schedule)
         self.positions = position_onehot(spec.grid)
         self.x0_prev: Optional[np.ndarray] = None  # self-conditioning state
+        self.buffers: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None  # patches, eps patches, eps image
 
     def gcc(self, x: np.ndarray) -> Optional[np.ndarray]:
         """The GCC input [N, C, P, P] for this step, or None when the model has none."""
@@ -48,22 +50,28 @@ class PatchDenoiser:
     def __call__(self, x: np.ndarray, t: int) -> np.ndarray:
         grid, g2 = self.spec.grid, self.spec.grid**2
         n = x.shape[0]
+        if self.buffers is None:
+            p = self.spec.patch_size
+            self.buffers = (np.empty((n * g2, self.spec.channels, p, p), np.float32),
+                            np.empty((n * g2, self.spec.channels, p, p), np.float32), np.empty_like(x))
+        patches, eps_patches, eps = self.buffers
         gcc = self.gcc(x)
-        patches = np.ascontiguousarray(to_patches(x, grid))
-        patches = patches.reshape(n * g2, *patches.shape[2:])
-        eps = np.empty_like(patches)
+        np.copyto(patches.reshape(n, grid, grid, *patches.shape[1:]), patch_view(x, grid))  # split, no temporary
         for start in range(0, n * g2, self.patch_batch):
-            k = np.arange(start, min(start + self.patch_batch, n * g2))  # flat index = image * G^2 + position
-            eps[k] = self.net(
+            k = slice(start, min(start + self.patch_batch, n * g2))  # flat index = image * G^2 + position
+            index = np.arange(k.start, k.stop)
+            eps_patches[k] = self.net(
                 patches[k],
-                np.full(len(k), t, dtype=np.int64),
-                self.positions[k % g2] if self.spec.use_position else None,
-                gcc[k // g2] if gcc is not None else None,
+                np.full(len(index), t, dtype=np.int64),
+                self.positions[index % g2] if self.spec.use_position else None,
+                gcc[index // g2] if gcc is not None else None,
             )
-        eps = from_patches(eps.reshape(n, g2, *patches.shape[1:]), grid)
+        np.copyto(patch_view(eps, grid), eps_patches.reshape(n, grid, grid, *eps_patches.shape[1:]))  # merge
         # x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), clipped to the data range as in the paper
         abar = float(self.alphas_cumprod[t])
-        x0 = (x - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
+        x0 = np.multiply(eps, -math.sqrt(1 - abar))  # a fresh array: samplers may keep x0 across steps
+        x0 += x
+        x0 *= 1 / math.sqrt(abar)
         if self.clip_x0:
             np.clip(x0, -1.0, 1.0, out=x0)
         self.x0_prev = x0
