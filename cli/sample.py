@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from patchgen.runtime.loop import DEFAULT_STEPS, SAMPLERS
+
 from .common import CliError, Command, user_errors
 
 DEFAULT_MODEL = "emoji64_2x2.onnx"  # in patchgen/models/pretrained/
@@ -37,7 +39,7 @@ def default_model() -> Path:
 @click.option("-n", "--num-images", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Image i depends only on (seed, i).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Sampler steps [default: ddpm 1000, ddim 50, dpm++ 20].")
-@click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpm++"]), default="ddim", show_default=True)
+@click.option("--sampler", type=click.Choice(SAMPLERS), default="ddim", show_default=True)
 @click.option("--eta", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="DDIM noise (0 = deterministic).")
 @click.option("--patch-batch", type=click.IntRange(min=1), default=None, help="Patches per onnxruntime call [default: 1, the lowest memory].")
 @click.option("--memory-budget", default=None, help="Peak RSS limit such as 200M or 1.5G; picks the largest patch batch that fits.")
@@ -56,7 +58,7 @@ def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_
     from patchgen.runtime.memory import format_size, peak_rss
     from patchgen.runtime.model import load_model
 
-    steps = steps or {"ddpm": 1000, "ddim": 50, "dpm++": 20}[sampler]
+    steps = steps or DEFAULT_STEPS[sampler]
     model = load_model(model_path or default_model(), threads)
     check_request(model, num_images, steps, sampler)
     try:

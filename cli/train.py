@@ -6,6 +6,10 @@ from pathlib import Path
 
 import click
 
+from patchgen.models.config import LOSS_WEIGHTINGS, LOSSES  # plain constants: no torch import
+from patchgen.runtime.schedule import SCHEDULE_KINDS
+from patchgen.runtime.spec import GCC_SOURCES, PREDICTIONS
+
 from .common import CliError, Command, user_errors
 
 EXAMPLE = """
@@ -38,13 +42,13 @@ def _csv_ints(_ctx, _param, value):
 @click.option("--num-res-blocks", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--attention-resolutions", default="8", show_default=True, callback=_csv_ints, help="Feature-map sizes with self-attention.")
 @click.option("--dropout", type=click.FloatRange(0, 1), default=0.0, show_default=True)
-@click.option("--prediction", type=click.Choice(["eps", "v", "x0"]), default="eps", show_default=True, help="Network target (the ONNX graph always outputs eps).")
-@click.option("--gcc-source", type=click.Choice(["xt", "x0"]), default="xt", show_default=True, help="Pool x_t (paper) or the previous x0 estimate (self-conditioning).")
+@click.option("--prediction", type=click.Choice(PREDICTIONS), default="eps", show_default=True, help="Network target (the ONNX graph always outputs eps).")
+@click.option("--gcc-source", type=click.Choice(GCC_SOURCES), default="xt", show_default=True, help="Pool x_t (paper) or the previous x0 estimate (self-conditioning).")
 @click.option("--global-context", type=click.IntRange(min=0), default=0, show_default=True, help="Cells per side of a global context vector from GCC (0 = off).")
-@click.option("--schedule", type=click.Choice(["cosine", "linear"]), default="cosine", show_default=True)
+@click.option("--schedule", type=click.Choice(SCHEDULE_KINDS), default="cosine", show_default=True)
 @click.option("--timesteps", type=click.IntRange(min=2), default=1000, show_default=True)
-@click.option("--loss", type=click.Choice(["l1", "l2"]), default="l1", show_default=True)
-@click.option("--loss-weighting", type=click.Choice(["none", "min_snr"]), default="none", show_default=True)
+@click.option("--loss", type=click.Choice(LOSSES), default="l1", show_default=True)
+@click.option("--loss-weighting", type=click.Choice(LOSS_WEIGHTINGS), default="none", show_default=True)
 @click.option("--patches-per-image", type=click.IntRange(min=0), default=0, show_default=True, help="Random patches per image per step (0 = all).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4, show_default=True)
 @click.option("--warmup-steps", type=click.IntRange(min=0), default=200, show_default=True)

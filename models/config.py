@@ -5,9 +5,8 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from patchgen.runtime.schedule import Schedule
-from patchgen.runtime.spec import GCC_SOURCES, ModelSpec
+from patchgen.runtime.spec import GCC_SOURCES, PREDICTIONS, ModelSpec
 
-PREDICTIONS = ("eps", "v", "x0")
 LOSSES = ("l1", "l2")
 LOSS_WEIGHTINGS = ("none", "min_snr")
 

@@ -15,6 +15,7 @@ from .spec import ModelSpec
 PatchNet = Callable[[np.ndarray, np.ndarray, Optional[np.ndarray], Optional[np.ndarray]], np.ndarray]
 
 SAMPLERS = ("ddpm", "ddim", "dpm++")
+DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "dpm++": 20}
 
 
 class PatchDenoiser:

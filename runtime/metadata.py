@@ -7,11 +7,10 @@ from __future__ import annotations
 
 from .errors import PatchgenError
 from .schedule import Schedule
-from .spec import GCC_SOURCES, ModelSpec
+from .spec import GCC_SOURCES, PREDICTIONS, ModelSpec
 
 FORMAT_VERSION = "1"
 PREFIX = "patchgen."
-PREDICTIONS = ("eps", "v", "x0")
 
 
 def _bool(value: bool) -> str:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from .schedule import Schedule
 
 GCC_SOURCES = ("xt", "x0")
+PREDICTIONS = ("eps", "v", "x0")  # what a network regresses; exported graphs always output eps
 
 
 @dataclass(frozen=True)
