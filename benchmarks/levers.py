@@ -24,8 +24,8 @@ def describe(run: Path) -> dict:
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "levers", show_default=True)
 def main(runs, out):
-    """One row per run: its last evaluation, and the training loss at that step."""
-    rows = []
+    """One row per run: its last evaluation; and the runs' last previews side by side (OUT_previews.png)."""
+    rows, previews = [], []
     for run in runs:
         evals = list(csv.DictReader(open(run / "eval_log.csv"))) if (run / "eval_log.csv").exists() else []
         if not evals:
@@ -33,6 +33,9 @@ def main(runs, out):
             continue
         last = evals[-1]
         cfg = describe(run)
+        preview = run / f"preview_{int(last['step']):07d}.png"
+        if preview.exists():
+            previews.append(preview)
         rows.append({"run": run.name, "prediction": cfg.get("prediction", ""), "gcc_source": cfg.get("gcc_source", ""),
                      "global_context": cfg.get("global_context", ""), "weighting": cfg.get("loss_weighting", ""),
                      **{k: (float(v) if k != "step" else int(v)) for k, v in last.items() if v != ""}})
@@ -45,7 +48,19 @@ def main(runs, out):
                    ("swap_increase_0_300", "GCC swap, t<300"), ("swap_increase_300_700", "t 300-700"),
                    ("swap_increase_700_1000", "t>=700"), ("mse_true_gcc_700_1000", "x0 MSE t>=700")], rows,
                   "GCC swap: relative increase of the x0_hat error when each image gets another image's GCC; "
-                  "a model that ignores GCC scores 0. Seam from the run's preview samples (16, DDIM 50).")
+                  "a model that ignores GCC scores 0. Seam from the run's preview samples (16, DDIM 50). "
+                  "Previews, left to right in the table's order: " + out.name + "_previews.png")
+    if previews:
+        from PIL import Image
+
+        images = [Image.open(p).convert("RGB") for p in previews]
+        strip = Image.new("RGB", (sum(i.width for i in images) + 8 * (len(images) - 1), max(i.height for i in images)),
+                          "white")
+        x = 0
+        for image in images:
+            strip.paste(image, (x, 0))
+            x += image.width + 8
+        strip.save(out.with_name(out.name + "_previews.png"))
 
 
 if __name__ == "__main__":
