@@ -36,13 +36,15 @@ def main(runs, out):
         preview = run / f"preview_{int(last['step']):07d}.png"
         if preview.exists():
             previews.append(preview)
-        rows.append({"run": run.name, "prediction": cfg.get("prediction", ""), "gcc_source": cfg.get("gcc_source", ""),
+        rows.append({"run": run.name, "prediction": cfg.get("prediction", ""),
+                     "position": "yes" if cfg.get("use_position", True) else "no",
+                     "gcc_source": cfg.get("gcc_source", "") if cfg.get("use_gcc", True) else "no GCC",
                      "global_context": cfg.get("global_context", ""), "weighting": cfg.get("loss_weighting", ""),
                      **{k: (float(v) if k != "step" else int(v)) for k, v in last.items() if v != ""}})
         click.echo(f"{run.name}: step {last['step']}, seam {last['seam']} (real {last['seam_real']}), "
                    f"GCC swap +{float(last.get('swap_increase_700_1000') or 0):.1%} at t >= 700")
     write_results(out, "Coherence levers: last evaluation of each run",
-                  [("run", "run"), ("prediction", "prediction"), ("gcc_source", "GCC from"),
+                  [("run", "run"), ("prediction", "prediction"), ("position", "position"), ("gcc_source", "GCC from"),
                    ("global_context", "global vector cells"), ("weighting", "loss weighting"), ("step", "step"),
                    ("seam", "seam (samples)"), ("seam_real", "seam (real)"),
                    ("swap_increase_0_300", "GCC swap, t<300"), ("swap_increase_300_700", "t 300-700"),
