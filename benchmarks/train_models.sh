@@ -4,26 +4,27 @@
 # so the budget can be spread over several sessions. One torch thread per run, runs side by side.
 #   PREDICTION=x0 LEVERS="--global-context 4" STEPS=20000 RUNS="g2 g1" benchmarks/train_models.sh
 # The 1x1 baseline shares the prediction type; LEVERS (GCC-based) apply to the patch models only.
-cd "$(dirname "$0")/.."  # the repository root; runs go to runs/emoji64/
+cd "$(dirname "$0")/.."  # the repository root
+OUT=${OUT:-runs/emoji64}  # keep it outside the checkout to survive a fresh work tree
 T=${PATCHGEN_TRAIN:-patchgen-train}
 STEPS=${STEPS:-20000}
 PREDICTION=${PREDICTION:-x0}
 LEVERS=${LEVERS:-"--global-context 4"}
 run() {
   name=$1; shift
-  if [ -f runs/emoji64/$name/checkpoint.pt ]; then
-    $T --out runs/emoji64/$name --resume --max-steps $STEPS --preview-every 1000 --checkpoint-every 250 --threads 1
+  if [ -f $OUT/$name/checkpoint.pt ]; then
+    $T --out $OUT/$name --resume --max-steps $STEPS --preview-every 1000 --checkpoint-every 250 --threads 1
   else
     $T --data emoji --image-size 64 --max-steps $STEPS --batch-size 16 --preview-every 1000 --checkpoint-every 250 \
-       --threads 1 --out runs/emoji64/$name "$@"
+       --threads 1 --out $OUT/$name "$@"
   fi
 }
-mkdir -p runs/emoji64
+mkdir -p $OUT
 for r in ${RUNS:-g2 g1}; do
   case $r in
-    g1) run g1 --grid 1 --no-gcc --no-position --prediction $PREDICTION > runs/emoji64/g1.log 2>&1 & ;;
-    g2) run g2 --grid 2 --prediction $PREDICTION $LEVERS > runs/emoji64/g2.log 2>&1 & ;;
-    g4) run g4 --grid 4 --prediction $PREDICTION $LEVERS > runs/emoji64/g4.log 2>&1 & ;;
+    g1) run g1 --grid 1 --no-gcc --no-position --prediction $PREDICTION > $OUT/g1.log 2>&1 & ;;
+    g2) run g2 --grid 2 --prediction $PREDICTION $LEVERS > $OUT/g2.log 2>&1 & ;;
+    g4) run g4 --grid 4 --prediction $PREDICTION $LEVERS > $OUT/g4.log 2>&1 & ;;
   esac
 done
 wait
