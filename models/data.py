@@ -93,7 +93,7 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     return np.sort(order[n_hold:]), np.sort(order[:n_hold])
 
 
-def to_model_range(images_uint8) -> "np.ndarray":
+def to_model_range(images_uint8) -> np.ndarray:
     """uint8 [N, H, W, C] -> float32 [N, C, H, W] in [-1, 1]."""
     x = np.asarray(images_uint8, dtype=np.float32).transpose(0, 3, 1, 2)
     return x / 127.5 - 1.0

@@ -83,8 +83,8 @@ def check_request(model: OnnxModel, num_images: int, steps: int, sampler: str) -
 
 def iter_samples(model: OnnxModel, plan: Plan, *, num_images: int, seed: int, steps: int, sampler: str = "ddim",
                  eta: float = 0.0, callback=None) -> Iterator[tuple[int, np.ndarray]]:
-    """(image index, uint8 [H, W, C]) for each image, a run of `plan.images_per_run` images at a time."""
-    check_request(model, num_images, steps, sampler)
+    """(image index, uint8 [H, W, C]) for each image, a run of `plan.images_per_run` images at a time.
+    Callers check the request first (`check_request`), before planning memory."""
     for first in range(0, num_images, plan.images_per_run):
         n = min(plan.images_per_run, num_images - first)
         x = sample_images(model, model.spec, num_images=n, seed=seed, steps=steps, sampler=sampler, eta=eta,
