@@ -6,7 +6,7 @@ and against the real images the model never saw (its metadata names the held-out
 - FID: Frechet distance between the Gaussians of the two feature sets;
 - KID: unbiased MMD^2 with the polynomial kernel k(x, y) = (x.y / d + 1)^3 (Binkowski et al. 2018), x 1000;
 - seam: mean |step| across patch borders / mean |step| elsewhere, at the model's grid and at 2x2 positions,
-  beside the real images' own score at the same positions;
+  beside the real images' own score at the same positions, and the border step alone (0-255 units);
 - peak RSS and s/image of `patchgen-sample` (1 patch per call, a fresh process, 2 images).
 
     python benchmarks/quality.py --models models/pretrained/emoji64_2x2.onnx,models/pretrained/emoji64_1x1.onnx
@@ -35,7 +35,8 @@ np.savez(out, images=data.images[held])
 """
 
 GEN_CHILD = r"""
-import sys, numpy as np
+import os, sys, numpy as np
+os.environ["PATCHGEN_MALLOC_TUNING"] = "0"  # samples for the metrics: speed over peak (~1.3x faster here)
 from patchgen.runtime.images import to_uint8
 from patchgen.runtime.loop import sample_images
 from patchgen.runtime.model import load_model
@@ -161,17 +162,19 @@ def main(models, samplers, num_samples, seed, chunk, cache, out):
                 measured.append((model, meta, size, grid, real, sha, sampler, steps, chunks, peak, speed))
         import numpy as np  # only now: the measured children above never inherit a large parent
 
-        from patchgen.models.metrics import seam_score
+        from patchgen.models.metrics import border_step, seam_grid, seam_score
 
         for model, meta, size, grid, real, sha, sampler, steps, chunks, peak, speed in measured:
             f_real = np.load(features([real], cache / f"feat_{real.stem}.npy"))
             f_fake = np.load(features(chunks, cache / f"feat_{sha[:12]}_{sampler}{steps}_s{seed}_{num_samples}.npy"))
             images = np.concatenate([np.load(p)["images"] for p in chunks])
             real_images = np.load(real)["images"]
+            g = seam_grid(grid)
             rows.append({"model": model.name, "grid": f"{grid}x{grid}", "steps_trained": meta.get("patchgen.training.steps"),
                          "sampler": f"{sampler} {steps}", "n": len(images), "kid_x1000": 1000 * kid(f_fake, f_real),
-                         "fid": fid(f_fake, f_real), "seam": seam_score(images, max(grid, 2)),
-                         "seam_real": seam_score(real_images, max(grid, 2)), "peak_mib": peak, "s_per_image": speed})
+                         "fid": fid(f_fake, f_real), "seam": seam_score(images, g), "seam_real": seam_score(real_images, g),
+                         "border": border_step(images, g), "border_real": border_step(real_images, g),
+                         "peak_mib": peak, "s_per_image": speed})
             if sampler == plan[0][0]:
                 shown.append((model.name, images[:8]))
             click.echo(f"{model.name} {sampler}-{steps}: KID x1000 {rows[-1]['kid_x1000']:.2f}, FID {rows[-1]['fid']:.1f}, "
@@ -186,7 +189,8 @@ def main(models, samplers, num_samples, seed, chunk, cache, out):
     write_results(out, f"Sample quality vs held-out real images ({num_samples} samples each; EfficientNet-Lite0 features)",
                   [("model", "model"), ("grid", "grid"), ("steps_trained", "training steps"), ("sampler", "sampler"),
                    ("n", "samples"), ("kid_x1000", "KID x1000"), ("fid", "FID"), ("seam", "seam"),
-                   ("seam_real", "seam, real"), ("peak_mib", "peak RSS (MiB)"), ("s_per_image", "s/image")], rows,
+                   ("seam_real", "seam, real"), ("border", "border step"),
+                   ("border_real", "border step, real"), ("peak_mib", "peak RSS (MiB)"), ("s_per_image", "s/image")], rows,
                   "Seam at each model's grid (2x2 positions for the 1x1 model), beside the held-out real images' "
                   "score at the same positions. Peak RSS and s/image: `patchgen-sample`, 1 patch per call, 2 "
                   "threads, a fresh process (DDPM timed at 50 strided steps).")

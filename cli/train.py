@@ -60,11 +60,12 @@ def _csv_ints(_ctx, _param, value):
 @click.option("--preview-every", type=click.IntRange(min=0), default=500, show_default=True, help="Steps between preview grids, and one at the end (0 = none).")
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads [default: torch's choice].")
+@click.option("--bf16", is_flag=True, help="Mixed precision (bfloat16 autocast): faster on CPUs with AVX512-BF16/AMX and on GPUs.")
 @user_errors
 def main(data, image_size, grid, no_gcc, no_position, max_steps, batch_size, out, resume, base_width,
          channel_mults, num_res_blocks, attention_resolutions, dropout, prediction, gcc_source, global_context,
          schedule, timesteps, loss, loss_weighting, patches_per_image, lr, warmup_steps, ema_decay, seed,
-         no_skin_tones, holdout, checkpoint_every, preview_every, device, threads):
+         no_skin_tones, holdout, checkpoint_every, preview_every, device, threads, bf16):
     """Train a patch-based diffusion U-Net (Arakawa et al. 2023) and write checkpoints to --out."""
     from patchgen.models.config import ModelConfig, TrainConfig
     from patchgen.models.data import load_data
@@ -108,7 +109,7 @@ def main(data, image_size, grid, no_gcc, no_position, max_steps, batch_size, out
 
         t0 = time.perf_counter()
         result = train(out, max_steps, resume=resume, checkpoint_every=checkpoint_every,
-                       preview_every=preview_every, device=device, progress=progress, load_data=load_for,
+                       preview_every=preview_every, device=device, bf16=bf16, progress=progress, load_data=load_for,
                        **kwargs)
     done = len(result.losses)
     click.echo(f"{done} steps in {time.perf_counter() - t0:.0f} s; checkpoint at step {result.step}: "

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -58,3 +61,12 @@ class _BlockTorch:
             raise ImportError("torch is blocked in this test")
 sys.meta_path.insert(0, _BlockTorch())
 """
+
+
+def sample_cli(*args, block_torch=False, timeout=300) -> subprocess.CompletedProcess:
+    """Run patchgen-sample in a fresh interpreter (optionally with torch blocked)."""
+    code = (BLOCK_TORCH if block_torch else "") + (
+        "import runpy, sys\nsys.argv = ['patchgen-sample', *sys.argv[1:]]\n"
+        "runpy.run_module('patchgen.cli.sample', run_name='__main__')\n")
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)

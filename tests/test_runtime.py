@@ -1,7 +1,5 @@
 """The edge runtime and patchgen-sample: torch-free, torch parity, determinism, flat memory, bad input."""
 import re
-import subprocess
-import sys
 
 import numpy as np
 import onnx
@@ -17,7 +15,7 @@ from patchgen.runtime.loop import sample_images
 from patchgen.runtime.memory import MemoryModel, parse_size, plan_patch_batch
 from patchgen.runtime.model import load_model
 
-from conftest import BLOCK_TORCH, tiny_config, write_checkpoint
+from conftest import sample_cli, tiny_config, write_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +29,6 @@ def models(tmp_path_factory):
         export_onnx(ckpt, d / "m.onnx")
         out[name] = (ckpt, d / "m.onnx")
     return out
-
-
-def sample_cli(*args, block_torch=False, timeout=300):
-    code = (BLOCK_TORCH if block_torch else "") + (
-        "import runpy, sys\nsys.argv = ['patchgen-sample', *sys.argv[1:]]\n"
-        "runpy.run_module('patchgen.cli.sample', run_name='__main__')\n")
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def test_sample_runs_with_torch_blocked(models, tmp_path):

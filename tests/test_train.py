@@ -20,11 +20,17 @@ from conftest import tiny_config
 NO_PREVIEW = dict(preview_every=0, checkpoint_every=1000)
 
 
-def test_loss_falls(tmp_path, blobs16, tiny_train_config):
-    result = train(tmp_path, 60, data=blobs16, config=tiny_config(), tc=tiny_train_config, **NO_PREVIEW)
+@pytest.mark.parametrize("bf16", [False, True])
+def test_loss_falls(tmp_path, blobs16, tiny_train_config, bf16):
+    result = train(tmp_path, 60, data=blobs16, config=tiny_config(), tc=tiny_train_config, bf16=bf16, **NO_PREVIEW)
     losses = np.array(result.losses)
     assert len(losses) == 60
     assert losses[-15:].mean() < 0.7 * losses[:5].mean()
+    if bf16:  # mixed precision: same first batch, nearly the same loss; weights stay float32
+        fp32 = train(tmp_path / "fp32", 1, data=blobs16, config=tiny_config(), tc=tiny_train_config, **NO_PREVIEW)
+        assert losses[0] == pytest.approx(fp32.losses[0], rel=0.02)
+        ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
+        assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
 
 
 @pytest.mark.parametrize("overrides,tc", [
@@ -170,8 +176,8 @@ def test_sigterm_checkpoints_then_resumes(tmp_path, blobs16):
     assert load_checkpoint(run / "checkpoint.pt")["step"] == step + 2
 
 
-def test_seam_score():
-    from patchgen.models.metrics import seam_score
+def test_seam_score_and_border_step():
+    from patchgen.models.metrics import border_step, seam_score
 
     yy, xx = np.mgrid[:16, :16]
     smooth = np.repeat(((xx + yy) * 8).astype(np.uint8)[None, :, :, None], 3, axis=3)
@@ -179,6 +185,8 @@ def test_seam_score():
     quilt = smooth.copy()
     quilt[:, :8, 8:] = 255 - quilt[:, :8, 8:]  # one quadrant from another picture
     assert seam_score(quilt, 2) > 3
+    assert border_step(smooth, 2) == pytest.approx(8.0)  # each neighbour pair differs by 8
+    assert border_step(quilt, 2) > 3 * 8
 
 
 def test_evaluation_log(tmp_path, blobs16, tiny_train_config):

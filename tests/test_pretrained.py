@@ -1,0 +1,53 @@
+"""The shipped models: present as package data, complete metadata, deterministic samples, torch-free default."""
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from patchgen.runtime.generate import generate
+from patchgen.runtime.metadata import spec_to_metadata
+from patchgen.runtime.model import load_model
+from conftest import sample_cli
+
+PRETRAINED = Path(str(resources.files("patchgen.models").joinpath("pretrained")))
+SHIPPED = {"emoji64_2x2.onnx": 2, "emoji64_1x1.onnx": 1}  # file -> grid
+DESCRIPTIVE = ["version", "global_context", "model_config", "weights", "training.steps", "data.name",
+               "data.num_train", "data.holdout_fraction", "data.holdout_seed", "data.attribution", "data.license",
+               "opset"]
+
+
+def test_shipped_files_fit_the_size_limit():
+    sizes = {name: (PRETRAINED / name).stat().st_size for name in SHIPPED}
+    assert sum(sizes.values()) <= 30e6, sizes
+
+
+@pytest.mark.parametrize("name,grid", SHIPPED.items())
+def test_shipped_model_loads_with_complete_metadata(name, grid):
+    model = load_model(PRETRAINED / name)
+    assert (model.spec.image_size, model.spec.grid) == (64, grid)
+    meta = {p.key: p.value for p in onnx.load(PRETRAINED / name, load_external_data=False).metadata_props}
+    required = list(spec_to_metadata(model.spec)) + [f"patchgen.{k}" for k in DESCRIPTIVE]
+    assert all(meta.get(k) for k in required), [k for k in required if not meta.get(k)]
+    assert meta["patchgen.data.name"] == "twemoji" and meta["patchgen.data.license"] == "CC-BY-4.0"
+    assert "Twemoji" in meta["patchgen.data.attribution"]
+    assert meta["patchgen.weights"] == "ema" and int(meta["patchgen.training.steps"]) > 0
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_model_samples_deterministically(name):
+    model = load_model(PRETRAINED / name)
+    a = generate(model, num_images=2, seed=5, steps=4, sampler="dpm++")
+    b = generate(model, num_images=2, seed=5, steps=4, sampler="dpm++", patch_batch=model.spec.grid ** 2 * 2)
+    assert a.shape == (2, 64, 64, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    assert a.std() > 10  # an image, not a flat field
+
+
+def test_default_model_runs_without_torch(tmp_path):
+    r = sample_cli("-n", "1", "--steps", "3", "--out", tmp_path, block_torch=True)
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in tmp_path.glob("*.png")] == ["seed0_00000.png"]
