@@ -1,7 +1,8 @@
-"""Training throughput (images/s) of the default patch U-Net per grid, each grid in a fresh process.
+"""Training throughput (images/s) of the default patch U-Net per grid and precision, each in a fresh process.
 
     python benchmarks/train_throughput.py --image-size 64 --grids 1,2,4 --steps 30
-    python benchmarks/train_throughput.py --grids 2 --precisions fp32,bf16 --threads 1 --out results/train_bf16
+    python benchmarks/train_throughput.py --grids 1,2 --precisions fp32,bf16 --threads 1 --steps 20 \
+        --out benchmarks/results/train_bf16
 """
 from __future__ import annotations
 
@@ -61,8 +62,9 @@ def main(image_size, grids, steps, warmup, batch_size, threads, precisions, out)
             rows.append(row)
     write_results(out, f"Training throughput at {image_size}x{image_size}, batch {batch_size} images, all patches "
                        f"per image, default model, torch threads {threads}",
-                  [("grid", "grid"), ("precision", "precision"), ("params_m", "params (M)"), ("images_per_s", "images/s"),
-                   ("s_per_step", "s/step")], rows, "Each grid in a fresh process; mean over the timed steps.")
+                  [("grid", "grid"), ("precision", "precision"), ("params_m", "params (M)"),
+                   ("images_per_s", "images/s"), ("s_per_step", "s/step")], rows,
+                  "Each grid and precision in a fresh process; mean over the timed steps.")
 
 if __name__ == "__main__":
     main()
