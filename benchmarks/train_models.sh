@@ -3,6 +3,7 @@
 # baseline, same width, same budget (STEPS x 16 images). Rerunning resumes each run from its checkpoint,
 # so the budget can be spread over several sessions. One torch thread per run, runs side by side.
 #   PREDICTION=x0 LEVERS="--global-context 4" STEPS=20000 RUNS="g2 g1" benchmarks/train_models.sh
+#   STEPS=2592 RUNS=g4 benchmarks/train_models.sh   # the 4x4 model, at the budget of the 2592-step snapshots
 # The 1x1 baseline shares the prediction type and TRAIN_ARGS; LEVERS (GCC-based) apply to the patch
 # models only.
 cd "$(dirname "$0")/.."  # the repository root

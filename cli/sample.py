@@ -15,7 +15,8 @@ from patchgen.runtime.loop import DEFAULT_STEPS, SAMPLERS
 
 from .common import CliError, Command, user_errors
 
-DEFAULT_MODEL = "emoji64_2x2.onnx"  # in patchgen/models/pretrained/
+PRETRAINED_DIR = Path(str(resources.files("patchgen.models").joinpath("pretrained")))  # shipped as package data
+DEFAULT_MODEL = "emoji64_2x2.onnx"  # in PRETRAINED_DIR
 EXAMPLE = """
 \b
 Examples:
@@ -26,7 +27,7 @@ Examples:
 
 
 def default_model() -> Path:
-    path = Path(str(resources.files("patchgen.models").joinpath("pretrained", DEFAULT_MODEL)))
+    path = PRETRAINED_DIR / DEFAULT_MODEL
     if not path.is_file():
         raise CliError(f"no shipped default model ({DEFAULT_MODEL}) in this install; pass --model FILE.onnx "
                        f"(make one with patchgen-train and patchgen-export)")

@@ -1,19 +1,16 @@
 """The shipped models: present as package data, complete metadata, deterministic samples, torch-free default."""
 from __future__ import annotations
 
-from importlib import resources
-from pathlib import Path
-
 import numpy as np
 import onnx
 import pytest
 
+from patchgen.cli.sample import PRETRAINED_DIR as PRETRAINED
 from patchgen.runtime.generate import generate
 from patchgen.runtime.metadata import spec_to_metadata
 from patchgen.runtime.model import load_model
 from conftest import sample_cli
 
-PRETRAINED = Path(str(resources.files("patchgen.models").joinpath("pretrained")))
 SHIPPED = {"emoji64_2x2.onnx": 2, "emoji64_1x1.onnx": 1}  # file -> grid
 DESCRIPTIVE = ["version", "global_context", "model_config", "weights", "training.steps", "data.name",
                "data.num_train", "data.holdout_fraction", "data.holdout_seed", "data.attribution", "data.license",
