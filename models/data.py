@@ -53,7 +53,8 @@ def load_folder(path, size: int) -> ImageSet:
     """Every jpg/png/webp/bmp under `path` (recursive); unreadable files are skipped and counted."""
     root = Path(path)
     if not root.is_dir():
-        raise PatchgenError(f"data folder {root} does not exist; pass a folder of images or --data emoji")
+        raise PatchgenError(f"data folder {root} does not exist; "
+                            "pass a folder of images, --data emoji or --data emoji-faces")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     images, skipped = _decode(files, size)
     if len(images) == 0:
@@ -70,20 +71,56 @@ def emoji_folder() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "assets" / "72x72"
 
 
-def load_emoji(size: int, skin_tones: bool = True) -> ImageSet:
-    """The 4009 Twemoji 72x72 PNGs (CC-BY 4.0), on white, resized; optionally without skin-tone variants."""
+# The "faces" subset: Unicode's face-* and cat-face emoji subgroups (smileys, costume faces, cat faces), by the
+# first code point of the file name. Homogeneous enough for a small model to learn recognisably on a CPU.
+FACE_RANGES = ((0x1F479, 0x1F47A), (0x1F47B, 0x1F47B), (0x1F47D, 0x1F480), (0x1F4A9, 0x1F4A9),
+               (0x1F600, 0x1F644), (0x1F910, 0x1F917), (0x1F920, 0x1F925), (0x1F927, 0x1F92F),
+               (0x1F970, 0x1F976), (0x1F978, 0x1F97A), (0x1F9D0, 0x1F9D0), (0x1FAE0, 0x1FAE5),
+               (0x1FAE8, 0x1FAE8), (0x2639, 0x2639), (0x263A, 0x263A))
+EMOJI_SUBSETS = ("all", "faces")
+
+
+def is_face(stem: str) -> bool:
+    first = int(stem.split("-")[0], 16)
+    return any(lo <= first <= hi for lo, hi in FACE_RANGES)
+
+
+def emoji_name(subset: str, skin_tones: bool) -> str:
+    """The data set's name in checkpoints and ONNX metadata: twemoji[-faces][-no-skin-tones]."""
+    return "twemoji" + ("" if subset == "all" else f"-{subset}") + ("" if skin_tones else "-no-skin-tones")
+
+
+def load_emoji(size: int, skin_tones: bool = True, subset: str = "all") -> ImageSet:
+    """The Twemoji 72x72 PNGs (CC-BY 4.0; 4009, or a subset), on white, resized; optionally without skin tones."""
+    if subset not in EMOJI_SUBSETS:
+        raise PatchgenError(f"unknown emoji subset {subset!r}; choose one of {', '.join(EMOJI_SUBSETS)}")
     files = sorted(emoji_folder().glob("*.png"))
     if not skin_tones:
         files = [f for f in files if not any(tone in f.stem.split("-") for tone in SKIN_TONES)]
+    if subset == "faces":
+        files = [f for f in files if is_face(f.stem)]
     images, skipped = _decode(files, size)
-    return ImageSet(images, {"name": "twemoji" + ("" if skin_tones else "-no-skin-tones"),
+    return ImageSet(images, {"name": emoji_name(subset, skin_tones),
                              "attribution": EMOJI_ATTRIBUTION, "license": EMOJI_LICENSE,
                              "num_images": len(images), "skipped": skipped})
 
 
 def load_data(spec: str, size: int, skin_tones: bool = True) -> ImageSet:
-    """`spec` is "emoji" or a folder path."""
-    return load_emoji(size, skin_tones) if spec == "emoji" else load_folder(spec, size)
+    """`spec` is "emoji", "emoji-<subset>" (e.g. emoji-faces) or a folder path."""
+    if spec == "emoji" or spec.removeprefix("emoji-") in EMOJI_SUBSETS[1:]:
+        return load_emoji(size, skin_tones, spec.removeprefix("emoji").removeprefix("-") or "all")
+    return load_folder(spec, size)
+
+
+def load_named(name: str, size: int) -> ImageSet:
+    """Rebuild a data set from the name its checkpoints and ONNX files record (`ImageSet.source["name"]`)."""
+    if name.startswith("folder:"):
+        return load_folder(name.removeprefix("folder:"), size)
+    for subset in EMOJI_SUBSETS:
+        for skin_tones in (True, False):
+            if name == emoji_name(subset, skin_tones):
+                return load_emoji(size, skin_tones, subset)
+    raise PatchgenError(f"unknown data set {name!r}; expected twemoji[-faces][-no-skin-tones] or folder:<path>")
 
 
 def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -39,7 +39,7 @@ def tiny_train_config() -> TrainConfig:
     return TrainConfig(batch_size=8, lr=2e-3, warmup_steps=5)
 
 
-def write_checkpoint(path, config: ModelConfig, step: int = 0, seed: int = 0):
+def write_checkpoint(path, config: ModelConfig, step: int = 0, seed: int = 0, data: dict | None = None):
     """An untrained (random-weight) checkpoint for `config`, as patchgen-train writes them."""
     from patchgen.models.checkpoint import save_checkpoint
     from patchgen.models.train import new_state, state_dict
@@ -47,7 +47,7 @@ def write_checkpoint(path, config: ModelConfig, step: int = 0, seed: int = 0):
     tc = TrainConfig(seed=seed)
     state = new_state(config, tc)
     state.step = step
-    data = {"name": "test-blobs", "attribution": "made by the test", "license": "CC0", "num_train": 1}
+    data = data or {"name": "test-blobs", "attribution": "made by the test", "license": "CC0", "num_train": 1}
     save_checkpoint(path, state_dict(state, config, tc, data))
     return path
 

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).parent.parent / "benchmarks"
@@ -35,15 +36,18 @@ def test_quality_tiny(tmp_path):
     from conftest import tiny_config, write_checkpoint
 
     model = tmp_path / "m.onnx"
-    export_onnx(write_checkpoint(tmp_path / "c.pt", tiny_config()), model)
+    faces = {"name": "twemoji-faces", "holdout_fraction": 0.1, "holdout_seed": 0, "num_train": 113}
+    export_onnx(write_checkpoint(tmp_path / "c.pt", tiny_config(), data=faces), model)
     out = tmp_path / "quality"
     r = subprocess.run([sys.executable, str(BENCH / "quality.py"), "--models", str(model), "--samplers", "ddim:2",
-                        "--num-samples", "4", "--chunk", "2", "--cache", str(tmp_path / "cache"), "--out", str(out)],
-                       capture_output=True, text=True, timeout=900)
+                        "--num-samples", "4", "--chunk", "2", "--cache", str(tmp_path / "cache"), "--real", "all",
+                        "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert row["n"] == 4 and row["fid"] > 0 and row["seam_real"] > 0
     assert (tmp_path / "quality_samples.png").exists()
+    (real,) = (tmp_path / "cache").glob("real_twemoji-faces_*_all.npz")  # the model's own data set, all of it
+    assert len(np.load(real)["images"]) == 125
 
 
 def test_levers_table(tmp_path):

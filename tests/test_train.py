@@ -11,7 +11,7 @@ from PIL import Image
 
 from patchgen.models.checkpoint import load_checkpoint, model_from_checkpoint
 from patchgen.models.config import TrainConfig
-from patchgen.models.data import holdout_split, load_emoji, load_folder, prepare_image
+from patchgen.models.data import holdout_split, load_data, load_emoji, load_folder, load_named, prepare_image
 from patchgen.models.train import train
 from patchgen.runtime.errors import PatchgenError
 
@@ -150,6 +150,20 @@ def test_emoji_data_ships_with_attribution():
     data = load_emoji(8, skin_tones=False)
     assert 1500 < len(data.images) < 4009 and data.images.dtype == np.uint8
     assert "CC-BY 4.0" in data.source["attribution"] and data.source["skipped"] == 0
+
+
+def test_emoji_faces_subset_round_trips_through_its_name():
+    faces = load_data("emoji-faces", 8)
+    assert len(faces.images) == 125 and faces.source["name"] == "twemoji-faces"
+    assert "CC-BY 4.0" in faces.source["attribution"]
+    np.testing.assert_array_equal(load_named("twemoji-faces", 8).images, faces.images)
+    assert load_named("twemoji-no-skin-tones", 8).source == load_emoji(8, skin_tones=False).source
+
+
+@pytest.mark.parametrize("name", ["twemoji-flags", "imagenet"])
+def test_unknown_data_name_is_a_clear_error(name):
+    with pytest.raises(PatchgenError, match="unknown data set"):
+        load_named(name, 8)
 
 
 def test_sigterm_checkpoints_then_resumes(tmp_path, blobs16):
