@@ -150,7 +150,7 @@ def main(models, samplers, num_samples, seed, chunk, cache, real_set, out):
     cache.mkdir(parents=True, exist_ok=True)
     plan = [(s.split(":")[0], int(s.split(":")[1])) for s in samplers.split(",")]
     rows, shown = [], []
-    real_kind = "held-out real images" if real_set == "heldout" else "all real images of the set (training images included)"
+    real_kind = "held-out real images" if real_set == "heldout" else "all real images of the set, training images included"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         measured = []

@@ -16,27 +16,42 @@ from patchgen.runtime.loop import DEFAULT_STEPS, SAMPLERS
 from .common import CliError, Command, user_errors
 
 PRETRAINED_DIR = Path(str(resources.files("patchgen.models").joinpath("pretrained")))  # shipped as package data
-DEFAULT_MODEL = "emoji64_2x2.onnx"  # in PRETRAINED_DIR
+DEFAULT_MODEL = "faces64_2x2.onnx"  # in PRETRAINED_DIR
 EXAMPLE = """
 \b
 Examples:
-  patchgen-sample --num-images 16 --grid-image samples.png
+  patchgen-sample --num-images 16 --grid-image samples.png       # the shipped smileys model
+  patchgen-sample --model emoji64_2x2 --sampler dpm++            # a shipped model by name
   patchgen-sample --model emoji32.onnx --sampler dpm++ --steps 20 --seed 7 --out samples/
   patchgen-sample --model emoji32.onnx --memory-budget 150M      # largest patch batch that fits
 """
 
 
-def default_model() -> Path:
-    path = PRETRAINED_DIR / DEFAULT_MODEL
-    if not path.is_file():
-        raise CliError(f"no shipped default model ({DEFAULT_MODEL}) in this install; pass --model FILE.onnx "
-                       f"(make one with patchgen-train and patchgen-export)")
-    return path
+def shipped_models() -> list[str]:
+    return sorted(p.stem for p in PRETRAINED_DIR.glob("*.onnx"))
+
+
+def resolve_model(model: str | None) -> Path:
+    """--model: an .onnx file, or the name of a shipped model (`faces64_2x2`); none given: the default."""
+    if model is None:
+        path = PRETRAINED_DIR / DEFAULT_MODEL
+        if not path.is_file():
+            raise CliError(f"no shipped default model ({DEFAULT_MODEL}) in this install; pass --model FILE.onnx "
+                           f"(make one with patchgen-train and patchgen-export)")
+        return path
+    if Path(model).exists():
+        return Path(model)  # load_model names anything wrong with it
+    shipped = PRETRAINED_DIR / f"{model.removesuffix('.onnx')}.onnx"
+    if os.sep not in model and shipped.is_file():
+        return shipped
+    raise CliError(f"model {model} does not exist; pass an .onnx file written by patchgen-export or a shipped "
+                   f"model: {', '.join(shipped_models()) or 'none in this install'}")
 
 
 @click.command(cls=Command, epilog=EXAMPLE, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="A .onnx file from patchgen-export. [default: the shipped emoji model]")
+@click.option("--model", "model_path", default=None,
+              help=f"An .onnx file from patchgen-export, or a shipped model: {', '.join(shipped_models()) or 'none'}. "
+                   f"[default: {DEFAULT_MODEL.removesuffix('.onnx')}]")
 @click.option("-n", "--num-images", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Image i depends only on (seed, i).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Sampler steps [default: ddpm 1000, ddim 50, dpm++ 20].")
@@ -60,7 +75,7 @@ def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_
     from patchgen.runtime.model import load_model
 
     steps = steps or DEFAULT_STEPS[sampler]
-    model = load_model(model_path or default_model(), threads)
+    model = load_model(resolve_model(model_path), threads)
     check_request(model, num_images, steps, sampler)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -5,13 +5,14 @@ import numpy as np
 import onnx
 import pytest
 
-from patchgen.cli.sample import PRETRAINED_DIR as PRETRAINED
+from patchgen.cli.sample import DEFAULT_MODEL, PRETRAINED_DIR as PRETRAINED
 from patchgen.runtime.generate import generate
 from patchgen.runtime.metadata import spec_to_metadata
 from patchgen.runtime.model import load_model
 from conftest import sample_cli
 
-SHIPPED = {"emoji64_2x2.onnx": 2, "emoji64_1x1.onnx": 1}  # file -> grid
+SHIPPED = {"faces64_2x2.onnx": (2, "twemoji-faces"), "faces64_1x1.onnx": (1, "twemoji-faces"),
+           "emoji64_2x2.onnx": (2, "twemoji"), "emoji64_1x1.onnx": (1, "twemoji")}  # file -> grid, data set
 DESCRIPTIVE = ["version", "global_context", "model_config", "weights", "training.steps", "data.name",
                "data.num_train", "data.holdout_fraction", "data.holdout_seed", "data.attribution", "data.license",
                "opset"]
@@ -22,14 +23,18 @@ def test_shipped_files_fit_the_size_limit():
     assert sum(sizes.values()) <= 30e6, sizes
 
 
-@pytest.mark.parametrize("name,grid", SHIPPED.items())
-def test_shipped_model_loads_with_complete_metadata(name, grid):
+def test_every_shipped_file_is_tested_and_the_default_is_shipped():
+    assert sorted(p.name for p in PRETRAINED.glob("*.onnx")) == sorted(SHIPPED) and DEFAULT_MODEL in SHIPPED
+
+
+@pytest.mark.parametrize("name,grid,data", [(name, *v) for name, v in SHIPPED.items()])
+def test_shipped_model_loads_with_complete_metadata(name, grid, data):
     model = load_model(PRETRAINED / name)
     assert (model.spec.image_size, model.spec.grid) == (64, grid)
     meta = {p.key: p.value for p in onnx.load(PRETRAINED / name, load_external_data=False).metadata_props}
     required = list(spec_to_metadata(model.spec)) + [f"patchgen.{k}" for k in DESCRIPTIVE]
     assert all(meta.get(k) for k in required), [k for k in required if not meta.get(k)]
-    assert meta["patchgen.data.name"] == "twemoji" and meta["patchgen.data.license"] == "CC-BY-4.0"
+    assert meta["patchgen.data.name"] == data and meta["patchgen.data.license"] == "CC-BY-4.0"
     assert "Twemoji" in meta["patchgen.data.attribution"]
     assert meta["patchgen.weights"] == "ema" and int(meta["patchgen.training.steps"]) > 0
 
@@ -48,3 +53,9 @@ def test_default_model_runs_without_torch(tmp_path):
     r = sample_cli("-n", "1", "--steps", "3", "--out", tmp_path, block_torch=True)
     assert r.returncode == 0, r.stderr
     assert [p.name for p in tmp_path.glob("*.png")] == ["seed0_00000.png"]
+
+
+def test_shipped_model_by_name(tmp_path):
+    r = sample_cli("--model", "emoji64_1x1", "-n", "1", "--steps", "2", "--out", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.startswith("emoji64_1x1.onnx: 64x64, 1x1 patches")

@@ -131,6 +131,7 @@ def _foreign(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--model", "{tmp}/missing.onnx"], "does not exist"),
+    (["--model", "no_such_shipped_model"], "does not exist"),
     (["--model", "{tmp}/corrupt.onnx"], "not a readable ONNX model"),
     (["--model", "{tmp}/foreign.onnx"], "not a patchgen model"),
     (["--model", "{g2}", "--steps", "0"], "--steps"),
