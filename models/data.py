@@ -107,9 +107,8 @@ def load_emoji(size: int, skin_tones: bool = True, subset: str = "all") -> Image
 
 def load_data(spec: str, size: int, skin_tones: bool = True) -> ImageSet:
     """`spec` is "emoji", "emoji-<subset>" (e.g. emoji-faces) or a folder path."""
-    if spec == "emoji" or spec.removeprefix("emoji-") in EMOJI_SUBSETS[1:]:
-        return load_emoji(size, skin_tones, spec.removeprefix("emoji").removeprefix("-") or "all")
-    return load_folder(spec, size)
+    subsets = {"emoji": "all", **{f"emoji-{s}": s for s in EMOJI_SUBSETS[1:]}}
+    return load_emoji(size, skin_tones, subsets[spec]) if spec in subsets else load_folder(spec, size)
 
 
 def load_named(name: str, size: int) -> ImageSet:

@@ -160,6 +160,14 @@ def test_emoji_faces_subset_round_trips_through_its_name():
     assert load_named("twemoji-no-skin-tones", 8).source == load_emoji(8, skin_tones=False).source
 
 
+def test_a_folder_named_like_a_subset_is_a_folder(tmp_path, monkeypatch):
+    (tmp_path / "faces").mkdir()
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(tmp_path / "faces" / "a.png")
+    monkeypatch.chdir(tmp_path)
+    data = load_data("faces", 4)
+    assert len(data.images) == 1 and data.source["name"].startswith("folder:")
+
+
 @pytest.mark.parametrize("name", ["twemoji-flags", "imagenet"])
 def test_unknown_data_name_is_a_clear_error(name):
     with pytest.raises(PatchgenError, match="unknown data set"):
