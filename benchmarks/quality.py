@@ -30,9 +30,9 @@ REPO = Path(__file__).resolve().parent.parent
 REAL_CHILD = r"""
 import sys, numpy as np
 from patchgen.models.data import holdout_split, load_named
-name, size, fraction, seed, which, out = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:]
-data = load_named(name, size)
-_, held = holdout_split(len(data.images), fraction, seed)
+name, size, fraction, seed, which, out = sys.argv[1:]
+data = load_named(name, int(size))
+_, held = holdout_split(len(data.images), float(fraction), int(seed))
 np.savez(out, images=data.images[held] if which == "heldout" else data.images)
 """
 
