@@ -1,8 +1,13 @@
-"""Atomic file output: write to a temporary file in the target folder, then rename over the target."""
+"""Atomic file output: write to a temporary file in the target folder, then rename over the target.
+
+A process killed mid-write (kill -9, power loss) leaves its temporary behind; the next run that writes the
+same kind of file removes it with `remove_stale_temporaries`.
+"""
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -27,6 +32,41 @@ def check_writable_folder(folder) -> None:
         raise PatchgenError(f"cannot write to {folder}: {e.strerror}; choose a writable folder") from None
 
 
+def _temporary_prefix(name: str) -> str:
+    # ".<target name>.p<pid>." + mkstemp's random part + ".tmp": the pid tells a live writer's file from a stale one.
+    return f".{name}.p{os.getpid()}."
+
+
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.p(?P<pid>\d+)\.[^.]+\.tmp")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder, pattern: str) -> int:
+    """Delete the temporaries that killed writers of files named like `pattern` (a glob) left in `folder`.
+
+    Only files of `atomic_output`'s own form are touched, and only those whose writing process is gone,
+    so a concurrent run's files in progress survive. Returns how many were removed.
+    """
+    removed = 0
+    for path in Path(folder).glob(f".{pattern}.p*.tmp"):
+        m = _TEMPORARY.fullmatch(path.name)
+        if m is None or _alive(int(m.group("pid"))):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed += 1
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_output(path, mode: str = "wb"):
     """Yield a file object; on success it replaces `path` in one rename, on error nothing is left behind."""
@@ -34,7 +74,7 @@ def atomic_output(path, mode: str = "wb"):
     if not path.parent.is_dir():
         raise PatchgenError(f"output folder {path.parent} does not exist: create it or choose another path")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path.name), suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise PatchgenError(f"cannot write to {path.parent}: {e.strerror}; choose a writable folder") from None
     try:
