@@ -1,4 +1,4 @@
-"""Shared CLI plumbing: user errors become one line and exit code 2; byte sizes parse from "200M"."""
+"""Shared CLI plumbing: user errors (PatchgenError, click's usage errors) become one line and exit code 2."""
 from __future__ import annotations
 
 import functools

@@ -5,18 +5,20 @@ Edge path: imports only numpy, onnxruntime, pillow and click (never torch).
 from __future__ import annotations
 
 import os
+import sys
 import time
-from importlib import resources
 from pathlib import Path
 
 import click
 
+from patchgen.runtime.generate import MAX_SEED
+from patchgen.runtime.limits import available_cpus
 from patchgen.runtime.loop import DEFAULT_STEPS, SAMPLERS
+from patchgen.runtime.model import default_threads
+from patchgen.runtime.pretrained import DEFAULT_MODEL, shipped_models
 
 from .common import CliError, Command, user_errors
 
-PRETRAINED_DIR = Path(str(resources.files("patchgen.models").joinpath("pretrained")))  # shipped as package data
-DEFAULT_MODEL = "faces64_2x2.onnx"  # in PRETRAINED_DIR
 EXAMPLE = """
 \b
 Examples:
@@ -25,41 +27,36 @@ Examples:
   patchgen-sample --model emoji32.onnx --sampler dpm++ --steps 20 --seed 7 --out samples/
   patchgen-sample --model emoji32.onnx --memory-budget 150M      # largest patch batch that fits
 """
+STEPS_HELP = ("Sampler steps [default: ddpm every timestep (the model's T), "
+              + ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ", at most T].")
 
 
-def shipped_models() -> list[str]:
-    return sorted(p.stem for p in PRETRAINED_DIR.glob("*.onnx"))
-
-
-def resolve_model(model: str | None) -> Path:
-    """--model: an .onnx file, or the name of a shipped model (`faces64_2x2`); none given: the default."""
-    if model is None:
-        path = PRETRAINED_DIR / DEFAULT_MODEL
-        if not path.is_file():
-            raise CliError(f"no shipped default model ({DEFAULT_MODEL}) in this install; pass --model FILE.onnx "
-                           f"(make one with patchgen-train and patchgen-export)")
-        return path
-    if Path(model).exists():
-        return Path(model)  # load_model names anything wrong with it
-    shipped = PRETRAINED_DIR / f"{model.removesuffix('.onnx')}.onnx"
-    if os.sep not in model and shipped.is_file():
-        return shipped
-    raise CliError(f"model {model} does not exist; pass an .onnx file written by patchgen-export or a shipped "
-                   f"model: {', '.join(shipped_models()) or 'none in this install'}")
+def check_output_folder(folder: Path) -> None:
+    """Fail before any work when `folder` could not be created or written; creates nothing."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CliError(f"cannot create output folder {folder}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CliError(f"cannot write to {existing}; choose a writable --out folder")
 
 
 @click.command(cls=Command, epilog=EXAMPLE, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--model", "model_path", default=None,
               help=f"An .onnx file from patchgen-export, or a shipped model: {', '.join(shipped_models()) or 'none'}. "
-                   f"[default: {DEFAULT_MODEL.removesuffix('.onnx')}]")
+                   f"[default: {DEFAULT_MODEL}]")
 @click.option("-n", "--num-images", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Image i depends only on (seed, i).")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Sampler steps [default: ddpm 1000, ddim 50, dpm++ 20].")
+@click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
+              help="Image i depends only on (seed, i).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help=STEPS_HELP)
 @click.option("--sampler", type=click.Choice(SAMPLERS), default="ddim", show_default=True)
-@click.option("--eta", type=click.FloatRange(0, 1), default=0.0, show_default=True, help="DDIM noise (0 = deterministic).")
+@click.option("--eta", type=click.FloatRange(0, 1), default=None,
+              help="DDIM only: its noise, 0 = deterministic, 1 = DDPM's posterior [default: 0].")
 @click.option("--patch-batch", type=click.IntRange(min=1), default=None, help="Patches per onnxruntime call [default: 1, the lowest memory].")
 @click.option("--memory-budget", default=None, help="Peak RSS limit such as 200M or 1.5G; picks the largest patch batch that fits.")
-@click.option("--threads", type=click.IntRange(min=1), default=min(os.cpu_count() or 1, 4), show_default=True, help="onnxruntime intra-op threads.")
+@click.option("--threads", type=click.IntRange(1, available_cpus()), default=default_threads(), show_default=True,
+              help="onnxruntime intra-op threads; the default is the CPUs this process may use, at most 4.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("samples"), show_default=True, help="Folder for the PNGs.")
 @click.option("--grid-image", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write all images as one grid PNG.")
 @user_errors
@@ -68,26 +65,34 @@ def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_
     so peak memory follows the patch batch, not the image size."""
     import numpy as np
 
-    from patchgen.runtime.files import check_writable_folder
-    from patchgen.runtime.generate import check_request, iter_samples, make_plan, png_text
+    from patchgen.runtime.files import check_writable_folder, remove_stale_temporaries
+    from patchgen.runtime.generate import iter_samples, make_plan, png_text
     from patchgen.runtime.images import make_grid, save_png
     from patchgen.runtime.memory import format_size, peak_rss
     from patchgen.runtime.model import load_model
 
-    steps = steps or DEFAULT_STEPS[sampler]
-    model = load_model(resolve_model(model_path), threads)
-    check_request(model, num_images, steps, sampler)
+    # Everything is checked, and memory planned, before the first folder or file is created.
+    check_output_folder(out_dir)
+    if grid_image is not None:
+        check_writable_folder(grid_image.parent)
+    model = load_model(model_path, threads)
+    plan = make_plan(model, num_images, seed, sampler, steps, eta, memory_budget=memory_budget,
+                     patch_batch=patch_batch)
+    for note in plan.notes:
+        click.echo(f"note: {note}", err=True)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CliError(f"cannot create output folder {out_dir}: {e.strerror}") from None
     check_writable_folder(out_dir)
+    remove_stale_temporaries(out_dir, "seed*_*.png")  # left by a killed run
     if grid_image is not None:
-        check_writable_folder(grid_image.parent)
-    plan = make_plan(model, num_images, memory_budget, patch_batch)
-    spec = model.spec
+        remove_stale_temporaries(grid_image.parent, grid_image.name)
+
+    spec, request = model.spec, plan.request
     click.echo(f"{model.path.name}: {spec.image_size}x{spec.image_size}, {spec.grid}x{spec.grid} patches of "
-               f"{spec.patch_size}px; {plan.patch_batch} patch(es) per call, {plan.images_per_run} image(s) per run"
+               f"{spec.patch_size}px; {request.sampler} {request.steps} steps; {plan.patch_batch} patch(es) per "
+               f"call, {plan.images_per_run} image(s) per run"
                + (f", predicted peak {format_size(plan.predicted_peak)}" if plan.predicted_peak else ""), err=True)
     if model.metadata.get("patchgen.data.attribution"):
         click.echo(f"model trained on: {model.metadata['patchgen.data.attribution']}", err=True)
@@ -95,15 +100,14 @@ def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_
     runs = -(-num_images // plan.images_per_run)
     images = []
     t0 = time.perf_counter()
-    with click.progressbar(length=runs * steps, label="sampling", file=click.get_text_stream("stderr")) as bar:
-        for index, image in iter_samples(model, plan, num_images=num_images, seed=seed, steps=steps,
-                                         sampler=sampler, eta=eta, callback=lambda i, t: bar.update(1)):
-            save_png(out_dir / f"seed{seed}_{index:05d}.png", image, png_text(model, seed, index, sampler, steps, eta))
+    with click.progressbar(length=runs * request.steps, label="sampling", file=sys.stderr) as bar:
+        for index, image in iter_samples(model, plan, callback=lambda i, t: bar.update(1)):
+            save_png(out_dir / f"seed{seed}_{index:05d}.png", image, png_text(model, request, index))
             if grid_image is not None:
                 images.append(image)
     elapsed = time.perf_counter() - t0
     if grid_image is not None:
-        save_png(grid_image, make_grid(np.stack(images)), png_text(model, seed, -1, sampler, steps, eta))
+        save_png(grid_image, make_grid(np.stack(images)), png_text(model, request, -1))
     click.echo(f"wrote {num_images} image(s) to {out_dir}" + (f" and {grid_image}" if grid_image else "")
                + f"; {elapsed / num_images:.2f} s/image, peak RSS {format_size(peak_rss())}", err=True)
 

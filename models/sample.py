@@ -25,7 +25,7 @@ class TorchPatchNet:
 
 
 def sample_torch(net: PatchUNet, num_images: int, seed: int, steps: int = 50, sampler: str = "ddim",
-                 eta: float = 0.0, patch_batch: int | None = None) -> np.ndarray:
+                 eta: float | None = None, patch_batch: int | None = None) -> np.ndarray:
     """Images [N, C, H, W] in [-1, 1] from a torch model; default: all patches of all images in one call."""
     spec = net.config.spec
     was_training = net.training

@@ -1,4 +1,8 @@
-"""The product API: sample images from a patchgen ONNX file under a memory budget."""
+"""The product API: sample images from a patchgen ONNX file under a memory budget.
+
+`make_plan` checks a request against the model and measures memory; `iter_samples` runs a plan; `generate`
+does both. Nothing can be sampled from an unchecked request: a Plan is the proof it was checked.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,22 +12,60 @@ import numpy as np
 
 from .errors import PatchgenError
 from .images import to_uint8
-from .loop import SAMPLERS, sample_images
-from .memory import MIB, MemoryModel, calibrate, parse_size, plan_patch_batch
+from .loop import SAMPLERS, default_steps, sample_images
+from .memory import MIB, cap_to_available, calibrate, parse_size, plan_patch_batch
 from .model import OnnxModel, load_model
+from .spec import ModelSpec
 
 # Full-size float32 arrays alive per image in flight: x_t, x0_hat, eps, the patch copies of x_t and eps,
 # the merged eps, and the sampler's temporaries. Charged on top of the measured model of the session.
 IMAGE_ARRAYS = 8
 OVERHEAD = 4 * MIB  # PNG encoding and Python bookkeeping during sampling
+MAX_SEED = 2**32 - 1  # (seed, image index) seed one generator as two 32-bit words: one-to-one below this
+
+
+@dataclass(frozen=True)
+class Request:
+    """What to sample, checked against a model's spec by `sampling_request`."""
+
+    num_images: int
+    seed: int  # image i is a function of (seed, i) only
+    sampler: str
+    steps: int
+    eta: Optional[float]  # DDIM's noise; None for the samplers that have none (ddpm is ancestral, dpm++ is deterministic)
+
+
+def sampling_request(spec: ModelSpec, num_images: int = 1, seed: int = 0, sampler: str = "ddim",
+                     steps: Optional[int] = None, eta: Optional[float] = None) -> Request:
+    """A Request with defaults filled in for this model (steps per its T, eta 0 for ddim), or a PatchgenError."""
+    T = spec.schedule.num_timesteps
+    if sampler not in SAMPLERS:
+        raise PatchgenError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if num_images < 1:
+        raise PatchgenError(f"number of images must be >= 1, got {num_images}")
+    if not 0 <= seed <= MAX_SEED:
+        raise PatchgenError(f"seed must be between 0 and {MAX_SEED}, got {seed}")
+    steps = default_steps(sampler, T) if steps is None else steps
+    if not 1 <= steps <= T:
+        raise PatchgenError(f"steps must be between 1 and {T} (this model's T), got {steps}")
+    if sampler == "ddim":
+        eta = 0.0 if eta is None else float(eta)
+        if not 0.0 <= eta <= 1.0:  # also refuses NaN
+            raise PatchgenError(f"eta must be between 0 and 1, got {eta}")
+    elif eta is not None:
+        what = "ancestral (its noise is fixed, eta = 1)" if sampler == "ddpm" else "deterministic"
+        raise PatchgenError(f"eta applies to the ddim sampler only; {sampler} is {what}: drop --eta")
+    return Request(num_images, seed, sampler, steps, eta)
 
 
 @dataclass(frozen=True)
 class Plan:
+    request: Request
     patch_batch: int  # patches per onnxruntime call
     images_per_run: int  # images sampled together (sharing calls)
-    memory: Optional[MemoryModel]  # the measured model, when a budget chose the batch
-    predicted_peak: Optional[int]  # bytes, when a budget chose the batch
+    budget: Optional[int] = None  # bytes of peak RSS the plan keeps under, when a budget was given
+    predicted_peak: Optional[int] = None  # bytes, when a budget chose the batch
+    notes: tuple[str, ...] = ()  # what the user should be told (e.g. a budget capped to the memory available)
 
 
 def images_per_run(patch_batch: int, grid: int, num_images: int) -> int:
@@ -48,18 +90,24 @@ def probe(model: OnnxModel):
     return run
 
 
-def make_plan(model: OnnxModel, num_images: int, memory_budget: Union[None, int, str] = None,
-              patch_batch: Optional[int] = None) -> Plan:
-    """Patch batch and images per run: given, from a budget (measured), or the lowest-memory default of 1."""
+def make_plan(model: OnnxModel, num_images: int = 1, seed: int = 0, sampler: str = "ddim",
+              steps: Optional[int] = None, eta: Optional[float] = None, *,
+              memory_budget: Union[None, int, str] = None, patch_batch: Optional[int] = None) -> Plan:
+    """Check the request, then choose the patch batch: given, from a budget (measured), or 1, the lowest memory.
+
+    A budget is a promise about the kernel's peak RSS for the whole run, calibration included; one above
+    what this process can have (MemAvailable, a cgroup limit) is capped to that, and the Plan says so."""
+    request = sampling_request(model.spec, num_images, seed, sampler, steps, eta)
     g2 = model.spec.grid**2
     if memory_budget is None:
-        pb = patch_batch or 1
+        pb = 1 if patch_batch is None else patch_batch
         if pb < 1:
             raise PatchgenError(f"patch batch must be >= 1, got {pb}")
-        return Plan(pb, images_per_run(pb, model.spec.grid, num_images), None, None)
+        return Plan(request, pb, images_per_run(pb, model.spec.grid, num_images))
     if patch_batch is not None:
         raise PatchgenError("give either a memory budget or a patch batch, not both: the budget chooses the batch")
     budget = parse_size(memory_budget) if isinstance(memory_budget, str) else int(memory_budget)
+    budget, notes = cap_to_available(budget)
     mem = calibrate(probe(model), budget, num_images * g2)
     # The margin for image buffers depends on how many images share a run, which depends on the batch:
     # plan for one image, then re-plan for as many as that batch would run together (never fewer later).
@@ -68,45 +116,41 @@ def make_plan(model: OnnxModel, num_images: int, memory_budget: Union[None, int,
     if n_img > 1:
         pb = plan_patch_batch(mem, budget, num_images * g2, OVERHEAD + n_img * image_bytes(model))
         n_img = images_per_run(pb, model.spec.grid, num_images)
-    return Plan(pb, n_img, mem, mem.peak(pb) + OVERHEAD + n_img * image_bytes(model))
+    return Plan(request, pb, n_img, budget, mem.peak(pb) + OVERHEAD + n_img * image_bytes(model), notes)
 
 
-def check_request(model: OnnxModel, num_images: int, steps: int, sampler: str) -> None:
-    T = model.spec.schedule.num_timesteps
-    if num_images < 1:
-        raise PatchgenError(f"number of images must be >= 1, got {num_images}")
-    if not 1 <= steps <= T:
-        raise PatchgenError(f"steps must be between 1 and {T} (this model's T), got {steps}")
-    if sampler not in SAMPLERS:
-        raise PatchgenError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-
-
-def iter_samples(model: OnnxModel, plan: Plan, *, num_images: int, seed: int, steps: int, sampler: str = "ddim",
-                 eta: float = 0.0, callback=None) -> Iterator[tuple[int, np.ndarray]]:
+def iter_samples(model: OnnxModel, plan: Plan, callback=None) -> Iterator[tuple[int, np.ndarray]]:
     """(image index, uint8 [H, W, C]) for each image, a run of `plan.images_per_run` images at a time.
-    Callers check the request first (`check_request`), before planning memory."""
-    for first in range(0, num_images, plan.images_per_run):
-        n = min(plan.images_per_run, num_images - first)
-        x = sample_images(model, model.spec, num_images=n, seed=seed, steps=steps, sampler=sampler, eta=eta,
-                          patch_batch=plan.patch_batch, first_index=first, callback=callback)
+
+    callback(step index, t) is called after every sampler step of every run."""
+    r = plan.request
+    for first in range(0, r.num_images, plan.images_per_run):
+        n = min(plan.images_per_run, r.num_images - first)
+        x = sample_images(model, model.spec, num_images=n, seed=r.seed, steps=r.steps, sampler=r.sampler,
+                          eta=r.eta, patch_batch=plan.patch_batch, first_index=first, callback=callback)
         for k, image in enumerate(to_uint8(x)):
             yield first + k, image
 
 
-def generate(model: Union[str, OnnxModel], num_images: int = 1, seed: int = 0, steps: int = 50,
-             sampler: str = "ddim", memory_budget: Union[None, int, str] = None,
-             patch_batch: Optional[int] = None, eta: float = 0.0, threads: int = 1) -> np.ndarray:
-    """uint8 images [N, H, W, C]. Image i depends only on (model, seed, i, steps, sampler, eta)."""
+def generate(model: Union[str, OnnxModel, None] = None, num_images: int = 1, seed: int = 0,
+             steps: Optional[int] = None, sampler: str = "ddim", memory_budget: Union[None, int, str] = None,
+             patch_batch: Optional[int] = None, eta: Optional[float] = None,
+             threads: Optional[int] = None) -> np.ndarray:
+    """uint8 images [N, H, W, C] from an .onnx path, a shipped model's name (`faces64_2x2`; None: the
+    default) or a loaded OnnxModel. Image i depends only on (model, seed, i, sampler, steps, eta)."""
     if not isinstance(model, OnnxModel):
         model = load_model(model, threads)
-    check_request(model, num_images, steps, sampler)
-    plan = make_plan(model, num_images, memory_budget, patch_batch)
-    return np.stack([img for _, img in iter_samples(model, plan, num_images=num_images, seed=seed, steps=steps,
-                                                      sampler=sampler, eta=eta)])
+    plan = make_plan(model, num_images, seed, sampler, steps, eta, memory_budget=memory_budget,
+                     patch_batch=patch_batch)
+    return np.stack([img for _, img in iter_samples(model, plan)])
 
 
-def png_text(model: OnnxModel, seed: int, index: int, sampler: str, steps: int, eta: float) -> dict[str, str]:
-    """Generation parameters stored in each PNG's text chunks."""
-    return {"patchgen:model_sha256": model.sha256, "patchgen:model_file": model.path.name, "patchgen:seed": str(seed),
-            "patchgen:index": str(index), "patchgen:sampler": sampler, "patchgen:steps": str(steps),
-            "patchgen:eta": str(eta), "Software": "patchgen"}
+def png_text(model: OnnxModel, request: Request, index: int) -> dict[str, str]:
+    """What was run, stored in each PNG's text chunks: the model's hash, seed, index, sampler and steps, and
+    eta only for the sampler that has one. index -1: a grid of all images."""
+    text = {"patchgen:model_sha256": model.sha256, "patchgen:model_file": model.path.name,
+            "patchgen:seed": str(request.seed), "patchgen:index": str(index), "patchgen:sampler": request.sampler,
+            "patchgen:steps": str(request.steps)}
+    if request.eta is not None:
+        text["patchgen:eta"] = repr(request.eta)
+    return {**text, "Software": "patchgen"}

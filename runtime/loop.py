@@ -15,7 +15,12 @@ from .spec import ModelSpec
 PatchNet = Callable[[np.ndarray, np.ndarray, Optional[np.ndarray], Optional[np.ndarray]], np.ndarray]
 
 SAMPLERS = ("ddpm", "ddim", "dpm++")
-DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50, "dpm++": 20}
+DEFAULT_STEPS = {"ddim": 50, "dpm++": 20}  # ddpm: every timestep of the model, T
+
+
+def default_steps(sampler: str, num_timesteps: int) -> int:
+    """Steps when none are asked for: T for ddpm, else the sampler's usual count, at most T."""
+    return min(DEFAULT_STEPS.get(sampler, num_timesteps), num_timesteps)
 
 
 class PatchDenoiser:
@@ -28,10 +33,10 @@ class PatchDenoiser:
     its patch and noise buffers are allocated on the first step and reused after.
     """
 
-    def __init__(self, net: PatchNet, spec: ModelSpec, patch_batch: int = 1, clip_x0: bool = True):
+    def __init__(self, net: PatchNet, spec: ModelSpec, patch_batch: int = 1):
         if patch_batch < 1:
             raise ValueError(f"patch_batch must be >= 1, got {patch_batch}")
-        self.net, self.spec, self.patch_batch, self.clip_x0 = net, spec, patch_batch, clip_x0
+        self.net, self.spec, self.patch_batch = net, spec, patch_batch
         self.alphas_cumprod = alphas_cumprod(spec.schedule)
         self.positions = position_onehot(spec.grid)
         self.x0_prev: Optional[np.ndarray] = None  # self-conditioning state
@@ -73,18 +78,21 @@ class PatchDenoiser:
         x0 = np.multiply(eps, -math.sqrt(1 - abar))  # a fresh array: samplers may keep x0 across steps
         x0 += x
         x0 *= 1 / math.sqrt(abar)
-        if self.clip_x0:
-            np.clip(x0, -1.0, 1.0, out=x0)
+        np.clip(x0, -1.0, 1.0, out=x0)
         self.x0_prev = x0
         return x0
 
 
 def sample_images(net: PatchNet, spec: ModelSpec, *, num_images: int, seed: int, steps: int,
-                  sampler: str = "ddim", eta: float = 0.0, patch_batch: int = 1, first_index: int = 0,
+                  sampler: str = "ddim", eta: Optional[float] = None, patch_batch: int = 1, first_index: int = 0,
                   callback=None) -> np.ndarray:
-    """Images [N, C, H, W] in [-1, 1]; image i is a function of (seed, first_index + i) only."""
+    """Images [N, C, H, W] in [-1, 1]; image i is a function of (seed, first_index + i) only.
+
+    eta: DDIM's noise (None = 0, deterministic); the other samplers have none and refuse one."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if eta is not None and sampler != "ddim":
+        raise ValueError(f"eta applies to the ddim sampler only, not {sampler}")
     rngs = image_rngs(seed, first_index, num_images)
     x = normal_like(rngs, spec.image_shape)  # x_T ~ N(0, I)
     denoise = PatchDenoiser(net, spec, patch_batch)
@@ -93,4 +101,4 @@ def sample_images(net: PatchNet, spec: ModelSpec, *, num_images: int, seed: int,
         return sample_ddpm(denoise, x, timesteps, denoise.alphas_cumprod, rngs, callback=callback)
     if sampler == "dpm++":
         return sample_dpmpp_2m(denoise, x, timesteps, denoise.alphas_cumprod, rngs, callback=callback)
-    return sample_ddim(denoise, x, timesteps, denoise.alphas_cumprod, rngs, eta=eta, callback=callback)
+    return sample_ddim(denoise, x, timesteps, denoise.alphas_cumprod, rngs, eta=eta or 0.0, callback=callback)

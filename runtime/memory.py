@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .errors import PatchgenError
+from .limits import available_memory
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20, "MIB": 2**20,
           "G": 2**30, "GB": 2**30, "GIB": 2**30}
@@ -56,6 +57,18 @@ def peak_rss() -> int:
 def current_rss() -> int:
     kib = _status_kib("VmRSS")
     return kib * 1024 if kib is not None else peak_rss()
+
+
+def cap_to_available(budget: int) -> tuple[int, tuple[str, ...]]:
+    """(the budget, notes): a budget above what this process can reach (MemAvailable, a cgroup memory
+    limit) is capped to that, with a note saying so; a budget below 1 byte is refused."""
+    if budget < 1:
+        raise PatchgenError(f"memory budget must be positive, got {budget} bytes; write it like 200M or 1.5G")
+    limit, what = available_memory(current_rss())
+    if limit is not None and budget > limit:
+        return limit, (f"memory budget {format_size(budget)} is more than this process can have "
+                       f"({format_size(limit)}, {what}); planning for {format_size(limit)}",)
+    return budget, ()
 
 
 @dataclass(frozen=True)

@@ -1,26 +1,27 @@
 """Loading a patchgen ONNX file: validate it, read its metadata, open the session, call it on patches."""
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import onnxruntime as ort
 
 from .errors import PatchgenError
+from .limits import available_cpus
 from .metadata import spec_from_metadata
+from .onnxfile import model_sha256
+from .pretrained import resolve_model
 from .session import open_session
 from .spec import ModelSpec
 
+MAX_DEFAULT_THREADS = 4  # small patches leave little to split across more (benchmarks/threads.py)
 
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+
+def default_threads() -> int:
+    """onnxruntime intra-op threads when none are asked for: the CPUs this process may use, at most 4."""
+    return min(available_cpus(), MAX_DEFAULT_THREADS)
 
 
 @dataclass
@@ -31,9 +32,13 @@ class OnnxModel:
     session: ort.InferenceSession
     spec: ModelSpec
     metadata: dict
-    sha256: str
+    sha256: str  # of the file and its external data, if any (onnxfile.model_sha256)
 
     def __call__(self, x: np.ndarray, t: np.ndarray, pos: Optional[np.ndarray], gcc: Optional[np.ndarray]):
+        # The graph gathers schedule values at t, and ONNX Gather wraps negative indices: refuse them here.
+        T = self.spec.schedule.num_timesteps
+        if t.size and (t.min() < 0 or t.max() >= T):
+            raise ValueError(f"timesteps must be in [0, {T - 1}], got {t.min()} .. {t.max()}")
         feeds = {"x": x, "t": t}
         if pos is not None:
             feeds["pos"] = pos
@@ -52,11 +57,18 @@ def expected_inputs(spec: ModelSpec) -> dict[str, list]:
     return inputs
 
 
-def load_model(path, threads: int = 1) -> OnnxModel:
-    """Open a patchgen ONNX file; anything else (missing, corrupt, foreign, mismatched) is a PatchgenError."""
-    path = Path(path)
+def load_model(model: Union[str, Path, None] = None, threads: Optional[int] = None) -> OnnxModel:
+    """Open a patchgen ONNX file, or a shipped model by name (`faces64_2x2`; None: the default one).
+
+    threads: onnxruntime intra-op threads, 1 .. the CPUs this process may use (None: `default_threads()`).
+    Anything wrong (missing, corrupt, foreign, mismatched, too many threads) is a PatchgenError."""
+    path = resolve_model(model)
+    cpus = available_cpus()
+    threads = default_threads() if threads is None else threads
+    if not 1 <= threads <= cpus:
+        raise PatchgenError(f"threads must be between 1 and {cpus} (the CPUs this process may use), got {threads}")
     if not path.is_file():
-        raise PatchgenError(f"model {path} does not exist; pass an .onnx file written by patchgen-export")
+        raise PatchgenError(f"model {path} is not a file; pass an .onnx file written by patchgen-export")
     try:
         session = open_session(str(path), threads)
     except Exception as e:  # onnxruntime raises its own types for bad protobufs and graphs
@@ -69,4 +81,8 @@ def load_model(path, threads: int = 1) -> OnnxModel:
     if have != want or [o.name for o in session.get_outputs()] != ["eps"]:
         raise PatchgenError(f"{path}: graph inputs {have} do not match its metadata (expected {want} and output "
                             f"eps); re-export it with patchgen-export")
-    return OnnxModel(path, session, spec, meta, file_sha256(path))
+    try:
+        sha256 = model_sha256(path)
+    except (OSError, ValueError) as e:
+        raise PatchgenError(f"{path}: cannot read it or its external data: {e}") from None
+    return OnnxModel(path, session, spec, meta, sha256)

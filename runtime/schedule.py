@@ -4,10 +4,15 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
 SCHEDULE_KINDS = ("cosine", "linear")
+# Sampling starts from x_T ~ N(0, I), which is what training saw at t = T-1 only if almost no signal is left
+# there: sqrt(alphas_cumprod[T-1]) (the weight of x0 in x_{T-1}) must be at most this, 1 % of the image,
+# about one uint8 level. Ho et al.'s linear schedule at T = 1000 leaves 0.64 %, the cosine one 0.005 %.
+MAX_TERMINAL_SIGNAL = 0.01
 
 
 @dataclass(frozen=True)
@@ -18,14 +23,30 @@ class Schedule:
     num_timesteps: int = 1000
     cosine_s: float = 0.008  # cosine offset s, keeps beta_0 from vanishing
     max_beta: float = 0.999  # cosine betas are clipped here to avoid a singularity at t = T
-    beta_start: float = 1e-4  # linear schedule, for T = 1000
-    beta_end: float = 0.02
+    # Linear schedule, beta_1 .. beta_T. Unset: Ho et al.'s 1e-4 .. 0.02 at T = 1000, scaled by 1000 / T
+    # (Nichol & Dhariwal 2021, improved-diffusion), so any T runs from almost clean to almost pure noise.
+    beta_start: Optional[float] = None
+    beta_end: Optional[float] = None
 
     def __post_init__(self):
         if self.kind not in SCHEDULE_KINDS:
             raise ValueError(f"unknown schedule kind {self.kind!r}; expected one of {SCHEDULE_KINDS}")
         if self.num_timesteps < 2:
             raise ValueError(f"a schedule needs at least 2 timesteps, got {self.num_timesteps}")
+        T = self.num_timesteps
+        if self.beta_start is None:
+            object.__setattr__(self, "beta_start", 0.1 / T)
+        if self.beta_end is None:
+            object.__setattr__(self, "beta_end", 20.0 / T)
+        b = betas(self)
+        if not (np.all(b > 0) and np.all(b < 1)):
+            raise ValueError(f"a {self.kind} schedule with T = {T} has betas outside (0, 1) "
+                             f"(beta_end {self.beta_end:g}); use more timesteps or smaller betas")
+        signal = math.sqrt(alphas_cumprod(self)[-1])
+        if signal > MAX_TERMINAL_SIGNAL:
+            raise ValueError(f"a {self.kind} schedule with T = {T} keeps {signal:.1%} of the image at t = T-1, "
+                             f"more than the {MAX_TERMINAL_SIGNAL:.0%} that sampling from pure noise allows; "
+                             f"use more timesteps (or larger betas)")
 
 
 def betas(schedule: Schedule) -> np.ndarray:
@@ -49,9 +70,15 @@ def alphas_cumprod(schedule: Schedule) -> np.ndarray:
 
 
 def timestep_sequence(num_timesteps: int, steps: int) -> np.ndarray:
-    """`steps` timestep indices from T-1 down to 0, evenly strided (the DDIM "trailing" spacing)."""
+    """`steps` distinct timestep indices, int64, strictly descending from T-1, all in [0, T-1].
+
+    The "trailing" spacing of Lin et al. 2024 (table 2), with floor for its rounding:
+    t_k = T - 1 - floor(k T / steps), k = 0 .. steps-1.
+    It always starts at t = T-1, so sampling starts from pure noise; T / steps >= 1 makes the floors
+    strictly increasing, and k <= steps - 1 keeps t_k >= 0. Integer arithmetic: no float stride can add
+    or drop a step.
+    """
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be in [1, {num_timesteps}], got {steps}")
-    # Trailing spacing always includes t = T-1, so sampling starts from pure noise.
-    ts = np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)).astype(np.int64) - 1
-    return ts
+    k = np.arange(steps, dtype=np.int64)
+    return num_timesteps - 1 - (k * num_timesteps) // steps

@@ -5,11 +5,13 @@ import numpy as np
 import onnx
 import pytest
 
-from patchgen.cli.sample import DEFAULT_MODEL, PRETRAINED_DIR as PRETRAINED
 from patchgen.runtime.generate import generate
 from patchgen.runtime.metadata import spec_to_metadata
 from patchgen.runtime.model import load_model
+from patchgen.runtime.pretrained import DEFAULT_MODEL, pretrained_dir
 from conftest import sample_cli
+
+PRETRAINED = pretrained_dir()
 
 SHIPPED = {"faces64_2x2.onnx": (2, "twemoji-faces"), "faces64_1x1.onnx": (1, "twemoji-faces"),
            "emoji64_2x2.onnx": (2, "twemoji"), "emoji64_1x1.onnx": (1, "twemoji")}  # file -> grid, data set
@@ -24,7 +26,7 @@ def test_shipped_files_fit_the_size_limit():
 
 
 def test_every_shipped_file_is_tested_and_the_default_is_shipped():
-    assert sorted(p.name for p in PRETRAINED.glob("*.onnx")) == sorted(SHIPPED) and DEFAULT_MODEL in SHIPPED
+    assert sorted(p.name for p in PRETRAINED.glob("*.onnx")) == sorted(SHIPPED) and f"{DEFAULT_MODEL}.onnx" in SHIPPED
 
 
 @pytest.mark.parametrize("name,grid,data", [(name, *v) for name, v in SHIPPED.items()])
@@ -59,3 +61,10 @@ def test_shipped_model_by_name(tmp_path):
     r = sample_cli("--model", "emoji64_1x1", "-n", "1", "--steps", "2", "--out", tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stderr.startswith("emoji64_1x1.onnx: 64x64, 1x1 patches")
+
+
+def test_api_takes_shipped_names():
+    assert load_model().path.name == f"{DEFAULT_MODEL}.onnx"
+    by_name = generate("faces64_2x2", num_images=1, seed=3, steps=2, sampler="dpm++")
+    np.testing.assert_array_equal(by_name, generate(PRETRAINED / "faces64_2x2.onnx", 1, seed=3, steps=2,
+                                                    sampler="dpm++"))

@@ -94,11 +94,11 @@ def test_budget_plans_and_minimum(models):
     _, onnx_path = models["g2"]
     model = load_model(onnx_path)
     with pytest.raises(PatchgenError, match=r"below this model's minimum of \d+\.\dM .*--memory-budget \d+M"):
-        make_plan(model, 1, "10M")
-    plan = make_plan(model, 2, "4G")
+        make_plan(model, 1, memory_budget="10M")
+    plan = make_plan(model, 2, memory_budget="4G")
     assert plan.patch_batch == 8 and plan.images_per_run == 2  # everything fits: all patches of both images
     with pytest.raises(PatchgenError, match="not both"):
-        make_plan(model, 1, "1G", patch_batch=2)
+        make_plan(model, 1, memory_budget="1G", patch_batch=2)
 
 
 def test_plan_arithmetic():
@@ -159,8 +159,9 @@ def test_sample_bad_input(models, tmp_path, args, message):
 
 def test_no_default_model_message(tmp_path, monkeypatch):
     import patchgen.cli.sample as cli
+    import patchgen.runtime.pretrained as pretrained
 
-    monkeypatch.setattr(cli, "DEFAULT_MODEL", "no-such-model.onnx")
+    monkeypatch.setattr(pretrained, "DEFAULT_MODEL", "no-such-model")
     with pytest.raises(SystemExit) as e:
         cli.main(["--out", str(tmp_path)])
     assert e.value.code == 2
