@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_CGROUP = Path("/proc/self/cgroup")  # this process's cgroup path per hierarchy
+PROC_MEMINFO = Path("/proc/meminfo")
 
 
 def _read(path: Path) -> Optional[str]:
@@ -27,7 +29,7 @@ def _cgroup_dirs(controller: str) -> Iterator[Path]:
     cgroup v2 lists one line "0::/path"; v1 one line per hierarchy, "N:cpu,cpuacct:/path". Inside a
     container the folder is often mounted as the root, so the mount root itself is tried as well.
     """
-    text = _read(Path("/proc/self/cgroup")) or ""
+    text = _read(PROC_CGROUP) or ""
     for line in text.splitlines():
         _, controllers, rel = line.split(":", 2)
         base = CGROUP_ROOT if controllers == "" else CGROUP_ROOT / controller
@@ -74,7 +76,7 @@ def available_cpus() -> int:
 
 
 def _meminfo_kib(field: str) -> Optional[int]:
-    for line in (_read(Path("/proc/meminfo")) or "").splitlines():
+    for line in (_read(PROC_MEMINFO) or "").splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
     return None

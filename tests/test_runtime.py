@@ -1,4 +1,5 @@
 """The edge runtime and patchgen-sample: torch-free, torch parity, determinism, flat memory, bad input."""
+import os
 import re
 
 import numpy as np
@@ -10,10 +11,12 @@ from patchgen.export.onnx_export import export_onnx
 from patchgen.models.checkpoint import load_checkpoint, model_from_checkpoint
 from patchgen.models.sample import sample_torch
 from patchgen.runtime.errors import PatchgenError
-from patchgen.runtime.generate import generate, make_plan
+from patchgen.runtime.generate import generate, iter_samples, make_plan
 from patchgen.runtime.loop import sample_images
 from patchgen.runtime.memory import MemoryModel, parse_size, plan_patch_batch
 from patchgen.runtime.model import load_model
+from patchgen.runtime.onnxfile import external_data_files
+from patchgen.runtime.schedule import Schedule
 
 from conftest import sample_cli, tiny_config, write_checkpoint
 
@@ -23,7 +26,8 @@ def models(tmp_path_factory):
     """name -> (checkpoint, onnx) for a 2x2 position+GCC model and a 1x1 baseline."""
     out = {}
     for name, overrides in {"g2": {}, "g1": dict(grid=1, use_position=False, use_gcc=False),
-                            "g2-x0": dict(gcc_source="x0", prediction="v")}.items():
+                            "g2-x0": dict(gcc_source="x0", prediction="v"),
+                            "g2-T100": dict(schedule=Schedule(kind="linear", num_timesteps=100))}.items():
         d = tmp_path_factory.mktemp(name)
         ckpt = write_checkpoint(d / "c.pt", tiny_config(**overrides), seed=3)
         export_onnx(ckpt, d / "m.onnx")
@@ -141,20 +145,28 @@ def _foreign(tmp_path):
     (["--model", "{g2}", "--memory-budget", "a lot"], "like 200M"),
     (["--model", "{g2}", "--memory-budget", "1G", "--patch-batch", "2"], "not both"),
     (["--model", "{g2}", "--out", "/proc/samples"], "cannot"),
+    (["--model", "{g2}", "--seed", "-1"], "--seed"),
+    (["--model", "{g2}", "--seed", "4294967296"], "--seed"),
+    (["--model", "{g2}", "--threads", "1000"], "--threads"),
+    (["--model", "{g2}", "--memory-budget", "0"], "must be positive"),
+    (["--model", "{g2}", "--sampler", "dpm++", "--eta", "0.7"], "eta applies to the ddim sampler only"),
+    (["--model", "{g2}", "--sampler", "ddpm", "--eta", "1"], "eta applies to the ddim sampler only"),
+    (["--model", "{g2}", "--eta", "nan"], "eta"),
+    (["--model", "{t100}", "--steps", "101"], "steps must be between 1 and 100"),
 ])
 def test_sample_bad_input(models, tmp_path, args, message):
     (tmp_path / "corrupt.onnx").write_bytes(models["g2"][1].read_bytes()[:3000])
     _foreign(tmp_path)
-    args = [a.format(tmp=tmp_path, g2=models["g2"][1]) for a in args]
+    args = [a.format(tmp=tmp_path, g2=models["g2"][1], t100=models["g2-T100"][1]) for a in args]
     if "--out" not in args:
-        args += ["--out", str(tmp_path / "out")]
+        args += ["--out", str(tmp_path / "out" / "new")]
     if "--steps" not in args:
         args += ["--steps", "2"]
     r = sample_cli(*args)
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert not list(tmp_path.rglob("*.png"))
+    assert not list(tmp_path.rglob("*.png")) and not (tmp_path / "out").exists()  # refused before creating anything
 
 
 def test_no_default_model_message(tmp_path, monkeypatch):
@@ -165,3 +177,92 @@ def test_no_default_model_message(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         cli.main(["--out", str(tmp_path)])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpm++", "ddpm"])
+def test_step_counts_that_used_to_crash(models, tmp_path, sampler):
+    """61 steps at T = 1000 made 62 timesteps ending at -1 (DDIM: math domain error; DPM++: noise)."""
+    model = load_model(models["g2"][1])
+    plan = make_plan(model, 1, sampler=sampler, steps=61)
+    seen = []
+    images = [img for _, img in iter_samples(model, plan, callback=lambda i, t: seen.append(t))]
+    assert len(seen) == 61 and min(seen) >= 0 and seen[0] == 999
+    ckpt, onnx_path = models["g2"]
+    reference = sample_torch(model_from_checkpoint(load_checkpoint(ckpt)), 1, seed=0, steps=61, sampler=sampler)
+    runtime = sample_images(model, model.spec, num_images=1, seed=0, steps=61, sampler=sampler)
+    assert np.abs(runtime - reference).max() <= 1e-4 and images[0].dtype == np.uint8
+
+
+def test_defaults_follow_the_models_T(models, tmp_path):
+    """A T = 100 model: ddpm with no --steps runs its 100 timesteps, not 1000; odd step counts work."""
+    _, onnx_path = models["g2-T100"]
+    r = sample_cli("--model", onnx_path, "-n", "1", "--sampler", "ddpm", "--out", tmp_path / "a", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "a" / "seed0_00000.png").text["patchgen:steps"] == "100"
+    model = load_model(onnx_path)
+    for steps in (29, 31, 97):
+        seen = []
+        images = list(iter_samples(model, make_plan(model, 1, sampler="dpm++", steps=steps),
+                                   callback=lambda i, t: seen.append(t)))
+        assert len(images) == 1 and len(seen) == steps and seen[0] == 99 and min(seen) >= 0
+
+
+def test_out_of_range_timesteps_are_refused(models):
+    model = load_model(models["g2"][1])
+    x = np.zeros((1, 3, 8, 8), np.float32)
+    for t in (-1, 1000):
+        with pytest.raises(ValueError, match=r"timesteps must be in \[0, 999\]"):
+            model(x, np.array([t], np.int64), np.eye(4, dtype=np.float32)[:1], x)
+
+
+@pytest.mark.parametrize("args,eta", [([], "0.0"), (["--eta", "0.5"], "0.5"), (["--sampler", "ddpm"], None),
+                                      (["--sampler", "dpm++"], None)])
+def test_png_text_states_what_ran(models, tmp_path, args, eta):
+    r = sample_cli("--model", models["g2"][1], "-n", "1", "--steps", "3", "--out", tmp_path, *args)
+    assert r.returncode == 0, r.stderr
+    text = Image.open(tmp_path / "seed0_00000.png").text
+    assert text.get("patchgen:eta") == eta and text["patchgen:steps"] == "3"
+    assert text["patchgen:sampler"] == (args[1] if args and args[0] == "--sampler" else "ddim")
+
+
+def test_model_hash_covers_external_data(models, tmp_path):
+    import hashlib
+
+    _, onnx_path = models["g2"]
+    assert load_model(onnx_path).sha256 == hashlib.sha256(onnx_path.read_bytes()).hexdigest()  # = sha256sum
+    onnx.save(onnx.load(onnx_path), tmp_path / "ext.onnx", save_as_external_data=True, location="weights.bin",
+              size_threshold=1024)
+    assert external_data_files(tmp_path / "ext.onnx") == ["weights.bin"]
+    before = load_model(tmp_path / "ext.onnx")
+    weights = bytearray((tmp_path / "weights.bin").read_bytes())
+    weights[-1] ^= 0xFF
+    (tmp_path / "weights.bin").write_bytes(weights)
+    after = load_model(tmp_path / "ext.onnx")
+    assert after.sha256 != before.sha256
+    assert (tmp_path / "ext.onnx").read_bytes() and before.sha256 != load_model(onnx_path).sha256
+
+
+def test_seed_range_maps_one_to_one(models):
+    model = load_model(models["g2"][1])
+    top = generate(model, num_images=2, seed=2**32 - 1, steps=2)
+    assert not np.array_equal(top[0], top[1]) and not np.array_equal(top[0], generate(model, 1, seed=0, steps=2)[0])
+    with pytest.raises(PatchgenError, match="seed must be between 0 and 4294967295"):
+        make_plan(model, 1, seed=-1)
+
+
+def test_sampling_removes_only_its_own_stale_temporaries(models, tmp_path):
+    stale = tmp_path / ".seed0_00003.png.p999999999.abc123.tmp"  # a killed run's (no such pid)
+    live = tmp_path / f".seed0_00003.png.p{os.getpid()}.abc123.tmp"  # a running writer's
+    other = tmp_path / ".notes.txt.p999999999.abc123.tmp"  # not patchgen-sample's
+    for path in (stale, live, other):
+        path.write_bytes(b"partial")
+    r = sample_cli("--model", models["g2"][1], "-n", "1", "--steps", "1", "--out", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert not stale.exists() and live.exists() and other.exists()
+
+
+def test_budget_beyond_the_machine_is_capped_and_said(models, tmp_path):
+    r = sample_cli("--model", models["g2"][1], "-n", "1", "--steps", "1", "--memory-budget", "99999999G",
+                   "--out", tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "more than this process can have" in r.stderr

@@ -54,3 +54,24 @@ def test_per_image_noise_does_not_depend_on_batching():
     together = normal_like(image_rngs(3, 0, 4), (2, 2))
     apart = np.concatenate([normal_like(image_rngs(3, i, 1), (2, 2)) for i in range(4)])
     np.testing.assert_array_equal(together, apart)
+
+
+@pytest.mark.parametrize("T", [100, 1000])
+def test_every_step_count_of_every_sampler_reaches_the_data(T):
+    """--steps N works for every N from 1 to T: with a perfect denoiser each sampler lands on x0 (DDPM within
+    its last step's noise), finite, and calls the denoiser exactly N times at timesteps inside [0, T)."""
+    abar = alphas_cumprod(Schedule(num_timesteps=T))
+    x0 = np.random.default_rng(0).uniform(-1, 1, (1, 1, 2, 2)).astype(np.float32)
+    seen = []
+
+    def denoise(x, t):
+        assert 0 <= t < T
+        seen.append(t)
+        return oracle(x0)(x, t)
+    for steps in range(1, T + 1, 1 if T <= 100 else 7):
+        for sampler in (sample_ddim, sample_dpmpp_2m, sample_ddpm):
+            seen.clear()
+            rngs = image_rngs(0, 0, 1)
+            out = sampler(denoise, normal_like(rngs, (1, 2, 2)), timestep_sequence(T, steps), abar, rngs)
+            assert len(seen) == steps and np.all(np.isfinite(out))
+            np.testing.assert_allclose(out, x0, atol=1e-4)
