@@ -106,9 +106,9 @@ t0 = time.perf_counter()
 model = load_model(model_path, threads)
 load_s = time.perf_counter() - t0
 floor = status("VmRSS")
-plan = make_plan(model, 1, None, patch_batch)
+plan = make_plan(model, 1, seed=0, steps=steps, patch_batch=patch_batch)
 t0 = time.perf_counter()
-for _ in iter_samples(model, plan, num_images=1, seed=0, steps=steps):
+for _ in iter_samples(model, plan):
     pass
 print(json.dumps({"imports_mib": imports, "floor_mib": floor, "peak_mib": status("VmHWM"), "load_s": load_s,
                   "s_per_step": (time.perf_counter() - t0) / steps}))

@@ -2,7 +2,8 @@
 
 Linux reports these in /proc and /sys/fs/cgroup (v2 unified, or v1 per controller); elsewhere the
 answers fall back to os.cpu_count() and "no limit known". Kept to the standard library: loky's
-cpu_count() does the CPU part too, but importing it costs ~3.6 MiB of peak RSS on the edge path.
+cpu_count() does the CPU part too, but importing loky (and cloudpickle, its executor) would raise the
+edge path's peak RSS, the one number this runtime exists to keep low.
 """
 from __future__ import annotations
 

@@ -1,21 +1,14 @@
 """The one place that opens onnxruntime sessions and sets their memory behaviour.
 
-Defaults chosen by benchmarks/session_options.py (results/session_options.md; 256x256 4x4 edge model,
-2 threads; peak RSS at 1 / 16 patches per call; seconds per step at 1 / 16, fastest of 3):
-
-  onnxruntime defaults (CPU arena, memory pattern), glibc malloc as is   110 / 350 MiB   0.40 / 0.33 s
-  arena on, memory pattern off, malloc tuned                             94 / 204 MiB   0.40 / 0.32 s
-  arena off, memory pattern on, malloc tuned                             91 / 214 MiB   0.45 / 0.39 s
-  arena off, memory pattern off, malloc tuned (patchgen's default)       90 / 196 MiB   0.42 / 0.44 s
-
-The lowest peak costs up to 1.3x the time per step of onnxruntime's defaults (the machine is shared:
-another run of the same script had 0.41 against 0.27 s): every call maps fresh pages for its
-activations and returns them after. The CPU arena would keep the largest call's blocks reserved, and
-the memory planner's fitted line then over-charges (it sees each probe's leftovers), so a budget buys
-smaller patch batches. glibc keeps freed blocks in per-thread arenas and on a heap it rarely trims:
-one malloc arena and mmap-backed blocks from 64 KiB up make freed activations go back to the kernel,
-so the peak is linear in the patch batch. Prepacking off, initializers through the device allocator
-and weights as external data each moved the floor by less than 2 MiB.
+Defaults chosen by benchmarks/session_options.py; its figures (peak RSS and time per step for each
+combination of the options below) are in benchmarks/results/session_options.md. onnxruntime's CPU
+arena and memory pattern are off: the arena would keep the largest call's blocks reserved, and the
+memory planner's fitted line would then over-charge (it sees each probe's leftovers), so a budget would
+buy smaller patch batches. The price is time: every call maps fresh pages for its activations and
+returns them after. glibc keeps freed blocks in per-thread arenas and on a heap it rarely trims: one
+malloc arena and mmap-backed blocks from 64 KiB up make freed activations go back to the kernel, so the
+peak is linear in the patch batch. Prepacking, initializers through the device allocator and weights as
+external data were measured too and left at onnxruntime's defaults.
 """
 from __future__ import annotations
 
