@@ -1,12 +1,15 @@
 """`patchgen-train`: train a patch U-Net on images (Twemoji built in, or any folder)."""
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
 from pathlib import Path
 
 import click
 
 from patchgen.models.config import LOSS_WEIGHTINGS, LOSSES  # plain constants: no torch import
+from patchgen.runtime.limits import available_cpus
 from patchgen.runtime.schedule import SCHEDULE_KINDS
 from patchgen.runtime.spec import GCC_SOURCES, PREDICTIONS
 
@@ -28,7 +31,8 @@ def _csv_ints(_ctx, _param, value):
 
 
 @click.command(cls=Command, epilog=EXAMPLE, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--data", default="emoji", show_default=True, help="'emoji' (Twemoji, CC-BY 4.0, no download), 'emoji-faces' (its smileys) or a folder of images.")
+@click.option("--data", default="emoji", show_default=True, help="'emoji' (Twemoji, CC-BY 4.0, no download), 'emoji-faces' (its smileys) or a folder of images "
+              "(searched recursively; every type Pillow opens: png, jpg, gif, webp, tiff, bmp, ...).")
 @click.option("--image-size", type=click.IntRange(min=4), default=64, show_default=True, help="Image side in pixels.")
 @click.option("--grid", type=click.IntRange(min=1), default=2, show_default=True, help="G: patches per side (1 = full-image DDPM).")
 @click.option("--no-gcc", is_flag=True, help="Ablation: no Global Content Conditioning.")
@@ -53,13 +57,14 @@ def _csv_ints(_ctx, _param, value):
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4, show_default=True)
 @click.option("--warmup-steps", type=click.IntRange(min=0), default=200, show_default=True)
 @click.option("--ema-decay", type=click.FloatRange(0, 1), default=0.999, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
 @click.option("--no-skin-tones", is_flag=True, help="Emoji data: leave out skin-tone variants.")
 @click.option("--holdout", type=click.FloatRange(0, 0.9), default=0.1, show_default=True, help="Fraction of images held out for evaluation (fixed seed).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=500, show_default=True)
 @click.option("--preview-every", type=click.IntRange(min=0), default=500, show_default=True, help="Steps between preview grids, and one at the end (0 = none).")
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads [default: torch's choice].")
+@click.option("--threads", type=click.IntRange(1, available_cpus()), default=None,
+              help="torch CPU threads, at most the CPUs this process may use [default: torch's choice].")
 @click.option("--bf16", is_flag=True, help="Mixed precision (bfloat16 autocast): faster on CPUs with AVX512-BF16/AMX and on GPUs.")
 @user_errors
 def main(data, image_size, grid, no_gcc, no_position, max_steps, batch_size, out, resume, base_width,
@@ -69,15 +74,17 @@ def main(data, image_size, grid, no_gcc, no_position, max_steps, batch_size, out
     """Train a patch-based diffusion U-Net (Arakawa et al. 2023) and write checkpoints to --out."""
     from patchgen.models.config import ModelConfig, TrainConfig
     from patchgen.models.data import load_data, load_named
-    from patchgen.models.train import train
+    from patchgen.models.train import check_run_folder, train
     from patchgen.runtime.schedule import Schedule
 
+    check_run_folder(out, resume)  # before any data is loaded
     if threads:
         import torch
 
         torch.set_num_threads(threads)
 
     def load_for(source: dict):
+        click.echo(f"loading {source['name']} images at {source['image_size']}px ...", err=True)
         return load_named(source["name"], source["image_size"])
 
     kwargs = {}
@@ -97,12 +104,18 @@ def main(data, image_size, grid, no_gcc, no_position, max_steps, batch_size, out
         images = load_data(data, image_size, skin_tones=not no_skin_tones)
         if images.source["attribution"]:
             click.echo(f"data: {images.source['attribution']}", err=True)
-        click.echo(f"data: {len(images.images)} images ({images.source['skipped']} unreadable skipped)", err=True)
+        click.echo(f"data: {len(images.images)} images ({images.source['skipped']} skipped: unreadable or without "
+                   "a faithful RGB form)", err=True)
         kwargs = dict(data=images, config=config, tc=tc, holdout=holdout)
 
-    with click.progressbar(length=max_steps, label="training", show_pos=True, file=click.get_text_stream("stderr"),
-                           item_show_func=lambda s: s) as bar:
+    with contextlib.ExitStack() as stack:
+        bar = None
+
         def progress(step, loss_value, speed):
+            nonlocal bar
+            if bar is None:  # shown from the first step on: an error before it comes without a stray label
+                bar = stack.enter_context(click.progressbar(length=max_steps, label="training", show_pos=True,
+                                                            file=sys.stderr, item_show_func=lambda s: s))
             bar.update(step - bar.pos, f"loss {loss_value:.4f}  {speed:.1f} img/s")
 
         t0 = time.perf_counter()
@@ -110,6 +123,10 @@ def main(data, image_size, grid, no_gcc, no_position, max_steps, batch_size, out
                        preview_every=preview_every, device=device, bf16=bf16, progress=progress, load_data=load_for,
                        **kwargs)
     done = len(result.losses)
+    if done == 0 and result.interrupted_by is None:
+        click.echo(f"nothing to do: the checkpoint in {out} is at step {result.step} and --max-steps is {max_steps}; "
+                   "nothing was changed (raise --max-steps to train on)", err=True)
+        return
     click.echo(f"{done} steps in {time.perf_counter() - t0:.0f} s; checkpoint at step {result.step}: "
                f"{out / 'checkpoint.pt'}", err=True)
     if result.interrupted_by is not None:

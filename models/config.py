@@ -103,6 +103,8 @@ class TrainConfig:
             raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.seed <= 2**32 - 1:
+            raise ValueError(f"seed must be between 0 and {2**32 - 1}, got {self.seed}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

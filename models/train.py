@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import io
 import json
 import signal
 import time
@@ -16,6 +17,7 @@ import torch
 from patchgen.runtime.images import make_grid, save_png, to_uint8
 from patchgen.runtime.layout import pool_gcc
 from patchgen.runtime.errors import PatchgenError
+from patchgen.runtime.files import atomic_output, remove_stale_temporaries
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig
@@ -27,6 +29,9 @@ from .sample import sample_torch
 from .unet import PatchUNet
 
 CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAMES = ("train_log.csv", "eval_log.csv")  # one row per step / per preview step, up to the checkpoint's step
+# What a run writes atomically, as glob patterns: the temporaries a killed run left are removed at the next start.
+ATOMIC_OUTPUTS = (CHECKPOINT_NAME, "preview_*.png", "config.json", *LOG_NAMES)
 PROBE_IMAGES = 32  # held-out images for the GCC-use probe and the real seam score
 HOLDOUT_SEED = 0  # fixed: the held-out evaluation images are the same for every run
 
@@ -112,7 +117,7 @@ def train_step(state: TrainState, images: np.ndarray, tc: TrainConfig, bf16: boo
     """One optimisation step on a random batch of `images` (uint8 [N, H, W, C]); returns the loss.
 
     bf16: mixed precision, convolutions and matmuls in bfloat16 under autocast (weights, optimizer and
-    norms stay float32): 1.66x the images/s on the CI machine's AVX512-BF16 CPU (results/train_bf16.md).
+    norms stay float32); its speed against float32 is measured in benchmarks/results/train_bf16.md.
     """
     device = next(state.net.parameters()).device
     idx = torch.randint(0, len(images), (tc.batch_size,), generator=state.gen).numpy()
@@ -179,7 +184,7 @@ def evaluate(run_dir: Path, state: TrainState, probe_images: np.ndarray, tc: Tra
         row[f"swap_increase_{key}"] = band["swap_increase"]
         if key.endswith("_1000"):
             row["mse_true_gcc_700_1000"] = band["mse_true_gcc"]
-    path = run_dir / "eval_log.csv"
+    path = run_dir / LOG_NAMES[1]
     new = not path.exists()
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, EVAL_COLUMNS, extrasaction="ignore")
@@ -214,9 +219,40 @@ class _StopFlag:
 
 @dataclass
 class RunResult:
-    losses: list  # the loss of every step this call ran
+    losses: list  # the loss of every step this call ran (none: a resume already at max_steps changed nothing)
     step: int  # the step count the checkpoint holds
     interrupted_by: Optional[int]  # the signal number that stopped the run early, if any
+
+
+def check_run_folder(run_dir, resume: bool) -> Path:
+    """The run's checkpoint path, once `run_dir` fits the request: a resume needs the checkpoint, a new run
+    must not overwrite one. Cheap and writes nothing, so callers can fail before loading any data."""
+    ckpt_path = Path(run_dir) / CHECKPOINT_NAME
+    if resume and not ckpt_path.is_file():
+        raise PatchgenError(f"checkpoint {ckpt_path} does not exist: nothing to resume; "
+                            "leave out --resume to start a new run there")
+    if not resume and ckpt_path.exists():
+        raise PatchgenError(f"{ckpt_path} already exists: pass --resume to continue it or choose a new --out")
+    return ckpt_path
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep a CSV log's header and its rows up to `step` (the checkpoint's), rewritten atomically.
+
+    A run killed after its last checkpoint has logged steps beyond it, which the resumed run logs again.
+    A row the kill cut short has fewer fields and goes too.
+    """
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        header, *rows = list(csv.reader(f)) or [[]]
+    kept = [r for r in rows if len(r) == len(header) and r[0].isdigit() and int(r[0]) <= step]
+    if len(kept) == len(rows):
+        return
+    text = io.StringIO()
+    csv.writer(text).writerows([header, *kept])
+    with atomic_output(path) as f:
+        f.write(text.getvalue().encode())
 
 
 def train(run_dir, max_steps: int, *, data: Optional[ImageSet] = None, config: Optional[ModelConfig] = None,
@@ -229,24 +265,24 @@ def train(run_dir, max_steps: int, *, data: Optional[ImageSet] = None, config: O
 
     A resumed run reads its configs and data description from the checkpoint
     (`load_data` rebuilds the images from it) and continues exactly: its losses
-    equal those of an uninterrupted run. `device` and `bf16` (see `train_step`) are how this
+    equal those of an uninterrupted run, and its logs hold each step once. A resume already at
+    `max_steps` returns at once and changes nothing. `device` and `bf16` (see `train_step`) are how this
     session computes, not part of the run: they may change between sessions.
     """
     run_dir = Path(run_dir)
-    ckpt_path = run_dir / CHECKPOINT_NAME
+    ckpt_path = check_run_folder(run_dir, resume)
     if resume:
         ckpt = load_checkpoint(ckpt_path)
+        if ckpt["step"] >= max_steps:
+            return RunResult([], ckpt["step"], None)
         config, tc, source = ckpt["model_config"], ckpt["train_config"], ckpt["data"]
         if data is None:
             data = load_data(source)
         state = restore_state(ckpt, device)
         del ckpt
     else:
-        if ckpt_path.exists():
-            raise PatchgenError(f"{ckpt_path} already exists: pass --resume to continue it or choose a new --out")
         if data is None or config is None or tc is None:
             raise ValueError("a new run needs data, config and tc")
-        run_dir.mkdir(parents=True, exist_ok=True)
         source = {**data.source, "holdout_fraction": holdout, "holdout_seed": HOLDOUT_SEED,
                   "image_size": config.image_size}
         state = new_state(config, tc, device)
@@ -257,16 +293,33 @@ def train(run_dir, max_steps: int, *, data: Optional[ImageSet] = None, config: O
     if images.shape[1] != config.image_size:
         raise PatchgenError(f"data images are {images.shape[1]}px but the model is {config.image_size}px")
 
-    def checkpoint():
-        save_checkpoint(ckpt_path, state_dict(state, config, tc, source))
-
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for pattern in ATOMIC_OUTPUTS:
+        remove_stale_temporaries(run_dir, pattern)
+    for name in LOG_NAMES:  # a resume continues the logs from its checkpoint's step; a new run starts them anew
+        if resume:
+            truncate_log(run_dir / name, state.step)
+        else:
+            (run_dir / name).unlink(missing_ok=True)
     if not resume:
-        (run_dir / "config.json").write_text(json.dumps({**config.to_dict(), **tc.to_dict(), "data": source},
-                                                        indent=1, default=str) + "\n")
+        with atomic_output(run_dir / "config.json") as f:
+            f.write((json.dumps({**config.to_dict(), **tc.to_dict(), "data": source}, indent=1, default=str)
+                     + "\n").encode())
 
+    saved_step = state.step if resume else None
+
+    def checkpoint():
+        nonlocal saved_step
+        save_checkpoint(ckpt_path, state_dict(state, config, tc, source))
+        saved_step = state.step
+
+    def preview():
+        evaluate(run_dir, state, probe_images, tc, source, preview_count, preview_steps)
+
+    # At a step that both previews and checkpoints, the preview comes first: a kill between the two leaves an
+    # eval row past the checkpoint, which the resume drops and writes again, never a checkpoint without its row.
     losses = []
-    log_path = run_dir / "train_log.csv"
-    with _StopFlag() as stop, open(log_path, "a", newline="") as log:
+    with _StopFlag() as stop, open(run_dir / LOG_NAMES[0], "a", newline="") as log:
         writer = csv.writer(log)
         if log.tell() == 0:
             writer.writerow(["step", "loss", "lr", "images_per_s"])
@@ -279,17 +332,18 @@ def train(run_dir, max_steps: int, *, data: Optional[ImageSet] = None, config: O
             log.flush()
             if progress is not None:
                 progress(state.step, loss, speed)
+            if preview_every and state.step % preview_every == 0:
+                preview()
             if state.step % checkpoint_every == 0:
                 checkpoint()
-            if preview_every and state.step % preview_every == 0:
-                evaluate(run_dir, state, probe_images, tc, source, preview_count, preview_steps)
-        checkpoint()
-    if stop.signal is None and preview_every and state.step % preview_every:
-        evaluate(run_dir, state, probe_images, tc, source, preview_count, preview_steps)
+        if stop.signal is None and preview_every and state.step % preview_every:
+            preview()  # the one at the end
+        if saved_step != state.step:
+            checkpoint()
     return RunResult(losses, state.step, stop.signal)
 
 
-NOISE_BANDS = ((0, 300), (300, 700), (700, 1000))  # t ranges, for T = 1000 (scaled for other T)
+NOISE_BANDS = ((0, 300), (300, 700), (700, 1000))  # t in per mille of T; eval columns keep these names for any T
 
 
 @torch.no_grad()
@@ -306,8 +360,9 @@ def gcc_probe(net: PatchUNet, x0: torch.Tensor, seed: int = 0) -> list[dict]:
     coefs = [c.to(x0.device) for c in schedule_coefficients(config.schedule)]
     T, rows = config.schedule.num_timesteps, []
     for lo, hi in NOISE_BANDS:
-        lo, hi = lo * T // 1000, hi * T // 1000
-        t = torch.randint(lo, hi, (x0.shape[0],), generator=gen).to(x0.device)
+        t_lo = lo * T // 1000
+        t_hi = max(hi * T // 1000, t_lo + 1)  # t in [t_lo, t_hi): at least one timestep, however small T is
+        t = torch.randint(t_lo, t_hi, (x0.shape[0],), generator=gen).to(x0.device)
         noise = torch.randn(x0.shape, generator=gen).to(x0.device)
         x_t = q_sample(x0, t, noise, *coefs)
         if config.gcc_source == "xt":

@@ -1,8 +1,11 @@
 """Training: the loss falls, checkpoints round-trip, resume equals an uninterrupted run, bad files fail clearly."""
+import csv
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,9 +14,10 @@ from PIL import Image
 
 from patchgen.models.checkpoint import load_checkpoint, model_from_checkpoint
 from patchgen.models.config import TrainConfig
-from patchgen.models.data import holdout_split, load_data, load_emoji, load_folder, load_named, prepare_image
-from patchgen.models.train import train
+from patchgen.models.train import gcc_probe, new_state, train
 from patchgen.runtime.errors import PatchgenError
+from patchgen.runtime.limits import available_cpus
+from patchgen.runtime.schedule import Schedule
 
 from conftest import tiny_config
 
@@ -96,82 +100,164 @@ def test_corrupt_checkpoints_fail_clearly(tmp_path, blobs16, tiny_train_config):
         load_checkpoint(tmp_path / "missing.pt")
 
 
-def test_folder_data_skips_unreadable(tmp_path):
-    (tmp_path / "sub").mkdir()
-    Image.new("RGB", (40, 20), (255, 0, 0)).save(tmp_path / "a.png")
-    Image.new("RGBA", (30, 30), (0, 0, 255, 0)).save(tmp_path / "sub" / "b.webp")
-    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
-    (tmp_path / "notes.txt").write_text("ignored")
-    data = load_folder(tmp_path, 8)
-    assert data.images.shape == (2, 8, 8, 3) and data.source["skipped"] == 1
-    assert (data.images[1] == 255).all()  # transparent pixels composite onto white
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(PatchgenError, match="no readable images"):
-        load_folder(tmp_path / "empty", 8)
-
-
-def test_prepare_image_centre_crops():
-    img = Image.new("RGB", (30, 10), (0, 0, 0))
-    img.paste((255, 255, 255), (10, 0, 20, 10))  # the centre square is white
-    assert (prepare_image(img, 4) == 255).all()
-
-
-def test_holdout_split_is_fixed_and_disjoint():
-    train_a, held_a = holdout_split(100, 0.1, 0)
-    train_b, held_b = holdout_split(100, 0.1, 0)
-    assert np.array_equal(held_a, held_b) and len(held_a) == 10
-    assert not set(train_a) & set(held_a) and len(train_a) + len(held_a) == 100
-
-
 def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "patchgen.cli.train", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
+    # A deprecated click call in the command itself fails the run.
+    return subprocess.run([sys.executable, "-W", "error::DeprecationWarning:__main__", "-m", "patchgen.cli.train",
+                           *args], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
 @pytest.mark.parametrize("args,message", [
     (["--data", "/no/such/folder"], "does not exist"),
     (["--image-size", "30", "--grid", "4"], "does not divide"),
     (["--grid", "0"], "--grid"),
+    (["--seed", "-1"], "--seed"),
+    (["--seed", str(2**32)], "--seed"),
+    (["--threads", str(available_cpus() + 1)], "--threads"),
+    (["--resume"], "does not exist"),
 ])
 def test_cli_bad_input(tmp_path, args, message):
     r = run_cli(*args, "--out", str(tmp_path / "run"))
     assert r.returncode == 2, r.stderr
-    assert message in r.stderr and "Traceback" not in r.stderr
+    assert message in r.stderr and "Traceback" not in r.stderr and "training" not in r.stderr
     assert len(r.stderr.strip().splitlines()[-1]) > 0
+    assert not (tmp_path / "run").exists()  # nothing created
+
+
+def test_cli_checks_the_run_folder_first(tmp_path, blobs16, tiny_train_config):
+    """The run folder is checked before the data set loads and before the progress bar shows."""
+    train(tmp_path, 1, data=blobs16, config=tiny_config(), tc=tiny_train_config, **NO_PREVIEW)
+    r = run_cli("--data", str(tmp_path / "no-such-folder"), "--out", str(tmp_path))
+    assert r.returncode == 2 and r.stderr.splitlines() == [f"Error: {tmp_path / 'checkpoint.pt'} already exists: "
+                                                           "pass --resume to continue it or choose a new --out"]
 
 
 def test_cli_resume_non_patchgen_checkpoint(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "checkpoint.pt")
     r = run_cli("--out", str(tmp_path), "--resume")
     assert r.returncode == 2 and "not a patchgen checkpoint" in r.stderr and "Traceback" not in r.stderr
+    assert "training" not in r.stderr  # no progress label before the error
 
 
-def test_emoji_data_ships_with_attribution():
-    data = load_emoji(8, skin_tones=False)
-    assert 1500 < len(data.images) < 4009 and data.images.dtype == np.uint8
-    assert "CC-BY 4.0" in data.source["attribution"] and data.source["skipped"] == 0
+def files_of(folder: Path) -> dict:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
 
 
-def test_emoji_faces_subset_round_trips_through_its_name():
-    faces = load_data("emoji-faces", 8)
-    assert len(faces.images) == 125 and faces.source["name"] == "twemoji-faces"
-    assert "CC-BY 4.0" in faces.source["attribution"]
-    np.testing.assert_array_equal(load_named("twemoji-faces", 8).images, faces.images)
-    assert load_named("twemoji-no-skin-tones", 8).source == load_emoji(8, skin_tones=False).source
+def logged_steps(path: Path) -> list:
+    with open(path, newline="") as f:
+        return [int(row["step"]) for row in csv.DictReader(f)]
 
 
-def test_a_folder_named_like_a_subset_is_a_folder(tmp_path, monkeypatch):
-    (tmp_path / "faces").mkdir()
-    Image.new("RGB", (4, 4), (1, 2, 3)).save(tmp_path / "faces" / "a.png")
-    monkeypatch.chdir(tmp_path)
-    data = load_data("faces", 4)
-    assert len(data.images) == 1 and data.source["name"].startswith("folder:")
+SMALL_PREVIEWS = dict(preview_every=5, preview_count=2, preview_steps=2)
 
 
-@pytest.mark.parametrize("name", ["twemoji-flags", "imagenet"])
-def test_unknown_data_name_is_a_clear_error(name):
-    with pytest.raises(PatchgenError, match="unknown data set"):
-        load_named(name, 8)
+def test_resume_with_nothing_to_do_changes_nothing(tmp_path, blobs16, tiny_train_config):
+    train(tmp_path, 10, data=blobs16, config=tiny_config(), tc=tiny_train_config, checkpoint_every=5,
+          **SMALL_PREVIEWS)
+    before = files_of(tmp_path)
+    for max_steps in (10, 7):
+        result = train(tmp_path, max_steps, resume=True, data=blobs16, checkpoint_every=5, **SMALL_PREVIEWS)
+        assert result.losses == [] and result.step == 10 and result.interrupted_by is None
+    assert files_of(tmp_path) == before
+    r = run_cli("--out", str(tmp_path), "--resume", "--max-steps", "10")
+    assert r.returncode == 0 and "nothing to do" in r.stderr and "training" not in r.stderr, r.stderr
+    assert files_of(tmp_path) == before
+
+
+def test_a_new_run_starts_its_logs_anew(tmp_path, blobs16, tiny_train_config):
+    train(tmp_path, 7, data=blobs16, config=tiny_config(), tc=tiny_train_config, checkpoint_every=5,
+          **SMALL_PREVIEWS)
+    (tmp_path / "checkpoint.pt").unlink()
+    train(tmp_path, 6, data=blobs16, config=tiny_config(), tc=tiny_train_config, checkpoint_every=5,
+          **SMALL_PREVIEWS)
+    assert logged_steps(tmp_path / "train_log.csv") == list(range(1, 7))
+    assert logged_steps(tmp_path / "eval_log.csv") == [5, 6]  # every 5 steps, and one at the end
+
+
+class Killed(Exception):
+    """Stands in for a kill: the run stops at once, without its final checkpoint."""
+
+
+def test_resume_after_a_crash_logs_each_step_once(tmp_path, blobs16, tiny_train_config):
+    def crash_at_27(step, loss, speed):
+        if step == 27:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(tmp_path, 100, data=blobs16, config=tiny_config(), tc=tiny_train_config, checkpoint_every=20,
+              progress=crash_at_27, **SMALL_PREVIEWS)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 20
+    assert logged_steps(tmp_path / "train_log.csv")[-1] == 27 and logged_steps(tmp_path / "eval_log.csv")[-1] == 25
+    train(tmp_path, 32, resume=True, data=blobs16, checkpoint_every=20, **SMALL_PREVIEWS)
+    assert logged_steps(tmp_path / "train_log.csv") == list(range(1, 33))
+    assert logged_steps(tmp_path / "eval_log.csv") == [5, 10, 15, 20, 25, 30, 32]
+    whole = train(tmp_path / "whole", 32, data=blobs16, config=tiny_config(), tc=tiny_train_config, **NO_PREVIEW)
+    with open(tmp_path / "train_log.csv", newline="") as f:
+        assert [float(row["loss"]) for row in csv.DictReader(f)] == [round(v, 6) for v in whole.losses]
+
+
+# A training run in a child process, killed with SIGKILL: no handler runs, nothing is flushed or cleaned up.
+KILLED_RUN = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from conftest import blob_images, tiny_config
+from patchgen.models.config import TrainConfig
+from patchgen.models.data import ImageSet
+from patchgen.models.train import train
+data = ImageSet(blob_images(64, 16), {"name": "blobs", "attribution": "", "license": "", "num_images": 64,
+                                      "skipped": 0})
+train(sys.argv[1], 100000, data=data, config=tiny_config(), tc=TrainConfig(batch_size=8), checkpoint_every=20,
+      preview_every=5, preview_count=2, preview_steps=2)
+"""
+
+
+def test_kill_9_then_resume_logs_each_step_once(tmp_path, blobs16):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(run), str(Path(__file__).parent)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = run / "train_log.csv"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not log.exists() or len(log.read_text().splitlines()) <= 27):
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.01)
+    proc.kill()
+    proc.communicate(timeout=60)
+    step = load_checkpoint(run / "checkpoint.pt")["step"]
+    last = max(logged_steps(log))
+    assert step % 20 == 0 and last > step, (step, last)  # the killed run logged steps its checkpoint lacks
+    result = train(run, last + 3, resume=True, data=blobs16, checkpoint_every=20, **SMALL_PREVIEWS)
+    assert result.step == last + 3
+    assert logged_steps(log) == list(range(1, last + 4))
+    previews = list(range(5, last + 4, 5)) + ([last + 3] if (last + 3) % 5 else [])
+    assert logged_steps(run / "eval_log.csv") == previews
+    assert not list(run.glob(".*.tmp"))  # whatever the kill interrupted
+
+
+def test_a_run_removes_only_its_own_stale_temporaries(tmp_path, blobs16, tiny_train_config):
+    dead = 999_999_999  # above any pid_max: no such process
+    stale = [f".checkpoint.pt.p{dead}.abc123.tmp", f".preview_0000005.png.p{dead}.x1.tmp",
+             f".train_log.csv.p{dead}.y2.tmp"]
+    kept = [f".checkpoint.pt.p{os.getpid()}.live.tmp",  # a live writer's file in progress
+            f".model.onnx.p{dead}.z3.tmp", "notes.txt"]  # not this run's
+    for resume in (False, True):
+        for name in stale + kept:
+            (tmp_path / name).write_text("x")
+        train(tmp_path, 2 + 2 * resume, resume=resume, data=blobs16, config=tiny_config(), tc=tiny_train_config,
+              **NO_PREVIEW)
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name in stale + kept) == sorted(kept)
+
+
+def test_noise_band_columns_for_any_number_of_timesteps(tmp_path, blobs16, tiny_train_config):
+    config = tiny_config(schedule=Schedule(num_timesteps=100))
+    train(tmp_path, 2, data=blobs16, config=config, tc=tiny_train_config, preview_every=2, preview_count=2,
+          preview_steps=2)
+    with open(tmp_path / "eval_log.csv", newline="") as f:
+        (row,) = csv.DictReader(f)
+    assert all(row[column] for column in row), row
+    assert float(row["mse_true_gcc_700_1000"]) > 0
+    # so few timesteps that a band's share rounds to none: it still probes one timestep
+    tiny_t = tiny_config(schedule=Schedule(kind="linear", num_timesteps=2, beta_start=0.5, beta_end=0.9999))
+    bands = gcc_probe(new_state(tiny_t, tiny_train_config).ema, torch.zeros(2, 3, 16, 16))
+    assert [b["band"] for b in bands] == ["0-300", "300-700", "700-1000"]
 
 
 def test_sigterm_checkpoints_then_resumes(tmp_path, blobs16):

@@ -1,0 +1,249 @@
+"""Training data: every image kind Pillow opens arrives as a viewer shows it; data sets round-trip by name."""
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image, ImageCms
+
+from patchgen.models.data import (holdout_split, image_suffixes, load_data, load_emoji, load_folder, load_named,
+                                  prepare_image)
+from patchgen.runtime.errors import PatchgenError
+
+SIZE = 16  # the files are SIZE x SIZE and load at SIZE: no resampling, so pixels compare one to one
+
+# Four flat 8x8 quadrants (JPEG blocks): every flip and rotation of it is a different picture.
+QUAD = np.zeros((SIZE, SIZE, 3), np.uint8)
+QUAD[:8, :8], QUAD[:8, 8:], QUAD[8:, :8], QUAD[8:, 8:] = (220, 30, 40), (30, 160, 60), (40, 50, 200), (240, 220, 30)
+GREY = np.arange(256, dtype=np.uint8).reshape(SIZE, SIZE)  # every 8-bit level once
+GREY16 = np.round(np.linspace(0, 65535, 256)).astype(np.uint16).reshape(SIZE, SIZE)  # a full-range 16-bit ramp
+LEFT_HALF = (slice(None), slice(0, 8))
+
+
+def rgb(grey):
+    return np.repeat(np.asarray(grey, np.uint8)[..., None], 3, axis=-1)
+
+
+def with_white(image, where):
+    out = image.copy()
+    out[where] = 255
+    return out
+
+
+def png16(path, samples: np.ndarray, trns=None):
+    """A 16-bit-per-sample RGB PNG written by hand (Pillow cannot write one)."""
+    h, w, _ = samples.shape
+    raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in samples)
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    body = chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+    body += chunk(b"tRNS", struct.pack(">HHH", *trns)) if trns is not None else b""
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def swapped_primaries_profile() -> bytes:
+    """sRGB with its red and green primaries swapped: a colour-managed viewer shows stored (r, g, b) as (g, r, b)."""
+    icc = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    count = struct.unpack(">I", icc[128:132])[0]
+    entries = {bytes(icc[132 + 12 * i: 136 + 12 * i]): 132 + 12 * i for i in range(count)}  # signature -> entry
+    r, g = entries[b"rXYZ"], entries[b"gXYZ"]
+    icc[r + 4: r + 12], icc[g + 4: g + 12] = icc[g + 4: g + 12], icc[r + 4: r + 12]  # swap (offset, size)
+    return bytes(icc)
+
+
+def exif(orientation: int) -> Image.Exif:
+    tags = Image.Exif()
+    tags[0x0112] = orientation
+    return tags
+
+
+def save(image, **options):
+    return lambda path: image.save(path, **options)
+
+
+def animated(frames, **options):
+    first, *rest = [Image.fromarray(f) for f in frames]
+    return lambda path: first.save(path, save_all=True, append_images=rest, duration=100, **options)
+
+
+def rgba(alpha) -> Image.Image:
+    return Image.fromarray(np.dstack([QUAD, np.broadcast_to(np.uint8(alpha), GREY.shape)]), "RGBA")
+
+
+def over_white(alpha: int) -> np.ndarray:
+    return np.round(QUAD * (alpha / 255) + 255 * (1 - alpha / 255)).astype(np.uint8)
+
+
+def palette(transparent_index=None) -> Image.Image:
+    img = Image.fromarray(QUAD).quantize(4)  # 4 colours: an exact palette
+    if transparent_index is not None:
+        img.info["transparency"] = transparent_index
+    return img
+
+
+def red_is_transparent():
+    # PNG/GIF keep the transparent palette index of the colour in the top-left quadrant
+    img = palette()
+    img.info["transparency"] = img.getpixel((0, 0))
+    return img
+
+
+# What a viewer shows for each kind of file: (file name, how to write it, expected uint8 RGB or None when the
+# file has no faithful RGB form and must be skipped and counted, tolerance in levels).
+KINDS = {
+    # formats
+    **{f"RGB {suffix}": (f"a{suffix}", save(Image.fromarray(QUAD)), QUAD, 0)
+       for suffix in (".png", ".bmp", ".tif", ".tga", ".ppm", ".qoi", ".pcx", ".sgi", ".dds", ".gif",
+                      ".jp2", ".dib", ".apng")},
+    "RGB .webp lossless": ("a.webp", save(Image.fromarray(QUAD), lossless=True), QUAD, 0),
+    "RGB .jpg": ("a.jpg", save(Image.fromarray(QUAD), quality=95, subsampling=0), QUAD, 8),
+    # orientation: EXIF says how to turn the stored pixels for display
+    **{f"EXIF orientation {o} .png": ("a.png", save(Image.fromarray(QUAD), exif=exif(o)), shown, 0)
+       for o, shown in {1: QUAD, 2: QUAD[:, ::-1], 3: QUAD[::-1, ::-1], 4: QUAD[::-1],
+                        5: QUAD.transpose(1, 0, 2), 6: np.rot90(QUAD, -1), 7: QUAD[::-1, ::-1].transpose(1, 0, 2),
+                        8: np.rot90(QUAD, 1)}.items()},
+    "EXIF orientation 6 .jpg": ("a.jpg", save(Image.fromarray(QUAD), exif=exif(6), quality=95, subsampling=0),
+                                np.rot90(QUAD, -1), 8),
+    "EXIF orientation 6 .webp": ("a.webp", save(Image.fromarray(QUAD), exif=exif(6), lossless=True),
+                                 np.rot90(QUAD, -1), 0),
+    "TIFF orientation 8 .tif": ("a.tif", save(Image.fromarray(QUAD), tiffinfo={274: 8}), np.rot90(QUAD, 1), 0),
+    # 8-bit modes and transparency (composited onto white)
+    "1 .png": ("a.png", save(Image.fromarray(GREY >= 128)), rgb(np.where(GREY >= 128, 255, 0)), 0),
+    "1 .bmp": ("a.bmp", save(Image.fromarray(GREY >= 128)), rgb(np.where(GREY >= 128, 255, 0)), 0),
+    "L .png": ("a.png", save(Image.fromarray(GREY)), rgb(GREY), 0),
+    "L tRNS .png": ("a.png", save(Image.fromarray(GREY), transparency=0), with_white(rgb(GREY), (0, 0)), 0),
+    "LA .png": ("a.png", save(Image.fromarray(np.dstack([GREY, np.where(np.arange(SIZE) < 8, 0, 255)
+                                                          .astype(np.uint8)[None].repeat(SIZE, 0)]), "LA")),
+                with_white(rgb(GREY), LEFT_HALF), 0),
+    "P .png": ("a.png", save(palette()), QUAD, 0),
+    "P transparent .png": ("a.png", save(red_is_transparent()), with_white(QUAD, (slice(0, 8), slice(0, 8))), 0),
+    "P transparent .gif": ("a.gif", save(red_is_transparent()), with_white(QUAD, (slice(0, 8), slice(0, 8))), 0),
+    "RGB tRNS .png": ("a.png", save(Image.fromarray(QUAD), transparency=(220, 30, 40)),
+                      with_white(QUAD, (slice(0, 8), slice(0, 8))), 0),
+    "RGBA .png": ("a.png", save(rgba(100)), over_white(100), 1),
+    "RGBA .webp": ("a.webp", save(rgba(100), lossless=True), over_white(100), 1),
+    "RGBA .tif": ("a.tif", save(rgba(0)), with_white(QUAD, (slice(None),)), 0),
+    "CMYK .tif": ("a.tif", save(Image.fromarray(QUAD).convert("CMYK")), QUAD, 0),
+    "CMYK .jpg": ("a.jpg", save(Image.fromarray(QUAD).convert("CMYK"), quality=95), QUAD, 8),
+    "YCbCr .tif": ("a.tif", save(Image.fromarray(QUAD).convert("YCbCr")), QUAD, 3),
+    "LAB .tif": ("a.tif", save(ImageCms.applyTransform(Image.fromarray(QUAD), ImageCms.buildTransform(
+        ImageCms.createProfile("sRGB"), ImageCms.createProfile("LAB"), "RGB", "LAB"))), QUAD, 6),
+    # animations: the first frame
+    "animated .gif": ("a.gif", animated([QUAD, 255 - QUAD]), QUAD, 0),
+    "animated .webp": ("a.webp", animated([QUAD, 255 - QUAD], lossless=True), QUAD, 0),
+    "animated .png": ("a.png", animated([QUAD, 255 - QUAD]), QUAD, 0),
+    # colour profiles: mapped to sRGB; one that cannot be read is ignored, as viewers do
+    "sRGB profile .png": ("a.png", save(Image.fromarray(QUAD),
+                                        icc_profile=ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()),
+                          QUAD, 1),
+    "swapped primaries profile .png": ("a.png", save(Image.fromarray(QUAD), icc_profile=swapped_primaries_profile()),
+                                       QUAD[..., [1, 0, 2]], 1),
+    "swapped primaries profile .jpg": ("a.jpg", save(Image.fromarray(QUAD), icc_profile=swapped_primaries_profile(),
+                                                     quality=95, subsampling=0), QUAD[..., [1, 0, 2]], 8),
+    "swapped primaries profile, palette .png": ("a.png", save(palette(), icc_profile=swapped_primaries_profile()),
+                                                QUAD[..., [1, 0, 2]], 1),
+    "broken profile .png": ("a.png", save(Image.fromarray(QUAD), icc_profile=b"not a profile"), QUAD, 0),
+    # high bit depths: scaled by their full range, not clipped
+    "I;16 .png": ("a.png", save(Image.fromarray(GREY16)), rgb(np.round(GREY16 / 257)), 0),
+    "I;16 .tif": ("a.tif", save(Image.fromarray(GREY16)), rgb(np.round(GREY16 / 257)), 0),
+    "I;16 EXIF orientation 6 .png": ("a.png", save(Image.fromarray(GREY16), exif=exif(6)),
+                                     rgb(np.rot90(np.round(GREY16 / 257), -1)), 0),
+    "I;16 tRNS .png": ("a.png", save(Image.fromarray(GREY16), transparency=int(GREY16[0, 1])),
+                       with_white(rgb(np.round(GREY16 / 257)), (0, 1)), 0),
+    "I 16-bit .pgm": ("a.pgm", save(Image.fromarray(GREY16.astype(np.int32))), rgb(np.round(GREY16 / 257)), 0),
+    "I 32-bit .tif": ("a.tif", save(Image.fromarray(np.round(GREY / 255 * (2**31 - 1)).astype(np.int32))),
+                      rgb(GREY), 0),
+    "F .tif": ("a.tif", save(Image.fromarray((GREY / 255).astype(np.float32))), rgb(GREY), 0),
+    "RGB 16-bit .png": ("a.png", lambda path: png16(path, QUAD.astype(np.uint16) * 257), QUAD, 0),
+    # no faithful 8-bit RGB form: skipped and counted
+    "F beyond [0, 1] .tif": ("a.tif", save(Image.fromarray((GREY / 100).astype(np.float32))), None, 0),
+    "F NaN .tif": ("a.tif", save(Image.fromarray(np.full(GREY.shape, np.nan, np.float32))), None, 0),
+    "I negative .tif": ("a.tif", save(Image.fromarray(GREY.astype(np.int32) - 128)), None, 0),
+    "RGB 16-bit tRNS .png": ("a.png", lambda path: png16(path, QUAD.astype(np.uint16) * 257,
+                                                         trns=(220 * 257, 30 * 257, 40 * 257)), None, 0),
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_image_kinds_arrive_as_a_viewer_shows_them(tmp_path, kind):
+    name, write, expected, tolerance = KINDS[kind]
+    write(tmp_path / name)
+    if expected is None:
+        with pytest.raises(PatchgenError, match=r"\(1 unreadable or without a faithful RGB form skipped\)"):
+            load_folder(tmp_path, SIZE)
+        return
+    data = load_folder(tmp_path, SIZE)
+    assert data.source["num_images"] == 1 and data.source["skipped"] == 0
+    np.testing.assert_allclose(data.images[0].astype(int), expected.astype(int), rtol=0, atol=tolerance)
+
+
+def test_every_format_pillow_opens_is_used(tmp_path):
+    assert {".gif", ".tif", ".tiff", ".jpg", ".png", ".webp", ".bmp", ".qoi", ".ppm"} <= set(image_suffixes())
+    assert ".pdf" not in image_suffixes()  # Pillow writes PDF but cannot open it
+    for suffix in (".gif", ".tif", ".tga", ".ppm", ".png"):
+        Image.fromarray(QUAD).save(tmp_path / f"a{suffix}")
+    assert load_folder(tmp_path, SIZE).source["num_images"] == 5
+
+
+def test_folder_data_skips_unreadable(tmp_path):
+    (tmp_path / "sub").mkdir()
+    Image.new("RGB", (40, 20), (255, 0, 0)).save(tmp_path / "a.png")
+    Image.new("RGBA", (30, 30), (0, 0, 255, 0)).save(tmp_path / "sub" / "b.webp")
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "broken.gif").write_bytes(b"GIF89a")  # truncated
+    (tmp_path / "notes.txt").write_text("ignored")
+    data = load_folder(tmp_path, 8)
+    assert data.images.shape == (2, 8, 8, 3) and data.source["skipped"] == 2
+    assert (data.images[1] == 255).all()  # transparent pixels composite onto white
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PatchgenError, match="no usable images.*jpg.*tiff"):
+        load_folder(tmp_path / "empty", 8)
+
+
+def test_prepare_image_centre_crops():
+    img = Image.new("RGB", (30, 10), (0, 0, 0))
+    img.paste((255, 255, 255), (10, 0, 20, 10))  # the centre square is white
+    assert (prepare_image(img, 4) == 255).all()
+
+
+def test_orientation_applies_before_the_centre_crop(tmp_path):
+    stored = np.zeros((10, 30, 3), np.uint8)
+    stored[:, :10] = 255  # a white left third: displayed turned by 90 degrees, it is the top third, cropped away
+    Image.fromarray(stored).save(tmp_path / "a.jpg", exif=exif(6), quality=95)
+    assert load_folder(tmp_path, 4).images.max() < 8
+
+
+def test_holdout_split_is_fixed_and_disjoint():
+    train_a, held_a = holdout_split(100, 0.1, 0)
+    train_b, held_b = holdout_split(100, 0.1, 0)
+    assert np.array_equal(held_a, held_b) and len(held_a) == 10
+    assert not set(train_a) & set(held_a) and len(train_a) + len(held_a) == 100
+
+
+def test_emoji_data_ships_with_attribution():
+    data = load_emoji(8, skin_tones=False)
+    assert 1500 < len(data.images) < 4009 and data.images.dtype == np.uint8
+    assert "CC-BY 4.0" in data.source["attribution"] and data.source["skipped"] == 0
+
+
+def test_emoji_faces_subset_round_trips_through_its_name():
+    faces = load_data("emoji-faces", 8)
+    assert len(faces.images) == 125 and faces.source["name"] == "twemoji-faces"
+    assert "CC-BY 4.0" in faces.source["attribution"]
+    np.testing.assert_array_equal(load_named("twemoji-faces", 8).images, faces.images)
+    assert load_named("twemoji-no-skin-tones", 8).source == load_emoji(8, skin_tones=False).source
+
+
+def test_a_folder_named_like_a_subset_is_a_folder(tmp_path, monkeypatch):
+    (tmp_path / "faces").mkdir()
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(tmp_path / "faces" / "a.png")
+    monkeypatch.chdir(tmp_path)
+    data = load_data("faces", 4)
+    assert len(data.images) == 1 and data.source["name"].startswith("folder:")
+
+
+@pytest.mark.parametrize("name", ["twemoji-flags", "imagenet"])
+def test_unknown_data_name_is_a_clear_error(name):
+    with pytest.raises(PatchgenError, match="unknown data set"):
+        load_named(name, 8)
