@@ -114,6 +114,8 @@ def run_cli(*args, cwd=None):
     (["--seed", str(2**32)], "--seed"),
     (["--threads", str(available_cpus() + 1)], "--threads"),
     (["--resume"], "does not exist"),
+    (["--timesteps", "3"], "use more timesteps"),  # cosine, T = 3: 1.6 % of the image left at t = T-1
+    (["--schedule", "linear", "--timesteps", "10"], "betas outside"),  # beta_end = 20 / T = 2
 ])
 def test_cli_bad_input(tmp_path, args, message):
     r = run_cli(*args, "--out", str(tmp_path / "run"))
