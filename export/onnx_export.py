@@ -21,12 +21,15 @@ from patchgen.models.unet import PatchUNet
 from patchgen.runtime.errors import PatchgenError
 from patchgen.runtime.files import atomic_output, check_writable_folder
 from patchgen.runtime.metadata import spec_to_metadata
+from patchgen.runtime.schedule import Schedule, alphas_cumprod
 from patchgen.runtime.session import open_session
 
 # Opset 18: the lowest the torch.export-based exporter emits, and read by onnxruntime >= 1.14, which covers
 # the older builds shipped for Jetson and Raspberry Pi. GroupNorm lowers to InstanceNormalization + Reshape.
 OPSET = 18
-PARITY_TOLERANCE = 1e-4  # max |eps_onnx - eps_torch| in fp32
+# Max fp32 error of the graph against torch, in the units of what the network predicts (see parity_scale).
+PARITY_TOLERANCE = 1e-4
+PARITY_TIMESTEPS = 9  # checked timesteps, evenly spread over [0, T) from 0 to T-1
 
 
 def patchgen_version() -> str:
@@ -42,12 +45,15 @@ def input_names(net: PatchUNet) -> list[str]:
     return ["x", "t"] + (["pos"] if c.use_position else []) + (["gcc"] if c.use_gcc else [])
 
 
-def example_inputs(net: PatchUNet, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Random inputs per the contract: x, gcc ~ N(0, 1), t uniform in [0, T), pos one-hot."""
+def example_inputs(net: PatchUNet, batch: int, rng: np.random.Generator,
+                   t: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
+    """Random inputs per the contract: x, gcc ~ N(0, 1), pos one-hot, t as given or uniform in [0, T)."""
     c = net.config
     p, g2 = c.patch_size, c.grid**2
+    if t is None:
+        t = rng.integers(0, c.schedule.num_timesteps, batch)
     feeds = {"x": rng.standard_normal((batch, c.channels, p, p), dtype=np.float32),
-             "t": rng.integers(0, c.schedule.num_timesteps, batch).astype(np.int64)}
+             "t": np.asarray(t, dtype=np.int64).reshape(batch)}
     if c.use_position:
         feeds["pos"] = np.eye(g2, dtype=np.float32)[rng.integers(0, g2, batch)]
     if c.use_gcc:
@@ -86,19 +92,57 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
     return simplified
 
 
+def eps_gain(prediction: str, schedule: Schedule) -> np.ndarray:
+    """|d eps / d prediction| per timestep [T], float64: how much the graph's conversion to eps scales an
+    error in the network's own output (a = sqrt(abar_t), s = sqrt(1 - abar_t))."""
+    abar = alphas_cumprod(schedule)
+    if prediction == "x0":
+        # eps = (x_t - a x0) / s: gain a/s, largest at t = 0 (cosine, T = 1000: ~156).
+        return np.sqrt(abar) / np.sqrt(1 - abar)
+    if prediction == "v":
+        # eps = a v + s x_t: gain a <= 1.
+        return np.sqrt(abar)
+    return np.ones_like(abar)
+
+
+def parity_scale(prediction: str, schedule: Schedule) -> np.ndarray:
+    """max(eps_gain, 1) per timestep [T]: the divisor that turns |delta eps| into the parity error.
+
+    Gain > 1 (x0 at low t): the conversion multiplies the network's fp32 rounding by the gain (and that of
+    x_t - a x0 by 1/s), so dividing it out gives the error in the network's own units. Gain < 1 (v at all t,
+    x0 at high t): dividing would magnify the rounding of the conversion itself (s x_t, the 1/s), which is
+    no fault of the graph, so the error stays in eps units, what the sampler consumes. A wrong graph is
+    wrong at every t and shows at full size where the gain is about 1 (v at low t, x0 at mid t)."""
+    return np.maximum(eps_gain(prediction, schedule), 1.0)
+
+
+def parity_timesteps(num_timesteps: int, count: int = PARITY_TIMESTEPS) -> np.ndarray:
+    """The timesteps the parity check runs at: `count` evenly spread over [0, T), always 0 and T-1."""
+    # t_k = floor(k (T-1) / (count-1)), k = 0 .. count-1: exact integers, t_0 = 0, t_last = T-1.
+    k = np.arange(count, dtype=np.int64)
+    return np.unique(k * (num_timesteps - 1) // (count - 1))
+
+
 def max_parity_error(net: PatchUNet, model_bytes: bytes, batches=(1, 3), seed: int = 0) -> float:
-    """max |eps_onnxruntime - eps_torch| over random inputs at each batch size."""
+    """max over samples of |eps_onnxruntime - eps_torch| / parity_scale(t): the graph's error in the
+    model's own parametrisation. Every batch size runs every parity timestep (deterministic, t = 0 and
+    T-1 included); x, pos and gcc are drawn from `seed`."""
+    c = net.config
     session = open_session(model_bytes)
     module = EpsDenoiser(net).eval()
+    scale = parity_scale(c.prediction, c.schedule)
+    ts = parity_timesteps(c.schedule.num_timesteps)
     rng = np.random.default_rng(seed)
-    worst = 0.0
+    errors = []
     for b in batches:
-        feeds = example_inputs(net, b, rng)
-        with torch.no_grad():
-            ref = module(**{k: torch.from_numpy(v) for k, v in feeds.items()}).numpy()
-        out = session.run(["eps"], feeds)[0]
-        worst = max(worst, float(np.abs(out - ref).max()))
-    return worst
+        for start in range(0, len(ts), b):
+            t = np.resize(ts[start:start + b], b)  # the last batch wraps around to stay b long
+            feeds = example_inputs(net, b, rng, t=t)
+            with torch.no_grad():
+                ref = module(**{k: torch.from_numpy(v) for k, v in feeds.items()}).numpy()
+            out = session.run(["eps"], feeds)[0]
+            errors.append(np.abs(out - ref).reshape(b, -1).max(axis=1) / scale[t])
+    return float(np.max(np.concatenate(errors)))  # NaN propagates, and fails the check
 
 
 def metadata(ckpt: dict, ema: bool) -> dict[str, str]:
@@ -128,7 +172,8 @@ class ExportReport:
     outputs: list
     parameters: int
     file_bytes: int
-    max_abs_diff: Optional[float]  # None when the check was skipped
+    prediction: str  # what the network predicts: "eps", "v" or "x0"
+    parity_error: Optional[float]  # max_parity_error (see parity_scale); None when the check was skipped
 
 
 def describe(values) -> list:
@@ -157,13 +202,15 @@ def export_onnx(checkpoint_path, output_path, *, ema: bool = True, simplify_grap
     onnx.helper.set_model_props(model, metadata(ckpt, ema))
     onnx.checker.check_model(model)
     data = model.SerializeToString()
-    diff = None
+    error = None
+    prediction = net.config.prediction
     if check:
-        diff = max_parity_error(net, data)
-        if not diff <= PARITY_TOLERANCE:
-            raise PatchgenError(f"parity check failed: max |eps_onnx - eps_torch| = {diff:.3g} > {PARITY_TOLERANCE:g}; "
+        error = max_parity_error(net, data)
+        if not error <= PARITY_TOLERANCE:  # also catches NaN
+            raise PatchgenError(f"parity check failed: max error in the model's own parametrisation "
+                                f"({prediction}) = {error:.3g} > {PARITY_TOLERANCE:g}; "
                                 f"no file written (--skip-check writes it anyway)")
     with atomic_output(output_path) as f:
         f.write(data)
     return ExportReport(output_path, describe(model.graph.input), describe(model.graph.output),
-                        sum(p.numel() for p in net.parameters()), len(data), diff)
+                        sum(p.numel() for p in net.parameters()), len(data), prediction, error)

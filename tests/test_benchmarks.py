@@ -1,5 +1,8 @@
-"""Every benchmark script runs end to end at a tiny size, so the scripts cannot rot (no timing is checked)."""
+"""Every benchmark script runs end to end at a tiny size, so the scripts cannot rot (no timing is checked);
+the quality metrics are pinned to known answers."""
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,10 +47,82 @@ def test_quality_tiny(tmp_path):
                         "--out", str(out)], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
-    assert row["n"] == 4 and row["fid"] > 0 and row["seam_real"] > 0
+    assert row["n"] == 4 and row["fd_effnet"] > 0 and row["seam_real"] > 0 and "fid" not in row
+    assert "| FD-EffNet |" in out.with_suffix(".md").read_text()
     assert (tmp_path / "quality_samples.png").exists()
     (real,) = (tmp_path / "cache").glob("real_twemoji-faces_*_all.npz")  # the model's own data set, all of it
     assert len(np.load(real)["images"]) == 125
+
+
+@pytest.fixture
+def quality(monkeypatch):
+    """benchmarks/quality.py as a module (it imports benchlib from its own folder)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("quality", BENCH / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def exact_gaussian_set(mean, cov, n=16):
+    """n points whose sample mean and sample covariance (ddof 1, as np.cov) are exactly `mean` and `cov`:
+    mean + Z L^T, with L L^T = cov and Z the zero-mean, orthogonal columns of a Hadamard matrix scaled so
+    that Z^T Z = (n - 1) I."""
+    h = np.ones((1, 1))
+    while len(h) < n:
+        h = np.block([[h, h], [h, -h]])  # Sylvester: columns orthogonal; all but the first sum to 0
+    d = len(mean)
+    z = h[:, 1:d + 1] * np.sqrt((n - 1) / n)
+    return mean + z @ np.linalg.cholesky(cov).T
+
+
+def test_frechet_distance_of_a_set_to_itself_is_zero(quality):
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((300, 32)) * rng.uniform(0.1, 3, 32) + rng.normal(0, 5, 32)
+    assert abs(quality.frechet_distance(a, a)) < 1e-9
+    # Fewer samples than dimensions, as in the benchmark (1000 x 1280): the square roots of the rounding-level
+    # eigenvalues of the null space leave ~1e-8 of the total variance.
+    a = rng.standard_normal((50, 64)) * rng.uniform(0.1, 3, 64) + rng.normal(0, 5, 64)
+    assert abs(quality.frechet_distance(a, a)) < 1e-6 * np.trace(np.cov(a, rowvar=False))
+
+
+def test_frechet_distance_of_diagonal_gaussians(quality):
+    """Diagonal covariances: ||mu_a - mu_b||^2 + sum_i (sqrt(s_a,i) - sqrt(s_b,i))^2; a rotation of both sets
+    (non-diagonal covariances) leaves it unchanged."""
+    rng = np.random.default_rng(1)
+    d = 10
+    mu_a, mu_b = rng.normal(0, 1, d), rng.normal(0, 1, d)
+    s_a, s_b = rng.uniform(0.2, 4, d), rng.uniform(0.2, 4, d)
+    a, b = exact_gaussian_set(mu_a, np.diag(s_a)), exact_gaussian_set(mu_b, np.diag(s_b))
+    expected = ((mu_a - mu_b) ** 2).sum() + ((np.sqrt(s_a) - np.sqrt(s_b)) ** 2).sum()
+    assert quality.frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    assert quality.frechet_distance(a @ q, b @ q) == pytest.approx(expected, rel=1e-6)
+
+
+def test_frechet_distance_of_non_commuting_2d_gaussians(quality):
+    """In 2-D, Tr M^(1/2) = sqrt(Tr M + 2 sqrt(det M)) for M = S_a S_b (positive eigenvalues), so the
+    distance has a closed form even when S_a S_b != S_b S_a."""
+    s_a, s_b = np.array([[2.0, 0.6], [0.6, 1.0]]), np.array([[0.5, -0.3], [-0.3, 3.0]])
+    mu_a, mu_b = np.array([1.0, -2.0]), np.array([0.5, 0.5])
+    m = s_a @ s_b
+    expected = (((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b)
+                - 2 * np.sqrt(np.trace(m) + 2 * np.sqrt(np.linalg.det(m))))
+    a, b = exact_gaussian_set(mu_a, s_a), exact_gaussian_set(mu_b, s_b)
+    assert quality.frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+
+
+def test_kid_known_answers(quality):
+    # d = 1, k(x, y) = (x y + 1)^3: within a {0, 1}: k(0, 1) = 1; within b {1, 2}: k(1, 2) = 27;
+    # across: k(0, 1), k(0, 2), k(1, 1), k(1, 2) = 1, 1, 8, 27, mean 9.25. MMD^2 = 1 + 27 - 2 * 9.25.
+    assert quality.kid(np.array([[0.0], [1.0]]), np.array([[1.0], [2.0]])) == pytest.approx(9.5, rel=1e-12)
+    # A set against itself: the unbiased estimate is -(2/m) (mean k(x_i, x_i) - mean_{i != j} k(x_i, x_j)),
+    # small and negative, not exactly 0.
+    a = np.random.default_rng(2).standard_normal((40, 8))
+    k = (a @ a.T / 8 + 1) ** 3
+    off = (k.sum() - k.trace()) / (40 * 39)
+    assert quality.kid(a, a) == pytest.approx(-(2 / 40) * (k.trace() / 40 - off), rel=1e-9)
+    assert quality.kid(a, a + 3) > 0 and quality.kid(a + 3, a) == pytest.approx(quality.kid(a, a + 3), rel=1e-12)
 
 
 def test_levers_table(tmp_path):
@@ -62,6 +137,31 @@ def test_levers_table(tmp_path):
     assert r.returncode == 0, r.stderr
     (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert row["prediction"] == "x0" and row["seam"] == 2.5 and row["step"] == 500
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*.sh")))
+def test_shell_scripts_parse(script):
+    r = subprocess.run(["bash", "-n", str(BENCH / script)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "/work/" not in (BENCH / script).read_text()  # no machine-specific paths
+
+
+def test_train_levers_runs_the_trainer_it_is_given(tmp_path):
+    """With a stand-in trainer that only prints its arguments: every run goes to OUT/<run>, the queue logs
+    beside OUT, folders created; a missing trainer is one clear line."""
+    fake = tmp_path / "fake-train"
+    fake.write_text('#!/bin/sh\necho "$@"\n')
+    fake.chmod(0o755)
+    out = tmp_path / "fresh" / "levers"
+    env = {**os.environ, "PATCHGEN_TRAIN": str(fake), "OUT": str(out), "STEPS": "3"}
+    r = subprocess.run(["bash", str(BENCH / "train_levers.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    calls = [line for q in "ab" for line in (out.parent / f"levers_{q}.log").read_text().splitlines()]
+    assert len(calls) == 8 and all("--max-steps 3 " in c and f"--out {out}/" in c for c in calls)
+    assert out.is_dir() and not list(out.iterdir())  # the folder is for runs only (levers.py reads OUT/*)
+    env["PATCHGEN_TRAIN"] = str(tmp_path / "missing-train")
+    r = subprocess.run(["bash", str(BENCH / "train_levers.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "missing-train not found" in r.stderr and len(r.stderr.splitlines()) == 1
 
 
 def test_every_benchmark_is_smoke_tested():

@@ -8,12 +8,15 @@ import onnx
 import pytest
 import torch
 
-from patchgen.export.onnx_export import PARITY_TOLERANCE, example_inputs, export_onnx, max_parity_error
+from patchgen.export.onnx_export import (PARITY_TOLERANCE, eps_gain, example_inputs, export_onnx, max_parity_error,
+                                         parity_scale, parity_timesteps)
 from patchgen.models.checkpoint import load_checkpoint, model_from_checkpoint
 from patchgen.models.config import ModelConfig
+from patchgen.models.diffusion import EpsDenoiser, eps_from_prediction, schedule_coefficients
 from patchgen.models.train import train
 from patchgen.runtime.errors import PatchgenError
 from patchgen.runtime.metadata import spec_from_metadata
+from patchgen.runtime.schedule import Schedule
 from patchgen.runtime.session import open_session
 
 from conftest import BLOCK_TORCH, tiny_config, write_checkpoint
@@ -27,6 +30,7 @@ CONFIGS = {
     "g2-neither": dict(grid=2, use_position=False, use_gcc=False),
     "g4-pos-gcc": dict(grid=4, image_size=32),
     "g2-levers": dict(grid=2, prediction="v", global_context=2, gcc_source="x0"),
+    "g2-x0": dict(grid=2, prediction="x0"),  # eps = (x_t - a x0)/s magnifies fp32 rounding ~156x at t = 0
 }
 
 
@@ -103,14 +107,68 @@ def test_raw_weights_differ_from_ema(tmp_path):
     assert np.abs(raw - ema).max() > 1e-3
 
 
-def test_parity_failure_leaves_no_file(tmp_path, monkeypatch):
+def test_eps_gain_is_the_derivative_of_the_conversion():
+    """d eps / d pred of the graph's own conversion, by autograd, at low, mid and high t."""
+    schedule = Schedule()
+    t = torch.tensor([0, 1, 500, 999])
+    a, s = schedule_coefficients(schedule)
+    x_t = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    for kind in ("eps", "v", "x0"):
+        pred = torch.zeros(4, 3, 2, 2, requires_grad=True)
+        eps_from_prediction(kind, pred, x_t, t, a, s).sum().backward()
+        grad = pred.grad.abs().amax(dim=(1, 2, 3)).double().numpy()
+        np.testing.assert_allclose(grad, eps_gain(kind, schedule)[t.numpy()], rtol=1e-5)
+
+
+def test_x0_gain_at_t0_for_the_default_cosine_schedule():
+    gain = eps_gain("x0", Schedule())
+    assert gain[0] == pytest.approx(155.63, abs=0.01) and gain.argmax() == 0  # sqrt(abar_0 / (1 - abar_0))
+    assert eps_gain("v", Schedule()).max() <= 1 and np.all(eps_gain("eps", Schedule()) == 1)
+    np.testing.assert_array_equal(parity_scale("x0", Schedule()), np.maximum(gain, 1))
+    assert np.all(parity_scale("v", Schedule()) == 1)
+
+
+@pytest.mark.parametrize("num_timesteps", [2, 3, 10, 1000, 4000])
+def test_parity_timesteps_are_fixed_and_span_the_schedule(num_timesteps):
+    ts = parity_timesteps(num_timesteps)
+    assert ts.dtype == np.int64 and ts[0] == 0 and ts[-1] == num_timesteps - 1
+    assert np.all(np.diff(ts) > 0) and len(ts) == min(9, num_timesteps)
+    assert np.diff(ts).max() - np.diff(ts).min() <= 1  # evenly spread
+    np.testing.assert_array_equal(ts, parity_timesteps(num_timesteps))
+
+
+def test_x0_model_passes_a_deterministic_check_that_includes_t0(exported):
+    config, ckpt, path = exported("g2-x0")  # export_onnx ran the check: it passed
+    net = model_from_checkpoint(load_checkpoint(ckpt))
+    error = max_parity_error(net, path.read_bytes())
+    assert error <= PARITY_TOLERANCE and error == max_parity_error(net, path.read_bytes())
+    # At t = 0 the eps difference is the x0 one times ~156; in x0 units it is within the limit.
+    feeds = example_inputs(net, 3, np.random.default_rng(0), t=np.zeros(3, np.int64))
+    with torch.no_grad():
+        ref = EpsDenoiser(net).eval()(**{k: torch.from_numpy(v) for k, v in feeds.items()}).numpy()
+    eps_diff = np.abs(open_session(str(path)).run(["eps"], feeds)[0] - ref).max()
+    assert eps_diff / eps_gain("x0", config.schedule)[0] <= PARITY_TOLERANCE
+
+
+def test_wrong_graph_fails_the_check_and_leaves_no_file(tmp_path, monkeypatch):
+    """A graph whose x0 output is off by 3x the limit (a shifted output bias) is caught, though the check
+    divides the t = 0 eps difference by ~156."""
     import patchgen.export.onnx_export as ex
 
-    ckpt = write_checkpoint(tmp_path / "c.pt", tiny_config())
-    monkeypatch.setattr(ex, "PARITY_TOLERANCE", 0.0)
-    monkeypatch.setattr(ex, "max_parity_error", lambda *a, **k: 1e-3)
-    with pytest.raises(PatchgenError, match="parity check failed"):
+    ckpt = write_checkpoint(tmp_path / "c.pt", tiny_config(prediction="x0"))
+    simplify = ex.simplify
+
+    def corrupt(model):
+        model = simplify(model)
+        bias = next(i for i in model.graph.initializer if i.name.endswith("conv_out.bias"))
+        bias.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(bias) + 3 * PARITY_TOLERANCE,
+                                                   bias.name))
+        return model
+    monkeypatch.setattr(ex, "simplify", corrupt)
+    with pytest.raises(PatchgenError, match=r"parity check failed: max error in the model's own "
+                                            r"parametrisation \(x0\) = 0.000[23]\d* > 0.0001") as e:
         ex.export_onnx(ckpt, tmp_path / "m.onnx")
+    assert "\n" not in str(e.value) and "no file written" in str(e.value)
     assert list(tmp_path.iterdir()) == [tmp_path / "c.pt"]
 
 
@@ -138,7 +196,8 @@ def test_cli_exports_a_trained_checkpoint(tmp_path, blobs16, tiny_train_config):
     ckpt = tmp_path / "checkpoint.pt"
     r = run_export(ckpt, "-o", tmp_path / "m.onnx")
     assert r.returncode == 0, r.stderr
-    assert "input  pos" in r.stdout and "output eps" in r.stdout and "parity: max" in r.stdout
+    assert "input  pos" in r.stdout and "output eps" in r.stdout
+    assert "parity: max error in the model's own parametrisation (eps) = " in r.stdout
     assert meta(tmp_path / "m.onnx")["patchgen.training.steps"] == "2"
     r = run_export(ckpt, "-o", tmp_path / "m.onnx")  # no silent overwrite
     assert r.returncode == 2 and "--force" in r.stderr
