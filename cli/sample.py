@@ -63,11 +63,9 @@ def check_output_folder(folder: Path) -> None:
 def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_budget, threads, out_dir, grid_image):
     """Generate images with a patch-based diffusion model: the U-Net denoises one patch per call,
     so peak memory follows the patch batch, not the image size."""
-    import numpy as np
-
     from patchgen.runtime.files import check_writable_folder, remove_stale_temporaries
     from patchgen.runtime.generate import iter_samples, make_plan, png_text
-    from patchgen.runtime.images import make_grid, save_png
+    from patchgen.runtime.images import grid_memory, new_grid, paste_into_grid, save_png
     from patchgen.runtime.memory import format_size, peak_rss
     from patchgen.runtime.model import load_model
 
@@ -76,8 +74,9 @@ def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_
     if grid_image is not None:
         check_writable_folder(grid_image.parent)
     model = load_model(model_path, threads)
+    c, h, w = model.spec.image_shape
     plan = make_plan(model, num_images, seed, sampler, steps, eta, memory_budget=memory_budget,
-                     patch_batch=patch_batch)
+                     patch_batch=patch_batch, held_bytes=grid_memory(num_images, h, w, c) if grid_image else 0)
     for note in plan.notes:
         click.echo(f"note: {note}", err=True)
     try:
@@ -98,16 +97,16 @@ def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_
         click.echo(f"model trained on: {model.metadata['patchgen.data.attribution']}", err=True)
 
     runs = -(-num_images // plan.images_per_run)
-    images = []
+    grid = new_grid(num_images, h, w, c) if grid_image is not None else None  # filled as images arrive
     t0 = time.perf_counter()
     with click.progressbar(length=runs * request.steps, label="sampling", file=sys.stderr) as bar:
         for index, image in iter_samples(model, plan, callback=lambda i, t: bar.update(1)):
             save_png(out_dir / f"seed{seed}_{index:05d}.png", image, png_text(model, request, index))
-            if grid_image is not None:
-                images.append(image)
+            if grid is not None:
+                paste_into_grid(grid, index, image)
     elapsed = time.perf_counter() - t0
-    if grid_image is not None:
-        save_png(grid_image, make_grid(np.stack(images)), png_text(model, request, -1))
+    if grid is not None:
+        save_png(grid_image, grid, png_text(model, request, -1))
     click.echo(f"wrote {num_images} image(s) to {out_dir}" + (f" and {grid_image}" if grid_image else "")
                + f"; {elapsed / num_images:.2f} s/image, peak RSS {format_size(peak_rss())}", err=True)
 

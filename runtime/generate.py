@@ -5,10 +5,12 @@ does both. Nothing can be sampled from an unchecked request: a Plan is the proof
 """
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from typing import Iterator, Optional, Union
 
 import numpy as np
+from PIL import Image
 
 from .errors import PatchgenError
 from .images import to_uint8
@@ -78,25 +80,37 @@ def image_bytes(model: OnnxModel) -> int:
     return IMAGE_ARRAYS * 4 * c * h * w
 
 
-def probe(model: OnnxModel):
-    """run(b): one onnxruntime call on b patches of zeros, for calibration."""
+def probe(model: OnnxModel, request: Request):
+    """(warm_up, run) for calibration. warm_up(): one sampler step of one image at one patch per call, and its
+    PNG encoded in memory, so that what sampling loads on first use is resident before anything is measured.
+    run(b): one onnxruntime call on b patches of noise, its inputs made inside the call as the patch loop
+    makes them (the gcc rows are a fresh copy there too), so their bytes count as the call's."""
     spec = model.spec
     p, g2 = spec.patch_size, spec.grid**2
 
+    def warm_up() -> None:
+        x = sample_images(model, spec, num_images=1, seed=request.seed, steps=1, sampler=request.sampler,
+                          eta=request.eta, patch_batch=1)
+        Image.fromarray(to_uint8(x)[0]).save(io.BytesIO(), format="PNG")
+
     def run(b: int) -> None:
-        x = np.zeros((b, spec.channels, p, p), np.float32)
+        rng = np.random.default_rng(b)
+        x = rng.standard_normal((b, spec.channels, p, p), dtype=np.float32)  # noise: every page touched
         pos = np.eye(g2, dtype=np.float32)[np.arange(b) % g2] if spec.use_position else None
-        model(x, np.zeros(b, np.int64), pos, x if spec.use_gcc else None)
-    return run
+        gcc = rng.standard_normal((b, spec.channels, p, p), dtype=np.float32) if spec.use_gcc else None
+        model(x, np.full(b, spec.schedule.num_timesteps - 1, np.int64), pos, gcc)
+    return warm_up, run
 
 
 def make_plan(model: OnnxModel, num_images: int = 1, seed: int = 0, sampler: str = "ddim",
               steps: Optional[int] = None, eta: Optional[float] = None, *,
-              memory_budget: Union[None, int, str] = None, patch_batch: Optional[int] = None) -> Plan:
+              memory_budget: Union[None, int, str] = None, patch_batch: Optional[int] = None,
+              held_bytes: int = 0) -> Plan:
     """Check the request, then choose the patch batch: given, from a budget (measured), or 1, the lowest memory.
 
     A budget is a promise about the kernel's peak RSS for the whole run, calibration included; one above
-    what this process can have (MemAvailable, a cgroup limit) is capped to that, and the Plan says so."""
+    what this process can have (MemAvailable, a cgroup limit) is capped to that, and the Plan says so.
+    held_bytes: memory the caller holds through the run beside sampling (a grid image being filled)."""
     request = sampling_request(model.spec, num_images, seed, sampler, steps, eta)
     g2 = model.spec.grid**2
     if memory_budget is None:
@@ -108,15 +122,19 @@ def make_plan(model: OnnxModel, num_images: int = 1, seed: int = 0, sampler: str
         raise PatchgenError("give either a memory budget or a patch batch, not both: the budget chooses the batch")
     budget = parse_size(memory_budget) if isinstance(memory_budget, str) else int(memory_budget)
     budget, notes = cap_to_available(budget)
-    mem = calibrate(probe(model), budget, num_images * g2)
-    # The margin for image buffers depends on how many images share a run, which depends on the batch:
-    # plan for one image, then re-plan for as many as that batch would run together (never fewer later).
-    pb = plan_patch_batch(mem, budget, num_images * g2, OVERHEAD + image_bytes(model))
-    n_img = images_per_run(pb, model.spec.grid, num_images)
-    if n_img > 1:
-        pb = plan_patch_batch(mem, budget, num_images * g2, OVERHEAD + n_img * image_bytes(model))
-        n_img = images_per_run(pb, model.spec.grid, num_images)
-    return Plan(request, pb, n_img, budget, mem.peak(pb) + OVERHEAD + n_img * image_bytes(model), notes)
+    grid = model.spec.grid
+    # Batches worth running: up to one image's patches, then whole images (5 patches of a 2x2 grid run as 4).
+    batches = [b for b in range(1, num_images * g2 + 1) if b <= g2 or b % g2 == 0]
+
+    def extra(pb: int) -> int:  # held beside a call: the buffers of the images that batch runs together
+        return OVERHEAD + held_bytes + images_per_run(pb, grid, num_images) * image_bytes(model)
+
+    mem = calibrate(*probe(model, request), budget, batches, extra)
+    try:
+        pb = plan_patch_batch(mem, budget, batches, extra)
+    except PatchgenError as e:
+        raise PatchgenError("; ".join((*notes, str(e)))) from None
+    return Plan(request, pb, images_per_run(pb, grid, num_images), budget, mem.peak(pb, extra(pb)), notes)
 
 
 def iter_samples(model: OnnxModel, plan: Plan, callback=None) -> Iterator[tuple[int, np.ndarray]]:

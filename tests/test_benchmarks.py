@@ -13,7 +13,7 @@ import pytest
 BENCH = Path(__file__).parent.parent / "benchmarks"
 
 TINY = {
-    "budget_sweep.py": ["--image-size", "16", "--grid", "2", "--points", "2", "--steps", "1"],
+    "budget_sweep.py": ["--image-size", "16", "--grid", "2", "--points", "2", "--steps", "1", "--repeats", "1"],
     "session_options.py": ["--image-size", "16", "--grid", "2", "--steps", "1", "--repeats", "1"],
     "memory_vs_grid.py": ["--sizes", "16", "--grids", "1,2", "--no-paper", "--steps", "1"],
     "vs_pytorch.py": ["--image-size", "16", "--grids", "2", "--steps", "1", "--repeats", "1"],

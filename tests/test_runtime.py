@@ -106,11 +106,12 @@ def test_budget_plans_and_minimum(models):
 
 
 def test_plan_arithmetic():
-    mem = MemoryModel(floor=100, fixed=10, per_patch=5)
-    assert plan_patch_batch(mem, 200, 64, margin=0) == 18  # 100 + 10 + 18 * 5 = 200
-    assert plan_patch_batch(mem, 200, 4, margin=0) == 4
+    mem = MemoryModel(reached=110, floor=100, calls=((1, 5), (2, 10), (4, 22)))  # bytes; calls: (batch, added)
+    batches, no_extra = [1, 2, 3, 4, 8], lambda b: 0
+    assert plan_patch_batch(mem, 121, batches, no_extra) == 2  # 3 is charged the 22 bytes measured at 4
+    assert plan_patch_batch(mem, 10**6, batches, no_extra) == 4  # never beyond the largest batch measured
     with pytest.raises(PatchgenError, match="minimum"):
-        plan_patch_batch(mem, 114, 4, margin=0)
+        plan_patch_batch(mem, 109, batches, no_extra)  # below the high-water mark already reached
 
 
 @pytest.mark.parametrize("text,expected", [("200M", 200 * 2**20), ("1.5G", int(1.5 * 2**30)), ("512MiB", 512 * 2**20),
