@@ -19,7 +19,7 @@ from patchgen.models.checkpoint import load_checkpoint, model_from_checkpoint
 from patchgen.models.diffusion import EpsDenoiser
 from patchgen.models.unet import PatchUNet
 from patchgen.runtime.errors import PatchgenError
-from patchgen.runtime.files import atomic_output, check_writable_folder
+from patchgen.runtime.files import atomic_output, check_writable_folder, remove_stale_temporaries
 from patchgen.runtime.metadata import spec_to_metadata
 from patchgen.runtime.schedule import Schedule, alphas_cumprod
 from patchgen.runtime.session import open_session
@@ -210,6 +210,7 @@ def export_onnx(checkpoint_path, output_path, *, ema: bool = True, simplify_grap
             raise PatchgenError(f"parity check failed: max error in the model's own parametrisation "
                                 f"({prediction}) = {error:.3g} > {PARITY_TOLERANCE:g}; "
                                 f"no file written (--skip-check writes it anyway)")
+    remove_stale_temporaries(output_path.parent, output_path.name)  # a killed export's partial file
     with atomic_output(output_path) as f:
         f.write(data)
     return ExportReport(output_path, describe(model.graph.input), describe(model.graph.output),

@@ -92,6 +92,14 @@ def test_simplified_graph_gives_same_outputs(exported, tmp_path):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
+def test_export_removes_a_killed_exports_temporary(exported, tmp_path):
+    _, ckpt, _ = exported("g2-pos-gcc")
+    stale = tmp_path / ".m.onnx.p999999999.abc123.tmp"  # a kill -9 mid-write left it (no such pid)
+    stale.write_bytes(b"partial")
+    export_onnx(ckpt, tmp_path / "m.onnx", check=False)
+    assert not stale.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
 def test_raw_weights_differ_from_ema(tmp_path):
     config = tiny_config()
     ckpt = write_checkpoint(tmp_path / "c.pt", config)
