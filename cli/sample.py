@@ -82,7 +82,7 @@ def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CliError(f"cannot create output folder {out_dir}: {e.strerror}") from None
+        raise CliError(f"cannot create output folder {out_dir}: {e.strerror}; choose another --out") from None
     check_writable_folder(out_dir)
     remove_stale_temporaries(out_dir, "seed*_*.png")  # left by a killed run
     if grid_image is not None:
@@ -90,7 +90,8 @@ def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_
 
     spec, request = model.spec, plan.request
     click.echo(f"{model.path.name}: {spec.image_size}x{spec.image_size}, {spec.grid}x{spec.grid} patches of "
-               f"{spec.patch_size}px; {request.sampler} {request.steps} steps; {plan.patch_batch} patch(es) per "
+               f"{spec.patch_size}px; {request.sampler} {request.steps} steps"
+               + (f" (eta {request.eta:g})" if request.eta is not None else "") + f"; {plan.patch_batch} patch(es) per "
                f"call, {plan.images_per_run} image(s) per run"
                + (f", predicted peak {format_size(plan.predicted_peak)}" if plan.predicted_peak else ""), err=True)
     if model.metadata.get("patchgen.data.attribution"):

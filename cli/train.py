@@ -7,10 +7,11 @@ import time
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from patchgen.models.config import LOSS_WEIGHTINGS, LOSSES  # plain constants: no torch import
 from patchgen.runtime.limits import available_cpus
-from patchgen.runtime.schedule import SCHEDULE_KINDS
+from patchgen.runtime.schedule import SCHEDULE_KINDS, min_timesteps
 from patchgen.runtime.spec import GCC_SOURCES, PREDICTIONS
 
 from .common import CliError, Command, user_errors
@@ -21,6 +22,13 @@ Example (a 2x2-grid model on the built-in Twemoji images, 32x32):
   patchgen-train --data emoji --image-size 32 --grid 2 --max-steps 200 --out runs/emoji32
   patchgen-train --out runs/emoji32 --resume --max-steps 400   # continue it
 """
+
+
+# What defines a run: a resumed run keeps its checkpoint's, so these are refused with --resume.
+NEW_RUN_OPTIONS = ("data", "image_size", "grid", "no_gcc", "no_position", "batch_size", "base_width", "channel_mults",
+                   "num_res_blocks", "attention_resolutions", "dropout", "prediction", "gcc_source", "global_context",
+                   "schedule", "timesteps", "loss", "loss_weighting", "patches_per_image", "lr", "warmup_steps",
+                   "ema_decay", "seed", "no_skin_tones", "holdout")
 
 
 def _csv_ints(_ctx, _param, value):
@@ -50,7 +58,9 @@ def _csv_ints(_ctx, _param, value):
 @click.option("--gcc-source", type=click.Choice(GCC_SOURCES), default="xt", show_default=True, help="Pool x_t (paper) or the previous x0 estimate (self-conditioning).")
 @click.option("--global-context", type=click.IntRange(min=0), default=0, show_default=True, help="Cells per side of a global context vector from GCC (0 = off).")
 @click.option("--schedule", type=click.Choice(SCHEDULE_KINDS), default="cosine", show_default=True)
-@click.option("--timesteps", type=click.IntRange(min=2), default=1000, show_default=True)
+@click.option("--timesteps", type=click.IntRange(min=2), default=1000, show_default=True,
+              help=f"T. Sampling starts from pure noise, which needs T >= {min_timesteps('cosine')} (cosine) or "
+                   f">= {min_timesteps('linear')} (linear).")
 @click.option("--loss", type=click.Choice(LOSSES), default="l1", show_default=True)
 @click.option("--loss-weighting", type=click.Choice(LOSS_WEIGHTINGS), default="none", show_default=True)
 @click.option("--patches-per-image", type=click.IntRange(min=0), default=0, show_default=True, help="Random patches per image per step (0 = all).")
@@ -60,8 +70,8 @@ def _csv_ints(_ctx, _param, value):
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
 @click.option("--no-skin-tones", is_flag=True, help="Emoji data: leave out skin-tone variants.")
 @click.option("--holdout", type=click.FloatRange(0, 0.9), default=0.1, show_default=True, help="Fraction of images held out for evaluation (fixed seed).")
-@click.option("--checkpoint-every", type=click.IntRange(min=1), default=500, show_default=True)
-@click.option("--preview-every", type=click.IntRange(min=0), default=500, show_default=True, help="Steps between preview grids, and one at the end (0 = none).")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, help="Steps between checkpoints [default: 500, or the resumed run's].")
+@click.option("--preview-every", type=click.IntRange(min=0), default=None, help="Steps between preview grids, and one at the end, 0 = none [default: 500, or the resumed run's].")
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
 @click.option("--threads", type=click.IntRange(1, available_cpus()), default=None,
               help="torch CPU threads, at most the CPUs this process may use [default: torch's choice].")
@@ -78,6 +88,12 @@ def main(data, image_size, grid, no_gcc, no_position, max_steps, batch_size, out
     from patchgen.runtime.schedule import Schedule
 
     check_run_folder(out, resume)  # before any data is loaded
+    given = [name for name in NEW_RUN_OPTIONS
+             if click.get_current_context().get_parameter_source(name) is not ParameterSource.DEFAULT]
+    if resume and given:
+        raise CliError(f"{', '.join('--' + n.replace('_', '-') for n in given)}: only for a new run; --resume "
+                       f"continues with its checkpoint's configuration and data, so drop them (or start a new "
+                       f"run in another --out)")
     if threads:
         import torch
 

@@ -136,8 +136,13 @@ def train_step(state: TrainState, images: np.ndarray, tc: TrainConfig, bf16: boo
     return loss.item()
 
 
-def state_dict(state: TrainState, config: ModelConfig, tc: TrainConfig, data: dict) -> dict:
+DEFAULT_CADENCE = {"checkpoint_every": 500, "preview_every": 500}  # steps; a run keeps its own across resumes
+
+
+def state_dict(state: TrainState, config: ModelConfig, tc: TrainConfig, data: dict,
+               cadence: Optional[dict] = None) -> dict:
     return {
+        "cadence": dict(cadence or DEFAULT_CADENCE),
         "model_config": config.to_dict(),
         "train_config": tc.to_dict(),
         "data": data,
@@ -257,7 +262,7 @@ def truncate_log(path: Path, step: int) -> None:
 
 def train(run_dir, max_steps: int, *, data: Optional[ImageSet] = None, config: Optional[ModelConfig] = None,
           tc: Optional[TrainConfig] = None, holdout: float = 0.1, resume: bool = False,
-          checkpoint_every: int = 500, preview_every: int = 500, preview_count: int = 16,
+          checkpoint_every: Optional[int] = None, preview_every: Optional[int] = None, preview_count: int = 16,
           preview_steps: int = 50, device: str = "cpu", bf16: bool = False,
           progress: Optional[Callable[[int, float, float], None]] = None,
           load_data: Optional[Callable[[dict], ImageSet]] = None) -> RunResult:
@@ -266,7 +271,8 @@ def train(run_dir, max_steps: int, *, data: Optional[ImageSet] = None, config: O
     A resumed run reads its configs and data description from the checkpoint
     (`load_data` rebuilds the images from it) and continues exactly: its losses
     equal those of an uninterrupted run, and its logs hold each step once. A resume already at
-    `max_steps` returns at once and changes nothing. `device` and `bf16` (see `train_step`) are how this
+    `max_steps` returns at once and changes nothing. checkpoint_every / preview_every (steps; 0 = no
+    previews): None keeps the resumed run's own, or DEFAULT_CADENCE for a new run. `device` and `bf16` (see `train_step`) are how this
     session computes, not part of the run: they may change between sessions.
     """
     run_dir = Path(run_dir)
@@ -275,6 +281,7 @@ def train(run_dir, max_steps: int, *, data: Optional[ImageSet] = None, config: O
         ckpt = load_checkpoint(ckpt_path)
         if ckpt["step"] >= max_steps:
             return RunResult([], ckpt["step"], None)
+        cadence = {**DEFAULT_CADENCE, **ckpt.get("cadence", {})}
         config, tc, source = ckpt["model_config"], ckpt["train_config"], ckpt["data"]
         if data is None:
             data = load_data(source)
@@ -286,6 +293,7 @@ def train(run_dir, max_steps: int, *, data: Optional[ImageSet] = None, config: O
         source = {**data.source, "holdout_fraction": holdout, "holdout_seed": HOLDOUT_SEED,
                   "image_size": config.image_size}
         state = new_state(config, tc, device)
+        cadence = dict(DEFAULT_CADENCE)
     train_idx, held_idx = holdout_split(len(data.images), source["holdout_fraction"], source["holdout_seed"])
     source["num_train"] = len(train_idx)
     images = data.images[train_idx]
@@ -293,6 +301,11 @@ def train(run_dir, max_steps: int, *, data: Optional[ImageSet] = None, config: O
     if images.shape[1] != config.image_size:
         raise PatchgenError(f"data images are {images.shape[1]}px but the model is {config.image_size}px")
 
+    cadence.update({k: v for k, v in (("checkpoint_every", checkpoint_every), ("preview_every", preview_every))
+                    if v is not None})
+    checkpoint_every, preview_every = cadence["checkpoint_every"], cadence["preview_every"]
+    if checkpoint_every < 1 or preview_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 1 and preview_every >= 0, got {cadence}")
     run_dir.mkdir(parents=True, exist_ok=True)
     for pattern in ATOMIC_OUTPUTS:
         remove_stale_temporaries(run_dir, pattern)
@@ -310,7 +323,7 @@ def train(run_dir, max_steps: int, *, data: Optional[ImageSet] = None, config: O
 
     def checkpoint():
         nonlocal saved_step
-        save_checkpoint(ckpt_path, state_dict(state, config, tc, source))
+        save_checkpoint(ckpt_path, state_dict(state, config, tc, source, cadence))
         saved_step = state.step
 
     def preview():

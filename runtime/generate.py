@@ -117,6 +117,7 @@ def make_plan(model: OnnxModel, num_images: int = 1, seed: int = 0, sampler: str
         pb = 1 if patch_batch is None else patch_batch
         if pb < 1:
             raise PatchgenError(f"patch batch must be >= 1, got {pb}")
+        pb = min(pb, num_images * g2)  # no call can hold more patches than the images have
         return Plan(request, pb, images_per_run(pb, model.spec.grid, num_images))
     if patch_batch is not None:
         raise PatchgenError("give either a memory budget or a patch batch, not both: the budget chooses the batch")

@@ -69,7 +69,11 @@ def parse_size(text: str) -> int:
 
 
 def format_size(n: float) -> str:
-    """Bytes as MiB with one decimal, the unit parse_size reads back: 93.4M."""
+    """Bytes with one decimal in a unit parse_size reads back: MiB (93.4M), KiB below 1 MiB, GiB from 10 GiB."""
+    if n < MIB:
+        return f"{n / 2**10:.1f}K"
+    if n >= 10 * 2**30:
+        return f"{n / 2**30:.1f}G"
     return f"{n / MIB:.1f}M"
 
 

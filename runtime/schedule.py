@@ -1,6 +1,7 @@
 """Noise schedules in float64 numpy: the only copy; training converts it to tensors."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -38,27 +39,46 @@ class Schedule:
             object.__setattr__(self, "beta_start", 0.1 / T)
         if self.beta_end is None:
             object.__setattr__(self, "beta_end", 20.0 / T)
-        b = betas(self)
-        if not (np.all(b > 0) and np.all(b < 1)):
-            raise ValueError(f"a {self.kind} schedule with T = {T} has betas outside (0, 1) "
-                             f"(beta_end {self.beta_end:g}); use more timesteps or smaller betas")
-        signal = math.sqrt(alphas_cumprod(self)[-1])
-        if signal > MAX_TERMINAL_SIGNAL:
-            raise ValueError(f"a {self.kind} schedule with T = {T} keeps {signal:.1%} of the image at t = T-1, "
-                             f"more than the {MAX_TERMINAL_SIGNAL:.0%} that sampling from pure noise allows; "
-                             f"use more timesteps (or larger betas)")
+        problem = _problem(_betas(self.kind, T, self.cosine_s, self.max_beta, self.beta_start, self.beta_end))
+        if problem:
+            raise ValueError(f"a {self.kind} schedule with T = {T} {problem}; use more timesteps (with the default "
+                             f"parameters, at least {min_timesteps(self.kind)})")
+
+
+def _betas(kind: str, T: int, cosine_s: float, max_beta: float, beta_start: float, beta_end: float) -> np.ndarray:
+    if kind == "linear":
+        return np.linspace(beta_start, beta_end, T, dtype=np.float64)
+    # Cosine: abar(t) = f(t)/f(0), f(t) = cos^2(((t/T + s)/(1 + s)) * pi/2); beta_t = 1 - abar(t+1)/abar(t).
+    steps = np.arange(T + 1, dtype=np.float64) / T
+    f = np.cos((steps + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2
+    return np.minimum(1 - f[1:] / f[:-1], max_beta)
+
+
+def _problem(b: np.ndarray) -> Optional[str]:
+    """Why betas `b` cannot be sampled from pure noise, or None."""
+    if not (np.all(b > 0) and np.all(b < 1)):
+        return f"has betas outside (0, 1) (largest {b.max():g})"
+    signal = math.sqrt(np.prod(1.0 - b))  # sqrt(alphas_cumprod[T-1])
+    if signal > MAX_TERMINAL_SIGNAL:
+        return (f"keeps {signal:.1%} of the image at t = T-1, more than the {MAX_TERMINAL_SIGNAL:.0%} that "
+                f"sampling from pure noise allows")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def min_timesteps(kind: str) -> int:
+    """The fewest timesteps T for which a `kind` schedule with default parameters is valid."""
+    d = {f.name: f.default for f in dataclasses.fields(Schedule)}
+    for T in range(2, 100_000):
+        if _problem(_betas(kind, T, d["cosine_s"], d["max_beta"], 0.1 / T, 20.0 / T)) is None:
+            return T
+    raise ValueError(f"no valid {kind} schedule with default parameters")
 
 
 def betas(schedule: Schedule) -> np.ndarray:
     """beta_t for t = 0 .. T-1, float64."""
-    T = schedule.num_timesteps
-    if schedule.kind == "linear":
-        return np.linspace(schedule.beta_start, schedule.beta_end, T, dtype=np.float64)
-    # Cosine: abar(t) = f(t)/f(0), f(t) = cos^2(((t/T + s)/(1 + s)) * pi/2); beta_t = 1 - abar(t+1)/abar(t).
-    s = schedule.cosine_s
-    steps = np.arange(T + 1, dtype=np.float64) / T
-    f = np.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
-    return np.minimum(1 - f[1:] / f[:-1], schedule.max_beta)
+    s = schedule
+    return _betas(s.kind, s.num_timesteps, s.cosine_s, s.max_beta, s.beta_start, s.beta_end)
 
 
 @functools.lru_cache(maxsize=8)

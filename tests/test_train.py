@@ -304,3 +304,22 @@ def test_evaluation_log(tmp_path, blobs16, tiny_train_config):
           preview_count=4, preview_steps=2)
     rows = (tmp_path / "eval_log.csv").read_text().splitlines()
     assert rows[0].startswith("step,seam,seam_real,swap_increase_0_300") and rows[1].startswith("2,")
+
+
+def test_resume_refuses_options_of_a_new_run(tmp_path, blobs16, tiny_train_config):
+    """A resumed run keeps its checkpoint's configuration: options that would change it are refused, not ignored."""
+    train(tmp_path, 1, data=blobs16, config=tiny_config(), tc=tiny_train_config, **NO_PREVIEW)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    r = run_cli("--out", str(tmp_path), "--resume", "--max-steps", "2", "--grid", "4", "--timesteps", "3")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "--grid, --timesteps: only for a new run" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_keeps_the_runs_cadence(tmp_path, blobs16, tiny_train_config):
+    """--preview-every / --checkpoint-every given to a new run stay with it when it is resumed without them."""
+    train(tmp_path, 2, data=blobs16, config=tiny_config(), tc=tiny_train_config, checkpoint_every=3,
+          preview_every=0)
+    train(tmp_path, 4, resume=True, data=blobs16)
+    assert not list(tmp_path.glob("preview_*.png")) and not (tmp_path / "eval_log.csv").exists()
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["cadence"] == {"checkpoint_every": 3, "preview_every": 0}
