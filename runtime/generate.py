@@ -15,7 +15,8 @@ from PIL import Image
 from .errors import PatchgenError
 from .images import to_uint8
 from .loop import SAMPLERS, default_steps, sample_images
-from .memory import MIB, cap_to_available, calibrate, parse_size, plan_patch_batch
+from .memory import (MIB, BudgetTooSmall, calibrate, cap_to_available, format_size, parse_size,
+                     plan_patch_batch)
 from .model import OnnxModel, load_model
 from .spec import ModelSpec
 
@@ -122,7 +123,10 @@ def make_plan(model: OnnxModel, num_images: int = 1, seed: int = 0, sampler: str
     if patch_batch is not None:
         raise PatchgenError("give either a memory budget or a patch batch, not both: the budget chooses the batch")
     budget = parse_size(memory_budget) if isinstance(memory_budget, str) else int(memory_budget)
-    budget, notes = cap_to_available(budget)
+    asked = budget
+    budget, limited_by = cap_to_available(budget)
+    notes = (f"memory budget {format_size(asked)} is more than this process can have ({format_size(budget)}, "
+             f"{limited_by}); planning for {format_size(budget)}",) if limited_by else ()
     grid = model.spec.grid
     # Batches worth running: up to one image's patches, then whole images (5 patches of a 2x2 grid run as 4).
     batches = [b for b in range(1, num_images * g2 + 1) if b <= g2 or b % g2 == 0]
@@ -133,8 +137,12 @@ def make_plan(model: OnnxModel, num_images: int = 1, seed: int = 0, sampler: str
     mem = calibrate(*probe(model, request), budget, batches, extra)
     try:
         pb = plan_patch_batch(mem, budget, batches, extra)
-    except PatchgenError as e:
-        raise PatchgenError("; ".join((*notes, str(e)))) from None
+    except BudgetTooSmall as e:
+        if limited_by:  # asking for a larger budget cannot help
+            raise PatchgenError(f"this model needs a memory budget of at least {format_size(e.minimum)} (one patch "
+                                f"per call), but this process can have only {format_size(budget)} ({limited_by}): "
+                                f"free memory or raise the memory limit") from None
+        raise
     return Plan(request, pb, images_per_run(pb, grid, num_images), budget, mem.peak(pb, extra(pb)), notes)
 
 

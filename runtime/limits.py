@@ -83,15 +83,25 @@ def _meminfo_kib(field: str) -> Optional[int]:
     return None
 
 
+def _inactive_file(folder: Path) -> int:
+    """Bytes of the cgroup's page cache that the kernel reclaims before it would OOM-kill (memory.stat)."""
+    stat = dict(line.partition(" ")[::2] for line in (_read(folder / "memory.stat") or "").splitlines())
+    value = stat.get("total_inactive_file", stat.get("inactive_file", "0"))  # v1 (with children), v2
+    return int(value) if value.isdigit() else 0
+
+
 def cgroup_memory_headroom() -> Optional[int]:
-    """Bytes the tightest cgroup memory limit still allows (limit - usage), or None when none is set."""
+    """Bytes the tightest cgroup memory limit still allows, or None when none is set.
+
+    The cgroup's usage counts its page cache too (the model file, the libraries just read); like
+    docker stats' "working set", inactive file pages are taken as free, since they are reclaimed first."""
     rooms = []
     for folder in _cgroup_dirs("memory"):
         for limit_name, usage_name in (("memory.max", "memory.current"),
                                        ("memory.limit_in_bytes", "memory.usage_in_bytes")):
             limit, usage = _read(folder / limit_name), _read(folder / usage_name)
             if limit and usage and limit.isdigit() and int(limit) < 2**60:  # v1 "no limit" is ~2**63
-                rooms.append(int(limit) - int(usage))
+                rooms.append(int(limit) - max(int(usage) - _inactive_file(folder), 0))
     return min(rooms) if rooms else None
 
 

@@ -101,16 +101,24 @@ def current_rss() -> int:
     return kib * 1024 if kib is not None else peak_rss()
 
 
-def cap_to_available(budget: int) -> tuple[int, tuple[str, ...]]:
-    """(the budget, notes): a budget above what this process can reach (MemAvailable, a cgroup memory
-    limit) is capped to that, with a note saying so; a budget below 1 byte is refused."""
+def cap_to_available(budget: int) -> tuple[int, str]:
+    """(the budget, what limits it): a budget above what this process can reach as peak RSS is capped to
+    that, and the second item names the limit ("MemAvailable", "the cgroup memory limit"); "" when the
+    budget stands as given. A budget below 1 byte is refused."""
     if budget < 1:
         raise PatchgenError(f"memory budget must be positive, got {budget} bytes; write it like 200M or 1.5G")
     limit, what = available_memory(current_rss())
     if limit is not None and budget > limit:
-        return limit, (f"memory budget {format_size(budget)} is more than this process can have "
-                       f"({format_size(limit)}, {what}); planning for {format_size(limit)}",)
-    return budget, ()
+        return limit, what
+    return budget, ""
+
+
+class BudgetTooSmall(PatchgenError):
+    """Not even one patch per call fits the budget; `minimum` (bytes) is a budget a fresh run accepts."""
+
+    def __init__(self, message: str, minimum: float):
+        super().__init__(message)
+        self.minimum = minimum
 
 
 SAFETY = 1.10  # bytes extrapolated beyond the largest measured call are charged 10 % more
@@ -191,7 +199,7 @@ def plan_patch_batch(model: MemoryModel, budget: int, batches: Sequence[int], ex
     pb = largest_fit(model, budget, [b for b in batches if b <= model.largest], extra)
     if pb == 0:
         minimum = math.ceil((model.peak(batches[0], extra(batches[0])) + RERUN_MARGIN) / MIB * 10) / 10  # MiB, up
-        raise PatchgenError(f"memory budget {format_size(budget)} is below this model's minimum of "
-                            f"{minimum:.1f}M (one patch per call); pass --memory-budget {math.ceil(minimum)}M "
-                            f"or more")
+        raise BudgetTooSmall(f"memory budget {format_size(budget)} is below this model's minimum of "
+                             f"{minimum:.1f}M (one patch per call); pass --memory-budget {math.ceil(minimum)}M "
+                             f"or more", minimum * MIB)
     return pb

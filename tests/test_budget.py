@@ -102,7 +102,9 @@ def test_capped_budget_plans_one_patch_when_only_one_fits(monkeypatch):
     fake = FakeProcess(rss=70, hwm=72, per_patch=130)
     fake.install(monkeypatch)
     monkeypatch.setattr(memory, "available_memory", lambda rss: (150 * MIB, "the cgroup memory limit"))
-    with pytest.raises(PatchgenError, match=r"cgroup memory limit.*planning for 150\.0M; .*minimum of [\d.]+M"):
+    with pytest.raises(PatchgenError, match=r"needs a memory budget of at least [\d.]+M \(one patch per call\), "
+                                            r"but this process can have only 150\.0M \(the cgroup memory limit\): "
+                                            r"free memory or raise the memory limit"):
         make_plan(model, 4, memory_budget="4G")
 
 
