@@ -3,6 +3,7 @@ the quality metrics are pinned to known answers."""
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -139,11 +140,15 @@ def test_levers_table(tmp_path):
     assert row["prediction"] == "x0" and row["seam"] == 2.5 and row["step"] == 500
 
 
+# An absolute path into one machine's home or work folders, which a fresh clone elsewhere does not have.
+MACHINE_PATH = re.compile(r"(^|[^A-Za-z0-9_.])/(home|root|work|mnt|Users)/")
+
+
 @pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*.sh")))
 def test_shell_scripts_parse(script):
     r = subprocess.run(["bash", "-n", str(BENCH / script)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert "/work/" not in (BENCH / script).read_text()  # no machine-specific paths
+    assert not MACHINE_PATH.search((BENCH / script).read_text())  # no machine-specific paths
 
 
 def test_train_levers_runs_the_trainer_it_is_given(tmp_path):

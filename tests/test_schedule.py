@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from patchgen.runtime.schedule import MAX_TERMINAL_SIGNAL, Schedule, alphas_cumprod, betas, timestep_sequence
+from patchgen.runtime.schedule import (MAX_TERMINAL_SIGNAL, Schedule, alphas_cumprod, betas, min_timesteps,
+                                       timestep_sequence)
 
 
 def test_cosine_schedule_pinned():
@@ -52,6 +53,13 @@ def test_every_valid_schedule_ends_in_pure_noise(kind, T):
     assert np.sqrt(abar[-1]) <= MAX_TERMINAL_SIGNAL and abar[-1] > 0 and np.all(np.diff(abar) < 0)
     b = betas(schedule)
     assert np.all((b > 0) & (b < 1))
+
+
+def test_min_timesteps_as_the_readme_and_help_say():
+    assert (min_timesteps("cosine"), min_timesteps("linear")) == (5, 21)
+    for kind, T in (("cosine", 4), ("linear", 20)):
+        with pytest.raises(ValueError, match=f"at least {T + 1}"):
+            Schedule(kind=kind, num_timesteps=T)
 
 
 def test_linear_betas_scale_with_T():
