@@ -6,6 +6,7 @@ the edge model (base width 32, multipliers 1-2-2, ~7 MB) and the paper's (width 
 
     python benchmarks/memory_vs_grid.py                        # edge model at 128, 256, 512; paper at 128
     python benchmarks/memory_vs_grid.py --sizes 128 --grids 1,2 --no-paper --steps 1
+    python benchmarks/memory_vs_grid.py --sizes 256 --grids 1,4 --halos 0,8 --no-paper   # with a halo of 8 px
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ MODELS = {
 ATTENTION_LIMIT = 8 * 2**30  # bytes; beyond this the export's own torch check would exhaust a 24 GiB machine
 
 
-def fits(size: int, grid: int, levels: int) -> bool:
-    return size % grid == 0 and (size // grid) % 2 ** (levels - 1) == 0
+def fits(size: int, grid: int, levels: int, halo: int = 0) -> bool:
+    return size % grid == 0 and (size // grid + 2 * halo) % 2 ** (levels - 1) == 0
 
 
 def attention_bytes(size: int, grid: int, levels: int, heads: int = 4) -> int:
@@ -37,15 +38,19 @@ def attention_bytes(size: int, grid: int, levels: int, heads: int = 4) -> int:
 
 
 def plot_peaks(out: Path, rows: list[dict]) -> None:
-    """Peak RSS against G, one line per (model, size, patches per call)."""
+    """Peak RSS against G, one line per (model, size, patches per call, halo)."""
     def draw(ax):
-        series = sorted({(r["model"], r["size"], r["per_call"] == 1) for r in rows})
-        for name, size, one in series:
+        def key(r):  # one line per model, size, calls and halo; the 1x1 point (no halo) starts every line
+            return r["model"], r["size"], r["per_call"] == 1
+
+        series = sorted({(*key(r), r.get("halo", 0)) for r in rows})
+        for name, size, one, halo in series:
             pts = [(int(r["grid"].split("x")[0]), r["peak_mib"]) for r in rows if r.get("peak_mib")
-                   and (r["model"], r["size"], r["per_call"] == 1) == (name, size, one)]
+                   and key(r) == (name, size, one) and (r["grid"] == "1x1" or r.get("halo", 0) == halo)]
             if pts:
                 ax.plot(*zip(*pts), "-o" if one else "--x",
-                        label=f"{name} {size}px, {'1 patch' if one else 'all patches'}/call")
+                        label=f"{name} {size}px, {'1 patch' if one else 'all patches'}/call"
+                              + (f", halo {halo}" if halo else ""))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("grid G (G x G patches)")
@@ -60,34 +65,37 @@ def plot_peaks(out: Path, rows: list[dict]) -> None:
 @click.option("--paper/--no-paper", default=True, show_default=True, help="Also the paper-size model at --paper-size.")
 @click.option("--paper-size", type=int, default=128, show_default=True)
 @click.option("--steps", type=int, default=2, show_default=True)
+@click.option("--halos", default="0", show_default=True,
+              help="Halos (px) for the patch models (G > 1); each is its own model and row.")
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "memory_vs_grid", show_default=True)
 @click.option("--plot-only", is_flag=True, help="Only redraw the plot from OUT.json.")
-def main(sizes, grids, paper, paper_size, steps, threads, out, plot_only):
+def main(sizes, grids, paper, paper_size, steps, halos, threads, out, plot_only):
     """Peak RSS, floor, weights and time per step for each (model, size, grid, patches per call)."""
     if plot_only:
         plot_peaks(out, json.loads(out.with_suffix(".json").read_text())["rows"])
         return
     grids = [int(g) for g in grids.split(",")]
+    halo_list = [int(m) for m in halos.split(",")]
     plan = [("edge", int(s)) for s in sizes.split(",")] + ([("paper", paper_size)] if paper else [])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, size in plan:
             config = MODELS[name]
             full_peak = None
-            for grid in grids:
-                if not fits(size, grid, len(config["channel_mults"])):
+            for grid, halo in [(g, m) for g in grids for m in ([0] if g == 1 else halo_list)]:
+                if not fits(size, grid, len(config["channel_mults"]), halo):
                     continue
                 need = attention_bytes(size, grid, len(config["channel_mults"]))
                 if need > ATTENTION_LIMIT:
-                    rows.append({"model": name, "size": size, "grid": f"{grid}x{grid}", "per_call": 1,
+                    rows.append({"model": name, "size": size, "grid": f"{grid}x{grid}", "halo": halo, "per_call": 1,
                                  "error": f"does not fit: mid-block attention alone needs {need / 2**30:.0f} GiB"})
                     click.echo(f"{name} {size} {grid}x{grid}: {rows[-1]['error']}")
                     continue
-                model = random_model(Path(tmp) / f"{name}_{size}_{grid}.onnx", size, grid, **config)
+                model = random_model(Path(tmp) / f"{name}_{size}_{grid}_{halo}.onnx", size, grid, halo=halo, **config)
                 for per_call in sorted({1, grid * grid}):
                     r = sample_run(model, per_call, steps, threads)
-                    row = {"model": name, "size": size, "grid": f"{grid}x{grid}", "per_call": per_call,
+                    row = {"model": name, "size": size, "grid": f"{grid}x{grid}", "halo": halo, "per_call": per_call,
                            "file_mib": model.stat().st_size / 2**20, "floor_mib": r.get("floor_mib"),
                            "peak_mib": r["kernel_peak_mib"] if "error" not in r else None,
                            "s_per_step": r.get("s_per_step"), "error": r.get("error", "")}
@@ -98,11 +106,11 @@ def main(sizes, grids, paper, paper_size, steps, threads, out, plot_only):
                     if row["peak_mib"] and row["floor_mib"]:
                         row["peak_over_floor"] = row["peak_mib"] / row["floor_mib"]
                     rows.append(row)
-                    click.echo(f"{name} {size} {grid}x{grid} x{per_call}/call: peak {row['peak_mib']} MiB, "
-                               f"floor {row['floor_mib']}, {row['s_per_step']} s/step {row['error']}")
+                    click.echo(f"{name} {size} {grid}x{grid} halo {halo} x{per_call}/call: peak {row['peak_mib']} "
+                               f"MiB, floor {row['floor_mib']}, {row['s_per_step']} s/step {row['error']}")
                 model.unlink()
     write_results(out, f"Peak RSS vs grid ({steps} DDIM steps, {threads} threads, random weights)",
-                  [("model", "model"), ("size", "image"), ("grid", "grid"), ("per_call", "patches/call"),
+                  [("model", "model"), ("size", "image"), ("grid", "grid"), ("halo", "halo"), ("per_call", "patches/call"),
                    ("file_mib", "ONNX MiB"), ("floor_mib", "floor MiB"), ("peak_mib", "peak MiB"),
                    ("vs_full", "peak / 1x1 peak"), ("peak_over_floor", "peak / floor"), ("s_per_step", "s/step"),
                    ("error", "note")], rows,

@@ -137,6 +137,54 @@ def kid(a, b) -> float:
                  - 2 * k_ab.mean())
 
 
+def measure(models: list[Path], plan: list[tuple[str, int]], num_samples: int, seed: int, chunk: int, cache: Path,
+            real_set: str) -> tuple[list[dict], list]:
+    """(one row per model x sampler, (model name, its first 8 samples of the first sampler, the first 8 real
+    images it is compared with) per model). Samples and features are cached in `cache`; sampling and timing
+    run in fresh processes, all of them before this process imports numpy (see benchlib.run_fresh)."""
+    rows, shown, measured = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for model in models:
+            meta = metadata(model)
+            size, grid = int(meta["patchgen.image_size"]), int(meta["patchgen.grid"])
+            fraction, hseed = meta.get("patchgen.data.holdout_fraction") or "0.1", meta.get("patchgen.data.holdout_seed") or "0"
+            data_name = meta.get("patchgen.data.name") or "twemoji"
+            real = cache / f"real_{data_name}_{size}_{fraction}_{hseed}_{real_set}.npz"
+            if not real.exists():
+                check(run_fresh(python("-c", REAL_CHILD, data_name, str(size), fraction, hseed, real_set, str(real))))
+            sha = check(run_fresh(python("-c", "import sys; from patchgen.runtime.onnxfile import model_sha256; "
+                                         "print(model_sha256(sys.argv[1]))", str(model))))["stdout"].strip()
+            for sampler, steps in plan:
+                chunks = samples(model, sha, sampler, steps, num_samples, seed, cache, chunk)
+                peak, speed = edge_run(model, sampler, min(steps, 50) if sampler == "ddpm" else steps, tmp)
+                click.echo(f"{model.name} {sampler}-{steps}: {num_samples} samples; peak {peak:.1f} MiB, {speed} s/image")
+                measured.append((model, meta, size, grid, real, sha, sampler, steps, chunks, peak, speed))
+    import numpy as np  # only now: the measured children above never inherit a large parent
+
+    from patchgen.models.metrics import border_step, seam_grid, seam_score
+
+    for model, meta, size, grid, real, sha, sampler, steps, chunks, peak, speed in measured:
+        f_real = np.load(features([real], cache / f"feat_{real.stem}.npy"))
+        f_fake = np.load(features(chunks, cache / f"feat_{sha[:12]}_{sampler}{steps}_s{seed}_{num_samples}.npy"))
+        images = np.concatenate([np.load(p)["images"] for p in chunks])
+        real_images = np.load(real)["images"]
+        g = seam_grid(grid)
+        rows.append({"model": model.name, "grid": f"{grid}x{grid}", "halo": int(meta.get("patchgen.halo", 0)),
+                     "steps_trained": meta.get("patchgen.training.steps"),
+                     "sampler": f"{sampler} {steps}", "n": len(images), "kid_x1000": 1000 * kid(f_fake, f_real),
+                     "fd_effnet": frechet_distance(f_fake, f_real),
+                     "seam": seam_score(images, g), "seam_real": seam_score(real_images, g),
+                     "border": border_step(images, g), "border_real": border_step(real_images, g),
+                     "peak_mib": peak, "s_per_image": speed})
+        if sampler == plan[0][0]:
+            shown.append((model.name, images[:8], real_images[:8]))
+        click.echo(f"{model.name} {sampler}-{steps}: KID x1000 {rows[-1]['kid_x1000']:.2f}, "
+                   f"FD-EffNet {rows[-1]['fd_effnet']:.1f}, "
+                   f"seam {rows[-1]['seam']:.2f} (real {rows[-1]['seam_real']:.2f})")
+    return rows, shown
+
+
 @click.command(epilog="Example: python benchmarks/quality.py --models models/pretrained/emoji64_2x2.onnx "
                       "--samplers ddim:50,dpm++:20 --num-samples 1000")
 @click.option("--models", required=True, help="Comma-separated .onnx files (trained on a built-in set).")
@@ -153,54 +201,18 @@ def main(models, samplers, num_samples, seed, chunk, cache, real_set, out):
     """KID, FD-EffNet, seam score, peak RSS and time per image for each model x sampler."""
     cache.mkdir(parents=True, exist_ok=True)
     plan = [(s.split(":")[0], int(s.split(":")[1])) for s in samplers.split(",")]
-    rows, shown = [], []
     real_kind = "held-out real images" if real_set == "heldout" else "all real images of the set, training images included"
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        measured = []
-        for model in (Path(m) for m in models.split(",")):
-            meta = metadata(model)
-            size, grid = int(meta["patchgen.image_size"]), int(meta["patchgen.grid"])
-            fraction, hseed = meta.get("patchgen.data.holdout_fraction") or "0.1", meta.get("patchgen.data.holdout_seed") or "0"
-            data_name = meta.get("patchgen.data.name") or "twemoji"
-            real = cache / f"real_{data_name}_{size}_{fraction}_{hseed}_{real_set}.npz"
-            if not real.exists():
-                check(run_fresh(python("-c", REAL_CHILD, data_name, str(size), fraction, hseed, real_set, str(real))))
-            sha = check(run_fresh(python("-c", "import sys; from patchgen.runtime.onnxfile import model_sha256; "
-                                         "print(model_sha256(sys.argv[1]))", str(model))))["stdout"].strip()
-            for sampler, steps in plan:
-                chunks = samples(model, sha, sampler, steps, num_samples, seed, cache, chunk)
-                peak, speed = edge_run(model, sampler, min(steps, 50) if sampler == "ddpm" else steps, tmp)
-                click.echo(f"{model.name} {sampler}-{steps}: {num_samples} samples; peak {peak:.1f} MiB, {speed} s/image")
-                measured.append((model, meta, size, grid, real, sha, sampler, steps, chunks, peak, speed))
-        import numpy as np  # only now: the measured children above never inherit a large parent
+    rows, shown = measure([Path(m) for m in models.split(",")], plan, num_samples, seed, chunk, cache,
+                                       real_set)
+    if shown:
+        import numpy as np
 
-        from patchgen.models.metrics import border_step, seam_grid, seam_score
+        from patchgen.runtime.images import make_grid, save_png
 
-        for model, meta, size, grid, real, sha, sampler, steps, chunks, peak, speed in measured:
-            f_real = np.load(features([real], cache / f"feat_{real.stem}.npy"))
-            f_fake = np.load(features(chunks, cache / f"feat_{sha[:12]}_{sampler}{steps}_s{seed}_{num_samples}.npy"))
-            images = np.concatenate([np.load(p)["images"] for p in chunks])
-            real_images = np.load(real)["images"]
-            g = seam_grid(grid)
-            rows.append({"model": model.name, "grid": f"{grid}x{grid}", "steps_trained": meta.get("patchgen.training.steps"),
-                         "sampler": f"{sampler} {steps}", "n": len(images), "kid_x1000": 1000 * kid(f_fake, f_real),
-                         "fd_effnet": frechet_distance(f_fake, f_real),
-                         "seam": seam_score(images, g), "seam_real": seam_score(real_images, g),
-                         "border": border_step(images, g), "border_real": border_step(real_images, g),
-                         "peak_mib": peak, "s_per_image": speed})
-            if sampler == plan[0][0]:
-                shown.append((model.name, images[:8]))
-            click.echo(f"{model.name} {sampler}-{steps}: KID x1000 {rows[-1]['kid_x1000']:.2f}, "
-                       f"FD-EffNet {rows[-1]['fd_effnet']:.1f}, "
-                       f"seam {rows[-1]['seam']:.2f} (real {rows[-1]['seam_real']:.2f})")
-        if shown:
-            from patchgen.runtime.images import make_grid, save_png
-
-            strip = np.concatenate([make_grid(imgs, ncols=8) for _, imgs in shown] +
-                                   [make_grid(np.load(measured[0][4])["images"][:8], ncols=8)], axis=0)
-            save_png(out.with_name(out.name + "_samples.png"), strip,
-                     {"rows": ", ".join(name for name, _ in shown) + ", " + real_kind})
+        strip = np.concatenate([make_grid(imgs, ncols=8) for _, imgs, _ in shown] + [make_grid(shown[0][2], ncols=8)],
+                               axis=0)
+        save_png(out.with_name(out.name + "_samples.png"), strip,
+                 {"rows": ", ".join(name for name, _, _ in shown) + ", " + real_kind})
     write_results(out, f"Sample quality vs {real_kind} ({num_samples} samples each; EfficientNet-Lite0 features)",
                   [("model", "model"), ("grid", "grid"), ("steps_trained", "training steps"), ("sampler", "sampler"),
                    ("n", "samples"), ("kid_x1000", "KID x1000"), ("fd_effnet", "FD-EffNet"), ("seam", "seam"),

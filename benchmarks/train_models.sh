@@ -4,7 +4,9 @@
 # so the budget can be spread over several sessions. One torch thread per run, runs side by side.
 #   PREDICTION=x0 LEVERS="--global-context 4" STEPS=20000 RUNS="g2 g1" benchmarks/train_models.sh
 #   STEPS=2592 RUNS=g4 benchmarks/train_models.sh   # the 4x4 model, at the budget of the 2592-step snapshots
-#   DATA=emoji-faces OUT=runs/faces64 STEPS=6000 benchmarks/train_models.sh   # the faces pair (the shipped default)
+#   DATA=emoji-faces OUT=runs/faces64 STEPS=6000 benchmarks/train_models.sh   # the faces pair (halo 0, v0.1's default)
+#   DATA=emoji-faces OUT=runs/faces64h STEPS=6000 RUNS=g2 LEVERS="--global-context 4 --halo 4" \
+#     benchmarks/train_models.sh   # the 2x2 faces model with a 4 px halo (results/halo.md)
 # The 1x1 baseline shares the prediction type and TRAIN_ARGS; LEVERS (GCC-based) apply to the patch
 # models only.
 cd "$(dirname "$0")/.."  # the repository root

@@ -90,7 +90,8 @@ def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_
 
     spec, request = model.spec, plan.request
     click.echo(f"{model.path.name}: {spec.image_size}x{spec.image_size}, {spec.grid}x{spec.grid} patches of "
-               f"{spec.patch_size}px; {request.sampler} {request.steps} steps"
+               f"{spec.patch_size}px" + (f" seen through {spec.window_size}px windows (halo {spec.halo})"
+                                         if spec.halo else "") + f"; {request.sampler} {request.steps} steps"
                + (f" (eta {request.eta:g})" if request.eta is not None else "") + f"; {plan.patch_batch} patch(es) per "
                f"call, {plan.images_per_run} image(s) per run"
                + (f", predicted peak {format_size(plan.predicted_peak)}" if plan.predicted_peak else ""), err=True)

@@ -18,8 +18,8 @@ from .common import CliError, Command, user_errors
 
 EXAMPLE = """
 \b
-Example (a 2x2-grid model on the built-in Twemoji images, 32x32):
-  patchgen-train --data emoji --image-size 32 --grid 2 --max-steps 200 --out runs/emoji32
+Example (a 2x2-grid model on the built-in Twemoji images, 32x32, patches seeing 4 px of their neighbours):
+  patchgen-train --data emoji --image-size 32 --grid 2 --halo 4 --max-steps 200 --out runs/emoji32
   patchgen-train --out runs/emoji32 --resume --max-steps 400   # continue it
 """
 
@@ -27,6 +27,7 @@ Example (a 2x2-grid model on the built-in Twemoji images, 32x32):
 # What defines a run: a resumed run keeps its checkpoint's, so these are refused with --resume.
 NEW_RUN_OPTIONS = ("data", "image_size", "grid", "no_gcc", "no_position", "batch_size", "base_width", "channel_mults",
                    "num_res_blocks", "attention_resolutions", "dropout", "prediction", "gcc_source", "global_context",
+                   "halo", "edge_mask",
                    "schedule", "timesteps", "loss", "loss_weighting", "patches_per_image", "lr", "warmup_steps",
                    "ema_decay", "seed", "no_skin_tones", "holdout")
 
@@ -57,6 +58,11 @@ def _csv_ints(_ctx, _param, value):
 @click.option("--prediction", type=click.Choice(PREDICTIONS), default="eps", show_default=True, help="Network target (the ONNX graph always outputs eps).")
 @click.option("--gcc-source", type=click.Choice(GCC_SOURCES), default="xt", show_default=True, help="Pool x_t (paper) or the previous x0 estimate (self-conditioning).")
 @click.option("--global-context", type=click.IntRange(min=0), default=0, show_default=True, help="Cells per side of a global context vector from GCC (0 = off).")
+@click.option("--halo", type=click.IntRange(min=0), default=0, show_default=True,
+              help="M: each patch also sees M pixels of its neighbours per side ((P+2M)^2 window, zero-padded at "
+                   "the image's edge) and predicts its own P x P; P+2M must divide by 2^(levels-1). 0 = the paper.")
+@click.option("--edge-mask", is_flag=True, help="With --halo: one more input channel marking the image against "
+              "the padding beyond its edge.")
 @click.option("--schedule", type=click.Choice(SCHEDULE_KINDS), default="cosine", show_default=True)
 @click.option("--timesteps", type=click.IntRange(min=2), default=1000, show_default=True,
               help=f"T. Sampling starts from pure noise, which needs T >= {min_timesteps('cosine')} (cosine) or "
@@ -79,7 +85,7 @@ def _csv_ints(_ctx, _param, value):
 @user_errors
 def main(data, image_size, grid, no_gcc, no_position, max_steps, batch_size, out, resume, base_width,
          channel_mults, num_res_blocks, attention_resolutions, dropout, prediction, gcc_source, global_context,
-         schedule, timesteps, loss, loss_weighting, patches_per_image, lr, warmup_steps, ema_decay, seed,
+         halo, edge_mask, schedule, timesteps, loss, loss_weighting, patches_per_image, lr, warmup_steps, ema_decay, seed,
          no_skin_tones, holdout, checkpoint_every, preview_every, device, threads, bf16):
     """Train a patch-based diffusion U-Net (Arakawa et al. 2023) and write checkpoints to --out."""
     from patchgen.models.config import ModelConfig, TrainConfig
@@ -110,7 +116,8 @@ def main(data, image_size, grid, no_gcc, no_position, max_steps, batch_size, out
                 image_size=image_size, grid=grid, base_width=base_width, channel_mults=channel_mults,
                 num_res_blocks=num_res_blocks, attention_resolutions=attention_resolutions, dropout=dropout,
                 use_position=not no_position and grid > 1, use_gcc=not no_gcc, global_context=global_context,
-                gcc_source=gcc_source, prediction=prediction, schedule=Schedule(kind=schedule, num_timesteps=timesteps))
+                gcc_source=gcc_source, prediction=prediction, schedule=Schedule(kind=schedule, num_timesteps=timesteps),
+                halo=halo, edge_mask=edge_mask)
             tc = TrainConfig(batch_size=batch_size, patches_per_image=patches_per_image, lr=lr,
                              warmup_steps=warmup_steps, ema_decay=ema_decay, loss=loss,
                              loss_weighting=loss_weighting, seed=seed)

@@ -23,6 +23,7 @@ from patchgen.runtime.files import atomic_output, check_writable_folder, remove_
 from patchgen.runtime.metadata import spec_to_metadata
 from patchgen.runtime.schedule import Schedule, alphas_cumprod
 from patchgen.runtime.session import open_session
+from patchgen.runtime.spec import example_feeds
 
 # Opset 18: the lowest the torch.export-based exporter emits, and read by onnxruntime >= 1.14, which covers
 # the older builds shipped for Jetson and Raspberry Pi. GroupNorm lowers to InstanceNormalization + Reshape.
@@ -39,26 +40,12 @@ def patchgen_version() -> str:
         return "unknown"
 
 
-def input_names(net: PatchUNet) -> list[str]:
-    """The graph inputs, in order: x and t always, pos and gcc only when the model has them."""
-    c = net.config
-    return ["x", "t"] + (["pos"] if c.use_position else []) + (["gcc"] if c.use_gcc else [])
-
-
 def example_inputs(net: PatchUNet, batch: int, rng: np.random.Generator,
                    t: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
-    """Random inputs per the contract: x, gcc ~ N(0, 1), pos one-hot, t as given or uniform in [0, T)."""
-    c = net.config
-    p, g2 = c.patch_size, c.grid**2
+    """Inputs per the contract (`graph_inputs`): x, gcc ~ N(0, 1), pos one-hot, t as given or uniform in [0, T)."""
     if t is None:
-        t = rng.integers(0, c.schedule.num_timesteps, batch)
-    feeds = {"x": rng.standard_normal((batch, c.channels, p, p), dtype=np.float32),
-             "t": np.asarray(t, dtype=np.int64).reshape(batch)}
-    if c.use_position:
-        feeds["pos"] = np.eye(g2, dtype=np.float32)[rng.integers(0, g2, batch)]
-    if c.use_gcc:
-        feeds["gcc"] = rng.standard_normal((batch, c.channels, p, p), dtype=np.float32)
-    return feeds
+        t = rng.integers(0, net.config.schedule.num_timesteps, batch)
+    return example_feeds(net.config.spec, np.asarray(t).reshape(batch), rng)
 
 
 def to_onnx(net: PatchUNet) -> onnx.ModelProto:

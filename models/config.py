@@ -21,7 +21,9 @@ class ModelConfig:
     base_width: int = 32  # channels at the first U-Net level
     channel_mults: tuple[int, ...] = (1, 2, 2)  # width multiplier per level; each level after the first halves P
     num_res_blocks: int = 2  # ResNet blocks per level
-    attention_resolutions: tuple[int, ...] = (8,)  # feature-map sizes (pixels) that get self-attention
+    # Levels with self-attention, named by the patch's size there (P / 2^level pixels): a halo widens the
+    # feature maps but leaves attention at the same level.
+    attention_resolutions: tuple[int, ...] = (8,)
     attention_heads: int = 4
     dropout: float = 0.0
     use_position: bool = True  # one-hot patch position -> Linear -> GELU, joined to the time embedding
@@ -30,6 +32,8 @@ class ModelConfig:
     gcc_source: str = "xt"  # "xt": pool x_t (the paper); "x0": pool the previous step's x0_hat (self-conditioning)
     prediction: str = "eps"  # what the network regresses: "eps", "v" or "x0"; exported graphs always output eps
     schedule: Schedule = field(default_factory=Schedule)
+    halo: int = 0  # M: the network reads the (P+2M)^2 window of x_t around its patch and predicts the centre P^2
+    edge_mask: bool = False  # with a halo: one more input channel, 1 on the image and 0 in the padding beyond it
 
     def __post_init__(self):
         problems = []
@@ -37,11 +41,24 @@ class ModelConfig:
             problems.append(f"grid must be >= 1, got {self.grid}")
         elif self.image_size % self.grid:
             problems.append(f"grid {self.grid} does not divide image size {self.image_size}")
+        elif self.halo < 0:
+            problems.append(f"halo must be >= 0, got {self.halo}")
         else:
             down = 2 ** (len(self.channel_mults) - 1)
-            if self.patch_size % down:
-                problems.append(f"patch size {self.patch_size} is not divisible by {down}, "
-                                f"which {len(self.channel_mults)} U-Net levels need; use fewer channel_mults")
+            if self.window_size % down:
+                fits = [m for m in range(self.halo + down) if (self.patch_size + 2 * m) % down == 0]
+                below, above = [m for m in fits if m < self.halo], [m for m in fits if m > self.halo]
+                fix = (f"use halo {' or '.join(str(m) for m in [*below[-1:], *above[:1]])}" if self.halo and fits
+                       else "use fewer channel_mults")
+                what = (f"window {self.window_size} (patch {self.patch_size} + 2 x halo {self.halo})" if self.halo
+                        else f"patch size {self.patch_size}")
+                problems.append(f"{what} is not divisible by {down}, which {len(self.channel_mults)} U-Net levels "
+                                f"need; {fix}")
+        if self.halo and self.grid == 1:
+            problems.append("a 1x1 grid has no neighbouring patches: halo must be 0")
+        if self.edge_mask and not (self.halo and self.use_position):
+            problems.append("the edge mask marks a halo's padding by the patch position: it needs a halo (> 0) "
+                            "and position conditioning")
         if self.base_width % 8 or self.base_width < 8:
             problems.append(f"base_width must be a multiple of 8 (GroupNorm), got {self.base_width}")
         if self.grid == 1 and self.use_position:
@@ -62,10 +79,15 @@ class ModelConfig:
         return self.image_size // self.grid
 
     @property
+    def window_size(self) -> int:
+        """P + 2M: the side of the network's input window."""
+        return self.patch_size + 2 * self.halo
+
+    @property
     def spec(self) -> ModelSpec:
         """The part of the config the runtime needs to sample."""
         return ModelSpec(self.image_size, self.channels, self.grid, self.use_position, self.use_gcc,
-                         self.gcc_source, self.prediction, self.schedule)
+                         self.gcc_source, self.prediction, self.schedule, self.halo)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

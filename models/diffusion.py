@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from patchgen.runtime.layout import from_patches, position_onehot, to_patches
+from patchgen.runtime.layout import crop_centre, from_patches, position_onehot, to_windows
 from patchgen.runtime.schedule import Schedule, alphas_cumprod
 
 from .config import ModelConfig
@@ -83,26 +83,34 @@ class EpsDenoiser(nn.Module):
         self.register_buffer("sqrt_1m_abar", sqrt_1m_abar, persistent=False)
 
     def forward(self, x, t, pos: Optional[torch.Tensor] = None, gcc: Optional[torch.Tensor] = None):
+        """x [B, C, P+2M, P+2M] windows -> eps [B, C, P, P] of their centres."""
         pred = self.net(x, t, pos, gcc)
-        return eps_from_prediction(self.prediction, pred, x, t, self.sqrt_abar, self.sqrt_1m_abar)
+        x_t = crop_centre(x, self.net.config.halo)
+        return eps_from_prediction(self.prediction, pred, x_t, t, self.sqrt_abar, self.sqrt_1m_abar)
+
+
+def select_patches(patches: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """patches [B, G*G, ...] and index [B, K] -> the chosen ones, flattened: [B*K, ...]."""
+    b, k = index.shape
+    chosen = torch.gather(patches, 1, index.reshape(b, k, *[1] * (patches.ndim - 2)).expand(-1, -1, *patches.shape[2:]))
+    return chosen.reshape(b * k, *patches.shape[2:])
 
 
 def patch_inputs(config: ModelConfig, x_t: torch.Tensor, gcc: Optional[torch.Tensor], index: torch.Tensor):
     """Flatten chosen patches of each image into one network batch.
 
     x_t [B, C, H, W]; gcc [B, C, P, P] or None; index [B, K] patch positions per image.
-    Returns (patches [B*K, C, P, P], pos [B*K, G*G] or None, gcc [B*K, C, P, P] or None).
+    Returns (windows [B*K, C, P+2M, P+2M] (the patches themselves when M = 0), pos [B*K, G*G] or None,
+    gcc [B*K, C, P, P] or None). Windows are cut by the runtime's own `to_windows`.
     """
     b, k = index.shape
-    patches = to_patches(x_t, config.grid)  # [B, G*G, C, P, P]
-    patches = torch.gather(patches, 1, index.reshape(b, k, 1, 1, 1).expand(-1, -1, *patches.shape[2:]))
-    patches = patches.reshape(b * k, *patches.shape[2:])
+    windows = select_patches(to_windows(x_t, config.grid, config.halo), index)
     pos = None
     if config.use_position:
         pos = torch.from_numpy(position_onehot(config.grid)).to(x_t.device)[index.reshape(-1)]
     if gcc is not None:
         gcc = gcc[:, None].expand(-1, k, -1, -1, -1).reshape(b * k, *gcc.shape[1:])
-    return patches, pos, gcc
+    return windows, pos, gcc
 
 
 def predict_full(net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, gcc: Optional[torch.Tensor]) -> torch.Tensor:

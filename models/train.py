@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from patchgen.runtime.images import make_grid, save_png, to_uint8
-from patchgen.runtime.layout import pool_gcc
+from patchgen.runtime.layout import pool_gcc, to_patches
 from patchgen.runtime.errors import PatchgenError
 from patchgen.runtime.files import atomic_output, remove_stale_temporaries
 
@@ -24,7 +24,7 @@ from .config import ModelConfig, TrainConfig
 from .data import ImageSet, holdout_split, to_model_range
 from .metrics import seam_grid, seam_score
 from .diffusion import (loss_weight, patch_inputs, predict_full, prediction_target, q_sample,
-                        schedule_coefficients, x0_from_prediction)
+                        schedule_coefficients, select_patches, x0_from_prediction)
 from .sample import sample_torch
 from .unet import PatchUNet
 
@@ -75,7 +75,7 @@ def diffusion_loss(net: PatchUNet, x0: torch.Tensor, gen: torch.Generator, tc: T
     k = index.shape[1]
     patches, pos, gcc_p = patch_inputs(config, x_t, gcc, index)
     target = prediction_target(config.prediction, x0, noise, t, sqrt_abar, sqrt_1m_abar)
-    target = patch_inputs(config, target, None, index)[0]
+    target = select_patches(to_patches(target, config.grid), index)  # the centre P x P of each window
     tp = t.repeat_interleave(k)
     pred = net(patches, tp, pos, gcc_p)
     err = (pred - target).abs() if tc.loss == "l1" else (pred - target) ** 2

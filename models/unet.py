@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from patchgen.runtime.layout import pool_gcc
+from patchgen.runtime.layout import crop_centre, pool_gcc
 
 from .config import ModelConfig
 
@@ -83,9 +83,23 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class PatchUNet(nn.Module):
-    """Denoiser for ONE patch: (x [B,C,P,P], t [B], pos [B,G*G], gcc [B,C,P,P]) -> prediction [B,C,P,P].
+def edge_masks(config: ModelConfig) -> torch.Tensor:
+    """[G*G, W*W] float32, W = P + 2M: row k = i*G + j is 1 where patch (i, j)'s window lies on the image and 0
+    where it lies in the zero padding beyond the image's edge."""
+    p, m, g = config.patch_size, config.halo, config.grid
+    offsets = torch.arange(config.window_size) - m  # window pixel r is image pixel (i P + r - M)
+    inside = torch.stack([((i * p + offsets) >= 0) & ((i * p + offsets) < config.image_size) for i in range(g)])
+    masks = inside[:, None, :, None] & inside[None, :, None, :]  # [Gi, Gj, rows, cols]
+    return masks.reshape(g * g, -1).float()
 
+
+class PatchUNet(nn.Module):
+    """Denoiser for ONE patch: (x [B,C,W,W], t [B], pos [B,G*G], gcc [B,C,P,P]) -> prediction [B,C,P,P].
+
+    W = P + 2M: with a halo M the input is the patch's window of x_t (`patchgen.runtime.layout.window_view`,
+    M pixels of its neighbours on each side, zeros beyond the image), the U-Net runs on the whole window and
+    only the centre P x P is returned: the overlap-tile strategy of Ronneberger et al. (2015). GCC is
+    zero-padded to the window, and `edge_mask` adds a channel that marks the image (1) against the padding (0).
     The output is whatever `config.prediction` names (eps, v or x0); `EpsDenoiser`
     turns it into eps. With grid 1 and both conditionings off this is the
     ordinary full-image DDPM U-Net.
@@ -108,7 +122,9 @@ class PatchUNet(nn.Module):
             cells = c * config.global_context**2
             self.global_mlp = nn.Sequential(nn.Linear(cells, emb_dim), nn.GELU(), nn.Linear(emb_dim, emb_dim))
 
-        self.conv_in = nn.Conv2d(2 * c if config.use_gcc else c, w, 3, padding=1)
+        if config.edge_mask:
+            self.register_buffer("edge_masks", edge_masks(config), persistent=False)
+        self.conv_in = nn.Conv2d(c * (2 if config.use_gcc else 1) + int(config.edge_mask), w, 3, padding=1)
         widths = [w * m for m in config.channel_mults]
         res = config.patch_size
         self.down = nn.ModuleList()
@@ -155,7 +171,12 @@ class PatchUNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, pos: Optional[torch.Tensor] = None,
                 gcc: Optional[torch.Tensor] = None) -> torch.Tensor:
         emb = self.embed(t, pos, gcc)
-        h = self.conv_in(torch.cat([x, gcc], dim=1) if self.config.use_gcc else x)
+        m, inputs = self.config.halo, [x]
+        if self.config.use_gcc:
+            inputs.append(F.pad(gcc, (m, m, m, m)) if m else gcc)
+        if self.config.edge_mask:
+            inputs.append((pos @ self.edge_masks).reshape(x.shape[0], 1, *x.shape[2:]))
+        h = self.conv_in(torch.cat(inputs, dim=1) if len(inputs) > 1 else x)
         hs = [h]
         for layer in self.down:
             h = self._run_layer(layer, h, emb)
@@ -165,7 +186,7 @@ class PatchUNet(nn.Module):
         h = self.mid[2](h, emb)
         for layer in self.up:
             h = self._run_layer(layer, torch.cat([h, hs.pop()], dim=1) if not isinstance(layer, Upsample) else h, emb)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return crop_centre(self.conv_out(F.silu(self.norm_out(h))), m)
 
     @staticmethod
     def _run_layer(layer: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:

@@ -18,10 +18,10 @@ from .loop import SAMPLERS, default_steps, sample_images
 from .memory import (MIB, BudgetTooSmall, calibrate, cap_to_available, format_size, parse_size,
                      plan_patch_batch)
 from .model import OnnxModel, load_model
-from .spec import ModelSpec
+from .spec import ModelSpec, example_feeds
 
-# Full-size float32 arrays alive per image in flight: x_t, x0_hat, eps, the patch copies of x_t and eps,
-# the merged eps, and the sampler's temporaries. Charged on top of the measured model of the session.
+# Full-size float32 arrays alive per image in flight: x_t, x0_hat, eps, the sampler's temporaries, and room
+# to spare. Charged on top of the measured model of the session, with a halo model's zero-bordered x_t.
 IMAGE_ARRAYS = 8
 OVERHEAD = 4 * MIB  # PNG encoding and Python bookkeeping during sampling
 MAX_SEED = 2**32 - 1  # (seed, image index) seed one generator as two 32-bit words: one-to-one below this
@@ -78,16 +78,16 @@ def images_per_run(patch_batch: int, grid: int, num_images: int) -> int:
 def image_bytes(model: OnnxModel) -> int:
     """Bytes charged per image in flight on top of the measured session model."""
     c, h, w = model.spec.image_shape
-    return IMAGE_ARRAYS * 4 * c * h * w
+    m = model.spec.halo
+    return 4 * c * (IMAGE_ARRAYS * h * w + ((h + 2 * m) * (w + 2 * m) if m else 0))
 
 
 def probe(model: OnnxModel, request: Request):
     """(warm_up, run) for calibration. warm_up(): one sampler step of one image at one patch per call, and its
     PNG encoded in memory, so that what sampling loads on first use is resident before anything is measured.
-    run(b): one onnxruntime call on b patches of noise, its inputs made inside the call as the patch loop
-    makes them (the gcc rows are a fresh copy there too), so their bytes count as the call's."""
+    run(b): one onnxruntime call on b windows of noise, its inputs made inside the call as the patch loop
+    makes them (it copies each call's windows and gcc rows), so their bytes count as the call's."""
     spec = model.spec
-    p, g2 = spec.patch_size, spec.grid**2
 
     def warm_up() -> None:
         x = sample_images(model, spec, num_images=1, seed=request.seed, steps=1, sampler=request.sampler,
@@ -95,11 +95,8 @@ def probe(model: OnnxModel, request: Request):
         Image.fromarray(to_uint8(x)[0]).save(io.BytesIO(), format="PNG")
 
     def run(b: int) -> None:
-        rng = np.random.default_rng(b)
-        x = rng.standard_normal((b, spec.channels, p, p), dtype=np.float32)  # noise: every page touched
-        pos = np.eye(g2, dtype=np.float32)[np.arange(b) % g2] if spec.use_position else None
-        gcc = rng.standard_normal((b, spec.channels, p, p), dtype=np.float32) if spec.use_gcc else None
-        model(x, np.full(b, spec.schedule.num_timesteps - 1, np.int64), pos, gcc)
+        feeds = example_feeds(spec, np.full(b, spec.schedule.num_timesteps - 1), np.random.default_rng(b))
+        model(feeds["x"], feeds["t"], feeds.get("pos"), feeds.get("gcc"))
     return warm_up, run
 
 

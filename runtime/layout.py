@@ -1,7 +1,8 @@
 """Patch layout and conditioning inputs shared by training and the runtime.
 
-Each function works on numpy arrays and on torch tensors alike (only reshape,
-permute and mean are used), so both sides run the one copy.
+Each function works on numpy arrays and on torch tensors alike (reshape,
+permute, mean, slicing; windows use each library's strided view), so both
+sides run the one copy.
 """
 from __future__ import annotations
 
@@ -45,6 +46,55 @@ def from_patches(p, grid: int):
     # (..., Gi, Gj, C, Pi, Pj) -> (..., C, Gi, Pi, Gj, Pj)
     p = _permute(p, (*range(k), k + 2, k, k + 3, k + 1, k + 4))
     return p.reshape(*lead, c, grid * ph, grid * pw)
+
+
+def pad_image(x, halo: int, out=None):
+    """(..., C, H, W) -> (..., C, H+2M, W+2M): x with M = `halo` zero pixels on every side.
+
+    out: a zeroed buffer of the padded shape to reuse (numpy or torch). Only its centre is written, so a
+    buffer that is padded into step after step keeps its zero border and is never allocated again."""
+    *lead, c, h, w = x.shape
+    if out is None:
+        shape = (*lead, c, h + 2 * halo, w + 2 * halo)
+        out = x.new_zeros(shape) if hasattr(x, "new_zeros") else np.zeros(shape, x.dtype)
+    out[..., halo:halo + h, halo:halo + w] = x
+    return out
+
+
+def window_view(padded, grid: int, halo: int):
+    """(..., C, H+2M, W+2M) -> (..., G, G, C, P+2M, P+2M): window (i, j) = padded[..., iP : iP+P+2M, jP : jP+P+2M],
+    i.e. patch (i, j) of the unpadded image with M pixels of its neighbours (or of the zero pad) on each side.
+
+    A strided view, no copy (numpy: read-only). With halo 0 it equals `patch_view`. The overlap-tile input
+    of Ronneberger et al. (2015), cut per patch as in Arakawa et al. (2023) Sec. 3 with a halo added."""
+    *lead, c, hp, wp = padded.shape
+    h, w = hp - 2 * halo, wp - 2 * halo
+    if h <= 0 or w <= 0 or h % grid or w % grid:
+        raise ValueError(f"grid {grid} does not divide the image size {h}x{w} inside a halo of {halo}")
+    ph, pw = h // grid, w // grid
+    k = len(lead)
+    if hasattr(padded, "unfold"):  # torch: (..., C, Gi, Gj, rows, cols)
+        win = padded.unfold(k + 1, ph + 2 * halo, ph).unfold(k + 2, pw + 2 * halo, pw)
+    else:  # numpy: every (P+2M)^2 window, then every P-th one: (..., C, Gi, Gj, rows, cols)
+        win = np.lib.stride_tricks.sliding_window_view(padded, (ph + 2 * halo, pw + 2 * halo), axis=(-2, -1))
+        win = win[..., ::ph, ::pw, :, :]
+    return _permute(win, (*range(k), k + 1, k + 2, k, k + 3, k + 4))
+
+
+def to_windows(x, grid: int, halo: int):
+    """(..., C, H, W) -> (..., G*G, C, P+2M, P+2M): each patch's window, zero-padded at the image's edges, in
+    row-major order like `to_patches` (a copy; halo 0: `to_patches`)."""
+    if halo == 0:
+        return to_patches(x, grid)
+    v = window_view(pad_image(x, halo), grid, halo)
+    return v.reshape(*v.shape[:-5], grid * grid, *v.shape[-3:])
+
+
+def crop_centre(x, halo: int):
+    """(..., P+2M, P+2M) -> (..., P, P): the patch inside its window (a view)."""
+    if halo == 0:
+        return x
+    return x[..., halo:-halo, halo:-halo]
 
 
 def pool_gcc(x, patch_size: int):

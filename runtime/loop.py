@@ -6,12 +6,12 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .layout import patch_view, pool_gcc, position_onehot
+from .layout import pad_image, patch_view, pool_gcc, position_onehot, window_view
 from .samplers import image_rngs, normal_like, sample_ddim, sample_ddpm, sample_dpmpp_2m
 from .schedule import alphas_cumprod, timestep_sequence
 from .spec import ModelSpec
 
-# net(x [B,C,P,P] f32, t [B] i64, pos [B,G*G] f32 | None, gcc [B,C,P,P] f32 | None) -> eps [B,C,P,P] f32
+# net(x [B,C,P+2M,P+2M] f32, t [B] i64, pos [B,G*G] f32 | None, gcc [B,C,P,P] f32 | None) -> eps [B,C,P,P] f32
 PatchNet = Callable[[np.ndarray, np.ndarray, Optional[np.ndarray], Optional[np.ndarray]], np.ndarray]
 
 SAMPLERS = ("ddpm", "ddim", "dpm++")
@@ -27,10 +27,13 @@ class PatchDenoiser:
     """x_t -> clipped x0_hat for whole images, evaluating the network patch by patch.
 
     Per step: GCC is pooled once from the full x_t (or, for gcc_source "x0", from
-    the previous step's x0_hat, zeros at the first step), the G*G patches of every
-    image go through `net` in calls of `patch_batch` patches, and the predicted
-    noise is merged back and turned into x0_hat. One instance serves one sampling run;
-    its patch and noise buffers are allocated on the first step and reused after.
+    the previous step's x0_hat, zeros at the first step). With a halo M, x_t is
+    copied once into a zero-bordered buffer [N, C, H+2M, W+2M], allocated on the
+    first step, and each patch's (P+2M)^2 window is a view into it (`window_view`).
+    The G*G windows of every image go through `net` in calls of `patch_batch`
+    (each call's input is the one copy made), the predicted noise of each patch
+    lands in its place in the eps image, and that becomes x0_hat.
+    One instance serves one sampling run.
     """
 
     def __init__(self, net: PatchNet, spec: ModelSpec, patch_batch: int = 1):
@@ -40,7 +43,7 @@ class PatchDenoiser:
         self.alphas_cumprod = alphas_cumprod(spec.schedule)
         self.positions = position_onehot(spec.grid)
         self.x0_prev: Optional[np.ndarray] = None  # self-conditioning state
-        self.buffers: Optional[tuple[np.ndarray, np.ndarray, np.ndarray]] = None  # patches, eps patches, eps image
+        self.buffers: Optional[tuple[Optional[np.ndarray], np.ndarray]] = None  # padded x_t (halo > 0), eps image
 
     def gcc(self, x: np.ndarray) -> Optional[np.ndarray]:
         """The GCC input [N, C, P, P] for this step, or None when the model has none."""
@@ -54,25 +57,24 @@ class PatchDenoiser:
         return pool_gcc(self.x0_prev, self.spec.patch_size)
 
     def __call__(self, x: np.ndarray, t: int) -> np.ndarray:
-        grid, g2 = self.spec.grid, self.spec.grid**2
+        grid, g2, halo = self.spec.grid, self.spec.grid**2, self.spec.halo
         n = x.shape[0]
         if self.buffers is None:
-            p = self.spec.patch_size
-            self.buffers = (np.empty((n * g2, self.spec.channels, p, p), np.float32),
-                            np.empty((n * g2, self.spec.channels, p, p), np.float32), np.empty_like(x))
-        patches, eps_patches, eps = self.buffers
+            padded = pad_image(x, halo) if halo else None  # zeros around; only the centre is written after
+            self.buffers = (padded, np.empty_like(x))
+        padded, eps = self.buffers
         gcc = self.gcc(x)
-        np.copyto(patches.reshape(n, grid, grid, *patches.shape[1:]), patch_view(x, grid))  # split, no temporary
+        windows = window_view(pad_image(x, halo, out=padded) if halo else x, grid, halo)  # [N, G, G, C, W, W]
+        eps_patches = patch_view(eps, grid)  # [N, G, G, C, P, P], writes land in eps
         for start in range(0, n * g2, self.patch_batch):
-            k = slice(start, min(start + self.patch_batch, n * g2))  # flat index = image * G^2 + position
-            index = np.arange(k.start, k.stop)
-            eps_patches[k] = self.net(
-                patches[k],
+            index = np.arange(start, min(start + self.patch_batch, n * g2))  # flat index = image * G^2 + position
+            image, i, j = index // g2, index % g2 // grid, index % grid
+            eps_patches[image, i, j] = self.net(
+                windows[image, i, j],  # fancy indexing: the call's contiguous input, [B, C, W, W]
                 np.full(len(index), t, dtype=np.int64),
                 self.positions[index % g2] if self.spec.use_position else None,
-                gcc[index // g2] if gcc is not None else None,
+                gcc[image] if gcc is not None else None,
             )
-        np.copyto(patch_view(eps, grid), eps_patches.reshape(n, grid, grid, *eps_patches.shape[1:]))  # merge
         # x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), clipped to the data range as in the paper
         abar = float(self.alphas_cumprod[t])
         x0 = np.multiply(eps, -math.sqrt(1 - abar))  # a fresh array: samplers may keep x0 across steps

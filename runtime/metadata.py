@@ -9,7 +9,8 @@ from .errors import PatchgenError
 from .schedule import Schedule
 from .spec import GCC_SOURCES, PREDICTIONS, ModelSpec
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: patchgen.halo, and x is the (P+2M)^2 window
+READABLE_VERSIONS = ("1", "2")  # version 1 files have no halo: they read as halo 0, unchanged
 PREFIX = "patchgen."
 
 
@@ -25,6 +26,7 @@ def spec_to_metadata(spec: ModelSpec) -> dict[str, str]:
         "patchgen.channels": str(spec.channels),
         "patchgen.grid": str(spec.grid),
         "patchgen.patch_size": str(spec.patch_size),
+        "patchgen.halo": str(spec.halo),
         "patchgen.position_conditioning": _bool(spec.use_position),
         "patchgen.gcc": _bool(spec.use_gcc),
         "patchgen.gcc_source": spec.gcc_source,
@@ -44,9 +46,9 @@ def spec_from_metadata(meta: dict[str, str], source: str = "model") -> ModelSpec
     if not any(k.startswith(PREFIX) for k in meta):
         raise PatchgenError(f"{source} is not a patchgen model (no patchgen metadata); export one with patchgen-export")
     version = meta.get("patchgen.format_version")
-    if version != FORMAT_VERSION:
-        raise PatchgenError(f"{source} has patchgen format version {version!r}; this runtime reads version "
-                            f"{FORMAT_VERSION}: re-export it with a matching patchgen")
+    if version not in READABLE_VERSIONS:
+        raise PatchgenError(f"{source} has patchgen format version {version!r}; this runtime reads versions "
+                            f"{', '.join(READABLE_VERSIONS)}: re-export it with a matching patchgen")
 
     def get(key: str) -> str:
         try:
@@ -64,7 +66,7 @@ def spec_from_metadata(meta: dict[str, str], source: str = "model") -> ModelSpec
         spec = ModelSpec(
             image_size=int(get("image_size")), channels=int(get("channels")), grid=int(get("grid")),
             use_position=flag("position_conditioning"), use_gcc=flag("gcc"), gcc_source=get("gcc_source"),
-            prediction=get("prediction"),
+            prediction=get("prediction"), halo=int(get("halo")) if version != "1" else 0,
             schedule=Schedule(kind=get("schedule.kind"), num_timesteps=int(get("schedule.num_timesteps")),
                               cosine_s=float(get("schedule.cosine_s")), max_beta=float(get("schedule.max_beta")),
                               beta_start=float(get("schedule.beta_start")), beta_end=float(get("schedule.beta_end"))))
@@ -73,6 +75,8 @@ def spec_from_metadata(meta: dict[str, str], source: str = "model") -> ModelSpec
     if spec.grid < 1 or spec.image_size % spec.grid or int(get("patch_size")) != spec.patch_size:
         raise PatchgenError(f"{source}: metadata grid {spec.grid}, image size {spec.image_size} and patch size "
                             f"{get('patch_size')} do not agree")
+    if spec.halo < 0:
+        raise PatchgenError(f"{source}: metadata halo must be >= 0, got {spec.halo}")
     if spec.gcc_source not in GCC_SOURCES or spec.prediction not in PREDICTIONS:
         raise PatchgenError(f"{source}: unsupported gcc_source {spec.gcc_source!r} or prediction {spec.prediction!r}")
     return spec

@@ -14,7 +14,7 @@ from .metadata import spec_from_metadata
 from .onnxfile import model_sha256
 from .pretrained import resolve_model
 from .session import open_session
-from .spec import ModelSpec
+from .spec import ModelSpec, graph_inputs
 
 MAX_DEFAULT_THREADS = 4  # small patches leave little to split across more (benchmarks/threads.py)
 
@@ -39,22 +39,13 @@ class OnnxModel:
         T = self.spec.schedule.num_timesteps
         if t.size and (t.min() < 0 or t.max() >= T):
             raise ValueError(f"timesteps must be in [0, {T - 1}], got {t.min()} .. {t.max()}")
-        feeds = {"x": x, "t": t}
-        if pos is not None:
-            feeds["pos"] = pos
-        if gcc is not None:
-            feeds["gcc"] = gcc
-        return self.session.run(["eps"], feeds)[0]
+        given = {"x": x, "t": t, "pos": pos, "gcc": gcc}
+        return self.session.run(["eps"], {name: given[name] for name in graph_inputs(self.spec)})[0]
 
 
 def expected_inputs(spec: ModelSpec) -> dict[str, list]:
-    p, c = spec.patch_size, spec.channels
-    inputs = {"x": [c, p, p], "t": []}
-    if spec.use_position:
-        inputs["pos"] = [spec.grid**2]
-    if spec.use_gcc:
-        inputs["gcc"] = [c, p, p]
-    return inputs
+    """Input name -> shape after the batch dimension, as onnxruntime lists a graph's inputs."""
+    return {name: list(shape) for name, (_, shape) in graph_inputs(spec).items()}
 
 
 def load_model(model: Union[str, Path, None] = None, threads: Optional[int] = None) -> OnnxModel:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .schedule import Schedule
 
 GCC_SOURCES = ("xt", "x0")
@@ -19,11 +21,46 @@ class ModelSpec:
     gcc_source: str = "xt"  # "xt": pool x_t; "x0": pool the previous step's x0_hat (zeros at the first step)
     prediction: str = "eps"  # what the network was trained to regress (the graph always outputs eps)
     schedule: Schedule = field(default_factory=Schedule)
+    halo: int = 0  # M: pixels of neighbour context on each side of a patch (0 = the paper's model)
 
     @property
     def patch_size(self) -> int:
         return self.image_size // self.grid
 
     @property
+    def window_size(self) -> int:
+        """P + 2M: the side of the window of x_t the network reads for one patch."""
+        return self.patch_size + 2 * self.halo
+
+    @property
     def image_shape(self) -> tuple[int, int, int]:
         return (self.channels, self.image_size, self.image_size)
+
+
+def graph_inputs(spec: ModelSpec) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The single-patch graph's inputs in order, name -> (dtype, shape after the batch dimension).
+
+    x [C, P+2M, P+2M] and t [] always; pos [G*G] with position conditioning; gcc [C, P, P] with GCC.
+    The one list of the contract (DESIGN.md, README): loading, probing, export and tests all use it."""
+    c, p, w = spec.channels, spec.patch_size, spec.window_size
+    inputs = {"x": ("float32", (c, w, w)), "t": ("int64", ())}
+    if spec.use_position:
+        inputs["pos"] = ("float32", (spec.grid**2,))
+    if spec.use_gcc:
+        inputs["gcc"] = ("float32", (c, p, p))
+    return inputs
+
+
+def example_feeds(spec: ModelSpec, t, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Inputs for len(t) patches per `graph_inputs`: x and gcc ~ N(0, 1) (every page written), pos one-hot
+    for positions 0, 1, 2, ... in turn, t as given."""
+    t = np.asarray(t, dtype=np.int64).reshape(-1)
+    b, feeds = len(t), {}
+    for name, (dtype, shape) in graph_inputs(spec).items():
+        if name == "t":
+            feeds[name] = t
+        elif name == "pos":
+            feeds[name] = np.eye(spec.grid**2, dtype=np.float32)[np.arange(b) % spec.grid**2]
+        else:
+            feeds[name] = rng.standard_normal((b, *shape), dtype=np.float32)
+    return feeds

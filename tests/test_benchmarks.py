@@ -16,7 +16,7 @@ BENCH = Path(__file__).parent.parent / "benchmarks"
 TINY = {
     "budget_sweep.py": ["--image-size", "16", "--grid", "2", "--points", "2", "--steps", "1", "--repeats", "1"],
     "session_options.py": ["--image-size", "16", "--grid", "2", "--steps", "1", "--repeats", "1"],
-    "memory_vs_grid.py": ["--sizes", "16", "--grids", "1,2", "--no-paper", "--steps", "1"],
+    "memory_vs_grid.py": ["--sizes", "16", "--grids", "1,2", "--halos", "0,2", "--no-paper", "--steps", "1"],
     "vs_pytorch.py": ["--image-size", "16", "--grids", "2", "--steps", "1", "--repeats", "1"],
     "threads.py": ["--image-size", "16", "--grids", "2", "--steps", "1", "--repeats", "1", "--threads", "1"],
     "train_throughput.py": ["--image-size", "16", "--grids", "1,2", "--steps", "1", "--warmup", "0", "--batch-size", "2",
@@ -53,6 +53,32 @@ def test_quality_tiny(tmp_path):
     assert (tmp_path / "quality_samples.png").exists()
     (real,) = (tmp_path / "cache").glob("real_twemoji-faces_*_all.npz")  # the model's own data set, all of it
     assert len(np.load(real)["images"]) == 125
+
+
+def test_halo_study_tiny(tmp_path):
+    """benchmarks/halo.py on a study folder as train_halo.sh leaves it: one group, a 1x1 run and a halo run."""
+    from patchgen.models.checkpoint import load_checkpoint
+
+    from conftest import tiny_config, write_checkpoint
+
+    faces = {"name": "twemoji-faces", "holdout_fraction": 0.1, "holdout_seed": 0, "num_train": 113}
+    for name, config in {"full": tiny_config(grid=1, use_position=False, use_gcc=False),
+                         "halo2": tiny_config(halo=2, edge_mask=True)}.items():
+        run = tmp_path / "runs" / "g1" / name
+        run.mkdir(parents=True)
+        write_checkpoint(run / "checkpoint.pt", config, step=2, data=faces)
+        cfg = load_checkpoint(run / "checkpoint.pt")["model_config"].to_dict()
+        (run / "config.json").write_text(json.dumps({**cfg, "batch_size": 4}))
+        (run / "train_log.csv").write_text("step,loss,lr,images_per_s\n1,0.5,1e-4,8.0\n2,0.4,1e-4,8.0\n")
+    out = tmp_path / "halo"
+    r = subprocess.run([sys.executable, str(BENCH / "halo.py"), "--runs", str(tmp_path / "runs"), "--num-samples", "4",
+                        "--cache", str(tmp_path / "cache"), "--out", str(out)], capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [(row["run"], row["halo_px"], row["edge_mask"]) for row in rows] == [("full", 0, "no"), ("halo2", 2, "yes")]
+    assert rows[0]["kid_vs_full"] == 1.0 and rows[1]["train_s"] == 1.0 and rows[1]["steps"] == 2
+    assert (tmp_path / "halo_samples.png").exists()
 
 
 @pytest.fixture
@@ -171,10 +197,40 @@ def test_train_levers_runs_the_trainer_it_is_given(tmp_path):
 
 def test_every_benchmark_is_smoke_tested():
     scripts = {p.name for p in BENCH.glob("*.py") if p.name != "benchlib.py"}
-    assert scripts <= set(TINY) | {"quality.py", "levers.py"}, scripts - set(TINY)
+    assert scripts <= set(TINY) | {"quality.py", "levers.py", "halo.py"}, scripts - set(TINY)
 
 
-@pytest.mark.parametrize("script", sorted(TINY) + ["quality.py", "levers.py"])
+@pytest.mark.parametrize("script", sorted(TINY) + ["quality.py", "levers.py", "halo.py"])
 def test_benchmark_help(script):
     r = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "Example" in r.stdout
+
+
+def test_train_halo_runs_the_study(tmp_path):
+    """With a stand-in trainer: each group's runs go to OUT/<group>/<run> at the group's size, grid and budget;
+    only the halo flags differ within a group; STUDY picks the groups."""
+    fake = tmp_path / "fake-train"
+    fake.write_text('#!/bin/sh\necho "$@"\n')
+    fake.chmod(0o755)
+    out = tmp_path / "halo"
+    env = {**os.environ, "PATCHGEN_TRAIN": str(fake), "OUT": str(out), "STEPS1": "3", "STEPS2": "4"}
+    r = subprocess.run(["bash", str(BENCH / "train_halo.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    calls = {re.search(r"--out (\S+)", c).group(1).removeprefix(f"{out}/"): c
+             for q in "ab" for c in (out / f"queue_{q}.log").read_text().splitlines()}
+    assert sorted(calls) == ["g1/full", "g1/halo0", "g1/halo2", "g1/halo4", "g1/halo4_mask",
+                             "g2/full", "g2/halo0", "g2/halo4"]
+    for run, call in calls.items():
+        group, name = run.split("/")
+        size, steps, batch = ("32", "3", "16") if group == "g1" else ("64", "4", "8")
+        assert f"--image-size {size} " in call and f"--max-steps {steps} " in call and f"--batch-size {batch}" in call
+        halo = re.search(r"--halo (\d+)", call)
+        assert (halo.group(1) if halo else "0") == (name.removeprefix("halo").removesuffix("_mask") if name != "full"
+                                                    else "0")
+        assert ("--edge-mask" in call) == name.endswith("_mask")
+        assert ("--grid 1 " in call) == (name == "full")
+    r = subprocess.run(["bash", str(BENCH / "train_halo.sh")], env={**env, "OUT": str(tmp_path / "only2"), "STUDY": "g2",
+                                                                   "HALO8": "1", "HALO2": "8"},
+                       capture_output=True, text=True, timeout=60)
+    logs = "".join((tmp_path / "only2" / f"queue_{q}.log").read_text() for q in "ab")
+    assert r.returncode == 0 and "g1/" not in logs and "g2/halo8 " in logs

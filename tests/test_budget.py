@@ -138,10 +138,20 @@ def activation_model(tmp_path_factory) -> Path:
     return folder / "m.onnx"
 
 
-@pytest.mark.parametrize("kind", ["loading dominates", "activations dominate"])
+@pytest.fixture(scope="module")
+def halo_model(tmp_path_factory) -> Path:
+    """A 128x128 image in 2x2 patches of 64 with a halo of 16: 96x96 windows, ~70 MiB per call."""
+    folder = tmp_path_factory.mktemp("halo")
+    config = tiny_config(image_size=128, grid=2, base_width=8, halo=16, edge_mask=True)
+    export_onnx(write_checkpoint(folder / "c.pt", config), folder / "m.onnx", check=False)
+    return folder / "m.onnx"
+
+
+@pytest.mark.parametrize("kind", ["loading dominates", "activations dominate", "halo windows"])
 def test_budget_holds_from_the_minimum_up(kind, request, tmp_path):
     """The issue's case first: the default model, -n 4, at the minimum it recommends, then +2M, +8M, +300M."""
-    model = [] if kind == "loading dominates" else ["--model", request.getfixturevalue("activation_model")]
+    fixture = {"activations dominate": "activation_model", "halo windows": "halo_model"}.get(kind)
+    model = ["--model", request.getfixturevalue(fixture)] if fixture else []
     images = 4 if kind == "loading dominates" else 2
     r, _ = sample(*model, "-n", images, "--memory-budget", "1M", "--out", tmp_path / "refused",
                   "--grid-image", tmp_path / "refused.png")

@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from PIL import Image
 
 from patchgen.export.onnx_export import (PARITY_TOLERANCE, eps_gain, example_inputs, export_onnx, max_parity_error,
                                          parity_scale, parity_timesteps)
@@ -18,8 +19,9 @@ from patchgen.runtime.errors import PatchgenError
 from patchgen.runtime.metadata import spec_from_metadata
 from patchgen.runtime.schedule import Schedule
 from patchgen.runtime.session import open_session
+from patchgen.runtime.spec import graph_inputs
 
-from conftest import BLOCK_TORCH, tiny_config, write_checkpoint
+from conftest import BLOCK_TORCH, sample_cli, tiny_config, write_checkpoint
 
 CONFIGS = {
     "g1-baseline": dict(grid=1, use_position=False, use_gcc=False),
@@ -31,6 +33,8 @@ CONFIGS = {
     "g4-pos-gcc": dict(grid=4, image_size=32),
     "g2-levers": dict(grid=2, prediction="v", global_context=2, gcc_source="x0"),
     "g2-x0": dict(grid=2, prediction="x0"),  # eps = (x_t - a x0)/s magnifies fp32 rounding ~156x at t = 0
+    "g2-halo": dict(grid=2, halo=2),
+    "g4-halo-mask-x0": dict(grid=4, image_size=32, halo=4, edge_mask=True, prediction="x0", global_context=2),
 }
 
 
@@ -59,17 +63,16 @@ def test_contract_batch_parity_and_metadata(exported, name):
     config, ckpt, path = exported(name)
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
-    p, c = config.patch_size, config.channels
-    expected = {"x": ["batch", c, p, p], "t": ["batch"]}
-    if config.use_position:
-        expected["pos"] = ["batch", config.grid**2]
-    if config.use_gcc:
-        expected["gcc"] = ["batch", c, p, p]
+    contract = graph_inputs(config.spec)
     shapes = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
-    assert shapes == expected
-    types = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
-    assert types.pop("t") == onnx.TensorProto.INT64 and set(types.values()) == {onnx.TensorProto.FLOAT}
+    assert shapes == {name: ["batch", *shape] for name, (_, shape) in contract.items()}
+    w, p, c = config.window_size, config.patch_size, config.channels
+    assert shapes["x"] == ["batch", c, w, w] and shapes.get("gcc", ["batch", c, p, p]) == ["batch", c, p, p]
+    types = {i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name for i in model.graph.input}
+    assert types == {name: dtype for name, (dtype, _) in contract.items()}
     assert [o.name for o in model.graph.output] == ["eps"]
+    out = model.graph.output[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in out] == ["batch", c, p, p]
 
     net = model_from_checkpoint(load_checkpoint(ckpt))
     assert max_parity_error(net, path.read_bytes(), batches=(1, 2, 3, 4, 5), seed=1) <= PARITY_TOLERANCE
@@ -209,6 +212,28 @@ def test_cli_exports_a_trained_checkpoint(tmp_path, blobs16, tiny_train_config):
     assert meta(tmp_path / "m.onnx")["patchgen.training.steps"] == "2"
     r = run_export(ckpt, "-o", tmp_path / "m.onnx")  # no silent overwrite
     assert r.returncode == 2 and "--force" in r.stderr
+
+
+def test_cli_halo_train_export_sample_without_torch(tmp_path, blobs16):
+    """patchgen-train --halo -> patchgen-export -> patchgen-sample with torch blocked, as on the device."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for k, img in enumerate(blobs16.images[:8]):
+        Image.fromarray(img).save(data / f"{k}.png")
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "patchgen.cli.train", "--data", data, "--image-size", "16", "--grid", "2",
+                        "--halo", "2", "--edge-mask", "--base-width", "8", "--channel-mults", "1,2",
+                        "--num-res-blocks", "1", "--attention-resolutions", "4", "--batch-size", "2", "--max-steps",
+                        "2", "--preview-every", "0", "--out", run], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = run_export(run / "checkpoint.pt", "-o", tmp_path / "m.onnx")
+    assert r.returncode == 0, r.stderr
+    assert "input  x    float32 [batch, 3, 12, 12]" in r.stdout, r.stdout
+    assert meta(tmp_path / "m.onnx")["patchgen.halo"] == "2"
+    r = sample_cli("--model", tmp_path / "m.onnx", "-n", "2", "--steps", "3", "--out", tmp_path / "out",
+                   block_torch=True)
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "out").glob("*.png"))) == 2
 
 
 def _bad_checkpoints(tmp_path):

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from patchgen.runtime.layout import from_patches, pool_gcc, position_onehot, to_patches
+from patchgen.runtime.layout import (crop_centre, from_patches, pad_image, patch_view, pool_gcc, position_onehot,
+                                     to_patches, to_windows, window_view)
 
 
 @pytest.mark.parametrize("grid", [1, 2, 4])
@@ -55,3 +56,42 @@ def test_onehot_order():
 def test_grid_must_divide():
     with pytest.raises(ValueError, match="does not divide"):
         to_patches(np.zeros((3, 10, 10)), 3)
+
+
+def crop_reference(x: np.ndarray, grid: int, halo: int) -> np.ndarray:
+    """The windows by the definition: zero-pad the image by M, crop (P+2M)^2 at (iP, jP), loop by loop."""
+    *lead, c, h, w = x.shape
+    ph, pw = h // grid, w // grid
+    padded = np.zeros((*lead, c, h + 2 * halo, w + 2 * halo), x.dtype)
+    padded[..., halo:halo + h, halo:halo + w] = x
+    return np.stack([padded[..., i * ph:i * ph + ph + 2 * halo, j * pw:j * pw + pw + 2 * halo]
+                     for i in range(grid) for j in range(grid)], axis=-4)
+
+
+@pytest.mark.parametrize("grid,halo", [(1, 0), (2, 0), (2, 1), (2, 4), (4, 2), (4, 8), (2, 12)])
+@pytest.mark.parametrize("lead", [(), (3,)])
+def test_windows_equal_cropping_the_padded_image(grid, halo, lead):
+    # Non-square (H != W) catches row/column mix-ups; halo 12 > P = 8 reaches past the neighbours.
+    x = np.random.default_rng(grid + halo).standard_normal((*lead, 2, 16, 24)).astype(np.float32)
+    want = crop_reference(x, grid, halo)
+    assert want.shape == (*lead, grid * grid, 2, 16 // grid + 2 * halo, 24 // grid + 2 * halo)
+    np.testing.assert_array_equal(to_windows(x, grid, halo), want)
+    np.testing.assert_array_equal(to_windows(torch.from_numpy(x), grid, halo).numpy(), want)
+    view = window_view(pad_image(x, halo), grid, halo)  # [..., G, G, C, W, W]
+    np.testing.assert_array_equal(view.reshape(want.shape), want)
+    tview = window_view(pad_image(torch.from_numpy(x), halo), grid, halo)
+    np.testing.assert_array_equal(tview.reshape(want.shape).numpy(), want)
+    np.testing.assert_array_equal(crop_centre(want, halo), to_patches(x, grid))  # the centre is the patch
+
+
+def test_windows_are_views_into_a_reused_buffer():
+    rng = np.random.default_rng(0)
+    x1, x2 = (rng.standard_normal((2, 3, 16, 16)).astype(np.float32) for _ in range(2))
+    buf = pad_image(x1, 4)
+    view = window_view(buf, 2, 4)
+    assert np.shares_memory(view, buf)
+    assert pad_image(x2, 4, out=buf) is buf  # the next step: same buffer, zero border kept
+    np.testing.assert_array_equal(view.reshape(2, 4, 3, 16, 16), crop_reference(x2, 2, 4))
+    np.testing.assert_array_equal(window_view(x1, 2, 0), patch_view(x1, 2))  # halo 0: the patches themselves
+    xt = torch.from_numpy(x1)
+    assert window_view(xt, 2, 0).data_ptr() == xt.data_ptr()

@@ -27,7 +27,8 @@ def models(tmp_path_factory):
     out = {}
     for name, overrides in {"g2": {}, "g1": dict(grid=1, use_position=False, use_gcc=False),
                             "g2-x0": dict(gcc_source="x0", prediction="v"),
-                            "g2-T100": dict(schedule=Schedule(kind="linear", num_timesteps=100))}.items():
+                            "g2-T100": dict(schedule=Schedule(kind="linear", num_timesteps=100)),
+                            "g2-halo": dict(halo=2, edge_mask=True, prediction="x0", global_context=2)}.items():
         d = tmp_path_factory.mktemp(name)
         ckpt = write_checkpoint(d / "c.pt", tiny_config(**overrides), seed=3)
         export_onnx(ckpt, d / "m.onnx")
@@ -50,7 +51,7 @@ def test_sample_runs_with_torch_blocked(models, tmp_path):
     assert re.search(r"s/image, peak RSS \d+\.\dM", r.stderr)
 
 
-@pytest.mark.parametrize("name", ["g1", "g2", "g2-x0"])
+@pytest.mark.parametrize("name", ["g1", "g2", "g2-x0", "g2-halo"])
 @pytest.mark.parametrize("sampler,steps", [("ddim", 10), ("ddpm", 25), ("dpm++", 8)])
 def test_runtime_matches_torch_reference(models, name, sampler, steps):
     ckpt, onnx_path = models[name]
@@ -61,8 +62,9 @@ def test_runtime_matches_torch_reference(models, name, sampler, steps):
     assert np.abs(runtime - reference).max() <= 1e-4
 
 
-def test_same_seed_same_bytes_whatever_the_batch(models, tmp_path):
-    _, onnx_path = models["g2"]
+@pytest.mark.parametrize("name", ["g2", "g2-halo"])
+def test_same_seed_same_bytes_whatever_the_batch(models, tmp_path, name):
+    _, onnx_path = models[name]
     runs = {}
     for name, extra in {"pb1": ["--patch-batch", "1"], "pb3": ["--patch-batch", "3"], "all": ["--patch-batch", "12"],
                         "again": ["--patch-batch", "1"]}.items():
@@ -267,3 +269,23 @@ def test_budget_beyond_the_machine_is_capped_and_said(models, tmp_path):
                    "--out", tmp_path)
     assert r.returncode == 0, r.stderr
     assert "more than this process can have" in r.stderr
+
+
+def test_a_format_1_file_samples_unchanged(models, tmp_path):
+    """Files written before the halo (format 1: no patchgen.halo, x is the patch) load as halo 0 and sample
+    exactly as before."""
+    _, onnx_path = models["g2"]
+    old = onnx.load(str(onnx_path))
+    props = {p.key: p.value for p in old.metadata_props}
+    assert props.pop("patchgen.halo") == "0"
+    props["patchgen.format_version"] = "1"
+    del old.metadata_props[:]
+    onnx.helper.set_model_props(old, props)
+    onnx.save(old, str(tmp_path / "v1.onnx"))
+    model = load_model(tmp_path / "v1.onnx")
+    assert model.spec.halo == 0 and model.metadata["patchgen.format_version"] == "1"
+    np.testing.assert_array_equal(generate(model, num_images=2, seed=4, steps=3),
+                                  generate(str(onnx_path), num_images=2, seed=4, steps=3))
+    r = sample_cli("--model", tmp_path / "v1.onnx", "-n", "1", "--steps", "2", "--out", tmp_path / "out",
+                   block_torch=True)
+    assert r.returncode == 0, r.stderr

@@ -41,6 +41,8 @@ def test_loss_falls(tmp_path, blobs16, tiny_train_config, bf16):
     (dict(prediction="v", global_context=2), dict(loss="l2", loss_weighting="min_snr")),
     (dict(prediction="x0", gcc_source="x0"), dict(patches_per_image=2)),
     (dict(grid=1, use_position=False, use_gcc=False), {}),
+    (dict(halo=2), {}),
+    (dict(halo=4, edge_mask=True, prediction="x0", gcc_source="x0", global_context=2), dict(patches_per_image=2)),
 ])
 def test_levers_train(tmp_path, blobs16, overrides, tc):
     result = train(tmp_path, 3, data=blobs16, config=tiny_config(**overrides),
@@ -116,6 +118,11 @@ def run_cli(*args, cwd=None):
     (["--resume"], "does not exist"),
     (["--timesteps", "3"], "use more timesteps"),  # cosine, T = 3: 1.6 % of the image left at t = T-1
     (["--schedule", "linear", "--timesteps", "10"], "betas outside"),  # beta_end = 20 / T = 2
+    (["--halo", "3"], "window 38 (patch 32 + 2 x halo 3) is not divisible by 4, which 3 U-Net levels need; "
+                      "use halo 2 or 4"),
+    (["--image-size", "32", "--halo", "1", "--channel-mults", "1,2,2,2"], "use halo 0 or 4"),
+    (["--grid", "1", "--halo", "2"], "no neighbouring patches"),
+    (["--edge-mask"], "needs a halo"),
 ])
 def test_cli_bad_input(tmp_path, args, message):
     r = run_cli(*args, "--out", str(tmp_path / "run"))
