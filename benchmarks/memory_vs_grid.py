@@ -31,9 +31,9 @@ def fits(size: int, grid: int, levels: int, halo: int = 0) -> bool:
     return size % grid == 0 and (size // grid + 2 * halo) % 2 ** (levels - 1) == 0
 
 
-def attention_bytes(size: int, grid: int, levels: int, heads: int = 4) -> int:
+def attention_bytes(size: int, grid: int, levels: int, heads: int = 4, halo: int = 0) -> int:
     """Bytes of one mid-block attention matrix at batch 3 (the exporter's parity check): heads x N^2 floats."""
-    tokens = (size // grid // 2 ** (levels - 1)) ** 2
+    tokens = ((size // grid + 2 * halo) // 2 ** (levels - 1)) ** 2
     return 3 * heads * tokens**2 * 4
 
 
@@ -86,7 +86,7 @@ def main(sizes, grids, paper, paper_size, steps, halos, threads, out, plot_only)
             for grid, halo in [(g, m) for g in grids for m in ([0] if g == 1 else halo_list)]:
                 if not fits(size, grid, len(config["channel_mults"]), halo):
                     continue
-                need = attention_bytes(size, grid, len(config["channel_mults"]))
+                need = attention_bytes(size, grid, len(config["channel_mults"]), halo=halo)
                 if need > ATTENTION_LIMIT:
                     rows.append({"model": name, "size": size, "grid": f"{grid}x{grid}", "halo": halo, "per_call": 1,
                                  "error": f"does not fit: mid-block attention alone needs {need / 2**30:.0f} GiB"})

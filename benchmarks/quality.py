@@ -214,7 +214,8 @@ def main(models, samplers, num_samples, seed, chunk, cache, real_set, out):
         save_png(out.with_name(out.name + "_samples.png"), strip,
                  {"rows": ", ".join(name for name, _, _ in shown) + ", " + real_kind})
     write_results(out, f"Sample quality vs {real_kind} ({num_samples} samples each; EfficientNet-Lite0 features)",
-                  [("model", "model"), ("grid", "grid"), ("steps_trained", "training steps"), ("sampler", "sampler"),
+                  [("model", "model"), ("grid", "grid"), ("halo", "halo"), ("steps_trained", "training steps"),
+                   ("sampler", "sampler"),
                    ("n", "samples"), ("kid_x1000", "KID x1000"), ("fd_effnet", "FD-EffNet"), ("seam", "seam"),
                    ("seam_real", "seam, real"), ("border", "border step"),
                    ("border_real", "border step, real"), ("peak_mib", "peak RSS (MiB)"), ("s_per_image", "s/image")], rows,

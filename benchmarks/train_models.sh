@@ -6,7 +6,8 @@
 #   STEPS=2592 RUNS=g4 benchmarks/train_models.sh   # the 4x4 model, at the budget of the 2592-step snapshots
 #   DATA=emoji-faces OUT=runs/faces64 STEPS=6000 benchmarks/train_models.sh   # the faces pair (halo 0, v0.1's default)
 #   DATA=emoji-faces OUT=runs/faces64h8 STEPS=6000 RUNS=g2 LEVERS="--global-context 4 --halo 8" \
-#     benchmarks/train_models.sh   # the 2x2 faces model with an 8 px halo, P/4 (results/halo.md)
+#     benchmarks/train_models.sh   # the 2x2 faces model with an 8 px halo: P/4, the halo that met the seam
+#                                    target in results/halo.md's 32x32 group
 # The 1x1 baseline shares the prediction type and TRAIN_ARGS; LEVERS (GCC-based) apply to the patch
 # models only.
 cd "$(dirname "$0")/.."  # the repository root

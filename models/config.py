@@ -45,13 +45,14 @@ class ModelConfig:
             problems.append(f"halo must be >= 0, got {self.halo}")
         else:
             down = 2 ** (len(self.channel_mults) - 1)
-            if self.window_size % down:
+            if self.patch_size % down or self.window_size % down:
                 fits = [m for m in range(self.halo + down) if (self.patch_size + 2 * m) % down == 0]
                 below, above = [m for m in fits if m < self.halo], [m for m in fits if m > self.halo]
-                fix = (f"use halo {' or '.join(str(m) for m in [*below[-1:], *above[:1]])}" if self.halo and fits
-                       else "use fewer channel_mults")
-                what = (f"window {self.window_size} (patch {self.patch_size} + 2 x halo {self.halo})" if self.halo
-                        else f"patch size {self.patch_size}")
+                odd_patch = self.patch_size % down != 0  # the levels are named by the patch's size there
+                fix = (f"use halo {' or '.join(str(m) for m in [*below[-1:], *above[:1]])}"
+                       if self.halo and fits and not odd_patch else "use fewer channel_mults")
+                what = (f"window {self.window_size} (patch {self.patch_size} + 2 x halo {self.halo})"
+                        if self.halo and not odd_patch else f"patch size {self.patch_size}")
                 problems.append(f"{what} is not divisible by {down}, which {len(self.channel_mults)} U-Net levels "
                                 f"need; {fix}")
         if self.halo and self.grid == 1:

@@ -30,10 +30,10 @@ class PatchDenoiser:
     the previous step's x0_hat, zeros at the first step). With a halo M, x_t is
     copied once into a zero-bordered buffer [N, C, H+2M, W+2M], allocated on the
     first step, and each patch's (P+2M)^2 window is a view into it (`window_view`).
-    The G*G windows of every image go through `net` in calls of `patch_batch`
-    (each call's input is the one copy made), the predicted noise of each patch
-    lands in its place in the eps image, and that becomes x0_hat.
-    One instance serves one sampling run.
+    The G*G windows of every image go through `net` in calls of `patch_batch`,
+    each call's windows copied into one input buffer (also allocated once), the
+    predicted noise of each patch lands in its place in the eps image, and that
+    becomes x0_hat. One instance serves one sampling run.
     """
 
     def __init__(self, net: PatchNet, spec: ModelSpec, patch_batch: int = 1):
@@ -43,7 +43,8 @@ class PatchDenoiser:
         self.alphas_cumprod = alphas_cumprod(spec.schedule)
         self.positions = position_onehot(spec.grid)
         self.x0_prev: Optional[np.ndarray] = None  # self-conditioning state
-        self.buffers: Optional[tuple[Optional[np.ndarray], np.ndarray]] = None  # padded x_t (halo > 0), eps image
+        # padded x_t (halo > 0), one call's windows, the eps image
+        self.buffers: Optional[tuple[Optional[np.ndarray], np.ndarray, np.ndarray]] = None
 
     def gcc(self, x: np.ndarray) -> Optional[np.ndarray]:
         """The GCC input [N, C, P, P] for this step, or None when the model has none."""
@@ -57,22 +58,27 @@ class PatchDenoiser:
         return pool_gcc(self.x0_prev, self.spec.patch_size)
 
     def __call__(self, x: np.ndarray, t: int) -> np.ndarray:
-        grid, g2, halo = self.spec.grid, self.spec.grid**2, self.spec.halo
+        spec = self.spec
+        grid, g2, halo, w = spec.grid, spec.grid**2, spec.halo, spec.window_size
         n = x.shape[0]
         if self.buffers is None:
-            padded = pad_image(x, halo) if halo else None  # zeros around; only the centre is written after
-            self.buffers = (padded, np.empty_like(x))
-        padded, eps = self.buffers
+            padded = np.zeros((n, spec.channels, x.shape[2] + 2 * halo, x.shape[3] + 2 * halo), np.float32) \
+                if halo else None  # zeros around; only the centre is written after
+            calls = min(self.patch_batch, n * g2)
+            self.buffers = (padded, np.empty((calls, spec.channels, w, w), np.float32), np.empty_like(x))
+        padded, inputs, eps = self.buffers
         gcc = self.gcc(x)
         windows = window_view(pad_image(x, halo, out=padded) if halo else x, grid, halo)  # [N, G, G, C, W, W]
         eps_patches = patch_view(eps, grid)  # [N, G, G, C, P, P], writes land in eps
         for start in range(0, n * g2, self.patch_batch):
             index = np.arange(start, min(start + self.patch_batch, n * g2))  # flat index = image * G^2 + position
             image, i, j = index // g2, index % g2 // grid, index % grid
+            for row, k in enumerate(index):  # this call's windows into the input buffer, one copy each
+                inputs[row] = windows[k // g2, k % g2 // grid, k % grid]
             eps_patches[image, i, j] = self.net(
-                windows[image, i, j],  # fancy indexing: the call's contiguous input, [B, C, W, W]
+                inputs[:len(index)],
                 np.full(len(index), t, dtype=np.int64),
-                self.positions[index % g2] if self.spec.use_position else None,
+                self.positions[index % g2] if spec.use_position else None,
                 gcc[image] if gcc is not None else None,
             )
         # x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), clipped to the data range as in the paper

@@ -33,6 +33,7 @@ class OnnxModel:
     spec: ModelSpec
     metadata: dict
     sha256: str  # of the file and its external data, if any (onnxfile.model_sha256)
+    input_names: tuple[str, ...] = ()  # the graph's inputs, as graph_inputs(spec) names them and load_model checked
 
     def __call__(self, x: np.ndarray, t: np.ndarray, pos: Optional[np.ndarray], gcc: Optional[np.ndarray]):
         # The graph gathers schedule values at t, and ONNX Gather wraps negative indices: refuse them here.
@@ -40,7 +41,7 @@ class OnnxModel:
         if t.size and (t.min() < 0 or t.max() >= T):
             raise ValueError(f"timesteps must be in [0, {T - 1}], got {t.min()} .. {t.max()}")
         given = {"x": x, "t": t, "pos": pos, "gcc": gcc}
-        return self.session.run(["eps"], {name: given[name] for name in graph_inputs(self.spec)})[0]
+        return self.session.run(["eps"], {name: given[name] for name in self.input_names})[0]
 
 
 def expected_inputs(spec: ModelSpec) -> dict[str, list]:
@@ -76,4 +77,4 @@ def load_model(model: Union[str, Path, None] = None, threads: Optional[int] = No
         sha256 = model_sha256(path)
     except (OSError, ValueError) as e:
         raise PatchgenError(f"{path}: cannot read it or its external data: {e}") from None
-    return OnnxModel(path, session, spec, meta, sha256)
+    return OnnxModel(path, session, spec, meta, sha256, tuple(want))

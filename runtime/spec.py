@@ -51,16 +51,16 @@ def graph_inputs(spec: ModelSpec) -> dict[str, tuple[str, tuple[int, ...]]]:
     return inputs
 
 
-def example_feeds(spec: ModelSpec, t, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def example_feeds(spec: ModelSpec, t, rng: np.random.Generator, first_position: int = 0) -> dict[str, np.ndarray]:
     """Inputs for len(t) patches per `graph_inputs`: x and gcc ~ N(0, 1) (every page written), pos one-hot
-    for positions 0, 1, 2, ... in turn, t as given."""
+    for positions first_position, first_position + 1, ... (mod G*G) in turn, t as given."""
     t = np.asarray(t, dtype=np.int64).reshape(-1)
     b, feeds = len(t), {}
     for name, (dtype, shape) in graph_inputs(spec).items():
         if name == "t":
             feeds[name] = t
         elif name == "pos":
-            feeds[name] = np.eye(spec.grid**2, dtype=np.float32)[np.arange(b) % spec.grid**2]
+            feeds[name] = np.eye(spec.grid**2, dtype=np.float32)[(first_position + np.arange(b)) % spec.grid**2]
         else:
             feeds[name] = rng.standard_normal((b, *shape), dtype=np.float32)
     return feeds

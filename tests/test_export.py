@@ -262,3 +262,21 @@ def test_cli_bad_input(tmp_path, checkpoint, output, message):
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert set(tmp_path.rglob("*")) == before  # no partial file
+
+
+def test_parity_check_runs_every_patch_position(exported, monkeypatch):
+    """The export's parity check feeds every one-hot position at least once (16 on a 4x4 grid), not just the
+    first few: a wrong position path (the edge mask is built from pos) cannot pass unseen."""
+    import patchgen.export.onnx_export as onnx_export
+
+    config, ckpt, path = exported("g4-halo-mask-x0")
+    seen = []
+    original = onnx_export.example_inputs
+
+    def recording(*args, **kwargs):
+        feeds = original(*args, **kwargs)
+        seen.extend(np.argmax(feeds["pos"], axis=1).tolist())
+        return feeds
+    monkeypatch.setattr(onnx_export, "example_inputs", recording)
+    assert max_parity_error(model_from_checkpoint(load_checkpoint(ckpt)), path.read_bytes()) <= PARITY_TOLERANCE
+    assert set(seen) == set(range(config.grid**2))

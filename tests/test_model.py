@@ -115,6 +115,7 @@ def test_predict_full_assembles_patches_in_order():
     (dict(halo=1, channel_mults=(1, 2, 2)),
      r"window 10 \(patch 8 \+ 2 x halo 1\) is not divisible by 4, which 3 U-Net levels need; use halo 0 or 2"),
     (dict(halo=-1), "halo must be >= 0"),
+    (dict(image_size=36, halo=1, channel_mults=(1, 2, 2)), "patch size 18 is not divisible by 4"),
     (dict(grid=1, use_position=False, halo=2), "no neighbouring patches"),
     (dict(edge_mask=True), "needs a halo"),
     (dict(halo=2, edge_mask=True, use_position=False), "needs a halo .* and position conditioning"),

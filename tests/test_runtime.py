@@ -66,12 +66,12 @@ def test_runtime_matches_torch_reference(models, name, sampler, steps):
 def test_same_seed_same_bytes_whatever_the_batch(models, tmp_path, name):
     _, onnx_path = models[name]
     runs = {}
-    for name, extra in {"pb1": ["--patch-batch", "1"], "pb3": ["--patch-batch", "3"], "all": ["--patch-batch", "12"],
-                        "again": ["--patch-batch", "1"]}.items():
+    for run, extra in {"pb1": ["--patch-batch", "1"], "pb3": ["--patch-batch", "3"], "all": ["--patch-batch", "12"],
+                       "again": ["--patch-batch", "1"]}.items():
         r = sample_cli("--model", onnx_path, "-n", "3", "--steps", "5", "--sampler", "ddim", "--eta", "1",
-                       "--seed", "11", "--out", tmp_path / name, *extra)
+                       "--seed", "11", "--out", tmp_path / run, *extra)
         assert r.returncode == 0, r.stderr
-        runs[name] = [p.read_bytes() for p in sorted((tmp_path / name).glob("*.png"))]
+        runs[run] = [p.read_bytes() for p in sorted((tmp_path / run).glob("*.png"))]
     assert len(runs["pb1"]) == 3 and len(set(runs["pb1"])) == 3
     assert runs["pb1"] == runs["pb3"] == runs["all"] == runs["again"]
 
