@@ -60,7 +60,7 @@ def _csv_ints(_ctx, _param, value):
 @click.option("--global-context", type=click.IntRange(min=0), default=0, show_default=True, help="Cells per side of a global context vector from GCC (0 = off).")
 @click.option("--halo", type=click.IntRange(min=0), default=0, show_default=True,
               help="M: each patch also sees M pixels of its neighbours per side ((P+2M)^2 window, zero-padded at "
-                   "the image's edge) and predicts its own P x P; P+2M must divide by 2^(levels-1). 0 = the paper.")
+                   "the image's edge) and predicts its own P x P; P and P+2M must divide by 2^(levels-1). 0 = the paper.")
 @click.option("--edge-mask", is_flag=True, help="One more input channel marking the image against the padding "
               "beyond its edge; needs --halo and position conditioning.")
 @click.option("--schedule", type=click.Choice(SCHEDULE_KINDS), default="cosine", show_default=True)
