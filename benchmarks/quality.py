@@ -12,7 +12,8 @@ compares with every image of the set instead, for sets too small to hold out eno
 - peak RSS and s/image of `patchgen-sample` (1 patch per call, 4 images, the largest peak and fastest time of
   3 fresh processes).
 
-    python benchmarks/quality.py --models models/pretrained/emoji64_2x2.onnx,models/pretrained/emoji64_1x1.onnx
+    python benchmarks/quality.py --models models/pretrained/faces64_2x2.onnx,models/pretrained/faces64_1x1.onnx \
+        --samplers dpm++:20 --real all
     python benchmarks/quality.py --models a.onnx --samplers ddim:50 --num-samples 200
 """
 from __future__ import annotations
@@ -185,8 +186,8 @@ def measure(models: list[Path], plan: list[tuple[str, int]], num_samples: int, s
     return rows, shown
 
 
-@click.command(epilog="Example: python benchmarks/quality.py --models models/pretrained/emoji64_2x2.onnx "
-                      "--samplers ddim:50,dpm++:20 --num-samples 1000")
+@click.command(epilog="Example: python benchmarks/quality.py --models models/pretrained/faces64_2x2.onnx "
+                      "--samplers ddim:50,dpm++:20 --real all --num-samples 1000")
 @click.option("--models", required=True, help="Comma-separated .onnx files (trained on a built-in set).")
 @click.option("--samplers", default="ddpm:1000,ddim:50,dpm++:20", show_default=True, help="sampler:steps list.")
 @click.option("--num-samples", type=click.IntRange(min=2), default=1000, show_default=True)

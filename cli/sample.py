@@ -23,7 +23,7 @@ EXAMPLE = """
 \b
 Examples:
   patchgen-sample --num-images 16 --grid-image samples.png       # the shipped smileys model
-  patchgen-sample --model emoji64_2x2 --sampler dpm++            # a shipped model by name
+  patchgen-sample --model faces64_1x1 --sampler dpm++            # a shipped model by name
   patchgen-sample --model emoji32.onnx --sampler dpm++ --steps 20 --seed 7 --out samples/
   patchgen-sample --model emoji32.onnx --memory-budget 150M      # largest patch batch that fits
 """

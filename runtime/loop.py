@@ -73,8 +73,8 @@ class PatchDenoiser:
         for start in range(0, n * g2, self.patch_batch):
             index = np.arange(start, min(start + self.patch_batch, n * g2))  # flat index = image * G^2 + position
             image, i, j = index // g2, index % g2 // grid, index % grid
-            for row, k in enumerate(index):  # this call's windows into the input buffer, one copy each
-                inputs[row] = windows[k // g2, k % g2 // grid, k % grid]
+            for row, (b, r, c) in enumerate(zip(image, i, j)):  # this call's windows into the input buffer
+                inputs[row] = windows[b, r, c]
             eps_patches[image, i, j] = self.net(
                 inputs[:len(index)],
                 np.full(len(index), t, dtype=np.int64),

@@ -13,8 +13,7 @@ from conftest import sample_cli
 
 PRETRAINED = pretrained_dir()
 
-SHIPPED = {"faces64_2x2.onnx": (2, "twemoji-faces"), "faces64_1x1.onnx": (1, "twemoji-faces"),
-           "emoji64_2x2.onnx": (2, "twemoji"), "emoji64_1x1.onnx": (1, "twemoji")}  # file -> grid, data set
+SHIPPED = {"faces64_2x2.onnx": (2, "twemoji-faces"), "faces64_1x1.onnx": (1, "twemoji-faces")}  # file -> grid, data
 DESCRIPTIVE = ["version", "global_context", "model_config", "weights", "training.steps", "data.name",
                "data.num_train", "data.holdout_fraction", "data.holdout_seed", "data.attribution", "data.license",
                "opset"]
@@ -60,9 +59,9 @@ def test_default_model_runs_without_torch(tmp_path):
 
 
 def test_shipped_model_by_name(tmp_path):
-    r = sample_cli("--model", "emoji64_1x1", "-n", "1", "--steps", "2", "--out", tmp_path)
+    r = sample_cli("--model", "faces64_1x1", "-n", "1", "--steps", "2", "--out", tmp_path)
     assert r.returncode == 0, r.stderr
-    assert r.stderr.startswith("emoji64_1x1.onnx: 64x64, 1x1 patches")
+    assert r.stderr.startswith("faces64_1x1.onnx: 64x64, 1x1 patches")
 
 
 def test_api_takes_shipped_names():
