@@ -5,13 +5,14 @@ from pathlib import Path
 
 import click
 
-from .common import Command, user_errors
+from .common import CliError, Command, user_errors
 
 EXAMPLE = """
 \b
 Example:
   patchgen-export runs/emoji32/checkpoint.pt -o emoji32.onnx
   patchgen-sample --model emoji32.onnx --num-images 16 --grid-image samples.png
+  patchgen-export runs/emoji32/checkpoint.pt -o emoji32-int8.onnx --quantize int8
 """
 
 
@@ -21,15 +22,28 @@ Example:
 @click.option("--raw-weights", is_flag=True, help="Export the raw weights instead of the EMA weights.")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
 @click.option("--skip-check", is_flag=True, help="Skip the onnxruntime-vs-torch parity check (experts).")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="Static int8 quantization (QDQ, per-channel weights), calibrated on the training images.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Weight precision; fp16 halves the file (inputs and outputs stay float32).")
+@click.option("--calibration-data", default=None,
+              help="fp16 and int8: calibrate and check on emoji, emoji-faces or a folder of images instead of "
+                   "the checkpoint's own training images.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @user_errors
-def main(checkpoint, output, raw_weights, no_simplify, skip_check, force):
+def main(checkpoint, output, raw_weights, no_simplify, skip_check, quantize, precision, calibration_data, force):
     """Export CHECKPOINT (from patchgen-train) to a single-patch ONNX denoiser with inputs x, t, pos, gcc
     and output eps; the file carries its grid, schedule and conditioning as metadata."""
     from patchgen.export.onnx_export import PARITY_TOLERANCE, export_onnx
+    from patchgen.export.quantize import PARITY_RMS_TOLERANCE
 
+    if quantize and precision != "fp32":
+        raise CliError(f"--quantize int8 and --precision {precision} are exclusive: choose one")
+    if calibration_data is not None and not quantize and precision == "fp32":
+        raise CliError("--calibration-data applies to --quantize int8 and --precision fp16 only")
+    weights = quantize or precision
     report = export_onnx(checkpoint, output, ema=not raw_weights, simplify_graph=not no_simplify,
-                         check=not skip_check, force=force)
+                         check=not skip_check, force=force, weights=weights, calibration_data=calibration_data)
     for kind, values in (("input", report.inputs), ("output", report.outputs)):
         for name, dtype, shape in values:
             click.echo(f"  {kind:6s} {name:4s} {dtype:7s} [{', '.join(map(str, shape))}]")
@@ -39,7 +53,10 @@ def main(checkpoint, output, raw_weights, no_simplify, skip_check, force):
     else:
         click.echo(f"  parity: max error in the model's own parametrisation ({report.prediction}) = "
                    f"{report.parity_error:.2e} (limit {PARITY_TOLERANCE:g})")
-    click.echo(f"wrote {report.path}")
+    if report.reduced_parity is not None:
+        click.echo(f"  {weights} parity: RMS error in the model's own parametrisation on fresh training windows "
+                   f"= {report.reduced_parity:.2e} (limit {PARITY_RMS_TOLERANCE[weights]:g})")
+    click.echo(f"wrote {report.path} ({weights} weights)")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from patchgen.runtime.limits import available_cpus
 from patchgen.runtime.loop import DEFAULT_STEPS, SAMPLERS
 from patchgen.runtime.model import default_threads
 from patchgen.runtime.pretrained import DEFAULT_MODEL, shipped_models
+from patchgen.runtime.session import DEFAULT_PROVIDER, available_providers
 
 from .common import CliError, Command, user_errors
 
@@ -26,6 +27,7 @@ Examples:
   patchgen-sample --model faces64_1x1 --sampler dpm++            # a shipped model by name
   patchgen-sample --model emoji32.onnx --sampler dpm++ --steps 20 --seed 7 --out samples/
   patchgen-sample --model emoji32.onnx --memory-budget 150M      # largest patch batch that fits
+  patchgen-sample --provider cuda                                 # a Jetson's GPU (onnxruntime-gpu)
 """
 STEPS_HELP = ("Sampler steps [default: ddpm every timestep (the model's T), "
               + ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ", at most T].")
@@ -54,13 +56,18 @@ def check_output_folder(folder: Path) -> None:
 @click.option("--eta", type=click.FloatRange(0, 1), default=None,
               help="DDIM only: its noise, 0 = deterministic, 1 = DDPM's posterior [default: 0].")
 @click.option("--patch-batch", type=click.IntRange(min=1), default=None, help="Patches per onnxruntime call [default: 1, the lowest memory].")
-@click.option("--memory-budget", default=None, help="Peak RSS limit such as 200M or 1.5G; picks the largest patch batch that fits.")
+@click.option("--memory-budget", default=None,
+              help="Peak RSS limit such as 200M or 1.5G; picks the largest patch batch that fits. It bounds the "
+                   "host's memory, not a GPU's.")
 @click.option("--threads", type=click.IntRange(1, available_cpus()), default=default_threads(), show_default=True,
               help="onnxruntime intra-op threads; the default is the CPUs this process may use, at most 4.")
+@click.option("--provider", default=DEFAULT_PROVIDER, show_default=True,
+              help=f"onnxruntime execution provider; this build has: {', '.join(available_providers())}.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("samples"), show_default=True, help="Folder for the PNGs.")
 @click.option("--grid-image", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write all images as one grid PNG.")
 @user_errors
-def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_budget, threads, out_dir, grid_image):
+def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_budget, threads, provider, out_dir,
+         grid_image):
     """Generate images with a patch-based diffusion model: the U-Net denoises one patch per call,
     so peak memory follows the patch batch, not the image size."""
     from patchgen.runtime.files import check_writable_folder, remove_stale_temporaries
@@ -73,7 +80,7 @@ def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_
     check_output_folder(out_dir)
     if grid_image is not None:
         check_writable_folder(grid_image.parent)
-    model = load_model(model_path, threads)
+    model = load_model(model_path, threads, provider)
     c, h, w = model.spec.image_shape
     plan = make_plan(model, num_images, seed, sampler, steps, eta, memory_budget=memory_budget,
                      patch_batch=patch_batch, held_bytes=grid_memory(num_images, h, w, c) if grid_image else 0)
@@ -89,7 +96,7 @@ def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_
         remove_stale_temporaries(grid_image.parent, grid_image.name)
 
     spec, request = model.spec, plan.request
-    click.echo(f"{model.path.name}: {spec.image_size}x{spec.image_size}, {spec.grid}x{spec.grid} patches of "
+    click.echo(f"{model.path.name} on {model.provider}: {spec.image_size}x{spec.image_size}, {spec.grid}x{spec.grid} patches of "
                f"{spec.patch_size}px" + (f" seen through {spec.window_size}px windows (halo {spec.halo})"
                                          if spec.halo else "") + f"; {request.sampler} {request.steps} steps"
                + (f" (eta {request.eta:g})" if request.eta is not None else "") + f"; {plan.patch_batch} patch(es) per "

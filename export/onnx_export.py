@@ -141,7 +141,7 @@ def max_parity_error(net: PatchUNet, model_bytes: bytes, batches=(1, 3), seed: i
     return float(np.max(np.concatenate(errors)))  # NaN propagates, and fails the check
 
 
-def metadata(ckpt: dict, ema: bool) -> dict[str, str]:
+def metadata(ckpt: dict, ema: bool, weights: str = "fp32") -> dict[str, str]:
     config = ckpt["model_config"]
     data = ckpt.get("data", {})
     return {
@@ -150,6 +150,7 @@ def metadata(ckpt: dict, ema: bool) -> dict[str, str]:
         "patchgen.global_context": str(config.global_context),
         "patchgen.model_config": json.dumps(config.to_dict(), sort_keys=True),
         "patchgen.weights": "ema" if ema else "raw",
+        "patchgen.weights_dtype": weights,  # fp32, fp16 or int8 (export/quantize.py); inputs stay float32
         "patchgen.training.steps": str(ckpt.get("step", 0)),
         "patchgen.data.name": str(data.get("name", "")),
         "patchgen.data.num_train": str(data.get("num_train", "")),
@@ -170,6 +171,8 @@ class ExportReport:
     file_bytes: int
     prediction: str  # what the network predicts: "eps", "v" or "x0"
     parity_error: Optional[float]  # max_parity_error (see parity_scale); None when the check was skipped
+    weights: str = "fp32"  # fp32, fp16 or int8
+    reduced_parity: Optional[float] = None  # fp16/int8: quantize.parity_rms on fresh realistic windows
 
 
 def describe(values) -> list:
@@ -186,28 +189,64 @@ def check_output_path(path: Path, force: bool) -> None:
 
 
 def export_onnx(checkpoint_path, output_path, *, ema: bool = True, simplify_graph: bool = True,
-                check: bool = True, force: bool = False) -> ExportReport:
-    """Export, simplify, verify against torch, then write atomically. On failure no file is left."""
+                check: bool = True, force: bool = False, weights: str = "fp32",
+                calibration_data: Optional[str] = None) -> ExportReport:
+    """Export, simplify, verify against torch, then write atomically. On failure no file is left.
+
+    weights: "fp32", or "fp16" / "int8" for a smaller file under the same contract (export/quantize.py);
+    the float32 graph is verified first, then the reduced one on held-out realistic windows against
+    quantize.PARITY_RMS_TOLERANCE. calibration_data: the images for int8's calibration and that check (a
+    load_data spec: emoji, emoji-faces or a folder) instead of the checkpoint's own data set."""
+    from . import quantize
+
+    if weights not in quantize.WEIGHT_DTYPES:
+        raise PatchgenError(f"weights must be one of {', '.join(quantize.WEIGHT_DTYPES)}, got {weights!r}")
     output_path = Path(output_path)
     check_output_path(output_path, force)
     ckpt = load_checkpoint(checkpoint_path)
     net = model_from_checkpoint(ckpt, ema=ema)
+    config = net.config
+    if weights != "fp32":  # the images are loaded first: a data set that cannot be found fails before any work
+        def images(seed: int, count: int) -> np.ndarray:
+            return quantize.calibration_images(ckpt.get("data", {}), config.image_size, calibration_data, count, seed)
+        calibration = images(0, quantize.CALIBRATION_IMAGES) if weights == "int8" else None
+        parity_images = images(1, quantize.PARITY_IMAGES) if check else None
     model = to_onnx(net)
     if simplify_graph:
         model = simplify(model)
     onnx.helper.set_model_props(model, metadata(ckpt, ema))
     onnx.checker.check_model(model)
     data = model.SerializeToString()
-    error = None
-    prediction = net.config.prediction
+    error = reduced = None
+    prediction = config.prediction
     if check:
         error = max_parity_error(net, data)
         if not error <= PARITY_TOLERANCE:  # also catches NaN
             raise PatchgenError(f"parity check failed: max error in the model's own parametrisation "
                                 f"({prediction}) = {error:.3g} > {PARITY_TOLERANCE:g}; "
                                 f"no file written (--skip-check writes it anyway)")
+    if weights != "fp32":
+        if weights == "fp16":
+            model = quantize.to_fp16(model)
+        else:
+            feeds = list(quantize.realistic_feeds(
+                net, calibration, quantize.spread_timesteps(config.schedule.num_timesteps,
+                                                            quantize.CALIBRATION_TIMESTEPS), seed=0))
+            model = quantize.to_int8(model, feeds)
+        onnx.helper.set_model_props(model, metadata(ckpt, ema, weights))
+        onnx.checker.check_model(model)
+        data = model.SerializeToString()
+        if check:
+            held_out = list(quantize.realistic_feeds(net, parity_images, parity_timesteps(config.schedule.num_timesteps),
+                                                     seed=1))
+            reduced = quantize.parity_rms(net, data, held_out)
+            limit = quantize.PARITY_RMS_TOLERANCE[weights]
+            if not reduced <= limit:
+                raise PatchgenError(f"{weights} parity check failed: RMS error in the model's own parametrisation "
+                                    f"({prediction}) = {reduced:.3g} > {limit:g}; no file written "
+                                    f"(--skip-check writes it anyway)")
     remove_stale_temporaries(output_path.parent, output_path.name)  # a killed export's partial file
     with atomic_output(output_path) as f:
         f.write(data)
     return ExportReport(output_path, describe(model.graph.input), describe(model.graph.output),
-                        sum(p.numel() for p in net.parameters()), len(data), prediction, error)
+                        sum(p.numel() for p in net.parameters()), len(data), prediction, error, weights, reduced)

@@ -18,6 +18,7 @@ from .loop import SAMPLERS, default_steps, sample_images
 from .memory import (MIB, BudgetTooSmall, calibrate, cap_to_available, format_size, parse_size,
                      plan_patch_batch)
 from .model import OnnxModel, load_model
+from .session import DEFAULT_PROVIDER
 from .spec import ModelSpec, example_feeds
 
 # Full-size float32 arrays alive per image in flight: x_t, x0_hat, eps, the sampler's temporaries, and room
@@ -159,11 +160,13 @@ def iter_samples(model: OnnxModel, plan: Plan, callback=None) -> Iterator[tuple[
 def generate(model: Union[str, OnnxModel, None] = None, num_images: int = 1, seed: int = 0,
              steps: Optional[int] = None, sampler: str = "ddim", memory_budget: Union[None, int, str] = None,
              patch_batch: Optional[int] = None, eta: Optional[float] = None,
-             threads: Optional[int] = None) -> np.ndarray:
+             threads: Optional[int] = None, provider: str = DEFAULT_PROVIDER) -> np.ndarray:
     """uint8 images [N, H, W, C] from an .onnx path, a shipped model's name (`faces64_2x2`; None: the
-    default) or a loaded OnnxModel. Image i depends only on (model, seed, i, sampler, steps, eta)."""
+    default) or a loaded OnnxModel. Image i depends only on (model, seed, i, sampler, steps, eta).
+    threads and provider apply when the model is opened here (see `load_model`). memory_budget bounds
+    the host's peak RSS, not a GPU's memory."""
     if not isinstance(model, OnnxModel):
-        model = load_model(model, threads)
+        model = load_model(model, threads, provider)
     plan = make_plan(model, num_images, seed, sampler, steps, eta, memory_budget=memory_budget,
                      patch_batch=patch_batch)
     return np.stack([img for _, img in iter_samples(model, plan)])

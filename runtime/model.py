@@ -13,7 +13,7 @@ from .limits import available_cpus
 from .metadata import spec_from_metadata
 from .onnxfile import model_sha256
 from .pretrained import resolve_model
-from .session import open_session
+from .session import DEFAULT_PROVIDER, open_session, short_name
 from .spec import ModelSpec, graph_inputs
 
 MAX_DEFAULT_THREADS = 4  # small patches leave little to split across more (benchmarks/threads.py)
@@ -35,6 +35,11 @@ class OnnxModel:
     sha256: str  # of the file and its external data, if any (onnxfile.model_sha256)
     input_names: tuple[str, ...] = ()  # the graph's inputs, as graph_inputs(spec) names them and load_model checked
 
+    @property
+    def provider(self) -> str:
+        """The execution provider the session runs on first (short name, e.g. "cpu", "cuda")."""
+        return short_name(self.session.get_providers()[0])
+
     def __call__(self, x: np.ndarray, t: np.ndarray, pos: Optional[np.ndarray], gcc: Optional[np.ndarray]):
         # The graph gathers schedule values at t, and ONNX Gather wraps negative indices: refuse them here.
         T = self.spec.schedule.num_timesteps
@@ -49,11 +54,14 @@ def expected_inputs(spec: ModelSpec) -> dict[str, list]:
     return {name: list(shape) for name, (_, shape) in graph_inputs(spec).items()}
 
 
-def load_model(model: Union[str, Path, None] = None, threads: Optional[int] = None) -> OnnxModel:
+def load_model(model: Union[str, Path, None] = None, threads: Optional[int] = None,
+               provider: str = DEFAULT_PROVIDER) -> OnnxModel:
     """Open a patchgen ONNX file, or a shipped model by name (`faces64_2x2`; None: the default one).
 
     threads: onnxruntime intra-op threads, 1 .. the CPUs this process may use (None: `default_threads()`).
-    Anything wrong (missing, corrupt, foreign, mismatched, too many threads) is a PatchgenError."""
+    provider: an execution provider's short name (`session.available_providers()`), "cpu" by default.
+    Anything wrong (missing, corrupt, foreign, mismatched, too many threads, provider not available) is a
+    PatchgenError."""
     path = resolve_model(model)
     cpus = available_cpus()
     threads = default_threads() if threads is None else threads
@@ -62,7 +70,9 @@ def load_model(model: Union[str, Path, None] = None, threads: Optional[int] = No
     if not path.is_file():
         raise PatchgenError(f"model {path} is not a file; pass an .onnx file written by patchgen-export")
     try:
-        session = open_session(str(path), threads)
+        session = open_session(str(path), threads, provider)
+    except PatchgenError:
+        raise
     except Exception as e:  # onnxruntime raises its own types for bad protobufs and graphs
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise PatchgenError(f"{path} is not a readable ONNX model (corrupt or truncated?): {first[:160]}") from None

@@ -19,6 +19,7 @@ TINY = {
     "memory_vs_grid.py": ["--sizes", "16", "--grids", "1,2", "--halos", "0,2", "--no-paper", "--steps", "1"],
     "vs_pytorch.py": ["--image-size", "16", "--grids", "2", "--steps", "1", "--repeats", "1"],
     "threads.py": ["--image-size", "16", "--grids", "2", "--steps", "1", "--repeats", "1", "--threads", "1"],
+    "precision.py": ["--edge-size", "16", "--edge-grid", "2", "--rounds", "1", "--steps", "1", "--threads", "1"],
     "train_throughput.py": ["--image-size", "16", "--grids", "1,2", "--steps", "1", "--warmup", "0", "--batch-size", "2",
                             "--precisions", "fp32,bf16"],
 }
@@ -197,7 +198,8 @@ def test_train_levers_runs_the_trainer_it_is_given(tmp_path):
 
 def test_every_benchmark_is_smoke_tested():
     scripts = {p.name for p in BENCH.glob("*.py") if p.name != "benchlib.py"}
-    assert scripts <= set(TINY) | {"quality.py", "levers.py", "halo.py"}, scripts - set(TINY)
+    # arm64_compare.py is the last step of arm64_emulated.sh, run by tests/test_arm64.py
+    assert scripts <= set(TINY) | {"quality.py", "levers.py", "halo.py", "arm64_compare.py"}, scripts - set(TINY)
 
 
 @pytest.mark.parametrize("script", sorted(TINY) + ["quality.py", "levers.py", "halo.py"])

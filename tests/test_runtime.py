@@ -156,6 +156,8 @@ def _foreign(tmp_path):
     (["--model", "{g2}", "--sampler", "ddpm", "--eta", "1"], "eta applies to the ddim sampler only"),
     (["--model", "{g2}", "--eta", "nan"], "eta"),
     (["--model", "{t100}", "--steps", "101"], "steps must be between 1 and 100"),
+    (["--model", "{g2}", "--provider", "rknpu"], "not available in this onnxruntime build (onnxruntime"),
+    (["--model", "{g2}", "--provider", "gpu"], "'gpu' is not an onnxruntime execution provider"),
 ])
 def test_sample_bad_input(models, tmp_path, args, message):
     (tmp_path / "corrupt.onnx").write_bytes(models["g2"][1].read_bytes()[:3000])
@@ -289,3 +291,27 @@ def test_a_format_1_file_samples_unchanged(models, tmp_path):
     r = sample_cli("--model", tmp_path / "v1.onnx", "-n", "1", "--steps", "2", "--out", tmp_path / "out",
                    block_torch=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_provider_selection(models, monkeypatch):
+    """cpu by name (any case); a provider onnxruntime lists but cannot start is refused, never run on the CPU."""
+    import onnxruntime as ort
+
+    from patchgen.runtime.session import available_providers, open_session
+
+    assert "cpu" in available_providers() and "azure" not in available_providers()
+    model = load_model(models["g2"][1], provider="CPU")
+    assert model.provider == "cpu"
+    assert generate(model, 1, steps=2).shape == (1, 16, 16, 3)
+    with pytest.raises(PatchgenError, match=r"available: .*cpu"):
+        load_model(models["g2"][1], provider="tensorrt" if "tensorrt" not in available_providers() else "rknpu")
+    real = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in real:  # pretend the build has it, as a GPU wheel without its drivers would
+        monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *real])
+        with pytest.raises(PatchgenError, match="could not start the cuda provider.*--provider cpu"):
+            open_session(str(models["g2"][1]), provider="cuda")
+
+
+def test_help_lists_the_providers():
+    r = sample_cli("--help")
+    assert r.returncode == 0 and re.search(r"this build\s+has: cpu", r.stderr + r.stdout)

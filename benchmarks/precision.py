@@ -1,0 +1,121 @@
+"""fp32 against fp16 and int8 files of the same model: file size, peak RSS, time per step, and which kernels run.
+
+For each model (a checkpoint; a random-weight 256x256 4x4 edge model by default besides the given ones) the
+three files are exported, then sampled in fresh processes, interleaved (fp32 fp16 int8, fp32 fp16 int8, ...)
+for --rounds rounds, so that the shared machine's swings hit every setting alike. Reported: the median
+s/step, and per setting the median and the range over the rounds of its ratio to fp32 in the same round.
+Kernels: the op types of onnxruntime's optimised graph (QLinearConv means int8 convolutions), and the
+CPU's int8 dot-product flags. Sample quality (KID, seam) at 1000 samples: benchmarks/quality.py on the files.
+
+    python benchmarks/precision.py --checkpoint runs/faces64h8/g2/checkpoint.pt --rounds 5
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+
+import click
+
+from benchlib import RESULTS, python, random_model, sample_run, write_results
+
+WEIGHTS = ("fp32", "fp16", "int8")
+
+KERNELS_CHILD = r"""
+import collections, json, sys, tempfile, onnx, onnxruntime as ort
+so = ort.SessionOptions()
+so.optimized_model_filepath = tempfile.mktemp(suffix=".onnx")
+ort.InferenceSession(sys.argv[1], so, providers=["CPUExecutionProvider"])
+ops = collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+print(json.dumps(dict(ops.most_common())))
+"""
+
+
+def export(checkpoint: Path, out: Path, weights: str, calibration_data: str | None) -> None:
+    args = {"fp32": [], "fp16": ["--precision", "fp16"], "int8": ["--quantize", "int8"]}[weights]
+    if weights != "fp32" and calibration_data:
+        args += ["--calibration-data", calibration_data]
+    r = subprocess.run(python("-m", "patchgen.cli.export", str(checkpoint), "-o", str(out), "--force", *args),
+                       capture_output=True, text=True)
+    if r.returncode:
+        raise click.ClickException(f"export {weights} of {checkpoint} failed: {r.stderr.strip()[-400:]}")
+    parity = [line.strip() for line in r.stdout.splitlines() if "parity" in line]
+    click.echo(f"{out.name}: {' / '.join(parity)}")
+
+
+def cpu_flags() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    have = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8") if f in flags]
+    return ", ".join(have) or "none of avx2/avx512/vnni"
+
+
+@click.command(epilog="Example: python benchmarks/precision.py --checkpoint runs/faces64h8/g2/checkpoint.pt")
+@click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="A trained checkpoint (repeatable); its own training images calibrate int8.")
+@click.option("--edge/--no-edge", default=True, show_default=True, help="Also the random-weight edge model.")
+@click.option("--edge-size", type=int, default=256, show_default=True, help="The edge model's image size.")
+@click.option("--edge-grid", type=int, default=4, show_default=True, help="The edge model's grid.")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--steps", type=int, default=4, show_default=True)
+@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--patch-batch", type=int, default=1, show_default=True)
+@click.option("--models-dir", type=click.Path(path_type=Path), default=None,
+              help="Keep the exported files here (for benchmarks/quality.py) [default: a temporary folder].")
+@click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "precision", show_default=True)
+def main(checkpoints, edge, edge_size, edge_grid, rounds, steps, threads, patch_batch, models_dir, out):
+    """File size, peak RSS and s/step of fp32, fp16 and int8 exports, timed interleaved."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = models_dir or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        sources = [(c.parent.name if c.name == "checkpoint.pt" else c.stem, c, None) for c in checkpoints]
+        if edge:
+            stem = f"edge{edge_size}_{edge_grid}x{edge_grid}"
+            model = random_model(Path(tmp) / f"{stem}.onnx", edge_size, edge_grid, keep_checkpoint=True)
+            sources.append((f"{stem} (random weights)", model.with_suffix(".pt"), "emoji-faces"))
+        files = {}
+        for name, ckpt, calibration in sources:
+            stem = name.split()[0]
+            for w in WEIGHTS:
+                files[name, w] = folder / f"{stem}_{w}.onnx"
+                export(ckpt, files[name, w], w, calibration)
+        times: dict = {key: [] for key in files}
+        peaks: dict = {key: [] for key in files}
+        for r in range(rounds):
+            for key, path in files.items():  # interleaved: every setting once per round
+                row = sample_run(path, patch_batch, steps, threads)
+                if "error" in row:
+                    raise click.ClickException(f"{path.name}: {row['error']}")
+                times[key].append(row["s_per_step"])
+                peaks[key].append(row["kernel_peak_mib"])
+            click.echo(f"round {r + 1}/{rounds}: " + ", ".join(f"{p.stem} {times[k][-1]:.3f}" for k, p in files.items()))
+        rows = []
+        for (name, w), path in files.items():
+            ratios = [f / x for f, x in zip(times[name, "fp32"], times[name, w])]  # > 1: faster than fp32
+            kernels = json.loads(subprocess.run(python("-c", KERNELS_CHILD, str(path)), capture_output=True,
+                                                text=True, check=True).stdout)
+            rows.append({"model": name, "weights": w, "file_mb": path.stat().st_size / 1e6,
+                         "size_vs_fp32": path.stat().st_size / files[name, "fp32"].stat().st_size,
+                         "peak_mib": max(peaks[name, w]), "s_per_step": statistics.median(times[name, w]),
+                         "speedup": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
+                         "kernels": ", ".join(f"{k} {v}" for k, v in kernels.items()
+                                              if k in ("Conv", "QLinearConv", "ConvInteger", "MatMul", "QLinearMatMul",
+                                                       "MatMulInteger", "Cast", "QuantizeLinear", "DequantizeLinear",
+                                                       "FusedConv", "NhwcFusedConv", "QGemm"))})
+    notes = (f"{rounds} rounds, interleaved; each cell a fresh `patchgen-sample`-like process (1 image, {steps} DDIM "
+             f"steps, patch batch {patch_batch}, {threads} threads), peak RSS from the kernel (largest over rounds), "
+             f"s/step the median; speed-up = fp32's s/step / this one's in the same round: median (min-max). "
+             f"Kernels: op counts in onnxruntime's optimised graph. CPU int8/bf16 flags: {cpu_flags()}.")
+    columns = [("model", "model"), ("weights", "weights"), ("file_mb", "file MB"), ("size_vs_fp32", "size / fp32"),
+               ("peak_mib", "peak RSS MiB"), ("s_per_step", "s/step"), ("speedup", "speed-up vs fp32"),
+               ("speedup_min", "min"), ("speedup_max", "max"), ("kernels", "kernels")]
+    write_results(out, "Weight precision: fp32, fp16 and int8 files of the same model", columns, rows, notes)
+    click.echo(f"wrote {out}.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Smaller weights under the same ONNX contract: fp16 weights, or static int8 (QDQ) quantization.
+
+Both keep the graph's inputs (x, t, pos, gcc) and output (eps) float32 as exported, so the runtime runs them
+unchanged; the file says which it is in `patchgen.weights_dtype`.
+
+- fp16: onnxconverter-common's float16 conversion with float32 inputs and outputs (Cast nodes at the
+  edges). onnxruntime's CPU provider has few fp16 kernels, so on a CPU it casts back around most nodes:
+  the file halves, the arithmetic does not get faster (benchmarks/precision.py measures it).
+- int8: onnxruntime.quantization's static QDQ quantization, S8S8 (signed int8 activations and weights),
+  per-channel weights, MinMax ranges. Only the weight-carrying ops (Conv, MatMul, Gemm) are quantized: the
+  schedule lookup and the conversion of the network's prediction to eps (a division by sqrt(1 - abar_t),
+  large near t = 0) stay float32. Dynamic quantization is not offered: onnxruntime's dynamic path
+  quantizes MatMul only and leaves convolutions, nearly all of this U-Net, in float32.
+
+The ranges are calibrated on what the network sees while sampling: training images noised at timesteps
+spread over the whole schedule, cut into windows at every patch position, with their GCC and one-hot
+positions, exactly as in training (`patchgen.models.train.gcc_input`, `patchgen.models.diffusion.patch_inputs`).
+"""
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import onnx
+import torch
+
+from patchgen.models.data import holdout_split, load_data, load_named, to_model_range
+from patchgen.models.diffusion import patch_inputs, q_sample, schedule_coefficients
+from patchgen.models.train import gcc_input
+from patchgen.models.unet import PatchUNet
+from patchgen.runtime.errors import PatchgenError
+from patchgen.runtime.session import open_session
+
+WEIGHT_DTYPES = ("fp32", "fp16", "int8")
+QUANTIZED_OPS = ["Conv", "MatMul", "Gemm"]
+CALIBRATION_IMAGES = 16  # training images; each is noised at every calibration timestep
+CALIBRATION_TIMESTEPS = 16  # evenly spread over [0, T)
+CALIBRATION_POSITIONS = 4  # windows per (image, timestep), at random positions: 1024 windows in all
+PARITY_IMAGES = 8  # other training images (another seed), for the parity check of the reduced file
+CALIBRATION_BATCH = 16  # windows per calibration call (bounds the calibrator's memory)
+# Parity of a reduced-precision file against torch in float32, as the RMS over realistic windows of the error
+# in the model's own parametrisation (|delta eps| / parity_scale(t), see onnx_export.parity_scale). The
+# network's outputs are O(0.5) (x0 and v in [-1, 1], eps ~ N(0, 1)). fp16 rounds to 2^-11 relative; through
+# the U-Net that grows to a few 1e-4 (measured: see benchmarks/results/precision.md). int8 keeps 8 bits per
+# tensor, errors of a few percent; the bound is the one whose models still sampled within the KID target.
+PARITY_RMS_TOLERANCE = {"fp16": 5e-3, "int8": 0.1}
+
+
+def calibration_images(data: dict, image_size: int, calibration_data: Optional[str], count: int,
+                       seed: int) -> np.ndarray:
+    """float32 [count, C, H, W] in [-1, 1]: training images of the checkpoint's data set (its training split),
+    or of `calibration_data` (emoji, emoji-faces, or a folder) when given. The same `seed` picks the same
+    images; when a data set has fewer than `count`, all of them."""
+    try:
+        if calibration_data is not None:
+            images = load_data(calibration_data, image_size).images
+        else:
+            images = load_named(data.get("name", ""), image_size).images
+            if data.get("holdout_fraction") not in (None, ""):
+                train, _ = holdout_split(len(images), float(data["holdout_fraction"]), int(data["holdout_seed"]))
+                images = images[train]
+    except (PatchgenError, OSError, ValueError) as e:
+        raise PatchgenError(f"cannot load calibration images ({e}); pass --calibration-data emoji, "
+                            f"emoji-faces or a folder of images") from None
+    if len(images) == 0:
+        raise PatchgenError("no calibration images; pass --calibration-data with a folder of images")
+    pick = np.random.default_rng(seed).choice(len(images), min(count, len(images)), replace=False)
+    return to_model_range(images[np.sort(pick)])
+
+
+def realistic_feeds(net: PatchUNet, images: np.ndarray, timesteps: np.ndarray, seed: int,
+                    positions: int = CALIBRATION_POSITIONS,
+                    batch: int = CALIBRATION_BATCH) -> Iterator[dict[str, np.ndarray]]:
+    """Graph inputs as sampling meets them: each image noised to x_t at each timestep (fresh noise from
+    `seed`), GCC as in training, then `positions` of its windows (random, without repeats; all of them
+    when the grid has no more) with their one-hot positions; `batch` windows per dict."""
+    config = net.config
+    gen = torch.Generator().manual_seed(seed)
+    sqrt_abar, sqrt_1m_abar = schedule_coefficients(config.schedule)
+    x0 = torch.from_numpy(images)
+    g2 = config.grid**2
+    for t_value in timesteps:
+        t = torch.full((len(x0),), int(t_value), dtype=torch.long)
+        x_t = q_sample(x0, t, torch.randn(x0.shape, generator=gen), sqrt_abar, sqrt_1m_abar)
+        with torch.no_grad():
+            gcc = gcc_input(net, x_t, t, gen)
+        k = min(positions, g2)
+        index = torch.rand(len(x0), g2, generator=gen).argsort(dim=1)[:, :k]
+        windows, pos, gcc_p = patch_inputs(config, x_t, gcc, index)
+        tp = t.repeat_interleave(k)
+        for start in range(0, len(tp), batch):
+            part = slice(start, start + batch)
+            feeds = {"x": windows[part], "t": tp[part], "pos": pos[part] if pos is not None else None,
+                     "gcc": gcc_p[part] if gcc_p is not None else None}
+            yield {k: v.numpy().astype(np.int64 if k == "t" else np.float32) for k, v in feeds.items()
+                   if v is not None}
+
+
+def spread_timesteps(num_timesteps: int, count: int) -> np.ndarray:
+    """`count` timesteps evenly spread over [0, T), 0 and T-1 included."""
+    return np.unique(np.linspace(0, num_timesteps - 1, count).round().astype(np.int64))
+
+
+def timestep_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes computed from `t` and constants alone: the timestep embedding, its MLP and the
+    schedule lookups. In fp16 the embedding's sin(t * f) would be lost (t up to 999 is spaced 0.5 apart
+    there); these nodes act on one vector per patch, so keeping them float32 costs nothing."""
+    derived = {"t"} | {i.name for i in model.graph.initializer}
+    names = []
+    for node in model.graph.node:  # ONNX graphs are topologically sorted
+        if all(not i or i in derived for i in node.input):
+            derived.update(node.output)
+            names.append(node.name)
+    return names
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """fp16 weights and arithmetic, float32 inputs and outputs and timestep path (onnxconverter-common)."""
+    from onnxconverter_common import float16
+
+    with warnings.catch_warnings():  # "the float32 number -5.96e-08 will be truncated to -1e-07": harmless here
+        warnings.simplefilter("ignore", UserWarning)
+        return float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=timestep_nodes(model))
+
+
+class _Reader:
+    """onnxruntime.quantization's CalibrationDataReader over a list of feed dicts."""
+
+    def __init__(self, feeds: list[dict]):
+        self._feeds = iter(feeds)
+
+    def get_next(self):
+        return next(self._feeds, None)
+
+
+def to_int8(model: onnx.ModelProto, feeds: list[dict]) -> onnx.ModelProto:
+    """Static QDQ int8 (S8S8, per-channel weights, MinMax) of the weight-carrying ops, calibrated on `feeds`."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with tempfile.TemporaryDirectory(prefix="patchgen-int8-") as tmp:
+        plain, prepared, quantized = (Path(tmp) / n for n in ("fp32.onnx", "prepared.onnx", "int8.onnx"))
+        onnx.save(model, str(plain))
+        quant_pre_process(str(plain), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(quantized), _Reader(feeds), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=QUANTIZED_OPS, per_channel=True, activation_type=QuantType.QInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+        # Not CalibMaxIntermediateOutputs: in onnxruntime 1.32 MinMaxCalibrater.collect_data clears each full
+        # chunk without folding it into the ranges. MinMax keeps only per-tensor min/max per call, so all
+        # 64 calls fit in memory anyway.
+        return onnx.load(str(quantized))
+
+
+def parity_rms(net: PatchUNet, model_bytes: bytes, feeds: list[dict]) -> float:
+    """RMS over `feeds` of |eps_onnxruntime - eps_torch| / parity_scale(t): the error in the model's own units."""
+    from .onnx_export import parity_scale
+    from patchgen.models.diffusion import EpsDenoiser
+
+    session = open_session(model_bytes)
+    module = EpsDenoiser(net).eval()
+    scale = parity_scale(net.config.prediction, net.config.schedule)
+    total, count = 0.0, 0
+    for f in feeds:
+        with torch.no_grad():
+            ref = module(**{k: torch.from_numpy(v) for k, v in f.items()}).numpy()
+        err = (session.run(["eps"], f)[0] - ref) / scale[f["t"]].reshape(-1, 1, 1, 1)
+        total += float(np.sum(err.astype(np.float64) ** 2))
+        count += err.size
+    return float(np.sqrt(total / count))
