@@ -54,7 +54,8 @@ def main(out: Path, qemu_cpu: str, stem: Path | None) -> int:
         notes = (f"Emulated: qemu-user-static -cpu {qemu_cpu}, Debian bookworm arm64 Python {env['python']}, "
                  f"numpy {env['numpy']}, onnxruntime {env['onnxruntime']}, pillow {env['pillow']} (aarch64 wheels); "
                  f"the x86_64 run uses the same versions. Float images: `runtime.loop.sample_images`, seed 0, one "
-                 f"image in [-1, 1], before rounding to uint8. Tolerance {TOLERANCE:g}. Emulated time says nothing "
+                 f"image in [-1, 1], before rounding to uint8. Tolerance {TOLERANCE:g}. Emulated time and peak RSS (which "
+                 f"includes qemu's own translation cache) say nothing "
                  f"about a real board. Reproduce: `benchmarks/arm64_emulated.sh --results benchmarks/results/arm64`.")
         columns = [("run", "run"), ("max_abs_diff", "max abs diff"), ("mean_abs_diff", "mean abs diff"),
                    ("bit_exact", "bit-exact"), ("uint8_equal", "same uint8 / PNG bytes"),

@@ -24,7 +24,7 @@ PYV=3.11 ABI=cp311          # bookworm's python3.11
 PINS=$(grep -iE '^(numpy|onnxruntime|pillow|click)==' "$REPO/constraints.txt" | tr '\n' ' ')
 SYSROOT=$CACHE/sysroot SITE=$CACHE/site PKGROOT=$CACHE/pkgroot A=$CACHE/apt
 RESULTS=
-if [ "${1:-}" = --results ]; then RESULTS=$2; shift 2; fi
+if [ "${1:-}" = --results ]; then RESULTS=$(realpath -m "$2"); shift 2; fi
 mkdir -p "$CACHE"
 
 # 1. qemu-user-static

@@ -23,15 +23,17 @@ def machine() -> str:
     return f"{platform.machine()} {cpu or platform.processor()}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
-def run_fresh(argv: list[str], env: dict | None = None) -> dict:
+def run_fresh(argv: list[str], env: dict | None = None, preexec=None) -> dict:
     """Run argv in a new process; its peak RSS is the kernel's ru_maxrss for that child (KiB on Linux).
+    preexec: called in the child before exec (e.g. to join a memory cgroup).
 
     Linux carries the parent's high-water mark into a child's ru_maxrss across fork and exec, so the
     driver must stay far smaller than what it measures: it never imports numpy, torch or onnxruntime.
     """
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(argv, stdout=out, stderr=err, env={**os.environ, **(env or {})}, text=True)
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, env={**os.environ, **(env or {})}, text=True,
+                                preexec_fn=preexec)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - t0

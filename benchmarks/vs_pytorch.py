@@ -10,6 +10,7 @@ against numpy + onnxruntime.
 from __future__ import annotations
 
 import json
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -49,12 +50,13 @@ print(dt, int(hwm) / 1024)
 """
 
 
-@click.command(epilog="Example: python benchmarks/vs_pytorch.py --image-size 256 --steps 10 --repeats 2")
+@click.command(epilog="Example: python benchmarks/vs_pytorch.py --image-size 256 --steps 10 --repeats 3")
 @click.option("--image-size", type=int, default=256, show_default=True)
 @click.option("--grids", default="2,4,8", show_default=True, help="Patch grids besides the full image.")
 @click.option("--steps", type=int, default=10, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
-@click.option("--repeats", type=click.IntRange(min=1), default=2, show_default=True, help="Time: the fastest of these.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Interleaved rounds: every setting runs once per round; times are medians.")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "vs_pytorch", show_default=True)
 def main(image_size, grids, steps, threads, repeats, out):
     """Time per image and peak RSS: PyTorch eager, onnxruntime full image, patchgen per grid."""
@@ -62,26 +64,45 @@ def main(image_size, grids, steps, threads, repeats, out):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         full = random_model(tmp / "full.onnx", image_size, 1, keep_checkpoint=True)
-        best = None
-        for _ in range(repeats):
+
+        def torch_run() -> dict:
             r = run_fresh(python("-c", TORCH_CHILD, str(full.with_suffix(".pt")), str(steps), str(threads)))
             if r["returncode"]:
                 raise click.ClickException(r["stderr"][-1500:])
-            row = {**json.loads(r["stdout"]), "kernel_peak_mib": r["peak_mib"]}
-            best = row if best is None or row["s_per_step"] < best["s_per_step"] else best
-        runs = [("PyTorch eager, full image", "1x1", best)]
-        runs.append(("onnxruntime, full image", "1x1", sample_run(full, 1, steps, threads, repeats=repeats)))
+            return {**json.loads(r["stdout"]), "kernel_peak_mib": r["peak_mib"]}
+
+        settings = [("PyTorch eager, full image", "1x1", torch_run),
+                    ("onnxruntime, full image", "1x1", lambda: sample_run(full, 1, steps, threads))]
         for g in (int(g) for g in grids.split(",")):
             model = random_model(tmp / f"g{g}.onnx", image_size, g)
-            runs.append((f"patchgen {g}x{g}, 1 patch/call", f"{g}x{g}", sample_run(model, 1, steps, threads,
-                                                                                  repeats=repeats)))
-        ort_full = runs[1][2]
-        for name, grid, r in runs:
-            rows.append({"setting": name, "grid": grid, "peak_mib": r["kernel_peak_mib"], "floor_mib": r["floor_mib"],
-                         "s_per_image": r["s_per_step"] * steps, "peak_vs_ort_full": r["kernel_peak_mib"] / ort_full["kernel_peak_mib"],
-                         "time_vs_ort_full": r["s_per_step"] / ort_full["s_per_step"],
-                         "speedup_vs_torch": best["s_per_step"] / r["s_per_step"]})
-            click.echo(f"{name:34s} peak {r['kernel_peak_mib']:7.1f} MiB  {r['s_per_step'] * steps:6.2f} s/image")
+            settings.append((f"patchgen {g}x{g}, 1 patch/call", f"{g}x{g}",
+                             lambda model=model: sample_run(model, 1, steps, threads)))
+        # Interleaved rounds (every setting once per round): the shared machine's swings hit all settings alike,
+        # and each ratio is taken within a round.
+        runs = {name: [] for name, _, _ in settings}
+        for k in range(repeats):
+            for name, _, run in settings:
+                r = run()
+                if "error" in r:
+                    raise click.ClickException(f"{name}: {r['error']}")
+                runs[name].append(r)
+            click.echo(f"round {k + 1}/{repeats}: " + ", ".join(f"{n} {runs[n][-1]['s_per_step'] * steps:.2f} s"
+                                                                 for n, _, _ in settings))
+        torch_name, ort_name = settings[0][0], settings[1][0]
+        for name, grid, _ in settings:
+            mine = [r["s_per_step"] for r in runs[name]]
+            vs_torch = [t["s_per_step"] / m for t, m in zip(runs[torch_name], mine)]
+            vs_ort = [m / o["s_per_step"] for m, o in zip(mine, runs[ort_name])]
+            peak = max(r["kernel_peak_mib"] for r in runs[name])
+            rows.append({"setting": name, "grid": grid, "peak_mib": peak,
+                         "floor_mib": min(r["floor_mib"] for r in runs[name]),
+                         "s_per_image": statistics.median(mine) * steps,
+                         "peak_vs_ort_full": peak / max(r["kernel_peak_mib"] for r in runs[ort_name]),
+                         "time_vs_ort_full": statistics.median(vs_ort),
+                         "speedup_vs_torch": statistics.median(vs_torch),
+                         "speedup_range": f"{min(vs_torch):.2f}-{max(vs_torch):.2f}"})
+            click.echo(f"{name:34s} peak {peak:7.1f} MiB  {statistics.median(mine) * steps:6.2f} s/image, "
+                       f"{statistics.median(vs_torch):.2f}x PyTorch's speed ({min(vs_torch):.2f}-{max(vs_torch):.2f})")
     imports = []
     for label, modules in (("numpy + onnxruntime", "numpy,onnxruntime"), ("torch", "torch"),
                            ("patchgen.runtime (edge path)", "patchgen.runtime.generate")):
@@ -93,9 +114,12 @@ def main(image_size, grids, steps, threads, repeats, out):
                        f"steps, {threads} threads, edge-width U-Net (random weights)",
                   [("setting", "setting"), ("peak_mib", "peak RSS (MiB)"), ("floor_mib", "floor (MiB)"),
                    ("s_per_image", f"s/image ({steps} steps)"), ("peak_vs_ort_full", "peak / ORT full"),
-                   ("time_vs_ort_full", "time / ORT full"), ("speedup_vs_torch", "speed-up vs PyTorch")],
+                   ("time_vs_ort_full", "time / ORT full"), ("speedup_vs_torch", "speed-up vs PyTorch"),
+                   ("speedup_range", "speed-up range")],
                   rows + imports,
-                  f"Each row is a fresh process; peak is the kernel's ru_maxrss; time is the fastest of {repeats}. "
+                  f"Each cell is a fresh process; {repeats} rounds, every setting once per round (interleaved); peak "
+                  f"is the kernel's ru_maxrss (the largest); s/image the median; the ratios are the medians of the "
+                  f"per-round ratios, with the range over rounds. "
                   "Import rows: seconds to import, and the peak RSS of a process that only imports.")
 
 

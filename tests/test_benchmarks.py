@@ -199,10 +199,22 @@ def test_train_levers_runs_the_trainer_it_is_given(tmp_path):
 def test_every_benchmark_is_smoke_tested():
     scripts = {p.name for p in BENCH.glob("*.py") if p.name != "benchlib.py"}
     # arm64_compare.py is the last step of arm64_emulated.sh, run by tests/test_arm64.py
-    assert scripts <= set(TINY) | {"quality.py", "levers.py", "halo.py", "arm64_compare.py"}, scripts - set(TINY)
+    assert scripts <= set(TINY) | {"quality.py", "levers.py", "halo.py", "arm64_compare.py", "hard_limit.py"}, \
+        scripts - set(TINY)
 
 
-@pytest.mark.parametrize("script", sorted(TINY) + ["quality.py", "levers.py", "halo.py"])
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() != 0 or not Path("/sys/fs/cgroup").is_dir(),
+                    reason="hard_limit.py needs root and a memory cgroup controller (Linux)")
+def test_hard_limit_tiny(tmp_path):
+    out = tmp_path / "hl"
+    r = subprocess.run([sys.executable, str(BENCH / "hard_limit.py"), "--random", "16/2/8", "--points", "4",
+                        "--steps", "1", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert len(rows) >= 3 and all(row["oom_killed"] == "no" and row["exit"] == 0 for row in rows), rows
+
+
+@pytest.mark.parametrize("script", sorted(TINY) + ["quality.py", "levers.py", "halo.py", "hard_limit.py"])
 def test_benchmark_help(script):
     r = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "Example" in r.stdout

@@ -61,7 +61,7 @@ def test_default_model_runs_without_torch(tmp_path):
 def test_shipped_model_by_name(tmp_path):
     r = sample_cli("--model", "faces64_1x1", "-n", "1", "--steps", "2", "--out", tmp_path)
     assert r.returncode == 0, r.stderr
-    assert r.stderr.startswith("faces64_1x1.onnx: 64x64, 1x1 patches")
+    assert r.stderr.startswith("faces64_1x1.onnx on cpu: 64x64, 1x1 patches")
 
 
 def test_api_takes_shipped_names():
