@@ -63,8 +63,13 @@ def why_not() -> str:
         return "needs Linux with /sys/fs/cgroup"
     if os.geteuid() != 0:
         return "needs root to create memory cgroups"
-    if not ((CGROUP / "cgroup.controllers").is_file() or (CGROUP / "memory").is_dir()):
+    controller = CGROUP if (CGROUP / "cgroup.controllers").is_file() else CGROUP / "memory"
+    if not controller.is_dir():
         return "no memory controller mounted"
+    if not os.access(controller, os.W_OK):
+        return f"{controller} is not writable (a read-only cgroup mount, as in most containers)"
+    if not os.access("/proc/sys/vm/drop_caches", os.W_OK):
+        return "/proc/sys/vm/drop_caches is not writable"
     return ""
 
 
