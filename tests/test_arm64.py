@@ -25,6 +25,8 @@ def missing() -> str:
     for tool in ("unshare", "apt-get", "dpkg"):
         if shutil.which(tool) is None:
             return f"needs {tool} (a Debian-like host)"
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        return "unshare -m is not permitted here (a container without CAP_SYS_ADMIN)"
     if not Path("/usr/share/keyrings/debian-archive-keyring.gpg").is_file():
         return "needs Debian's archive keyring (/usr/share/keyrings/debian-archive-keyring.gpg)"
     return ""
