@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from benchlib import write_results
+from patchgen.runtime.images import to_uint8
 
 # onnxruntime's aarch64 kernels (NEON) and x86 ones (AVX2/AVX-512) sum in different orders: float32 rounding
 # differs, by a few 1e-6 through 2 sampler steps of these models; 1e-4 is 25x that, and 1/40 of a uint8 level.
@@ -35,7 +36,7 @@ def main(out: Path, qemu_cpu: str, stem: Path | None) -> int:
     rows = []
     for run in a.files:
         diff = np.abs(a[run].astype(np.float64) - b[run])
-        to8 = [np.clip(np.round((x + 1) * 127.5), 0, 255).astype(np.uint8) for x in (a[run], b[run])]
+        to8 = [to_uint8(x) for x in (a[run], b[run])]  # the runtime's own rounding to PNG values
         rows.append({"run": run, "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
                      "bit_exact": bool(np.array_equal(a[run], b[run])), "uint8_equal": bool(np.array_equal(*to8))})
     cli_row = {"run": "patchgen-sample (default model, ddim 2 steps): PNG bytes", "uint8_equal": same_png,
