@@ -13,7 +13,7 @@
 # onnxruntime's cpuinfo probe crashes under emulation on the host's x86 /proc/cpuinfo, so a Raspberry Pi 4
 # (Cortex-A72) one is bind-mounted inside a private mount namespace; qemu emulates that core (-cpu cortex-a72;
 # QEMU_CPU=max enables dotprod/fp16/SVE, and onnxruntime then picks other kernels).
-# Everything is cached under $CACHE (about 450 MB; 70 s from scratch on the 2-core CI machine). The
+# Everything is cached under $CACHE (about 360 MB; 90 s from scratch on the 2-core CI machine). The
 # checkout is only read: patchgen is imported through a tree of symlinks, never built in place.
 set -eu
 REPO=$(cd "$(dirname "$0")/.." && pwd)

@@ -2,7 +2,7 @@
 aarch64 Python and compares with this x86_64 machine (same PNG bytes, floats within 1e-4).
 
 It needs an x86_64 Linux host, root (a private mount namespace for the fake /proc/cpuinfo; apt-get), and the
-Debian and PyPI registries; qemu-user-static is installed with apt-get when missing. About 70 s from scratch
+Debian and PyPI registries; qemu-user-static is installed with apt-get when missing. About 90 s from scratch
 on the 2-core CI machine, cached under ~/.cache/patchgen-arm64 after that. Elsewhere it skips and says why.
 """
 import os
