@@ -1,13 +1,13 @@
 """fp32 against fp16 and int8 files of the same model: file size, peak RSS, time per step, and which kernels run.
 
 For each model (a checkpoint; a random-weight 256x256 4x4 edge model by default besides the given ones) the
-three files are exported, then sampled in fresh processes, interleaved (fp32 fp16 int8, fp32 fp16 int8, ...)
-for --rounds rounds, so that the shared machine's swings hit every setting alike. Reported: the median
+files are exported (fp32, fp16, int8 U8S8, int8 S8S8), then sampled in fresh processes, interleaved
+(fp32 fp16 int8 ..., fp32 ...) for --rounds rounds, so that the shared machine's swings hit every setting alike. Reported: the median
 s/step, and per setting the median and the range over the rounds of its ratio to fp32 in the same round.
 Kernels: the op types of onnxruntime's optimised graph (QLinearConv means int8 convolutions), and the
 CPU's int8 dot-product flags. Sample quality (KID, seam) at 1000 samples: benchmarks/quality.py on the files.
 
-    python benchmarks/precision.py --checkpoint runs/faces64h8/g2/checkpoint.pt --rounds 5
+    python benchmarks/precision.py --checkpoint runs/faces64h8/g2/checkpoint.pt --rounds 5 --steps 10 --allocation both
 """
 from __future__ import annotations
 
@@ -21,7 +21,14 @@ import click
 
 from benchlib import RESULTS, python, random_model, sample_run, write_results
 
-WEIGHTS = ("fp32", "fp16", "int8")
+# setting -> patchgen-export arguments; int8 is U8S8 (the default), int8-s8s8 signed activations
+SETTINGS = {"fp32": [], "fp16": ["--precision", "fp16"], "int8": ["--quantize", "int8"],
+            "int8-s8s8": ["--quantize", "int8", "--int8-activations", "int8"]}
+
+# How a sampling process allocates (benchlib.SAMPLE_CHILD options): patchgen's memory-first session settings
+# (runtime/session.py: arena off, mmap-backed blocks from 64 KiB, so each call maps fresh pages) or
+# onnxruntime's own defaults (arena and memory pattern on, glibc untuned), the fastest but not budgetable.
+ALLOCATIONS = {"patchgen": {}, "onnxruntime": {"arena": True, "pattern": True, "malloc_tuning": False}}
 
 KERNELS_CHILD = r"""
 import collections, json, sys, tempfile, onnx, onnxruntime as ort
@@ -34,7 +41,7 @@ print(json.dumps(dict(ops.most_common())))
 
 
 def export(checkpoint: Path, out: Path, weights: str, calibration_data: str | None) -> None:
-    args = {"fp32": [], "fp16": ["--precision", "fp16"], "int8": ["--quantize", "int8"]}[weights]
+    args = list(SETTINGS[weights])
     if weights != "fp32" and calibration_data:
         args += ["--calibration-data", calibration_data]
     r = subprocess.run(python("-m", "patchgen.cli.export", str(checkpoint), "-o", str(out), "--force", *args),
@@ -64,10 +71,14 @@ def cpu_flags() -> str:
 @click.option("--steps", type=int, default=4, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--patch-batch", type=int, default=1, show_default=True)
+@click.option("--allocation", "allocations", type=click.Choice([*ALLOCATIONS, "both"]), default="patchgen",
+              show_default=True, callback=lambda c, p, v: list(ALLOCATIONS) if v == "both" else [v],
+              help="patchgen's memory-first session settings, onnxruntime's defaults (arena on), or both.")
 @click.option("--models-dir", type=click.Path(path_type=Path), default=None,
               help="Keep the exported files here (for benchmarks/quality.py) [default: a temporary folder].")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "precision", show_default=True)
-def main(checkpoints, edge, edge_size, edge_grid, rounds, steps, threads, patch_batch, models_dir, out):
+def main(checkpoints, edge, edge_size, edge_grid, rounds, steps, threads, patch_batch, allocations, models_dir,
+         out):
     """File size, peak RSS and s/step of fp32, fp16 and int8 exports, timed interleaved."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = models_dir or Path(tmp)
@@ -80,27 +91,30 @@ def main(checkpoints, edge, edge_size, edge_grid, rounds, steps, threads, patch_
         files = {}
         for name, ckpt, calibration in sources:
             stem = name.split()[0]
-            for w in WEIGHTS:
+            for w in SETTINGS:
                 files[name, w] = folder / f"{stem}_{w}.onnx"
                 export(ckpt, files[name, w], w, calibration)
-        times: dict = {key: [] for key in files}
-        peaks: dict = {key: [] for key in files}
+        cells = [(name, w, a) for a in allocations for name, w in files]
+        times: dict = {key: [] for key in cells}
+        peaks: dict = {key: [] for key in cells}
         for r in range(rounds):
-            for key, path in files.items():  # interleaved: every setting once per round
-                row = sample_run(path, patch_batch, steps, threads)
+            for key in cells:  # interleaved: every setting once per round
+                row = sample_run(files[key[:2]], patch_batch, steps, threads, ALLOCATIONS[key[2]])
                 if "error" in row:
-                    raise click.ClickException(f"{path.name}: {row['error']}")
+                    raise click.ClickException(f"{files[key[:2]].name}: {row['error']}")
                 times[key].append(row["s_per_step"])
                 peaks[key].append(row["kernel_peak_mib"])
-            click.echo(f"round {r + 1}/{rounds}: " + ", ".join(f"{p.stem} {times[k][-1]:.3f}" for k, p in files.items()))
+            click.echo(f"round {r + 1}/{rounds}: "
+                       + ", ".join(f"{files[k[:2]].stem} ({k[2]}) {times[k][-1]:.3f}" for k in cells))
         rows = []
-        for (name, w), path in files.items():
-            ratios = [f / x for f, x in zip(times[name, "fp32"], times[name, w])]  # > 1: faster than fp32
+        for name, w, a in cells:
+            path = files[name, w]
+            ratios = [f / x for f, x in zip(times[name, "fp32", a], times[name, w, a])]  # > 1: faster than fp32
             kernels = json.loads(subprocess.run(python("-c", KERNELS_CHILD, str(path)), capture_output=True,
                                                 text=True, check=True).stdout)
-            rows.append({"model": name, "weights": w, "file_mb": path.stat().st_size / 1e6,
+            rows.append({"model": name, "weights": w, "allocation": a, "file_mb": path.stat().st_size / 1e6,
                          "size_vs_fp32": path.stat().st_size / files[name, "fp32"].stat().st_size,
-                         "peak_mib": max(peaks[name, w]), "s_per_step": statistics.median(times[name, w]),
+                         "peak_mib": max(peaks[name, w, a]), "s_per_step": statistics.median(times[name, w, a]),
                          "speedup": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
                          "kernels": ", ".join(f"{k} {v}" for k, v in kernels.items()
                                               if k in ("Conv", "QLinearConv", "ConvInteger", "MatMul", "QLinearMatMul",
@@ -108,9 +122,13 @@ def main(checkpoints, edge, edge_size, edge_grid, rounds, steps, threads, patch_
                                                        "FusedConv", "NhwcFusedConv", "QGemm"))})
     notes = (f"{rounds} rounds, interleaved; each cell a fresh `patchgen-sample`-like process (1 image, {steps} DDIM "
              f"steps, patch batch {patch_batch}, {threads} threads), peak RSS from the kernel (largest over rounds), "
-             f"s/step the median; speed-up = fp32's s/step / this one's in the same round: median (min-max). "
+             f"s/step the median; speed-up = fp32's s/step / this one's in the same round and allocation: "
+             f"median (min-max). "
+             f"Allocation: patchgen's session settings (arena off, malloc tuned: the budgetable peak) or "
+             f"onnxruntime's defaults (arena and memory pattern on, malloc untuned). int8 is U8S8, int8-s8s8 S8S8. "
              f"Kernels: op counts in onnxruntime's optimised graph. CPU int8/bf16 flags: {cpu_flags()}.")
-    columns = [("model", "model"), ("weights", "weights"), ("file_mb", "file MB"), ("size_vs_fp32", "size / fp32"),
+    columns = [("model", "model"), ("weights", "weights"), ("allocation", "allocation"), ("file_mb", "file MB"),
+               ("size_vs_fp32", "size / fp32"),
                ("peak_mib", "peak RSS MiB"), ("s_per_step", "s/step"), ("speedup", "speed-up vs fp32"),
                ("speedup_min", "min"), ("speedup_max", "max"), ("kernels", "kernels")]
     write_results(out, "Weight precision: fp32, fp16 and int8 files of the same model", columns, rows, notes)

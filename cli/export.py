@@ -24,14 +24,17 @@ Example:
 @click.option("--skip-check", is_flag=True, help="Skip the onnxruntime-vs-torch parity check (experts).")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
               help="Static int8 quantization (QDQ, per-channel weights), calibrated on the training images.")
+@click.option("--int8-activations", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True,
+              help="With --quantize int8: uint8 activations (U8S8, x86's fast path) or int8 (S8S8, try it on ARM).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Weight precision; fp16 halves the file (inputs and outputs stay float32).")
 @click.option("--calibration-data", default=None,
-              help="fp16 and int8: calibrate and check on emoji, emoji-faces or a folder of images instead of "
+              help="fp16 and int8: calibrate and check on a built-in data set (emoji, emoji-faces, noto-emoji, ...) or a folder of images instead of "
                    "the checkpoint's own training images.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @user_errors
-def main(checkpoint, output, raw_weights, no_simplify, skip_check, quantize, precision, calibration_data, force):
+def main(checkpoint, output, raw_weights, no_simplify, skip_check, quantize, int8_activations, precision,
+         calibration_data, force):
     """Export CHECKPOINT (from patchgen-train) to a single-patch ONNX denoiser with inputs x, t, pos, gcc
     and output eps; the file carries its grid, schedule and conditioning as metadata."""
     from patchgen.export.onnx_export import PARITY_TOLERANCE, export_onnx
@@ -41,9 +44,12 @@ def main(checkpoint, output, raw_weights, no_simplify, skip_check, quantize, pre
         raise CliError(f"--quantize int8 and --precision {precision} are exclusive: choose one")
     if calibration_data is not None and not quantize and precision == "fp32":
         raise CliError("--calibration-data applies to --quantize int8 and --precision fp16 only")
+    if int8_activations != "uint8" and not quantize:
+        raise CliError("--int8-activations applies to --quantize int8 only")
     weights = quantize or precision
     report = export_onnx(checkpoint, output, ema=not raw_weights, simplify_graph=not no_simplify,
-                         check=not skip_check, force=force, weights=weights, calibration_data=calibration_data)
+                         check=not skip_check, force=force, weights=weights, calibration_data=calibration_data,
+                         int8_activations=int8_activations)
     for kind, values in (("input", report.inputs), ("output", report.outputs)):
         for name, dtype, shape in values:
             click.echo(f"  {kind:6s} {name:4s} {dtype:7s} [{', '.join(map(str, shape))}]")

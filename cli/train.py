@@ -40,8 +40,9 @@ def _csv_ints(_ctx, _param, value):
 
 
 @click.command(cls=Command, epilog=EXAMPLE, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--data", default="emoji", show_default=True, help="'emoji' (Twemoji, CC-BY 4.0, no download), 'emoji-faces' (its smileys) or a folder of images "
-              "(searched recursively; every type Pillow opens: png, jpg, gif, webp, tiff, bmp, ...).")
+@click.option("--data", default="emoji", show_default=True, help="'emoji' (Twemoji 72x72, CC-BY 4.0, no download), 'emoji-faces' (its smileys), "
+              "'noto-emoji' or 'noto-emoji-faces' (Noto Color Emoji, native 128x128; apt-get install fonts-noto-color-emoji), "
+              "or a folder of images (searched recursively; every type Pillow opens: png, jpg, gif, webp, tiff, bmp, ...).")
 @click.option("--image-size", type=click.IntRange(min=4), default=64, show_default=True, help="Image side in pixels.")
 @click.option("--grid", type=click.IntRange(min=1), default=2, show_default=True, help="G: patches per side (1 = full-image DDPM).")
 @click.option("--no-gcc", is_flag=True, help="Ablation: no Global Content Conditioning.")

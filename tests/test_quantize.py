@@ -71,6 +71,7 @@ def test_same_contract_and_metadata_parity_in_bounds(exports, folder, name, weig
     ops = {n.op_type for n in reduced.graph.node}
     if weights == "int8":
         assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "int8" in initializer_types(reduced)
+        assert "uint8" in initializer_types(reduced)  # U8S8 by default: the activations' zero points are uint8
     else:
         assert "float16" in initializer_types(reduced)
         kept = set(timestep_nodes(fp32))  # sin(t f) of t up to 999 would be lost in fp16
@@ -137,6 +138,8 @@ def run_export(*args):
     (["--quantize", "int8"], "cannot load calibration images"),  # the checkpoint's data set is not loadable
     (["--precision", "fp16", "--calibration-data", "{tmp}/no-such-folder"], "cannot load calibration images"),
     (["--quantize", "int4"], "--quantize"),
+    (["--int8-activations", "int8"], "applies to --quantize int8 only"),
+    (["--quantize", "int8", "--int8-activations", "int4"], "--int8-activations"),
 ])
 def test_cli_bad_input(tmp_path, args, message):
     ckpt = write_checkpoint(tmp_path / "c.pt", tiny_config())
@@ -145,6 +148,19 @@ def test_cli_bad_input(tmp_path, args, message):
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert set(tmp_path.rglob("*")) == before
+
+
+def test_signed_int8_activations(tmp_path, folder):
+    """--int8-activations int8 (S8S8): int8 zero points throughout, the same parity bound."""
+    ckpt = write_checkpoint(tmp_path / "c.pt", tiny_config(**CONFIGS["g2-v-selfcond"]), seed=2)
+    report = export_onnx(ckpt, tmp_path / "m.onnx", weights="int8", calibration_data=str(folder),
+                         int8_activations="int8")
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    assert "int8" in initializer_types(model) and "uint8" not in initializer_types(model)
+    assert report.reduced_parity <= PARITY_RMS_TOLERANCE["int8"]
+    with pytest.raises(PatchgenError, match="int8 activations must be one of uint8, int8"):
+        export_onnx(ckpt, tmp_path / "n.onnx", weights="int8", calibration_data=str(folder), int8_activations="int4")
+    assert not (tmp_path / "n.onnx").exists()
 
 
 def test_unknown_weights_in_the_api(tmp_path):

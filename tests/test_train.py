@@ -19,6 +19,7 @@ from patchgen.runtime.errors import PatchgenError
 from patchgen.runtime.limits import available_cpus
 from patchgen.runtime.schedule import Schedule
 
+import tinyfont
 from conftest import tiny_config
 
 NO_PREVIEW = dict(preview_every=0, checkpoint_every=1000)
@@ -102,10 +103,11 @@ def test_corrupt_checkpoints_fail_clearly(tmp_path, blobs16, tiny_train_config):
         load_checkpoint(tmp_path / "missing.pt")
 
 
-def run_cli(*args, cwd=None):
+def run_cli(*args, cwd=None, env=None):
     # A deprecated click call in the command itself fails the run.
     return subprocess.run([sys.executable, "-W", "error::DeprecationWarning:__main__", "-m", "patchgen.cli.train",
-                           *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+                           *args], capture_output=True, text=True, cwd=cwd, timeout=300,
+                          env=None if env is None else {**os.environ, **env})
 
 
 @pytest.mark.parametrize("args,message", [
@@ -130,6 +132,24 @@ def test_cli_bad_input(tmp_path, args, message):
     assert message in r.stderr and "Traceback" not in r.stderr and "training" not in r.stderr
     assert len(r.stderr.strip().splitlines()[-1]) > 0
     assert not (tmp_path / "run").exists()  # nothing created
+
+
+def test_cli_trains_on_noto_emoji_from_the_font(tmp_path):
+    """--data noto-emoji reads the font's bitmaps (here tests/tinyfont.py's, through $PATCHGEN_NOTO_FONT); the
+    checkpoint records the data set's name, licence and attribution. A missing font is an error line, exit 2."""
+    font = tmp_path / "Tiny.ttf"
+    tinyfont.write_font(font, tinyfont.GLYPHS, tinyfont.LIGATURES)
+    args = ["--image-size", "16", "--grid", "2", "--base-width", "8", "--max-steps", "2", "--batch-size", "2",
+            "--holdout", "0", "--preview-every", "0", "--data", "noto-emoji"]
+    r = run_cli(*args, "--out", str(tmp_path / "run"), env={"PATCHGEN_NOTO_FONT": str(font)})
+    assert r.returncode == 0, r.stderr
+    data = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["data"]
+    assert data["name"] == "noto-emoji" and data["license"] == "Apache-2.0 AND OFL-1.1" and data["num_train"] == 4
+    assert "Noto Color Emoji" in data["attribution"]
+    r = run_cli(*args, "--out", str(tmp_path / "other"), env={"PATCHGEN_NOTO_FONT": str(tmp_path / "none.ttf")})
+    assert r.returncode == 2 and "PATCHGEN_NOTO_FONT" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("Error: PATCHGEN_NOTO_FONT=")  # after "loading ..."
+    assert not (tmp_path / "other").exists()
 
 
 def test_cli_checks_the_run_folder_first(tmp_path, blobs16, tiny_train_config):
