@@ -53,13 +53,14 @@ from pathlib import Path
 from patchgen.export.onnx_export import export_onnx
 from patchgen.models.checkpoint import save_checkpoint
 from patchgen.models.config import ModelConfig, TrainConfig
+from patchgen.models.data import DataSource
 from patchgen.models.train import new_state, state_dict
 path, config, keep = Path(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3] == "1"
 config["channel_mults"] = tuple(config.get("channel_mults", (1, 2, 2)))
 config["attention_resolutions"] = tuple(config.get("attention_resolutions", (8,)))
 cfg, tc = ModelConfig(**config), TrainConfig()
 ckpt = path.with_suffix(".pt")
-save_checkpoint(ckpt, state_dict(new_state(cfg, tc), cfg, tc, {"name": "random weights"}))
+save_checkpoint(ckpt, state_dict(new_state(cfg, tc), cfg, tc, DataSource("random weights")))
 export_onnx(ckpt, path, force=True)
 if not keep:
     ckpt.unlink()

@@ -8,10 +8,12 @@
 #   DATA=emoji-faces OUT=runs/faces64h8 STEPS=6000 RUNS=g2 LEVERS="--global-context 4 --halo 8" \
 #     benchmarks/train_models.sh   # the 2x2 faces model with an 8 px halo: P/4, the halo that met the seam
 #                                    target in results/halo.md's 32x32 group
-#   DATA=noto-emoji-faces SIZE=128 OUT=runs/noto128 STEPS=6000 RUNS="g4 g1" \
+#   DATA=noto-emoji-faces SIZE=128 OUT=runs/noto128 STEPS=6000 EVERY=1500 RUNS="g4 g1" \
 #     LEVERS="--global-context 4 --halo 8 --patches-per-image 4" benchmarks/train_models.sh
 #                                  # the 128x128 pair: 4x4 with the halo recipe, 4 of its 16 patches per image
-#                                  # per step (the 64x64 2x2 model's cost per step), and its 1x1 baseline
+#                                  # per step (the 64x64 2x2 model's cost per step), and its 1x1 baseline;
+#                                  # previews (16 samples x 50 DDIM steps, the GCC probe) are slow at 128x128
+#                                  # on one thread, so one every 1500 steps
 # The 1x1 baseline shares the prediction type and TRAIN_ARGS; LEVERS (GCC-based) apply to the patch
 # models only.
 cd "$(dirname "$0")/.."  # the repository root

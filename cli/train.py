@@ -90,8 +90,8 @@ def main(data, image_size, grid, no_gcc, no_position, max_steps, batch_size, out
          no_skin_tones, holdout, checkpoint_every, preview_every, device, threads, bf16):
     """Train a patch-based diffusion U-Net (Arakawa et al. 2023) and write checkpoints to --out."""
     from patchgen.models.config import ModelConfig, TrainConfig
-    from patchgen.models.data import load_data, load_named
-    from patchgen.models.train import check_run_folder, train
+    from patchgen.models.data import load_data
+    from patchgen.models.train import check_run_folder, default_loader, train
     from patchgen.runtime.schedule import Schedule
 
     check_run_folder(out, resume)  # before any data is loaded
@@ -106,9 +106,9 @@ def main(data, image_size, grid, no_gcc, no_position, max_steps, batch_size, out
 
         torch.set_num_threads(threads)
 
-    def load_for(source: dict):
-        click.echo(f"loading {source['name']} images at {source['image_size']}px ...", err=True)
-        return load_named(source["name"], source["image_size"])
+    def load_for(source):
+        click.echo(f"loading {source.name} images at {source.image_size}px ...", err=True)
+        return default_loader(source)
 
     kwargs = {}
     if not resume:
@@ -126,9 +126,9 @@ def main(data, image_size, grid, no_gcc, no_position, max_steps, batch_size, out
             raise CliError(str(e)) from None
         click.echo(f"loading {data} images at {image_size}px ...", err=True)
         images = load_data(data, image_size, skin_tones=not no_skin_tones)
-        if images.source["attribution"]:
-            click.echo(f"data: {images.source['attribution']}", err=True)
-        click.echo(f"data: {len(images.images)} images ({images.source['skipped']} skipped: unreadable or without "
+        if images.source.attribution:
+            click.echo(f"data: {images.source.attribution}", err=True)
+        click.echo(f"data: {len(images.images)} images ({images.source.skipped} skipped: unreadable or without "
                    "a faithful RGB form)", err=True)
         kwargs = dict(data=images, config=config, tc=tc, holdout=holdout)
 

@@ -141,9 +141,15 @@ def max_parity_error(net: PatchUNet, model_bytes: bytes, batches=(1, 3), seed: i
     return float(np.max(np.concatenate(errors)))  # NaN propagates, and fails the check
 
 
+def _text(value) -> str:
+    """A metadata value: "" for one the data source does not have (None)."""
+    return "" if value is None else str(value)
+
+
 def metadata(ckpt: dict, ema: bool, weights: str = "fp32") -> dict[str, str]:
+    """The file's patchgen.* metadata from a loaded checkpoint (load_checkpoint: configs and DataSource)."""
     config = ckpt["model_config"]
-    data = ckpt.get("data", {})
+    data = ckpt["data"]
     return {
         **spec_to_metadata(config.spec),
         "patchgen.version": patchgen_version(),
@@ -152,12 +158,12 @@ def metadata(ckpt: dict, ema: bool, weights: str = "fp32") -> dict[str, str]:
         "patchgen.weights": "ema" if ema else "raw",
         "patchgen.weights_dtype": weights,  # fp32, fp16 or int8 (export/quantize.py); inputs stay float32
         "patchgen.training.steps": str(ckpt.get("step", 0)),
-        "patchgen.data.name": str(data.get("name", "")),
-        "patchgen.data.num_train": str(data.get("num_train", "")),
-        "patchgen.data.holdout_fraction": str(data.get("holdout_fraction", "")),
-        "patchgen.data.holdout_seed": str(data.get("holdout_seed", "")),
-        "patchgen.data.attribution": str(data.get("attribution", "")),
-        "patchgen.data.license": str(data.get("license", "")),
+        "patchgen.data.name": _text(data.name),
+        "patchgen.data.num_train": _text(data.num_train),
+        "patchgen.data.holdout_fraction": _text(data.holdout_fraction),
+        "patchgen.data.holdout_seed": _text(data.holdout_seed),
+        "patchgen.data.attribution": _text(data.attribution),
+        "patchgen.data.license": _text(data.license),
         "patchgen.opset": str(OPSET),
     }
 
@@ -212,7 +218,7 @@ def export_onnx(checkpoint_path, output_path, *, ema: bool = True, simplify_grap
     config = net.config
     if weights != "fp32":  # the images are loaded first: a data set that cannot be found fails before any work
         def images(seed: int, count: int) -> np.ndarray:
-            return quantize.calibration_images(ckpt.get("data", {}), config.image_size, calibration_data, count, seed)
+            return quantize.calibration_images(ckpt["data"], config.image_size, calibration_data, count, seed)
         calibration = images(0, quantize.CALIBRATION_IMAGES) if weights == "int8" else None
         parity_images = images(1, quantize.PARITY_IMAGES) if check else None
     model = to_onnx(net)

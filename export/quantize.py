@@ -18,7 +18,7 @@ unchanged; the file says which it is in `patchgen.weights_dtype`.
 
 The ranges are calibrated on what the network sees while sampling: training images noised at timesteps
 spread over the whole schedule, cut into windows at every patch position, with their GCC and one-hot
-positions, exactly as in training (`patchgen.models.train.gcc_input`, `patchgen.models.diffusion.patch_inputs`).
+positions, exactly as in training (`patchgen.models.diffusion.gcc_input` and `patch_inputs`).
 """
 from __future__ import annotations
 
@@ -31,9 +31,8 @@ import numpy as np
 import onnx
 import torch
 
-from patchgen.models.data import DATA_SETS, holdout_split, load_data, load_named, to_model_range
-from patchgen.models.diffusion import patch_inputs, q_sample, schedule_coefficients
-from patchgen.models.train import gcc_input
+from patchgen.models.data import DATA_SETS, DataSource, holdout_split, load_data, load_named, to_model_range
+from patchgen.models.diffusion import gcc_input, patch_inputs, q_sample, schedule_coefficients
 from patchgen.models.unet import PatchUNet
 from patchgen.runtime.errors import PatchgenError
 from patchgen.runtime.session import open_session
@@ -56,7 +55,7 @@ CALIBRATION_BATCH = 16  # windows per calibration call (bounds the calibrator's 
 PARITY_RMS_TOLERANCE = {"fp16": 5e-3, "int8": 0.1}
 
 
-def calibration_images(data: dict, image_size: int, calibration_data: Optional[str], count: int,
+def calibration_images(data: DataSource, image_size: int, calibration_data: Optional[str], count: int,
                        seed: int) -> np.ndarray:
     """float32 [count, C, H, W] in [-1, 1]: training images of the checkpoint's data set (its training split),
     or of `calibration_data` (a built-in data set such as emoji-faces, or a folder) when given. The same `seed` picks the same
@@ -65,9 +64,9 @@ def calibration_images(data: dict, image_size: int, calibration_data: Optional[s
         if calibration_data is not None:
             images = load_data(calibration_data, image_size).images
         else:
-            images = load_named(data.get("name", ""), image_size).images
-            if data.get("holdout_fraction") not in (None, ""):
-                train, _ = holdout_split(len(images), float(data["holdout_fraction"]), int(data["holdout_seed"]))
+            images = load_named(data.name, image_size).images
+            if data.holdout_fraction is not None:
+                train, _ = holdout_split(len(images), data.holdout_fraction, data.holdout_seed)
                 images = images[train]
     except (PatchgenError, OSError, ValueError) as e:
         raise PatchgenError(f"cannot load calibration images ({e}); pass --calibration-data with one "

@@ -11,6 +11,7 @@ from patchgen.runtime.errors import PatchgenError
 from patchgen.runtime.files import atomic_output
 
 from .config import ModelConfig, TrainConfig
+from .data import DataSource
 from .unet import PatchUNet
 
 FORMAT = "patchgen-checkpoint"
@@ -40,6 +41,7 @@ def load_checkpoint(path) -> dict:
     try:
         ckpt["model_config"] = ModelConfig.from_dict(ckpt["model_config"])
         ckpt["train_config"] = TrainConfig.from_dict(ckpt["train_config"])
+        ckpt["data"] = DataSource.from_dict(ckpt.get("data") or {})  # stored as a dict
     except (KeyError, TypeError, ValueError) as e:
         raise PatchgenError(f"{path} holds a config this patchgen cannot build: {e}") from None
     return ckpt

@@ -5,6 +5,7 @@ Images are decoded once into a uint8 array [N, H, W, 3] so epochs never re-decod
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import io
@@ -12,6 +13,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
@@ -39,9 +41,34 @@ def image_suffixes() -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
+class DataSource:
+    """What a data set is and how a run used it. It travels into checkpoints (as a dict, `to_dict`) and into
+    ONNX metadata (patchgen.data.*); `name` rebuilds the images (`load_named`). The last four fields are set
+    by a training run: the image side, the held-out fraction and seed, and the images it trained on."""
+    name: str
+    attribution: str = ""
+    license: str = ""
+    num_images: int = 0
+    skipped: int = 0  # files or glyphs that could not be decoded
+    image_size: Optional[int] = None
+    holdout_fraction: Optional[float] = None
+    holdout_seed: Optional[int] = None
+    num_train: Optional[int] = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DataSource":
+        """From a checkpoint's dict; unknown keys are ignored, missing ones take their defaults."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{"name": "", **{k: v for k, v in d.items() if k in known and v is not None}})
+
+
+@dataclass(frozen=True)
 class ImageSet:
     images: np.ndarray  # uint8 [N, H, W, 3]
-    source: dict  # name, attribution, licence, counts: travels into checkpoints and ONNX metadata
+    source: DataSource
 
 
 class UnfaithfulImage(ValueError):
@@ -172,8 +199,7 @@ def load_folder(path, size: int) -> ImageSet:
         raise PatchgenError(f"no usable images in {root} ({skipped} unreadable or without a faithful RGB form "
                             f"skipped); it needs image files of a type Pillow opens: "
                             f"{' '.join(s[1:] for s in image_suffixes())}")
-    return ImageSet(images, {"name": f"folder:{root.resolve()}", "attribution": "", "license": "",
-                             "num_images": len(images), "skipped": skipped})
+    return ImageSet(images, DataSource(f"folder:{root.resolve()}", num_images=len(images), skipped=skipped))
 
 
 def emoji_folder() -> Path:
@@ -211,9 +237,8 @@ def load_emoji(size: int, skin_tones: bool = True, subset: str = "all") -> Image
     if subset == "faces":
         files = [f for f in files if is_face(f.stem)]
     images, skipped = _decode(files, size)
-    return ImageSet(images, {"name": emoji_name(subset, skin_tones),
-                             "attribution": EMOJI_ATTRIBUTION, "license": EMOJI_LICENSE,
-                             "num_images": len(images), "skipped": skipped})
+    return ImageSet(images, DataSource(emoji_name(subset, skin_tones), EMOJI_ATTRIBUTION, EMOJI_LICENSE,
+                                       num_images=len(images), skipped=skipped))
 
 
 def noto_font() -> Path:
@@ -298,8 +323,8 @@ def load_noto(size: int, skin_tones: bool = True, subset: str = "all") -> ImageS
             skipped += 1
     images = np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)
     name = "noto-" + emoji_name(subset, skin_tones).removeprefix("tw")  # noto-emoji[-faces][-no-skin-tones]
-    return ImageSet(images, {"name": name, "attribution": f"{NOTO_ATTRIBUTION} (font version {version:.3f})",
-                             "license": NOTO_LICENSE, "num_images": len(images), "skipped": skipped})
+    return ImageSet(images, DataSource(name, f"{NOTO_ATTRIBUTION} (font version {version:.3f})", NOTO_LICENSE,
+                                       num_images=len(images), skipped=skipped))
 
 
 def load_data(spec: str, size: int, skin_tones: bool = True) -> ImageSet:
@@ -313,7 +338,7 @@ def load_data(spec: str, size: int, skin_tones: bool = True) -> ImageSet:
 
 
 def load_named(name: str, size: int) -> ImageSet:
-    """Rebuild a data set from the name its checkpoints and ONNX files record (`ImageSet.source["name"]`)."""
+    """Rebuild a data set from the name its checkpoints and ONNX files record (`DataSource.name`)."""
     if name.startswith("folder:"):
         return load_folder(name.removeprefix("folder:"), size)
     for subset in EMOJI_SUBSETS:

@@ -1,4 +1,5 @@
-"""Torch side of the diffusion math: forward process, prediction targets and conversions, loss weights.
+"""Torch side of the diffusion math: forward process, prediction targets and conversions, loss weights, the
+GCC a training step feeds the network, and the training loss.
 
 The schedule itself comes from `patchgen.runtime.schedule` (float64 numpy) and
 is only converted here.
@@ -11,13 +12,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from patchgen.runtime.layout import crop_centre, from_patches, position_onehot, to_windows
+from patchgen.runtime.layout import crop_centre, from_patches, pool_gcc, position_onehot, to_patches, to_windows
 from patchgen.runtime.schedule import Schedule, alphas_cumprod
 
-from .config import ModelConfig
+from .config import ModelConfig, TrainConfig
+
+Coefficients = tuple[torch.Tensor, torch.Tensor]  # (sqrt(abar_t), sqrt(1 - abar_t)) [T], on the run's device
 
 
-def schedule_coefficients(schedule: Schedule) -> tuple[torch.Tensor, torch.Tensor]:
+def schedule_coefficients(schedule: Schedule) -> Coefficients:
     """(sqrt(abar_t), sqrt(1 - abar_t)) as float32 tensors [T], from the float64 schedule."""
     abar = alphas_cumprod(schedule)
     return torch.from_numpy(np.sqrt(abar).astype(np.float32)), torch.from_numpy(np.sqrt(1 - abar).astype(np.float32))
@@ -121,3 +124,51 @@ def predict_full(net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, gcc: Option
     patches, pos, gcc_p = patch_inputs(config, x_t, gcc, index)
     pred = net(patches, t.repeat_interleave(g2), pos, gcc_p)
     return from_patches(pred.reshape(b, g2, *pred.shape[1:]), config.grid)
+
+
+def gcc_input(net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, gen: torch.Generator,
+              coefs: Optional[Coefficients] = None) -> Optional[torch.Tensor]:
+    """The GCC the network sees during training [B, C, P, P] (None for a model without GCC): x_t [B, C, H, W]
+    average-pooled to the patch size (gcc_source "xt", the paper's Global Content Conditioning), or, for
+    gcc_source "x0" (self-conditioning), zeros on half the steps (as at the first sampling step) and on the
+    other half the pooled no-grad first estimate x0_hat made with zero GCC over all patches. coefs: the
+    schedule's (`schedule_coefficients`) on x_t's device; built here when not given."""
+    config = net.config
+    if not config.use_gcc:
+        return None
+    if config.gcc_source == "xt":
+        return pool_gcc(x_t, config.patch_size)
+    p = config.patch_size
+    gcc = torch.zeros(x_t.shape[0], config.channels, p, p, device=x_t.device)
+    if torch.rand((), generator=gen) < 0.5:
+        with torch.no_grad():
+            coefs = coefs or tuple(c.to(x_t.device) for c in schedule_coefficients(config.schedule))
+            x0_hat = x0_from_prediction(config.prediction, predict_full(net, x_t, t, gcc), x_t, t, *coefs)
+            gcc = pool_gcc(x0_hat.clamp(-1, 1), p)
+    return gcc
+
+
+def diffusion_loss(net: nn.Module, x0: torch.Tensor, gen: torch.Generator, tc: TrainConfig,
+                   coefs: Coefficients) -> torch.Tensor:
+    """One Monte-Carlo estimate of the DDPM loss (Ho et al. 2020, eq. 14, with the target and weighting of
+    `prediction_target` and `loss_weight`) on the patches of x0 [B, C, H, W] in [-1, 1]: t ~ U[0, T), x_t by
+    `q_sample`, then all G*G patches of each image, or `tc.patches_per_image` random ones, through `net`
+    with their positions and GCC. coefs: `schedule_coefficients` on x0's device. A scalar tensor."""
+    config, dev = net.config, x0.device
+    b, g2 = x0.shape[0], config.grid**2
+    t = torch.randint(0, config.schedule.num_timesteps, (b,), generator=gen).to(dev)
+    noise = torch.randn(x0.shape, generator=gen).to(dev)
+    x_t = q_sample(x0, t, noise, *coefs)
+    gcc = gcc_input(net, x_t, t, gen, coefs)
+    if 0 < tc.patches_per_image < g2:  # a random subset of positions per image
+        index = torch.rand(b, g2, generator=gen).argsort(dim=1)[:, : tc.patches_per_image].to(dev)
+    else:
+        index = torch.arange(g2, device=dev).expand(b, -1)
+    patches, pos, gcc_p = patch_inputs(config, x_t, gcc, index)
+    target = prediction_target(config.prediction, x0, noise, t, *coefs)
+    target = select_patches(to_patches(target, config.grid), index)  # the centre P x P of each window
+    tp = t.repeat_interleave(index.shape[1])
+    pred = net(patches, tp, pos, gcc_p)
+    err = (pred - target).abs() if tc.loss == "l1" else (pred - target) ** 2
+    w = loss_weight(config.prediction, tc.loss_weighting, tp, *coefs, tc.min_snr_gamma)
+    return (w * err.mean(dim=(1, 2, 3))).mean()

@@ -110,26 +110,34 @@ class PatchUNet(nn.Module):
         self.config = config
         w, c = config.base_width, config.channels
         emb_dim = 4 * w
+        self._add_conditioning(w, emb_dim)  # the modules are created in this order: it fixes their initial weights
+        if config.edge_mask:
+            self.register_buffer("edge_masks", edge_masks(config), persistent=False)
+        self.conv_in = nn.Conv2d(c * (2 if config.use_gcc else 1) + int(config.edge_mask), w, 3, padding=1)
+        ch = self._add_levels(w, emb_dim)
+        self.norm_out = nn.GroupNorm(GROUPS, ch)
+        self.conv_out = nn.Conv2d(ch, c, 3, padding=1)
 
-        # Conditioning: cat(sinusoid(t), GELU(Linear(pos))) -> Linear -> GELU -> Linear (the paper's position MLP).
+    def _add_conditioning(self, w: int, emb_dim: int) -> None:
+        """cat(sinusoid(t), GELU(Linear(pos))) -> Linear -> GELU -> Linear (the paper's position MLP); the
+        global context vector: GCC pooled to k x k cells -> MLP, added to that embedding."""
+        config = self.config
         cond_in = w
         if config.use_position:
             self.pos_embed = nn.Sequential(nn.Linear(config.grid**2, w), nn.GELU())
             cond_in += w
         self.cond_mlp = nn.Sequential(nn.Linear(cond_in, emb_dim), nn.GELU(), nn.Linear(emb_dim, emb_dim))
         if config.global_context:
-            # Global context vector: GCC pooled to k x k cells -> MLP -> added to the time embedding.
-            cells = c * config.global_context**2
+            cells = config.channels * config.global_context**2
             self.global_mlp = nn.Sequential(nn.Linear(cells, emb_dim), nn.GELU(), nn.Linear(emb_dim, emb_dim))
 
-        if config.edge_mask:
-            self.register_buffer("edge_masks", edge_masks(config), persistent=False)
-        self.conv_in = nn.Conv2d(c * (2 if config.use_gcc else 1) + int(config.edge_mask), w, 3, padding=1)
+    def _add_levels(self, w: int, emb_dim: int) -> int:
+        """The down path, the middle (ResBlock, attention, ResBlock) and the up path with its skip
+        connections; returns the channels at the output."""
+        config = self.config
         widths = [w * m for m in config.channel_mults]
-        res = config.patch_size
+        res, ch, skips = config.patch_size, w, [w]
         self.down = nn.ModuleList()
-        skips = [w]
-        ch = w
         for level, width in enumerate(widths):
             for _ in range(config.num_res_blocks):
                 self.down.append(self._block(ch, width, emb_dim, res))
@@ -150,8 +158,7 @@ class PatchUNet(nn.Module):
             if level > 0:
                 self.up.append(Upsample(ch))
                 res *= 2
-        self.norm_out = nn.GroupNorm(GROUPS, ch)
-        self.conv_out = nn.Conv2d(ch, c, 3, padding=1)
+        return ch
 
     def _block(self, c_in: int, c_out: int, emb_dim: int, res: int) -> nn.Module:
         block = ResBlock(c_in, c_out, emb_dim, self.config.dropout)

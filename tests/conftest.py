@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from patchgen.models.config import ModelConfig, TrainConfig
-from patchgen.models.data import ImageSet
+from patchgen.models.data import DataSource, ImageSet
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -30,8 +30,7 @@ def blob_images(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 @pytest.fixture
 def blobs16() -> ImageSet:
-    return ImageSet(blob_images(64, 16), {"name": "blobs", "attribution": "", "license": "",
-                                          "num_images": 64, "skipped": 0})
+    return ImageSet(blob_images(64, 16), DataSource("blobs", num_images=64))
 
 
 @pytest.fixture
@@ -39,7 +38,7 @@ def tiny_train_config() -> TrainConfig:
     return TrainConfig(batch_size=8, lr=2e-3, warmup_steps=5)
 
 
-def write_checkpoint(path, config: ModelConfig, step: int = 0, seed: int = 0, data: dict | None = None):
+def write_checkpoint(path, config: ModelConfig, step: int = 0, seed: int = 0, data: DataSource | None = None):
     """An untrained (random-weight) checkpoint for `config`, as patchgen-train writes them."""
     from patchgen.models.checkpoint import save_checkpoint
     from patchgen.models.train import new_state, state_dict
@@ -47,7 +46,7 @@ def write_checkpoint(path, config: ModelConfig, step: int = 0, seed: int = 0, da
     tc = TrainConfig(seed=seed)
     state = new_state(config, tc)
     state.step = step
-    data = data or {"name": "test-blobs", "attribution": "made by the test", "license": "CC0", "num_train": 1}
+    data = data or DataSource("test-blobs", "made by the test", "CC0", num_train=1)
     save_checkpoint(path, state_dict(state, config, tc, data))
     return path
 

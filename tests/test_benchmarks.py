@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from patchgen.models.data import DataSource
+
 BENCH = Path(__file__).parent.parent / "benchmarks"
 
 TINY = {
@@ -41,7 +43,7 @@ def test_quality_tiny(tmp_path):
     from conftest import tiny_config, write_checkpoint
 
     model = tmp_path / "m.onnx"
-    faces = {"name": "twemoji-faces", "holdout_fraction": 0.1, "holdout_seed": 0, "num_train": 113}
+    faces = DataSource("twemoji-faces", holdout_fraction=0.1, holdout_seed=0, num_train=113)
     export_onnx(write_checkpoint(tmp_path / "c.pt", tiny_config(), data=faces), model)
     out = tmp_path / "quality"
     r = subprocess.run([sys.executable, str(BENCH / "quality.py"), "--models", str(model), "--samplers", "ddim:2",
@@ -62,7 +64,7 @@ def test_halo_study_tiny(tmp_path):
 
     from conftest import tiny_config, write_checkpoint
 
-    faces = {"name": "twemoji-faces", "holdout_fraction": 0.1, "holdout_seed": 0, "num_train": 113}
+    faces = DataSource("twemoji-faces", holdout_fraction=0.1, holdout_seed=0, num_train=113)
     for name, config in {"full": tiny_config(grid=1, use_position=False, use_gcc=False),
                          "halo2": tiny_config(halo=2, edge_mask=True)}.items():
         run = tmp_path / "runs" / "g1" / name

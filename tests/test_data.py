@@ -176,7 +176,7 @@ def test_image_kinds_arrive_as_a_viewer_shows_them(tmp_path, kind):
             load_folder(tmp_path, SIZE)
         return
     data = load_folder(tmp_path, SIZE)
-    assert data.source["num_images"] == 1 and data.source["skipped"] == 0
+    assert data.source.num_images == 1 and data.source.skipped == 0
     np.testing.assert_allclose(data.images[0].astype(int), expected.astype(int), rtol=0, atol=tolerance)
 
 
@@ -185,7 +185,7 @@ def test_every_format_pillow_opens_is_used(tmp_path):
     assert ".pdf" not in image_suffixes()  # Pillow writes PDF but cannot open it
     for suffix in (".gif", ".tif", ".tga", ".ppm", ".png"):
         Image.fromarray(QUAD).save(tmp_path / f"a{suffix}")
-    assert load_folder(tmp_path, SIZE).source["num_images"] == 5
+    assert load_folder(tmp_path, SIZE).source.num_images == 5
 
 
 def test_folder_data_skips_unreadable(tmp_path):
@@ -196,7 +196,7 @@ def test_folder_data_skips_unreadable(tmp_path):
     (tmp_path / "broken.gif").write_bytes(b"GIF89a")  # truncated
     (tmp_path / "notes.txt").write_text("ignored")
     data = load_folder(tmp_path, 8)
-    assert data.images.shape == (2, 8, 8, 3) and data.source["skipped"] == 2
+    assert data.images.shape == (2, 8, 8, 3) and data.source.skipped == 2
     assert (data.images[1] == 255).all()  # transparent pixels composite onto white
     (tmp_path / "empty").mkdir()
     with pytest.raises(PatchgenError, match="no usable images.*jpg.*tiff"):
@@ -226,13 +226,13 @@ def test_holdout_split_is_fixed_and_disjoint():
 def test_emoji_data_ships_with_attribution():
     data = load_emoji(8, skin_tones=False)
     assert 1500 < len(data.images) < 4009 and data.images.dtype == np.uint8
-    assert "CC-BY 4.0" in data.source["attribution"] and data.source["skipped"] == 0
+    assert "CC-BY 4.0" in data.source.attribution and data.source.skipped == 0
 
 
 def test_emoji_faces_subset_round_trips_through_its_name():
     faces = load_data("emoji-faces", 8)
-    assert len(faces.images) == 125 and faces.source["name"] == "twemoji-faces"
-    assert "CC-BY 4.0" in faces.source["attribution"]
+    assert len(faces.images) == 125 and faces.source.name == "twemoji-faces"
+    assert "CC-BY 4.0" in faces.source.attribution
     np.testing.assert_array_equal(load_named("twemoji-faces", 8).images, faces.images)
     assert load_named("twemoji-no-skin-tones", 8).source == load_emoji(8, skin_tones=False).source
 
@@ -242,7 +242,7 @@ def test_a_folder_named_like_a_subset_is_a_folder(tmp_path, monkeypatch):
     Image.new("RGB", (4, 4), (1, 2, 3)).save(tmp_path / "faces" / "a.png")
     monkeypatch.chdir(tmp_path)
     data = load_data("faces", 4)
-    assert len(data.images) == 1 and data.source["name"].startswith("folder:")
+    assert len(data.images) == 1 and data.source.name.startswith("folder:")
 
 
 @pytest.mark.parametrize("name", ["twemoji-flags", "imagenet"])
@@ -270,9 +270,9 @@ def test_noto_emoji_from_the_fonts_bitmaps(tiny_noto, spec, skin_tones, colours)
     assert data.images.shape == (len(colours), 8, 8, 3) and data.images.dtype == np.uint8
     expected = np.broadcast_to(np.array(colours, np.uint8)[:, None, None], data.images.shape)
     np.testing.assert_array_equal(data.images, expected)
-    assert data.source["license"] == "Apache-2.0 AND OFL-1.1" and "Noto Color Emoji" in data.source["attribution"]
-    assert data.source["skipped"] == 0 and data.source["num_images"] == len(colours)
-    again = load_named(data.source["name"], 8)  # the name in checkpoints and ONNX metadata rebuilds it
+    assert data.source.license == "Apache-2.0 AND OFL-1.1" and "Noto Color Emoji" in data.source.attribution
+    assert data.source.skipped == 0 and data.source.num_images == len(colours)
+    again = load_named(data.source.name, 8)  # the name in checkpoints and ONNX metadata rebuilds it
     assert again.source == data.source and np.array_equal(again.images, data.images)
 
 
@@ -293,7 +293,7 @@ def test_noto_glyph_that_does_not_decode_is_skipped_and_counted(tmp_path, monkey
     tinyfont.write_font(tmp_path / "f.ttf", glyphs)
     monkeypatch.setenv(NOTO_FONT_ENV, str(tmp_path / "f.ttf"))
     data = load_data("noto-emoji", 8)
-    assert data.source["skipped"] == 1 and len(data.images) == 3
+    assert data.source.skipped == 1 and len(data.images) == 3
 
 
 def test_missing_noto_font_says_how_to_install_it(tmp_path, monkeypatch):

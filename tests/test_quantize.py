@@ -12,6 +12,7 @@ from patchgen.export.onnx_export import export_onnx, parity_timesteps
 from patchgen.export.quantize import (PARITY_RMS_TOLERANCE, calibration_images, parity_rms, realistic_feeds,
                                       timestep_nodes)
 from patchgen.models.checkpoint import load_checkpoint, model_from_checkpoint
+from patchgen.models.data import DataSource
 from patchgen.runtime.errors import PatchgenError
 from patchgen.runtime.generate import generate
 from patchgen.runtime.model import load_model
@@ -80,7 +81,7 @@ def test_same_contract_and_metadata_parity_in_bounds(exports, folder, name, weig
                    if n.name in kept and n.op_type in ("Sin", "Cos"))
     # The export checked parity on its own fresh windows; this checks it again on others.
     net = model_from_checkpoint(load_checkpoint(ckpt))
-    images = calibration_images({}, net.config.image_size, str(folder), 4, seed=9)
+    images = calibration_images(DataSource(""), net.config.image_size, str(folder), 4, seed=9)
     feeds = list(realistic_feeds(net, images, parity_timesteps(net.config.schedule.num_timesteps), seed=9))
     assert parity_rms(net, path.read_bytes(), feeds) <= PARITY_RMS_TOLERANCE[weights]
     assert parity_rms(net, fp32_path.read_bytes(), feeds) <= 1e-5
@@ -111,7 +112,7 @@ def test_smaller_weights(exports):
 def test_calibration_windows_cover_the_schedule_and_positions(folder, tmp_path):
     ckpt = write_checkpoint(tmp_path / "c.pt", tiny_config(**CONFIGS["g4-halo-mask-x0"]))
     net = model_from_checkpoint(load_checkpoint(ckpt))
-    images = calibration_images({}, 32, str(folder), 16, seed=0)
+    images = calibration_images(DataSource(""), 32, str(folder), 16, seed=0)
     feeds = list(realistic_feeds(net, images, np.array([0, 500, 999]), seed=0))
     t = np.concatenate([f["t"] for f in feeds])
     pos = np.concatenate([f["pos"] for f in feeds]).argmax(axis=1)

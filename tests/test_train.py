@@ -1,5 +1,6 @@
 """Training: the loss falls, checkpoints round-trip, resume equals an uninterrupted run, bad files fail clearly."""
 import csv
+import dataclasses
 import os
 import signal
 import subprocess
@@ -14,7 +15,9 @@ from PIL import Image
 
 from patchgen.models.checkpoint import load_checkpoint, model_from_checkpoint
 from patchgen.models.config import TrainConfig
-from patchgen.models.train import gcc_probe, new_state, train
+from patchgen.models.data import DataSource, load_folder
+from patchgen.models.evaluation import gcc_probe
+from patchgen.models.train import new_state, train
 from patchgen.runtime.errors import PatchgenError
 from patchgen.runtime.limits import available_cpus
 from patchgen.runtime.schedule import Schedule
@@ -55,7 +58,7 @@ def test_checkpoint_round_trip(tmp_path, blobs16, tiny_train_config):
     train(tmp_path, 5, data=blobs16, config=tiny_config(), tc=tiny_train_config, **NO_PREVIEW)
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["step"] == 5 and ckpt["model_config"] == tiny_config()
-    assert ckpt["data"]["name"] == "blobs" and ckpt["data"]["num_train"] == 58  # 10% of 64 held out
+    assert ckpt["data"].name == "blobs" and ckpt["data"].num_train == 58  # 10% of 64 held out
     net = model_from_checkpoint(ckpt, ema=False)
     again = model_from_checkpoint(load_checkpoint(tmp_path / "checkpoint.pt"), ema=False)
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 999])
@@ -144,8 +147,8 @@ def test_cli_trains_on_noto_emoji_from_the_font(tmp_path):
     r = run_cli(*args, "--out", str(tmp_path / "run"), env={"PATCHGEN_NOTO_FONT": str(font)})
     assert r.returncode == 0, r.stderr
     data = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["data"]
-    assert data["name"] == "noto-emoji" and data["license"] == "Apache-2.0 AND OFL-1.1" and data["num_train"] == 4
-    assert "Noto Color Emoji" in data["attribution"]
+    assert data.name == "noto-emoji" and data.license == "Apache-2.0 AND OFL-1.1" and data.num_train == 4
+    assert "Noto Color Emoji" in data.attribution
     r = run_cli(*args, "--out", str(tmp_path / "other"), env={"PATCHGEN_NOTO_FONT": str(tmp_path / "none.ttf")})
     assert r.returncode == 2 and "PATCHGEN_NOTO_FONT" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("Error: PATCHGEN_NOTO_FONT=")  # after "loading ..."
@@ -230,10 +233,9 @@ import sys
 sys.path.insert(0, sys.argv[2])
 from conftest import blob_images, tiny_config
 from patchgen.models.config import TrainConfig
-from patchgen.models.data import ImageSet
+from patchgen.models.data import DataSource, ImageSet
 from patchgen.models.train import train
-data = ImageSet(blob_images(64, 16), {"name": "blobs", "attribution": "", "license": "", "num_images": 64,
-                                      "skipped": 0})
+data = ImageSet(blob_images(64, 16), DataSource("blobs", num_images=64))
 train(sys.argv[1], 100000, data=data, config=tiny_config(), tc=TrainConfig(batch_size=8), checkpoint_every=20,
       preview_every=5, preview_count=2, preview_steps=2)
 """
@@ -244,12 +246,15 @@ def test_kill_9_then_resume_logs_each_step_once(tmp_path, blobs16):
     proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(run), str(Path(__file__).parent)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     log = run / "train_log.csv"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (not log.exists() or len(log.read_text().splitlines()) <= 27):
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.01)
-    proc.kill()
-    proc.communicate(timeout=60)
+    deadline = time.monotonic() + 600  # generous: on a loaded 2-core machine 27 steps took over 120 s
+    try:
+        while not log.exists() or len(log.read_text().splitlines()) <= 27:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "the run did not log 27 steps in 600 s"
+            time.sleep(0.01)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
     step = load_checkpoint(run / "checkpoint.pt")["step"]
     last = max(logged_steps(log))
     assert step % 20 == 0 and last > step, (step, last)  # the killed run logged steps its checkpoint lacks
@@ -350,3 +355,26 @@ def test_resume_keeps_the_runs_cadence(tmp_path, blobs16, tiny_train_config):
     train(tmp_path, 4, resume=True, data=blobs16)
     assert not list(tmp_path.glob("preview_*.png")) and not (tmp_path / "eval_log.csv").exists()
     assert load_checkpoint(tmp_path / "checkpoint.pt")["cadence"] == {"checkpoint_every": 3, "preview_every": 0}
+
+
+def test_api_resume_without_a_data_hook_reloads_the_named_data(tmp_path, blobs16, tiny_train_config):
+    """A resume through the Python API with neither data nor load_data rebuilds the images from the
+    checkpoint's data source (here a folder) and continues exactly."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for k, img in enumerate(blobs16.images[:20]):
+        Image.fromarray(img).save(folder / f"{k:02d}.png")
+    data = load_folder(folder, 16)
+    whole = train(tmp_path / "a", 6, data=data, config=tiny_config(), tc=tiny_train_config, **NO_PREVIEW)
+    train(tmp_path / "b", 3, data=data, config=tiny_config(), tc=tiny_train_config, **NO_PREVIEW)
+    rest = train(tmp_path / "b", 6, resume=True, **NO_PREVIEW)
+    assert rest.losses == whole.losses[3:]
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["data"] == dataclasses.replace(
+        data.source, holdout_fraction=0.1, holdout_seed=0, image_size=16, num_train=18)
+
+
+def test_data_source_round_trips_through_a_checkpoint_dict():
+    source = DataSource("noto-emoji-faces", "Noto", "Apache-2.0 AND OFL-1.1", 120, 0, 128, 0.1, 0, 108)
+    assert DataSource.from_dict(source.to_dict()) == source
+    old = {"name": "twemoji-faces", "license": "CC-BY-4.0", "num_train": 113, "unknown_key": 1}  # as 0.1 wrote it
+    assert DataSource.from_dict(old) == DataSource("twemoji-faces", license="CC-BY-4.0", num_train=113)
