@@ -20,10 +20,12 @@ from .config import ModelConfig, TrainConfig
 Coefficients = tuple[torch.Tensor, torch.Tensor]  # (sqrt(abar_t), sqrt(1 - abar_t)) [T], on the run's device
 
 
-def schedule_coefficients(schedule: Schedule) -> Coefficients:
-    """(sqrt(abar_t), sqrt(1 - abar_t)) as float32 tensors [T], from the float64 schedule."""
+def schedule_coefficients(schedule: Schedule, device=None) -> Coefficients:
+    """(sqrt(abar_t), sqrt(1 - abar_t)) as float32 tensors [T] on `device` (default: the CPU), from the
+    float64 schedule."""
     abar = alphas_cumprod(schedule)
-    return torch.from_numpy(np.sqrt(abar).astype(np.float32)), torch.from_numpy(np.sqrt(1 - abar).astype(np.float32))
+    return (torch.from_numpy(np.sqrt(abar).astype(np.float32)).to(device),
+            torch.from_numpy(np.sqrt(1 - abar).astype(np.float32)).to(device))
 
 
 def _bcast(coef: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -142,7 +144,7 @@ def gcc_input(net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, gen: torch.Gen
     gcc = torch.zeros(x_t.shape[0], config.channels, p, p, device=x_t.device)
     if torch.rand((), generator=gen) < 0.5:
         with torch.no_grad():
-            coefs = coefs or tuple(c.to(x_t.device) for c in schedule_coefficients(config.schedule))
+            coefs = coefs or schedule_coefficients(config.schedule, x_t.device)
             x0_hat = x0_from_prediction(config.prediction, predict_full(net, x_t, t, gcc), x_t, t, *coefs)
             gcc = pool_gcc(x0_hat.clamp(-1, 1), p)
     return gcc

@@ -66,7 +66,7 @@ def gcc_probe(net: PatchUNet, x0: torch.Tensor, seed: int = 0) -> list[dict]:
     was_training = net.training
     net.eval()
     gen = torch.Generator().manual_seed(seed)
-    coefs = [c.to(x0.device) for c in schedule_coefficients(config.schedule)]
+    coefs = schedule_coefficients(config.schedule, x0.device)
     T, rows = config.schedule.num_timesteps, []
     for lo, hi in NOISE_BANDS:
         t_lo = lo * T // 1000

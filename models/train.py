@@ -75,7 +75,7 @@ def train_step(state: TrainState, images: np.ndarray, tc: TrainConfig, bf16: boo
     """
     device = next(state.net.parameters()).device
     if coefs is None:
-        coefs = tuple(c.to(device) for c in schedule_coefficients(state.net.config.schedule))
+        coefs = schedule_coefficients(state.net.config.schedule, device)
     idx = torch.randint(0, len(images), (tc.batch_size,), generator=state.gen).numpy()
     x0 = torch.from_numpy(to_model_range(images[idx])).to(device)
     state.net.train()
@@ -187,7 +187,6 @@ class Run:
     """A run ready for `run_loop`: what `start_run` and `resume_run` both return."""
     dir: Path
     state: TrainState
-    config: ModelConfig
     tc: TrainConfig
     source: DataSource  # with the run's held-out split and training count
     cadence: dict  # checkpoint_every, preview_every (steps); a run keeps its own across resumes
@@ -195,6 +194,10 @@ class Run:
     probe_images: np.ndarray  # up to PROBE_IMAGES held-out images (training images if none are held out)
     coefs: Coefficients  # the schedule's, on the run's device, built once
     saved_step: Optional[int]  # the step of the checkpoint on disk; None before the first
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.state.net.config
 
     @property
     def checkpoint_path(self) -> Path:
@@ -210,10 +213,9 @@ def _run(run_dir, state: TrainState, tc: TrainConfig, source: DataSource, cadenc
     if images.shape[1] != config.image_size:
         raise PatchgenError(f"data images are {images.shape[1]}px but the model is {config.image_size}px")
     probe = data.images[(held_idx if len(held_idx) else train_idx)[:PROBE_IMAGES]]
-    device = next(state.net.parameters()).device
-    coefs = tuple(c.to(device) for c in schedule_coefficients(config.schedule))
-    return Run(Path(run_dir), state, config, tc, dataclasses.replace(source, num_train=len(train_idx)), cadence,
-               images, probe, coefs, saved_step)
+    coefs = schedule_coefficients(config.schedule, next(state.net.parameters()).device)
+    return Run(Path(run_dir), state, tc, dataclasses.replace(source, num_train=len(train_idx)), cadence, images,
+               probe, coefs, saved_step)
 
 
 def start_run(run_dir, data: ImageSet, config: ModelConfig, tc: TrainConfig, holdout: float = 0.1,
