@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -116,6 +117,25 @@ for _ in iter_samples(model, plan):
 print(json.dumps({"imports_mib": imports, "floor_mib": floor, "peak_mib": status("VmHWM"), "load_s": load_s,
                   "s_per_step": (time.perf_counter() - t0) / steps}))
 """
+
+
+SAMPLE_CLI = ["-c", "from patchgen.cli.sample import main; main()"]
+MINIMUM = re.compile(r"minimum of ([\d.]+)M")  # in patchgen-sample's refusal of a budget below it
+
+
+def sample_cli(model: str, out: Path, *extra: str, num_images: int = 2, steps: int = 2, threads: int = 1,
+               preexec=None) -> dict:
+    """`patchgen-sample` in a fresh process (`run_fresh`), with what its stderr reports parsed: the patch
+    batch it chose, its predicted peak (MiB) and s/image (None where not reported), and whether --out was
+    created."""
+    r = run_fresh(python(*SAMPLE_CLI, "--model", model, "-n", str(num_images), "--steps", str(steps), "--threads",
+                         str(threads), "--out", str(out), *extra), preexec=preexec)
+    batch = re.search(r"(\d+) patch\(es\) per call", r["stderr"])
+    predicted = re.search(r"predicted peak ([\d.]+)M", r["stderr"])
+    speed = re.search(r"([\d.]+) s/image", r["stderr"])
+    return {**r, "patch_batch": int(batch.group(1)) if batch else None,
+            "predicted_mib": float(predicted.group(1)) if predicted else None,
+            "s_per_image": float(speed.group(1)) if speed else None, "created_out": out.exists()}
 
 
 def sample_run(model: Path, patch_batch: int, steps: int, threads: int, opts: dict | None = None,

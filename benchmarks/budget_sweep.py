@@ -16,21 +16,12 @@ from pathlib import Path
 
 import click
 
-from benchlib import RESULTS, plot, python, random_model, run_fresh, write_results
+from benchlib import MINIMUM, RESULTS, plot, random_model, sample_cli, write_results
 
-SAMPLE = ["-c", "from patchgen.cli.sample import main; main()"]
-MINIMUM = re.compile(r"minimum of ([\d.]+)M")
 
 
 def sample(model: str, out: Path, num_images: int, steps: int, threads: int, *extra: str) -> dict:
-    r = run_fresh(python(*SAMPLE, "--model", model, "-n", str(num_images), "--steps", str(steps), "--threads",
-                         str(threads), "--out", str(out), *extra))
-    batch = re.search(r"(\d+) patch\(es\) per call", r["stderr"])
-    predicted = re.search(r"predicted peak ([\d.]+)M", r["stderr"])
-    speed = re.search(r"([\d.]+) s/image", r["stderr"])
-    return {**r, "patch_batch": int(batch.group(1)) if batch else None,
-            "predicted_mib": float(predicted.group(1)) if predicted else None,
-            "s_per_image": float(speed.group(1)) if speed else None, "created_out": out.exists()}
+    return sample_cli(model, out, *extra, num_images=num_images, steps=steps, threads=threads)
 
 
 def sweep(model: str, tmp: Path, num_images: int, steps: int, threads: int, points: int, repeats: int) -> list[dict]:

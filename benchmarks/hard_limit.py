@@ -18,10 +18,8 @@ from pathlib import Path
 
 import click
 
-from benchlib import RESULTS, python, random_model, run_fresh, write_results
+from benchlib import MINIMUM, RESULTS, random_model, sample_cli, write_results
 
-SAMPLE = ["-c", "from patchgen.cli.sample import main; main()"]
-MINIMUM = re.compile(r"minimum of ([\d.]+)M")
 CGROUP = Path("/sys/fs/cgroup")
 MIB = 2**20
 
@@ -81,10 +79,7 @@ def drop_page_cache() -> None:
 
 
 def sample(model: str, out: Path, extra: list[str], steps: int, group: Cgroup | None = None) -> dict:
-    r = run_fresh(python(*SAMPLE, "--model", model, "-n", "2", "--steps", str(steps), "--threads", "1",
-                         "--out", str(out), *extra), preexec=group.enter if group else None)
-    batch = re.search(r"(\d+) patch\(es\) per call", r["stderr"])
-    return {**r, "patch_batch": int(batch.group(1)) if batch else None}
+    return sample_cli(model, out, *extra, steps=steps, preexec=group.enter if group else None)
 
 
 def measure(model: str, tmp: Path, steps: int, points: int) -> list[dict]:
