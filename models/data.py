@@ -13,7 +13,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
@@ -174,9 +174,11 @@ def prepare_image(img: Image.Image, size: int) -> np.ndarray:
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 
 
-def _decode(files: list[Path], size: int) -> tuple[np.ndarray, int]:
+def _decode(sources: Iterable, size: int) -> tuple[np.ndarray, int]:
+    """uint8 [N, size, size, 3] of the sources that decode (paths or file objects, what Image.open takes),
+    and the count of those that do not."""
     out, skipped = [], 0
-    for f in files:
+    for f in sources:
         try:
             with Image.open(f) as img:
                 out.append(prepare_image(img, size))
@@ -314,14 +316,8 @@ def load_noto(size: int, skin_tones: bool = True, subset: str = "all") -> ImageS
     except (TTLibError, OSError, struct.error, AssertionError, KeyError) as e:
         raise PatchgenError(f"cannot read {path} as a colour emoji font ({e}); reinstall fonts-noto-color-emoji "
                             f"or point {NOTO_FONT_ENV} at NotoColorEmoji.ttf") from None
-    out, skipped = [], 0
-    for name in glyphs:
-        try:
-            with Image.open(io.BytesIO(bitmaps[name].imageData)) as img:
-                out.append(prepare_image(img, size))
-        except (*DECODE_ERRORS, AttributeError):  # AttributeError: a bitmap format without PNG data
-            skipped += 1
-    images = np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)
+    # a bitmap format without PNG data has no imageData: empty bytes, which do not decode and are counted
+    images, skipped = _decode((io.BytesIO(getattr(bitmaps[n], "imageData", b"")) for n in glyphs), size)
     name = "noto-" + emoji_name(subset, skin_tones).removeprefix("tw")  # noto-emoji[-faces][-no-skin-tones]
     return ImageSet(images, DataSource(name, f"{NOTO_ATTRIBUTION} (font version {version:.3f})", NOTO_LICENSE,
                                        num_images=len(images), skipped=skipped))
