@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from patchgen.models.config import LOSS_WEIGHTINGS, LOSSES  # plain constants: no torch import
+from patchgen.models.cache import CACHE_ENV  # plain constants: no torch import
+from patchgen.models.config import LOSS_WEIGHTINGS, LOSSES
 from patchgen.runtime.limits import available_cpus
 from patchgen.runtime.schedule import SCHEDULE_KINDS, min_timesteps
 from patchgen.runtime.spec import GCC_SOURCES, PREDICTIONS
@@ -21,6 +22,10 @@ EXAMPLE = """
 Example (a 2x2-grid model on the built-in Twemoji images, 32x32, patches seeing 4 px of their neighbours):
   patchgen-train --data emoji --image-size 32 --grid 2 --halo 4 --max-steps 200 --out runs/emoji32
   patchgen-train --out runs/emoji32 --resume --max-steps 400   # continue it
+\b
+Data-parallel on 2 processes (the same run, --batch-size split between them; README: "Training on several
+processes"):
+  torchrun --nproc-per-node 2 -m patchgen.cli.train --data emoji --image-size 32 --out runs/emoji32x2
 """
 
 
@@ -48,7 +53,9 @@ def _csv_ints(_ctx, _param, value):
 @click.option("--no-gcc", is_flag=True, help="Ablation: no Global Content Conditioning.")
 @click.option("--no-position", is_flag=True, help="Ablation: no position conditioning.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=10000, show_default=True, help="Train until this many steps.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="Images per step.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Images per step, over all ranks: under torchrun each of N ranks computes batch/N of them (a "
+                   "multiple of N).")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder: checkpoint.pt, previews, train_log.csv.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint (its configs and data are reused).")
 @click.option("--base-width", type=click.IntRange(min=8), default=32, show_default=True, help="U-Net channels at the first level (multiple of 8).")
@@ -79,7 +86,12 @@ def _csv_ints(_ctx, _param, value):
 @click.option("--holdout", type=click.FloatRange(0, 0.9), default=0.1, show_default=True, help="Fraction of images held out for evaluation (fixed seed).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, help="Steps between checkpoints [default: 500, or the resumed run's].")
 @click.option("--preview-every", type=click.IntRange(min=0), default=None, help="Steps between preview grids, and one at the end, 0 = none [default: 500, or the resumed run's].")
-@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda.")
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu or cuda (under torchrun, "
+              "each rank takes the GPU of its local rank).")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help=f"Image cache: images are decoded once into an array file there that every rank and every "
+                   f"resume maps read-only [default: ${CACHE_ENV}, else ~/.cache/patchgen/images].")
+@click.option("--no-cache", is_flag=True, help="Decode the images into memory in every process instead.")
 @click.option("--threads", type=click.IntRange(1, available_cpus()), default=None,
               help="torch CPU threads, at most the CPUs this process may use [default: torch's choice].")
 @click.option("--bf16", is_flag=True, help="Mixed precision (bfloat16 autocast): faster on CPUs with AVX512-BF16/AMX and on GPUs.")
@@ -87,12 +99,10 @@ def _csv_ints(_ctx, _param, value):
 def main(data, image_size, grid, no_gcc, no_position, max_steps, batch_size, out, resume, base_width,
          channel_mults, num_res_blocks, attention_resolutions, dropout, prediction, gcc_source, global_context,
          halo, edge_mask, schedule, timesteps, loss, loss_weighting, patches_per_image, lr, warmup_steps, ema_decay, seed,
-         no_skin_tones, holdout, checkpoint_every, preview_every, device, threads, bf16):
+         no_skin_tones, holdout, checkpoint_every, preview_every, device, cache_dir, no_cache, threads, bf16):
     """Train a patch-based diffusion U-Net (Arakawa et al. 2023) and write checkpoints to --out."""
-    from patchgen.models.config import ModelConfig, TrainConfig
-    from patchgen.models.data import load_data
-    from patchgen.models.train import check_run_folder, default_loader, train
-    from patchgen.runtime.schedule import Schedule
+    from patchgen.models import distributed
+    from patchgen.models.train import check_run_folder
 
     check_run_folder(out, resume)  # before any data is loaded
     given = [name for name in NEW_RUN_OPTIONS
@@ -105,33 +115,109 @@ def main(data, image_size, grid, no_gcc, no_position, max_steps, batch_size, out
         import torch
 
         torch.set_num_threads(threads)
+    settings = None
+    if not resume:
+        settings = _new_run_settings(image_size, grid, no_gcc, no_position, batch_size, base_width, channel_mults,
+                                     num_res_blocks, attention_resolutions, dropout, prediction, gcc_source,
+                                     global_context, halo, edge_mask, schedule, timesteps, loss, loss_weighting,
+                                     patches_per_image, lr, warmup_steps, ema_decay, seed)
+    world = distributed.World()
+    if distributed.launched_by_torchrun():
+        world, device = distributed.init(device)
+    try:
+        _train(world, out, resume, max_steps, settings, (data, image_size, not no_skin_tones, holdout),
+               _decoding(world, cache_dir, no_cache), dict(checkpoint_every=checkpoint_every,
+                                                          preview_every=preview_every, device=device, bf16=bf16))
+    finally:
+        distributed.shutdown()
+
+
+def _new_run_settings(image_size, grid, no_gcc, no_position, batch_size, base_width, channel_mults, num_res_blocks,
+                      attention_resolutions, dropout, prediction, gcc_source, global_context, halo, edge_mask,
+                      schedule, timesteps, loss, loss_weighting, patches_per_image, lr, warmup_steps, ema_decay,
+                      seed):
+    """(ModelConfig, TrainConfig) of a new run; an invalid combination is one CliError line."""
+    from patchgen.models.config import ModelConfig, TrainConfig
+    from patchgen.runtime.schedule import Schedule
+
+    try:
+        config = ModelConfig(
+            image_size=image_size, grid=grid, base_width=base_width, channel_mults=channel_mults,
+            num_res_blocks=num_res_blocks, attention_resolutions=attention_resolutions, dropout=dropout,
+            use_position=not no_position and grid > 1, use_gcc=not no_gcc, global_context=global_context,
+            gcc_source=gcc_source, prediction=prediction, schedule=Schedule(kind=schedule, num_timesteps=timesteps),
+            halo=halo, edge_mask=edge_mask)
+        tc = TrainConfig(batch_size=batch_size, patches_per_image=patches_per_image, lr=lr,
+                         warmup_steps=warmup_steps, ema_decay=ema_decay, loss=loss,
+                         loss_weighting=loss_weighting, seed=seed)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    return config, tc
+
+
+def _decoding(world, cache_dir, no_cache):
+    """How this rank decodes images: into the cache (default folder unless --cache-dir) with one decoder per
+    CPU and a progress bar, or into memory (--no-cache). Only rank 0 talks."""
+    from patchgen.models.cache import Decoding, default_cache_dir
+
+    bar = None
+
+    def progress(done, total):
+        nonlocal bar
+        if bar is None:
+            bar = click.progressbar(length=total, label="decoding images", show_pos=True, file=sys.stderr)
+            bar.__enter__()
+        bar.update(done - bar.pos)
+        if done == total:
+            bar.__exit__(None, None, None)
+            bar = None
+
+    def note(message):
+        click.echo(message, err=True)
+    talk = world.writer
+    return Decoding(None if no_cache else (cache_dir or default_cache_dir()), available_cpus(),
+                    progress if talk else None, note if talk else None)
+
+
+def _in_rank_order(world, load):
+    """load() on this machine's local rank 0 first (it fills the image cache), then on the others (they map it)."""
+    from patchgen.models import distributed
+
+    if world.local_rank:
+        distributed.barrier()
+    data = load()
+    if not world.local_rank:
+        distributed.barrier()
+    return data
+
+
+def _train(world, out, resume, max_steps, settings, data_spec, decoding, options):
+    """Load the images (in rank order), train, and report on rank 0."""
+    from patchgen.models.data import load_data, load_named
+    from patchgen.models.train import train
+
+    spec, image_size, skin_tones, holdout = data_spec
+
+    def say(message):
+        if world.writer:
+            click.echo(message, err=True)
+
+    if world.size > 1:
+        say(f"data-parallel on {world.size} ranks")
 
     def load_for(source):
-        click.echo(f"loading {source.name} images at {source.image_size}px ...", err=True)
-        return default_loader(source)
+        say(f"loading {source.name} images at {source.image_size}px ...")
+        return _in_rank_order(world, lambda: load_named(source.name, source.image_size, decoding))
 
     kwargs = {}
-    if not resume:
-        try:
-            config = ModelConfig(
-                image_size=image_size, grid=grid, base_width=base_width, channel_mults=channel_mults,
-                num_res_blocks=num_res_blocks, attention_resolutions=attention_resolutions, dropout=dropout,
-                use_position=not no_position and grid > 1, use_gcc=not no_gcc, global_context=global_context,
-                gcc_source=gcc_source, prediction=prediction, schedule=Schedule(kind=schedule, num_timesteps=timesteps),
-                halo=halo, edge_mask=edge_mask)
-            tc = TrainConfig(batch_size=batch_size, patches_per_image=patches_per_image, lr=lr,
-                             warmup_steps=warmup_steps, ema_decay=ema_decay, loss=loss,
-                             loss_weighting=loss_weighting, seed=seed)
-        except ValueError as e:
-            raise CliError(str(e)) from None
-        click.echo(f"loading {data} images at {image_size}px ...", err=True)
-        images = load_data(data, image_size, skin_tones=not no_skin_tones)
+    if settings is not None:
+        say(f"loading {spec} images at {image_size}px ...")
+        images = _in_rank_order(world, lambda: load_data(spec, image_size, skin_tones, decoding))
         if images.source.attribution:
-            click.echo(f"data: {images.source.attribution}", err=True)
-        click.echo(f"data: {len(images.images)} images ({images.source.skipped} skipped: unreadable or without "
-                   "a faithful RGB form)", err=True)
-        kwargs = dict(data=images, config=config, tc=tc, holdout=holdout)
-
+            say(f"data: {images.source.attribution}")
+        say(f"data: {len(images.images)} images ({images.source.skipped} skipped: unreadable or without "
+            "a faithful RGB form)")
+        kwargs = dict(data=images, config=settings[0], tc=settings[1], holdout=holdout)
     with contextlib.ExitStack() as stack:
         bar = None
 
@@ -143,18 +229,16 @@ def main(data, image_size, grid, no_gcc, no_position, max_steps, batch_size, out
             bar.update(step - bar.pos, f"loss {loss_value:.4f}  {speed:.1f} img/s")
 
         t0 = time.perf_counter()
-        result = train(out, max_steps, resume=resume, checkpoint_every=checkpoint_every,
-                       preview_every=preview_every, device=device, bf16=bf16, progress=progress, load_data=load_for,
-                       **kwargs)
+        result = train(out, max_steps, resume=resume, progress=progress, load_data=load_for, **options, **kwargs)
     done = len(result.losses)
     if done == 0 and result.interrupted_by is None:
-        click.echo(f"nothing to do: the checkpoint in {out} is at step {result.step} and --max-steps is {max_steps}; "
-                   "nothing was changed (raise --max-steps to train on)", err=True)
+        say(f"nothing to do: the checkpoint in {out} is at step {result.step} and --max-steps is {max_steps}; "
+            "nothing was changed (raise --max-steps to train on)")
         return
-    click.echo(f"{done} steps in {time.perf_counter() - t0:.0f} s; checkpoint at step {result.step}: "
-               f"{out / 'checkpoint.pt'}", err=True)
+    say(f"{done} steps in {time.perf_counter() - t0:.0f} s; checkpoint at step {result.step}: "
+        f"{out / 'checkpoint.pt'}")
     if result.interrupted_by is not None:
-        click.echo("interrupted: checkpoint saved; continue with --resume", err=True)
+        say("interrupted: checkpoint saved; continue with --resume")
         raise SystemExit(128 + result.interrupted_by)
 
 

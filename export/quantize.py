@@ -32,7 +32,7 @@ import onnx
 import torch
 
 from patchgen.models.data import DATA_SETS, DataSource, holdout_split, load_data, load_named, to_model_range
-from patchgen.models.diffusion import gcc_input, patch_inputs, q_sample, schedule_coefficients
+from patchgen.models.diffusion import draw_self_condition, gcc_input, patch_inputs, q_sample, schedule_coefficients
 from patchgen.models.unet import PatchUNet
 from patchgen.runtime.errors import PatchgenError
 from patchgen.runtime.session import open_session
@@ -92,7 +92,7 @@ def realistic_feeds(net: PatchUNet, images: np.ndarray, timesteps: np.ndarray, s
         t = torch.full((len(x0),), int(t_value), dtype=torch.long)
         x_t = q_sample(x0, t, torch.randn(x0.shape, generator=gen), sqrt_abar, sqrt_1m_abar)
         with torch.no_grad():
-            gcc = gcc_input(net, x_t, t, gen)
+            gcc = gcc_input(net, x_t, t, draw_self_condition(config, gen))
         k = min(positions, g2)
         index = torch.rand(len(x0), g2, generator=gen).argsort(dim=1)[:, :k]
         windows, pos, gcc_p = patch_inputs(config, x_t, gcc, index)

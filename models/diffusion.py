@@ -6,6 +6,7 @@ is only converted here.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -128,13 +129,21 @@ def predict_full(net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, gcc: Option
     return from_patches(pred.reshape(b, g2, *pred.shape[1:]), config.grid)
 
 
-def gcc_input(net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, gen: torch.Generator,
+def draw_self_condition(config: ModelConfig, gen: torch.Generator) -> bool:
+    """For gcc_source "x0" (self-conditioning): whether this step's GCC is the pooled first estimate (True, half
+    the steps) or zeros (as at the first sampling step). Draws from `gen` only for such a model."""
+    if not (config.use_gcc and config.gcc_source == "x0"):
+        return False
+    return bool(torch.rand((), generator=gen) < 0.5)
+
+
+def gcc_input(net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, self_condition: bool,
               coefs: Optional[Coefficients] = None) -> Optional[torch.Tensor]:
     """The GCC the network sees during training [B, C, P, P] (None for a model without GCC): x_t [B, C, H, W]
     average-pooled to the patch size (gcc_source "xt", the paper's Global Content Conditioning), or, for
-    gcc_source "x0" (self-conditioning), zeros on half the steps (as at the first sampling step) and on the
-    other half the pooled no-grad first estimate x0_hat made with zero GCC over all patches. coefs: the
-    schedule's (`schedule_coefficients`) on x_t's device; built here when not given."""
+    gcc_source "x0", the pooled no-grad first estimate x0_hat made with zero GCC over all patches when
+    `self_condition` (`draw_self_condition`), else zeros. coefs: the schedule's (`schedule_coefficients`) on
+    x_t's device; built here when not given."""
     config = net.config
     if not config.use_gcc:
         return None
@@ -142,7 +151,7 @@ def gcc_input(net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, gen: torch.Gen
         return pool_gcc(x_t, config.patch_size)
     p = config.patch_size
     gcc = torch.zeros(x_t.shape[0], config.channels, p, p, device=x_t.device)
-    if torch.rand((), generator=gen) < 0.5:
+    if self_condition:
         with torch.no_grad():
             coefs = coefs or schedule_coefficients(config.schedule, x_t.device)
             x0_hat = x0_from_prediction(config.prediction, predict_full(net, x_t, t, gcc), x_t, t, *coefs)
@@ -150,22 +159,50 @@ def gcc_input(net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, gen: torch.Gen
     return gcc
 
 
-def diffusion_loss(net: nn.Module, x0: torch.Tensor, gen: torch.Generator, tc: TrainConfig,
+@dataclass(frozen=True)
+class Draws:
+    """The randomness of one training batch of B images (`draw_batch`). A data-parallel run draws the whole
+    global batch on every rank and each rank takes its `part`, so the stream is the same at any world size."""
+    t: torch.Tensor  # [B] int64 timesteps in [0, T)
+    noise: torch.Tensor  # [B, C, H, W] float32, N(0, I)
+    self_condition: bool  # see draw_self_condition
+    index: Optional[torch.Tensor]  # [B, K] the patch positions each image trains on; None = all G*G
+
+    def part(self, images: slice) -> "Draws":
+        """The draws of the images `images` (a slice of the batch)."""
+        index = None if self.index is None else self.index[images]
+        return Draws(self.t[images], self.noise[images], self.self_condition, index)
+
+
+def draw_batch(config: ModelConfig, tc: TrainConfig, batch: int, gen: torch.Generator) -> Draws:
+    """Draw one batch's randomness from `gen` in a fixed order: t ~ U[0, T), the noise, the self-conditioning
+    coin, then (with tc.patches_per_image < G*G) a random subset of positions per image. All on the CPU."""
+    g2, size = config.grid**2, config.image_size
+    t = torch.randint(0, config.schedule.num_timesteps, (batch,), generator=gen)
+    noise = torch.randn((batch, config.channels, size, size), generator=gen)
+    self_condition = draw_self_condition(config, gen)
+    index = None
+    if 0 < tc.patches_per_image < g2:
+        index = torch.rand(batch, g2, generator=gen).argsort(dim=1)[:, : tc.patches_per_image]
+    return Draws(t, noise, self_condition, index)
+
+
+def diffusion_loss(net: nn.Module, x0: torch.Tensor, draws: Draws, tc: TrainConfig,
                    coefs: Coefficients) -> torch.Tensor:
     """One Monte-Carlo estimate of the DDPM loss (Ho et al. 2020, eq. 14, with the target and weighting of
-    `prediction_target` and `loss_weight`) on the patches of x0 [B, C, H, W] in [-1, 1]: t ~ U[0, T), x_t by
-    `q_sample`, then all G*G patches of each image, or `tc.patches_per_image` random ones, through `net`
-    with their positions and GCC. coefs: `schedule_coefficients` on x0's device. A scalar tensor."""
-    config, dev = net.config, x0.device
+    `prediction_target` and `loss_weight`) on the patches of x0 [B, C, H, W] in [-1, 1]: x_t by `q_sample`
+    at the drawn t and noise, then the drawn patches of each image (`draws.index`, or all G*G) through `net`
+    with their positions and GCC. `net` may be wrapped (DistributedDataParallel): the wrapper runs the
+    forward pass that backpropagates. coefs: `schedule_coefficients` on x0's device. A scalar tensor, the mean
+    over the B images."""
+    plain = getattr(net, "module", net)
+    config, dev = plain.config, x0.device
     b, g2 = x0.shape[0], config.grid**2
-    t = torch.randint(0, config.schedule.num_timesteps, (b,), generator=gen).to(dev)
-    noise = torch.randn(x0.shape, generator=gen).to(dev)
+    t, noise = draws.t.to(dev), draws.noise.to(dev)
     x_t = q_sample(x0, t, noise, *coefs)
-    gcc = gcc_input(net, x_t, t, gen, coefs)
-    if 0 < tc.patches_per_image < g2:  # a random subset of positions per image
-        index = torch.rand(b, g2, generator=gen).argsort(dim=1)[:, : tc.patches_per_image].to(dev)
-    else:
-        index = torch.arange(g2, device=dev).expand(b, -1)
+    gcc = gcc_input(plain, x_t, t, draws.self_condition, coefs)
+    index = torch.arange(g2).expand(b, -1) if draws.index is None else draws.index
+    index = index.to(dev)
     patches, pos, gcc_p = patch_inputs(config, x_t, gcc, index)
     target = prediction_target(config.prediction, x0, noise, t, *coefs)
     target = select_patches(to_patches(target, config.grid), index)  # the centre P x P of each window

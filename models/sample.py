@@ -14,8 +14,8 @@ class TorchPatchNet:
     """Adapter to the runtime's PatchNet contract: numpy patches in, numpy eps out, through a torch module."""
 
     def __init__(self, net: PatchUNet):
-        self.module = EpsDenoiser(net).eval()
         self.device = next(net.parameters()).device
+        self.module = EpsDenoiser(net).to(self.device).eval()  # its schedule buffers beside the weights
 
     @torch.no_grad()
     def __call__(self, x, t, pos, gcc) -> np.ndarray:

@@ -1,6 +1,6 @@
 """DDPM training of the patch U-Net: one optimisation step, the run state that a new and a resumed run both
-start from (`start_run`, `resume_run`), and the resumable loop (`run_loop`). The loss is in diffusion.py,
-the previews and probes in evaluation.py."""
+start from (`start_run`, `resume_run`), and the resumable loop (`run_loop`), in one process or data-parallel
+over torchrun's ranks (distributed.py). The loss is in diffusion.py, the previews and probes in evaluation.py."""
 from __future__ import annotations
 
 import copy
@@ -22,8 +22,9 @@ from patchgen.runtime.files import atomic_output, remove_stale_temporaries
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import ModelConfig, TrainConfig
-from .data import DataSource, ImageSet, holdout_split, load_named, to_model_range
-from .diffusion import Coefficients, diffusion_loss, schedule_coefficients
+from . import distributed
+from .data import DataSource, ImageSet, ImageSubset, holdout_split, load_named, to_model_range
+from .diffusion import Coefficients, diffusion_loss, draw_batch, schedule_coefficients
 from .evaluation import evaluate
 from .unet import PatchUNet
 
@@ -53,34 +54,43 @@ class TrainState:
     net: PatchUNet
     ema: PatchUNet
     optimizer: torch.optim.Optimizer
-    gen: torch.Generator  # drives data order, t, noise, patch subsets
+    gen: torch.Generator  # drives data order, t, noise, patch subsets: the same stream on every rank
     step: int = 0
+    ddp: Optional[torch.nn.Module] = None  # net inside DistributedDataParallel, when there are several ranks
 
 
 def new_state(config: ModelConfig, tc: TrainConfig, device: str = "cpu") -> TrainState:
-    torch.manual_seed(tc.seed)  # weight init and dropout
+    torch.manual_seed(tc.seed)  # weight init (the same on every rank) and dropout
     net = PatchUNet(config).to(device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    rank = distributed.world().rank
+    if rank:  # each rank its own dropout stream
+        torch.manual_seed(distributed.rank_seed(tc.seed, rank, 0))
     return TrainState(net, ema, opt, torch.Generator().manual_seed(tc.seed))
 
 
-def train_step(state: TrainState, images: np.ndarray, tc: TrainConfig, bf16: bool = False,
-               coefs: Optional[Coefficients] = None) -> float:
-    """One optimisation step on a random batch of `images` (uint8 [N, H, W, C]); returns the loss.
+def train_step(state: TrainState, images, tc: TrainConfig, bf16: bool = False,
+               coefs: Optional[Coefficients] = None, part: slice = slice(None)) -> float:
+    """One optimisation step on a random batch of tc.batch_size `images` (uint8 [N, H, W, C], or anything
+    indexed like it: an ImageSubset, a memory map); returns the loss of the images this process computed.
 
+    part: this rank's images of the batch (`distributed.World.part`); the whole batch's randomness is drawn
+    either way (`draw_batch`). With several ranks, state.ddp averages the gradients over them.
     bf16: mixed precision, convolutions and matmuls in bfloat16 under autocast (weights, optimizer and
     norms stay float32); its speed against float32 is measured in benchmarks/results/train_bf16.md.
     coefs: the schedule's coefficients on the net's device (a run builds them once); built here if not given.
     """
     device = next(state.net.parameters()).device
+    config = state.net.config
     if coefs is None:
-        coefs = schedule_coefficients(state.net.config.schedule, device)
+        coefs = schedule_coefficients(config.schedule, device)
     idx = torch.randint(0, len(images), (tc.batch_size,), generator=state.gen).numpy()
-    x0 = torch.from_numpy(to_model_range(images[idx])).to(device)
+    draws = draw_batch(config, tc, tc.batch_size, state.gen)
+    x0 = torch.from_numpy(to_model_range(images[idx[part]])).to(device)
     state.net.train()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        loss = diffusion_loss(state.net, x0, state.gen, tc, coefs)
+        loss = diffusion_loss(state.ddp or state.net, x0, draws.part(part), tc, coefs)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(state.net.parameters(), tc.grad_clip)
@@ -96,7 +106,10 @@ DEFAULT_CADENCE = {"checkpoint_every": 500, "preview_every": 500}  # steps; a ru
 
 
 def state_dict(state: TrainState, config: ModelConfig, tc: TrainConfig, data: DataSource,
-               cadence: Optional[dict] = None) -> dict:
+               cadence: Optional[dict] = None, rank_rng: Optional[list] = None) -> dict:
+    """What a checkpoint holds. rank_rng: every rank's torch generator state (`distributed.gather_rng_states`);
+    default: this process's alone."""
+    rank_rng = rank_rng or [torch.get_rng_state()]
     return {
         "cadence": dict(cadence or DEFAULT_CADENCE),
         "model_config": config.to_dict(),
@@ -106,18 +119,24 @@ def state_dict(state: TrainState, config: ModelConfig, tc: TrainConfig, data: Da
         "model": state.net.state_dict(),
         "ema": state.ema.state_dict(),
         "optimizer": state.optimizer.state_dict(),
-        "rng": {"generator": state.gen.get_state(), "torch": torch.get_rng_state()},
+        "rng": {"generator": state.gen.get_state(), "torch": rank_rng[0], "torch_ranks": rank_rng},
     }
 
 
 def restore_state(ckpt: dict, device: str = "cpu") -> TrainState:
+    """The state a checkpoint saved. Each rank restores its own torch generator (dropout) when the checkpoint
+    has it, i.e. at the same world size or below; a rank beyond them seeds it from (seed, rank, step)."""
     state = new_state(ckpt["model_config"], ckpt["train_config"], device)
     state.net.load_state_dict(ckpt["model"])
     state.ema.load_state_dict(ckpt["ema"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.gen.set_state(ckpt["rng"]["generator"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
     state.step = ckpt["step"]
+    rank, saved = distributed.world().rank, ckpt["rng"].get("torch_ranks") or [ckpt["rng"]["torch"]]
+    if rank < len(saved):
+        torch.set_rng_state(saved[rank])
+    else:
+        torch.manual_seed(distributed.rank_seed(ckpt["train_config"].seed, rank, state.step))
     return state
 
 
@@ -190,7 +209,7 @@ class Run:
     tc: TrainConfig
     source: DataSource  # with the run's held-out split and training count
     cadence: dict  # checkpoint_every, preview_every (steps); a run keeps its own across resumes
-    images: np.ndarray  # the training split, uint8 [N, H, W, C]
+    images: ImageSubset  # the training split of the data's uint8 [N, H, W, C] (gathered per batch, no copy)
     probe_images: np.ndarray  # up to PROBE_IMAGES held-out images (training images if none are held out)
     coefs: Coefficients  # the schedule's, on the run's device, built once
     saved_step: Optional[int]  # the step of the checkpoint on disk; None before the first
@@ -208,12 +227,14 @@ def _run(run_dir, state: TrainState, tc: TrainConfig, source: DataSource, cadenc
          saved_step: Optional[int]) -> Run:
     """Split `data` as `source` says, and check that its images fit the model."""
     config = state.net.config
+    if data.images.shape[1] != config.image_size:
+        raise PatchgenError(f"data images are {data.images.shape[1]}px but the model is {config.image_size}px")
+    distributed.world().part(tc.batch_size)  # fails early when the batch does not split over the ranks
     train_idx, held_idx = holdout_split(len(data.images), source.holdout_fraction, source.holdout_seed)
-    images = data.images[train_idx]
-    if images.shape[1] != config.image_size:
-        raise PatchgenError(f"data images are {images.shape[1]}px but the model is {config.image_size}px")
+    images = ImageSubset(data.images, train_idx)
     probe = data.images[(held_idx if len(held_idx) else train_idx)[:PROBE_IMAGES]]
     coefs = schedule_coefficients(config.schedule, next(state.net.parameters()).device)
+    state.ddp = distributed.wrap(state.net) if distributed.world().size > 1 else None
     return Run(Path(run_dir), state, tc, dataclasses.replace(source, num_train=len(train_idx)), cadence, images,
                probe, coefs, saved_step)
 
@@ -244,7 +265,13 @@ def resume_run(run_dir, device: str = "cpu", data: Optional[ImageSet] = None,
 
 def prepare_folder(run: Run, resume: bool) -> None:
     """Create the run folder; remove a killed run's temporaries; continue the logs from the checkpoint's step
-    (resume) or start them anew, with config.json (new run)."""
+    (resume) or start them anew, with config.json (new run). Rank 0 does it; the other ranks wait for it."""
+    if distributed.world().writer:
+        _prepare_folder(run, resume)
+    distributed.barrier()
+
+
+def _prepare_folder(run: Run, resume: bool) -> None:
     run.dir.mkdir(parents=True, exist_ok=True)
     for pattern in ATOMIC_OUTPUTS:
         remove_stale_temporaries(run.dir, pattern)
@@ -260,45 +287,76 @@ def prepare_folder(run: Run, resume: bool) -> None:
 
 
 def checkpoint(run: Run) -> None:
-    save_checkpoint(run.checkpoint_path, state_dict(run.state, run.config, run.tc, run.source, run.cadence))
+    """Every rank calls it: rank 0 writes the checkpoint (with every rank's generator state) and the others
+    wait until it is on disk."""
+    rank_rng = distributed.gather_rng_states()
+    if distributed.world().writer:
+        save_checkpoint(run.checkpoint_path,
+                        state_dict(run.state, run.config, run.tc, run.source, run.cadence, rank_rng))
+    distributed.barrier()
     run.saved_step = run.state.step
+
+
+class _TrainLog:
+    """train_log.csv, appended to by rank 0 alone: one row per step."""
+
+    def __init__(self, path: Path, writer: bool):
+        self.path, self.writer, self.file = path, writer, None
+
+    def __enter__(self):
+        if self.writer:
+            self.file = open(self.path, "a", newline="")
+            self.csv = csv.writer(self.file)
+            if self.file.tell() == 0:
+                self.csv.writerow(["step", "loss", "lr", "images_per_s"])
+        return self
+
+    def row(self, step: int, loss: float, lr: float, speed: float) -> None:
+        if self.file is not None:
+            self.csv.writerow([step, f"{loss:.6f}", f"{lr:.3e}", f"{speed:.2f}"])
+            self.file.flush()
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.close()
 
 
 def run_loop(run: Run, max_steps: int, bf16: bool = False, progress: Optional[Callable] = None,
              preview_count: int = 16, preview_steps: int = 50) -> RunResult:
     """Train `run` up to `max_steps`: one train_log.csv row per step, a preview (evaluation.evaluate) every
     preview_every steps and at the end, a checkpoint every checkpoint_every steps and at the end. SIGINT or
-    SIGTERM stops it after the current step, checkpointed. progress(step, loss, images_per_s) if given.
+    SIGTERM (to any rank) stops every rank after the current step, checkpointed. progress(step, loss,
+    images_per_s) if given, on rank 0. Every rank calls it; rank 0 alone writes.
     At a step that both previews and checkpoints, the preview comes first: a kill between the two leaves an
     eval row past the checkpoint, which the resume drops and writes again, never a checkpoint without its row."""
-    state, every = run.state, run.cadence
+    state, every, writer = run.state, run.cadence, distributed.world().writer
+    part = distributed.world().part(run.tc.batch_size)
 
     def preview():
-        evaluate(run.dir, state.step, state.ema, run.probe_images, run.tc.seed, run.source.name, preview_count,
-                 preview_steps)
-    losses = []
-    with _StopFlag() as stop, open(run.dir / LOG_NAMES[0], "a", newline="") as log:
-        writer = csv.writer(log)
-        if log.tell() == 0:
-            writer.writerow(["step", "loss", "lr", "images_per_s"])
-        while state.step < max_steps and stop.signal is None:
+        if writer:
+            evaluate(run.dir, state.step, state.ema, run.probe_images, run.tc.seed, run.source.name,
+                     preview_count, preview_steps)
+    losses, stopping = [], False
+    with _StopFlag() as stop, _TrainLog(run.dir / LOG_NAMES[0], writer) as log:
+        while state.step < max_steps and not stopping:
             t0 = time.perf_counter()
-            losses.append(train_step(state, run.images, run.tc, bf16, run.coefs))
+            loss = train_step(state, run.images, run.tc, bf16, run.coefs, part)
+            loss, stopping = distributed.sync_step(loss, stop.signal is not None)
+            losses.append(loss)
             speed = run.tc.batch_size / (time.perf_counter() - t0)
-            writer.writerow([state.step, f"{losses[-1]:.6f}", f"{learning_rate(state.step - 1, run.tc):.3e}",
-                             f"{speed:.2f}"])
-            log.flush()
-            if progress is not None:
-                progress(state.step, losses[-1], speed)
+            log.row(state.step, loss, learning_rate(state.step - 1, run.tc), speed)
+            if progress is not None and writer:
+                progress(state.step, loss, speed)
             if every["preview_every"] and state.step % every["preview_every"] == 0:
                 preview()
             if state.step % every["checkpoint_every"] == 0:
                 checkpoint(run)
-        if stop.signal is None and every["preview_every"] and state.step % every["preview_every"]:
+        if not stopping and every["preview_every"] and state.step % every["preview_every"]:
             preview()  # the one at the end
         if run.saved_step != state.step:
             checkpoint(run)
-    return RunResult(losses, state.step, stop.signal)
+    signal_number = stop.signal if stop.signal is not None else (signal.SIGTERM if stopping else None)
+    return RunResult(losses, state.step, signal_number)
 
 
 def train(run_dir, max_steps: int, *, data: Optional[ImageSet] = None, config: Optional[ModelConfig] = None,

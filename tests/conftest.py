@@ -4,8 +4,19 @@ import sys
 import numpy as np
 import pytest
 
+from patchgen.models.cache import CACHE_ENV
 from patchgen.models.config import ModelConfig, TrainConfig
 from patchgen.models.data import DataSource, ImageSet
+
+
+@pytest.fixture(autouse=True, scope="session")
+def image_cache_in_tmp(tmp_path_factory):
+    """patchgen-train's image cache (default: ~/.cache/patchgen/images) goes to a temporary folder, for the
+    tests' own processes and the ones they start."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("image-cache")))
+    yield
+    mp.undo()
 
 
 def tiny_config(**overrides) -> ModelConfig:

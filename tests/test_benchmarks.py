@@ -201,7 +201,8 @@ def test_train_levers_runs_the_trainer_it_is_given(tmp_path):
 def test_every_benchmark_is_smoke_tested():
     scripts = {p.name for p in BENCH.glob("*.py") if p.name != "benchlib.py"}
     # arm64_compare.py is the last step of arm64_emulated.sh, run by tests/test_arm64.py
-    assert scripts <= set(TINY) | {"quality.py", "levers.py", "halo.py", "arm64_compare.py", "hard_limit.py"}, \
+    assert scripts <= set(TINY) | {"quality.py", "levers.py", "halo.py", "arm64_compare.py", "hard_limit.py",
+                                   "train_scale.py"}, \
         scripts - set(TINY)
 
 
@@ -221,7 +222,8 @@ def test_hard_limit_tiny(tmp_path, monkeypatch):
     assert len(rows) >= 3 and all(row["oom_killed"] == "no" and row["exit"] == 0 for row in rows), rows
 
 
-@pytest.mark.parametrize("script", sorted(TINY) + ["quality.py", "levers.py", "halo.py", "hard_limit.py"])
+@pytest.mark.parametrize("script", sorted(TINY) + ["quality.py", "levers.py", "halo.py", "hard_limit.py",
+                                                   "train_scale.py"])
 def test_benchmark_help(script):
     r = subprocess.run([sys.executable, str(BENCH / script), "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "Example" in r.stdout
@@ -255,3 +257,38 @@ def test_train_halo_runs_the_study(tmp_path):
                        capture_output=True, text=True, timeout=60)
     logs = "".join((tmp_path / "only2" / f"queue_{q}.log").read_text() for q in "ab")
     assert r.returncode == 0 and "g1/" not in logs and "g2/halo8 " in logs
+
+
+def test_train_scale_tiny(tmp_path):
+    """Both parts: the memory rows (memory, cache build, cache map) and 1 vs 2 ranks (torchrun included)."""
+    out = tmp_path / "scale"
+    r = subprocess.run([sys.executable, str(BENCH / "train_scale.py"), "--sizes", "20", "--steps", "4", "--rounds", "1",
+                        "--image-size", "16", "--work", str(tmp_path / "work"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    memory = json.loads((tmp_path / "scale_memory.json").read_text())["rows"]
+    assert [row["mode"] for row in memory] == ["memory (--no-cache)", "cache: build, then map", "cache: map"]
+    assert all(row["peak_mib"] > 0 and row["images"] == 20 for row in memory)
+    ranks = json.loads((tmp_path / "scale_ranks.json").read_text())["rows"]
+    assert len(ranks) == 3 and all(row["images_per_s"] > 0 for row in ranks)
+
+
+def test_train_gpu_script_dry_run_on_cpu(tmp_path):
+    """benchmarks/train_gpu.sh on the CPU at a tiny size: both runs train, and what comes back is at most 8
+    files, the slim checkpoints loadable for export."""
+    import tinyfont
+    from patchgen.models.checkpoint import load_checkpoint, model_from_checkpoint
+
+    font = tmp_path / "Tiny.ttf"
+    tinyfont.write_font(font, tinyfont.GLYPHS, tinyfont.LIGATURES)
+    out = tmp_path / "out"
+    env = {**os.environ, "DEVICE": "cpu", "STEPS": "2", "MINUTES": "8", "SIZE": "32", "EVERY": "0", "BF16": "",
+           "OUT": str(out), "PATCHGEN_NOTO_FONT": str(font), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(["bash", str(BENCH / "train_gpu.sh")], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "g4: step 2" in r.stdout and "g1: step 2" in r.stdout
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= 8 and "g4_export.pt" in files and "g1_train_log.csv" in files, files
+    ckpt = load_checkpoint(out / "g4_export.pt")
+    assert "optimizer" not in ckpt and ckpt["model_config"].grid == 4 and ckpt["model_config"].halo == 2
+    model_from_checkpoint(ckpt)

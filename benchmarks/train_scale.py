@@ -1,0 +1,163 @@
+"""Training beyond one process, measured: peak RSS against the data set's size, with and without the image
+cache, and throughput on 1 rank against 2 (torchrun) with the same global batch. Every setting runs in a
+fresh process; peak RSS is the kernel's (ru_maxrss of the child, and VmHWM / RssAnon / RssFile it reports).
+
+    python benchmarks/train_scale.py --sizes 1000,50000 --steps 10 --rounds 2
+
+The image folders (64x64 PNGs, made once) and the cache go under --work.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import click
+
+from benchlib import RESULTS, python, run_fresh, write_results
+
+MAKE_FOLDER = r"""
+import sys
+from pathlib import Path
+import numpy as np
+from PIL import Image
+folder, n, s = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+folder.mkdir(parents=True, exist_ok=True)
+rng = np.random.default_rng(n)
+yy, xx = np.mgrid[:s, :s]
+for i in range(n):  # a coloured disc on a noisy background: realistic PNG sizes, every image different
+    img = rng.integers(150, 256, (s, s, 3), dtype=np.uint8)
+    cy, cx, r = rng.uniform(s / 4, 3 * s / 4, 2).tolist() + [rng.uniform(s / 8, s / 3)]
+    img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.integers(0, 150, 3)
+    Image.fromarray(img).save(folder / f"{i:06d}.png")
+"""
+
+# One training process: load the folder (cache or memory), train a few steps, report memory from /proc.
+TRAIN_CHILD = r"""
+import json, sys, time
+from pathlib import Path
+def status(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+folder, cache, steps, out, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5])
+import torch
+from patchgen.models.cache import Decoding
+from patchgen.models.config import ModelConfig, TrainConfig
+from patchgen.models.data import load_data
+from patchgen.models.train import train
+from patchgen.runtime.limits import available_cpus
+torch.set_num_threads(1)
+t0 = time.perf_counter()
+data = load_data(folder, size, decoding=Decoding(Path(cache) if cache != "-" else None, available_cpus()))
+load_s = time.perf_counter() - t0
+after_load = status("VmRSS")
+t0 = time.perf_counter()
+train(out, steps, data=data, config=ModelConfig(image_size=size, grid=2), tc=TrainConfig(batch_size=16), holdout=0.01,
+      preview_every=0, checkpoint_every=10**6)
+print(json.dumps({"images": len(data.images), "load_s": load_s, "after_load_mib": after_load,
+                  "train_s_per_step": (time.perf_counter() - t0) / steps, "vmhwm_mib": status("VmHWM"),
+                  "rss_anon_mib": status("RssAnon"), "rss_file_mib": status("RssFile")}))
+"""
+
+RANKS_ARGS = ["--grid", "2", "--batch-size", "16", "--preview-every", "0", "--checkpoint-every", "1000000"]
+
+
+def image_folder(work: Path, n: int, size: int) -> Path:
+    """n generated size x size PNGs, written once."""
+    folder = work / f"images{n}_{size}"
+    if not (folder / f"{n - 1:06d}.png").exists():
+        click.echo(f"writing {n} images to {folder} ...")
+        r = run_fresh(python("-c", MAKE_FOLDER, str(folder), str(n), str(size)))
+        if r["returncode"]:
+            raise click.ClickException(r["stderr"][-2000:])
+    return folder
+
+
+def memory_rows(work: Path, sizes: list[int], steps: int, image_size: int) -> list[dict]:
+    rows = []
+    for n in sizes:
+        folder = image_folder(work, n, image_size)
+        cache = work / "cache"
+        shutil.rmtree(cache, ignore_errors=True)
+        for mode, cache_arg in (("memory (--no-cache)", "-"), ("cache: build, then map", str(cache)),
+                                ("cache: map", str(cache))):
+            out = work / "run"
+            shutil.rmtree(out, ignore_errors=True)
+            r = run_fresh(python("-c", TRAIN_CHILD, str(folder), cache_arg, str(steps), str(out), str(image_size)))
+            if r["returncode"]:
+                raise click.ClickException(r["stderr"][-2000:])
+            row = {"images": n, "mode": mode, **json.loads(r["stdout"]), "peak_mib": r["peak_mib"]}
+            click.echo(f"{n} images, {mode}: peak {row['peak_mib']:.0f} MiB (anon {row['rss_anon_mib']:.0f}, "
+                       f"file {row['rss_file_mib']:.0f}), load {row['load_s']:.1f} s")
+            rows.append(row)
+    return rows
+
+
+def ranks_rows(work: Path, n: int, steps: int, rounds: int, image_size: int) -> list[dict]:
+    """1 process x 2 threads, 1 process x 1 thread and torchrun 2 ranks x 1 thread, same global batch of 16,
+    interleaved over `rounds`, on n images; images/s from the median step time after the first 3 steps."""
+    folder = image_folder(work, n, image_size)
+    settings = {
+        "1 rank x 2 threads": python("-m", "patchgen.cli.train", "--threads", "2"),
+        "1 rank x 1 thread": python("-m", "patchgen.cli.train", "--threads", "1"),
+        "2 ranks x 1 thread (torchrun)": python("-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                                                "2", "-m", "patchgen.cli.train"),
+    }
+    rows = []
+    for round_ in range(rounds):
+        for name, command in settings.items():
+            out = work / "ranks_run"
+            shutil.rmtree(out, ignore_errors=True)
+            r = run_fresh([*command, "--data", str(folder), "--image-size", str(image_size), *RANKS_ARGS, "--max-steps", str(steps), "--out", str(out),
+                           "--cache-dir", str(work / "cache")], env={"OMP_NUM_THREADS": "1"})
+            if r["returncode"]:
+                raise click.ClickException(r["stderr"][-2000:])
+            speeds = sorted(float(line.split(",")[3]) for line in (out / "train_log.csv").read_text().splitlines()[4:])
+            row = {"round": round_ + 1, "setting": name, "images_per_s": speeds[len(speeds) // 2]}
+            click.echo(f"round {round_ + 1}, {name}: {row['images_per_s']:.1f} images/s")
+            rows.append(row)
+    return rows
+
+
+@click.command(epilog="Example: python benchmarks/train_scale.py --sizes 1000,50000 --steps 10 --rounds 2")
+@click.option("--sizes", default="1000,50000", show_default=True, help="Comma-separated data set sizes (64x64).")
+@click.option("--steps", type=click.IntRange(min=4), default=10, show_default=True, help="Training steps per run.")
+@click.option("--rounds", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Interleaved rounds of the 1-vs-2-rank comparison.")
+@click.option("--image-size", type=click.IntRange(min=8), default=64, show_default=True)
+@click.option("--part", type=click.Choice(["memory", "ranks", "both"]), default="both", show_default=True)
+@click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=Path("/tmp/patchgen-train-scale"),
+              show_default=True, help="Image folders, cache and run folders.")
+@click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "train_scale", show_default=True,
+              help="Results stem: STEM_memory.{json,md} and STEM_ranks.{json,md}.")
+def main(sizes, steps, rounds, image_size, part, work, out):
+    """Peak RSS vs data set size (memory or cache) and images/s on 1 vs 2 ranks."""
+    work.mkdir(parents=True, exist_ok=True)
+    sizes = [int(s) for s in sizes.split(",")]
+    if part in ("memory", "both"):
+        rows = memory_rows(work, sizes, steps, image_size)
+        write_results(out.with_name(out.name + "_memory"),
+                      f"Training RSS vs data set size: {image_size}x{image_size} PNGs, 2x2 default model, batch 16, {steps} steps",
+                      [("images", "images"), ("mode", "images held"), ("load_s", "load (s)"),
+                       ("after_load_mib", "RSS after load (MiB)"), ("peak_mib", "peak RSS (MiB)"),
+                       ("rss_anon_mib", "RssAnon at end"), ("rss_file_mib", "RssFile at end"),
+                       ("train_s_per_step", "s/step")], rows,
+                      "Each row a fresh process (`python benchmarks/train_scale.py --part memory`). Peak RSS is the "
+                      "kernel's ru_maxrss of the child. 'cache: build, then map' decodes the folder in worker "
+                      "processes into the cache and maps it; 'cache: map' is the next run, which decodes nothing. "
+                      "RssFile counts the pages of the mapped cache this process has touched: page cache, shared "
+                      "by every rank on the machine and dropped by the kernel under memory pressure.")
+    if part in ("ranks", "both"):
+        rows = ranks_rows(work, sizes[0], max(steps, 12), rounds, image_size)
+        write_results(out.with_name(out.name + "_ranks"),
+                      f"Training throughput: 1 rank vs 2 ranks (torchrun, gloo), {image_size}x{image_size}, 2x2 "
+                      "default model, global batch 16",
+                      [("round", "round"), ("setting", "setting"), ("images_per_s", "images/s")], rows,
+                      f"{sizes[0]} images. Interleaved rounds, each setting a fresh process (group); images/s is the median over the "
+                      "steps after the third, from train_log.csv. Same global batch, so the same run at any "
+                      "world size.")
+
+
+if __name__ == "__main__":
+    main()
