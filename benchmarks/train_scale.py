@@ -2,7 +2,7 @@
 cache, and throughput on 1 rank against 2 (torchrun) with the same global batch. Every setting runs in a
 fresh process; peak RSS is the kernel's (ru_maxrss of the child, and VmHWM / RssAnon / RssFile it reports).
 
-    python benchmarks/train_scale.py --sizes 1000,50000 --steps 10 --rounds 2
+    python benchmarks/train_scale.py --sizes 1000,50000 --steps 10 --rounds 3
 
 The image folders (64x64 PNGs, made once) and the cache go under --work.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 from pathlib import Path
 
 import click
@@ -74,23 +75,37 @@ def image_folder(work: Path, n: int, size: int) -> Path:
     return folder
 
 
-def memory_rows(work: Path, sizes: list[int], steps: int, image_size: int) -> list[dict]:
+MEMORY_MODES = (("memory (--no-cache)", False), ("cache: build, then map", True), ("cache: map", True))
+
+
+def memory_rows(work: Path, sizes: list[int], steps: int, rounds: int, image_size: int) -> list[dict]:
+    """Every (size, mode) once per round, interleaved; one row per (size, mode) with the median of each figure
+    over the rounds, the peak's range, and the rounds themselves (JSON)."""
+    folders = {n: image_folder(work, n, image_size) for n in sizes}
+    runs = {}
+    for round_ in range(rounds):
+        for n in sizes:
+            cache = work / "cache"
+            shutil.rmtree(cache, ignore_errors=True)  # the build row builds it
+            for mode, cached in MEMORY_MODES:
+                out = work / "run"
+                shutil.rmtree(out, ignore_errors=True)
+                r = run_fresh(python("-c", TRAIN_CHILD, str(folders[n]), str(cache) if cached else "-", str(steps),
+                                     str(out), str(image_size)))
+                if r["returncode"]:
+                    raise click.ClickException(r["stderr"][-2000:])
+                row = {**json.loads(r["stdout"]), "peak_mib": r["peak_mib"]}
+                click.echo(f"round {round_ + 1}, {n} images, {mode}: after load {row['after_load_mib']:.0f} MiB, "
+                           f"peak {row['peak_mib']:.0f} MiB, load {row['load_s']:.1f} s")
+                runs.setdefault((n, mode), []).append(row)
     rows = []
-    for n in sizes:
-        folder = image_folder(work, n, image_size)
-        cache = work / "cache"
-        shutil.rmtree(cache, ignore_errors=True)
-        for mode, cache_arg in (("memory (--no-cache)", "-"), ("cache: build, then map", str(cache)),
-                                ("cache: map", str(cache))):
-            out = work / "run"
-            shutil.rmtree(out, ignore_errors=True)
-            r = run_fresh(python("-c", TRAIN_CHILD, str(folder), cache_arg, str(steps), str(out), str(image_size)))
-            if r["returncode"]:
-                raise click.ClickException(r["stderr"][-2000:])
-            row = {"images": n, "mode": mode, **json.loads(r["stdout"]), "peak_mib": r["peak_mib"]}
-            click.echo(f"{n} images, {mode}: peak {row['peak_mib']:.0f} MiB (anon {row['rss_anon_mib']:.0f}, "
-                       f"file {row['rss_file_mib']:.0f}), load {row['load_s']:.1f} s")
-            rows.append(row)
+    for (n, mode), measured in runs.items():
+        row = {"images": n, "mode": mode, "rounds": measured}
+        for key in ("load_s", "after_load_mib", "peak_mib", "rss_anon_mib", "rss_file_mib", "train_s_per_step"):
+            row[key] = statistics.median(m[key] for m in measured)
+        peaks = [m["peak_mib"] for m in measured]
+        row["peak_range"] = f"{min(peaks):.0f}–{max(peaks):.0f}"
+        rows.append(row)
     return rows
 
 
@@ -117,14 +132,22 @@ def ranks_rows(work: Path, n: int, steps: int, rounds: int, image_size: int) -> 
             row = {"round": round_ + 1, "setting": name, "images_per_s": speeds[len(speeds) // 2]}
             click.echo(f"round {round_ + 1}, {name}: {row['images_per_s']:.1f} images/s")
             rows.append(row)
+    reference = {r["round"]: r["images_per_s"] for r in rows if r["setting"] == next(iter(settings))}
+    for r in rows:
+        r["vs_reference"] = r["images_per_s"] / reference[r["round"]]
+    for name in settings:  # the medians over the rounds
+        mine = [r for r in rows if r["setting"] == name]
+        rows.append({"round": "median", "setting": name,
+                     "images_per_s": statistics.median(r["images_per_s"] for r in mine),
+                     "vs_reference": statistics.median(r["vs_reference"] for r in mine)})
     return rows
 
 
-@click.command(epilog="Example: python benchmarks/train_scale.py --sizes 1000,50000 --steps 10 --rounds 2")
+@click.command(epilog="Example: python benchmarks/train_scale.py --sizes 1000,50000 --steps 10 --rounds 3")
 @click.option("--sizes", default="1000,50000", show_default=True, help="Comma-separated data set sizes (64x64).")
 @click.option("--steps", type=click.IntRange(min=4), default=10, show_default=True, help="Training steps per run.")
-@click.option("--rounds", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Interleaved rounds of the 1-vs-2-rank comparison.")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Interleaved rounds of every setting.")
 @click.option("--image-size", type=click.IntRange(min=8), default=64, show_default=True)
 @click.option("--part", type=click.Choice(["memory", "ranks", "both"]), default="both", show_default=True)
 @click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=Path("/tmp/patchgen-train-scale"),
@@ -136,15 +159,18 @@ def main(sizes, steps, rounds, image_size, part, work, out):
     work.mkdir(parents=True, exist_ok=True)
     sizes = [int(s) for s in sizes.split(",")]
     if part in ("memory", "both"):
-        rows = memory_rows(work, sizes, steps, image_size)
+        rows = memory_rows(work, sizes, steps, rounds, image_size)
         write_results(out.with_name(out.name + "_memory"),
                       f"Training RSS vs data set size: {image_size}x{image_size} PNGs, 2x2 default model, batch 16, {steps} steps",
                       [("images", "images"), ("mode", "images held"), ("load_s", "load (s)"),
                        ("after_load_mib", "RSS after load (MiB)"), ("peak_mib", "peak RSS (MiB)"),
+                       ("peak_range", "peak range"),
                        ("rss_anon_mib", "RssAnon at end"), ("rss_file_mib", "RssFile at end"),
                        ("train_s_per_step", "s/step")], rows,
-                      "Each row a fresh process (`python benchmarks/train_scale.py --part memory`). Peak RSS is the "
-                      "kernel's ru_maxrss of the child. 'cache: build, then map' decodes the folder in worker "
+                      f"Each run a fresh process, every setting once per round over {rounds} interleaved rounds; "
+                      "the medians (the peak's range beside it). RSS after load is VmRSS once the images are loaded, "
+                      "before training; peak RSS is the kernel's ru_maxrss of the child, reached in training "
+                      "(autograd's activations dominate it and vary by ~100 MiB between runs). 'cache: build, then map' decodes the folder in worker "
                       "processes into the cache and maps it; 'cache: map' is the next run, which decodes nothing. "
                       "RssFile counts the pages of the mapped cache this process has touched: page cache, shared "
                       "by every rank on the machine and dropped by the kernel under memory pressure.")
@@ -153,7 +179,8 @@ def main(sizes, steps, rounds, image_size, part, work, out):
         write_results(out.with_name(out.name + "_ranks"),
                       f"Training throughput: 1 rank vs 2 ranks (torchrun, gloo), {image_size}x{image_size}, 2x2 "
                       "default model, global batch 16",
-                      [("round", "round"), ("setting", "setting"), ("images_per_s", "images/s")], rows,
+                      [("round", "round"), ("setting", "setting"), ("images_per_s", "images/s"),
+                       ("vs_reference", "vs 1 rank x 2 threads, same round")], rows,
                       f"{sizes[0]} images. Interleaved rounds, each setting a fresh process (group); images/s is the median over the "
                       "steps after the third, from train_log.csv. Same global batch, so the same run at any "
                       "world size.")
