@@ -268,9 +268,10 @@ def test_train_scale_tiny(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     memory = json.loads((tmp_path / "scale_memory.json").read_text())["rows"]
     assert [row["mode"] for row in memory] == ["memory (--no-cache)", "cache: build, then map", "cache: map"]
-    assert all(row["peak_mib"] > 0 and row["images"] == 20 for row in memory)
+    assert all(row["peak_mib"] > 0 and row["images"] == 20 and len(row["rounds"]) == 1 for row in memory)
     ranks = json.loads((tmp_path / "scale_ranks.json").read_text())["rows"]
-    assert len(ranks) == 3 and all(row["images_per_s"] > 0 for row in ranks)
+    assert [row["round"] for row in ranks] == [1, 1, 1, "median", "median", "median"]
+    assert all(row["images_per_s"] > 0 for row in ranks) and ranks[3]["vs_reference"] == 1
 
 
 def test_train_gpu_script_dry_run_on_cpu(tmp_path):
