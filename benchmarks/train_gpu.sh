@@ -34,7 +34,7 @@ for d in runtime models export cli; do ln -s "$PWD/$d" $SHIM/patchgen/$d; done
 export PYTHONPATH=$SHIM${PYTHONPATH:+:$PYTHONPATH}
 PY=${PYTHON:-python3}
 BF16=${BF16---bf16}
-$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
+$PY -c "import torch; print('torch', torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())"
 mkdir -p "$RESULT"
 WORK=$(mktemp -d)
 train() {
@@ -44,8 +44,9 @@ train() {
     --batch-size 16 --lr 5e-4 --prediction x0 --max-steps $STEPS --preview-every $EVERY --checkpoint-every 500 \
     --device $DEVICE $BF16 --out $WORK/$name "$@" > $WORK/$name.log 2>&1 || echo "$name: exit $?" >> $WORK/$name.log
 }
+# the image cache, once, before the two runs map it
 $PY -c "from patchgen.models.data import load_data; from patchgen.models.cache import Decoding
-import os; load_data('noto-emoji-faces', $SIZE, decoding=Decoding(os.environ['PATCHGEN_CACHE_DIR'], 4))"  # the cache, once
+import os; load_data('noto-emoji-faces', $SIZE, decoding=Decoding(os.environ['PATCHGEN_CACHE_DIR'], 4))"
 for r in $RUNS; do
   case $r in
     g4) train g4 --grid 4 --global-context 4 --halo $HALO --patches-per-image 4 & ;;

@@ -124,7 +124,8 @@ def ranks_rows(work: Path, n: int, steps: int, rounds: int, image_size: int) -> 
         for name, command in settings.items():
             out = work / "ranks_run"
             shutil.rmtree(out, ignore_errors=True)
-            r = run_fresh([*command, "--data", str(folder), "--image-size", str(image_size), *RANKS_ARGS, "--max-steps", str(steps), "--out", str(out),
+            r = run_fresh([*command, "--data", str(folder), "--image-size", str(image_size), *RANKS_ARGS,
+                           "--max-steps", str(steps), "--out", str(out),
                            "--cache-dir", str(work / "cache")], env={"OMP_NUM_THREADS": "1"})
             if r["returncode"]:
                 raise click.ClickException(r["stderr"][-2000:])
@@ -161,7 +162,8 @@ def main(sizes, steps, rounds, image_size, part, work, out):
     if part in ("memory", "both"):
         rows = memory_rows(work, sizes, steps, rounds, image_size)
         write_results(out.with_name(out.name + "_memory"),
-                      f"Training RSS vs data set size: {image_size}x{image_size} PNGs, 2x2 default model, batch 16, {steps} steps",
+                      f"Training RSS vs data set size: {image_size}x{image_size} PNGs, 2x2 default model, batch 16, "
+                      f"{steps} steps",
                       [("images", "images"), ("mode", "images held"), ("load_s", "load (s)"),
                        ("after_load_mib", "RSS after load (MiB)"), ("peak_mib", "peak RSS (MiB)"),
                        ("peak_range", "peak range"),
@@ -170,7 +172,8 @@ def main(sizes, steps, rounds, image_size, part, work, out):
                       f"Each run a fresh process, every setting once per round over {rounds} interleaved rounds; "
                       "the medians (the peak's range beside it). RSS after load is VmRSS once the images are loaded, "
                       "before training; peak RSS is the kernel's ru_maxrss of the child, reached in training "
-                      "(autograd's activations dominate it and vary by ~100 MiB between runs). 'cache: build, then map' decodes the folder in worker "
+                      "(autograd's activations dominate it; the range column shows how much it varies between runs). "
+                      "'cache: build, then map' decodes the folder in worker "
                       "processes into the cache and maps it; 'cache: map' is the next run, which decodes nothing. "
                       "RssFile counts the pages of the mapped cache this process has touched: page cache, shared "
                       "by every rank on the machine and dropped by the kernel under memory pressure.")
@@ -181,7 +184,8 @@ def main(sizes, steps, rounds, image_size, part, work, out):
                       "default model, global batch 16",
                       [("round", "round"), ("setting", "setting"), ("images_per_s", "images/s"),
                        ("vs_reference", "vs 1 rank x 2 threads, same round")], rows,
-                      f"{sizes[0]} images. Interleaved rounds, each setting a fresh process (group); images/s is the median over the "
+                      f"{sizes[0]} images. Interleaved rounds, each setting a fresh process (group); images/s is the "
+                      "median over the "
                       "steps after the third, from train_log.csv. Same global batch, so the same run at any "
                       "world size.")
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 from click.core import ParameterSource
 
 from patchgen.models.cache import CACHE_ENV  # plain constants: no torch import
-from patchgen.models.config import LOSS_WEIGHTINGS, LOSSES
+from patchgen.models.config import LOSS_WEIGHTINGS, LOSSES, ModelConfig, TrainConfig
 from patchgen.runtime.limits import available_cpus
 from patchgen.runtime.schedule import SCHEDULE_KINDS, min_timesteps
 from patchgen.runtime.spec import GCC_SOURCES, PREDICTIONS
@@ -90,8 +91,11 @@ def _csv_ints(_ctx, _param, value):
               "each rank takes the GPU of its local rank).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help=f"Image cache: images are decoded once into an array file there that every rank and every "
-                   f"resume maps read-only [default: ${CACHE_ENV}, else ~/.cache/patchgen/images].")
+                   f"resume maps read-only [default: ${CACHE_ENV}, else $XDG_CACHE_HOME/patchgen/images, else "
+                   f"~/.cache/patchgen/images].")
 @click.option("--no-cache", is_flag=True, help="Decode the images into memory in every process instead.")
+@click.option("--decode-workers", type=click.IntRange(min=1), default=None,
+              help="Processes that decode the images [default: this machine's CPUs over its ranks].")
 @click.option("--threads", type=click.IntRange(1, available_cpus()), default=None,
               help="torch CPU threads, at most the CPUs this process may use [default: torch's choice].")
 @click.option("--bf16", is_flag=True, help="Mixed precision (bfloat16 autocast): faster on CPUs with AVX512-BF16/AMX and on GPUs.")
@@ -99,7 +103,8 @@ def _csv_ints(_ctx, _param, value):
 def main(data, image_size, grid, no_gcc, no_position, max_steps, batch_size, out, resume, base_width,
          channel_mults, num_res_blocks, attention_resolutions, dropout, prediction, gcc_source, global_context,
          halo, edge_mask, schedule, timesteps, loss, loss_weighting, patches_per_image, lr, warmup_steps, ema_decay, seed,
-         no_skin_tones, holdout, checkpoint_every, preview_every, device, cache_dir, no_cache, threads, bf16):
+         no_skin_tones, holdout, checkpoint_every, preview_every, device, cache_dir, no_cache, decode_workers, threads,
+         bf16):
     """Train a patch-based diffusion U-Net (Arakawa et al. 2023) and write checkpoints to --out."""
     from patchgen.models import distributed
     from patchgen.models.train import check_run_folder
@@ -111,25 +116,41 @@ def main(data, image_size, grid, no_gcc, no_position, max_steps, batch_size, out
         raise CliError(f"{', '.join('--' + n.replace('_', '-') for n in given)}: only for a new run; --resume "
                        f"continues with its checkpoint's configuration and data, so drop them (or start a new "
                        f"run in another --out)")
+    if no_cache and cache_dir is not None:
+        raise CliError("--cache-dir and --no-cache contradict each other: pass one of them")
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    settings = None
+    new_run = None
     if not resume:
-        settings = _new_run_settings(image_size, grid, no_gcc, no_position, batch_size, base_width, channel_mults,
-                                     num_res_blocks, attention_resolutions, dropout, prediction, gcc_source,
-                                     global_context, halo, edge_mask, schedule, timesteps, loss, loss_weighting,
-                                     patches_per_image, lr, warmup_steps, ema_decay, seed)
+        config, tc = _new_run_settings(image_size, grid, no_gcc, no_position, batch_size, base_width, channel_mults,
+                                       num_res_blocks, attention_resolutions, dropout, prediction, gcc_source,
+                                       global_context, halo, edge_mask, schedule, timesteps, loss, loss_weighting,
+                                       patches_per_image, lr, warmup_steps, ema_decay, seed)
+        new_run = NewRun(config, tc, data, not no_skin_tones, holdout)
     world = distributed.World()
     if distributed.launched_by_torchrun():
         world, device = distributed.init(device)
+    else:
+        distributed.check_device(device)
     try:
-        _train(world, out, resume, max_steps, settings, (data, image_size, not no_skin_tones, holdout),
-               _decoding(world, cache_dir, no_cache), dict(checkpoint_every=checkpoint_every,
-                                                          preview_every=preview_every, device=device, bf16=bf16))
+        if new_run is not None:
+            world.part(batch_size)  # before any image is decoded
+        _train(world, out, resume, max_steps, new_run, _decoding(world, cache_dir, no_cache, decode_workers),
+               checkpoint_every=checkpoint_every, preview_every=preview_every, device=device, bf16=bf16)
     finally:
         distributed.shutdown()
+
+
+@dataclass(frozen=True)
+class NewRun:
+    """What a new run is made of: its configs and its data (--data, skin tones, the held-out fraction)."""
+    config: ModelConfig
+    tc: TrainConfig
+    data: str
+    skin_tones: bool
+    holdout: float
 
 
 def _new_run_settings(image_size, grid, no_gcc, no_position, batch_size, base_width, channel_mults, num_res_blocks,
@@ -137,7 +158,6 @@ def _new_run_settings(image_size, grid, no_gcc, no_position, batch_size, base_wi
                       schedule, timesteps, loss, loss_weighting, patches_per_image, lr, warmup_steps, ema_decay,
                       seed):
     """(ModelConfig, TrainConfig) of a new run; an invalid combination is one CliError line."""
-    from patchgen.models.config import ModelConfig, TrainConfig
     from patchgen.runtime.schedule import Schedule
 
     try:
@@ -155,10 +175,12 @@ def _new_run_settings(image_size, grid, no_gcc, no_position, batch_size, base_wi
     return config, tc
 
 
-def _decoding(world, cache_dir, no_cache):
-    """How this rank decodes images: into the cache (default folder unless --cache-dir) with one decoder per
-    CPU and a progress bar, or into memory (--no-cache). Only rank 0 talks."""
+def _decoding(world, cache_dir, no_cache, workers):
+    """How this rank decodes images: into the cache (default folder unless --cache-dir), or into memory
+    (--no-cache); in `workers` processes (default: one per CPU of this rank's share of the machine), with a
+    progress bar. Only rank 0 talks."""
     from patchgen.models.cache import Decoding, default_cache_dir
+    from patchgen.models.distributed import local_world_size
 
     bar = None
 
@@ -175,28 +197,33 @@ def _decoding(world, cache_dir, no_cache):
     def note(message):
         click.echo(message, err=True)
     talk = world.writer
-    return Decoding(None if no_cache else (cache_dir or default_cache_dir()), available_cpus(),
-                    progress if talk else None, note if talk else None)
+    return Decoding(None if no_cache else (cache_dir or default_cache_dir()),
+                    workers or max(1, available_cpus() // local_world_size()), progress if talk else None,
+                    note if talk else None)
 
 
-def _in_rank_order(world, load):
-    """load() on this machine's local rank 0 first (it fills the image cache), then on the others (they map it)."""
+def _in_rank_order(world, decoding, load):
+    """load() with the image cache: rank 0 first (it builds the entry, which a cache folder shared by several
+    machines then holds), then each machine's local rank 0 (it builds the entry of a machine's own folder),
+    then the other ranks, which map it. Every rank waits at the same two barriers. Without a cache, at once."""
     from patchgen.models import distributed
 
-    if world.local_rank:
-        distributed.barrier()
-    data = load()
-    if not world.local_rank:
-        distributed.barrier()
+    if decoding.cache_dir is None:
+        return load()
+    phase = 0 if world.rank == 0 else (1 if world.local_rank == 0 else 2)
+    data = None
+    for step in range(3):
+        if step == phase:
+            data = load()
+        if step < 2:
+            distributed.barrier()
     return data
 
 
-def _train(world, out, resume, max_steps, settings, data_spec, decoding, options):
+def _train(world, out, resume, max_steps, new_run, decoding, **options):
     """Load the images (in rank order), train, and report on rank 0."""
     from patchgen.models.data import load_data, load_named
     from patchgen.models.train import train
-
-    spec, image_size, skin_tones, holdout = data_spec
 
     def say(message):
         if world.writer:
@@ -207,17 +234,18 @@ def _train(world, out, resume, max_steps, settings, data_spec, decoding, options
 
     def load_for(source):
         say(f"loading {source.name} images at {source.image_size}px ...")
-        return _in_rank_order(world, lambda: load_named(source.name, source.image_size, decoding))
+        return _in_rank_order(world, decoding, lambda: load_named(source.name, source.image_size, decoding))
 
     kwargs = {}
-    if settings is not None:
-        say(f"loading {spec} images at {image_size}px ...")
-        images = _in_rank_order(world, lambda: load_data(spec, image_size, skin_tones, decoding))
+    if new_run is not None:
+        size = new_run.config.image_size
+        say(f"loading {new_run.data} images at {size}px ...")
+        images = _in_rank_order(world, decoding, lambda: load_data(new_run.data, size, new_run.skin_tones, decoding))
         if images.source.attribution:
             say(f"data: {images.source.attribution}")
         say(f"data: {len(images.images)} images ({images.source.skipped} skipped: unreadable or without "
             "a faithful RGB form)")
-        kwargs = dict(data=images, config=settings[0], tc=settings[1], holdout=holdout)
+        kwargs = dict(data=images, config=new_run.config, tc=new_run.tc, holdout=new_run.holdout)
     with contextlib.ExitStack() as stack:
         bar = None
 

@@ -20,6 +20,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -135,18 +136,22 @@ def build_entry(folder: Path, key: str, sources: Sequence, size: int, decode_one
                             f"free; set {CACHE_ENV} to a folder on a larger disk")
     decoding.say(f"decoding {len(sources)} images into the cache {folder / key}.npy")
     count = 0
-    with atomic_output(folder / f"{key}.npy") as f:
-        np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
-        start = f.tell()
-        for image in _decoded(sources, size, decode_one, decoding):
-            if image is not None:
-                f.write(np.ascontiguousarray(image, np.uint8).tobytes())
-                count += 1
-        f.truncate(start + need)  # the unused rows: zeros, a hole in the file on most file systems
-    meta = {"format": FORMAT, "shape": list(shape), "count": count, "skipped": len(sources) - count,
-            "identity": {k: v for k, v in identity.items() if isinstance(v, (str, int, float))}}
-    with atomic_output(folder / f"{key}.json") as f:
-        f.write((json.dumps(meta, indent=1) + "\n").encode())
+    try:
+        with atomic_output(folder / f"{key}.npy") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+            start = f.tell()
+            for image in _decoded(sources, size, decode_one, decoding):
+                if image is not None:
+                    f.write(np.ascontiguousarray(image, np.uint8).tobytes())
+                    count += 1
+            f.truncate(start + need)  # the unused rows: zeros, a hole in the file on most file systems
+        meta = {"format": FORMAT, "shape": list(shape), "count": count, "skipped": len(sources) - count,
+                "identity": {k: v for k, v in identity.items() if isinstance(v, (str, int, float))}}
+        with atomic_output(folder / f"{key}.json") as f:
+            f.write((json.dumps(meta, indent=1) + "\n").encode())
+    except OSError as e:  # a full disk, a folder gone: nothing half-written stays (atomic_output)
+        raise PatchgenError(f"cannot write the image cache in {folder}: {e.strerror or e}; free some space there "
+                            f"or set {CACHE_ENV} to another folder") from None
 
 
 def _decoded(sources: Sequence, size: int, decode_one: Decoder, decoding: Decoding):
@@ -156,14 +161,22 @@ def _decoded(sources: Sequence, size: int, decode_one: Decoder, decoding: Decodi
     if decoding.workers > 1 and total >= MIN_PARALLEL:
         # spawn: the workers import only numpy and Pillow, never inherit a parent's threads (torch's)
         context = multiprocessing.get_context("spawn")
+        pool = concurrent.futures.ProcessPoolExecutor(decoding.workers, mp_context=context,
+                                                      initializer=_ignore_interrupts)
         try:
-            with concurrent.futures.ProcessPoolExecutor(decoding.workers, mp_context=context) as pool:
-                yield from _counted(pool.map(decode, sources, chunksize=CHUNK), total, decoding)
+            yield from _counted(pool.map(decode, sources, chunksize=CHUNK), total, decoding)
         except concurrent.futures.process.BrokenProcessPool:
             raise PatchgenError(f"a decoder process died (out of memory?) while decoding {total} images; "
-                                "try again with fewer decoder processes") from None
+                                "try again with fewer (patchgen-train --decode-workers)") from None
+        finally:  # on Ctrl-C or an error, the chunks not yet started are dropped, not decoded
+            pool.shutdown(cancel_futures=True)
     else:
         yield from _counted(map(decode, sources), total, decoding)
+
+
+def _ignore_interrupts() -> None:
+    """In a decoder process: Ctrl-C is the parent's to handle (it stops the pool), not a traceback per worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _counted(images, total: int, decoding: Decoding):

@@ -77,7 +77,8 @@ class ImageSet:
 @dataclass(frozen=True)
 class ImageSubset:
     """Rows `index` of `images` (uint8 [N, H, W, 3], e.g. a memory map), gathered only when indexed: a
-    training split without a copy of it. subset[i] for an integer array i is images[index[i]], uint8 [len(i), H, W, 3]."""
+    training split without a copy of it. subset[i] for an integer array i is images[index[i]],
+    uint8 [len(i), H, W, 3]."""
     images: np.ndarray
     index: np.ndarray
 

@@ -57,16 +57,39 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def local_world_size() -> int:
+    """Ranks on this machine (torchrun's LOCAL_WORLD_SIZE; 1 outside torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def check_device(device: str, local_rank: int = 0, ranks_here: int = 1) -> None:
+    """Fail with one line when `device` cannot be used: no CUDA in this torch or machine, a GPU index beyond
+    the machine's, fewer GPUs than ranks on this machine, or one named GPU for several ranks."""
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise PatchgenError(f"--device {device}: this torch build or machine has no CUDA GPU; use --device cpu, "
+                            "or install a CUDA build of torch")
+    count, index = torch.cuda.device_count(), device.partition(":")[2]
+    if ranks_here > 1 and index:
+        raise PatchgenError(f"--device {device} names one GPU for {ranks_here} ranks; pass --device cuda, and "
+                            "each rank takes the GPU of its local rank")
+    if int(index or local_rank) >= count or ranks_here > count:
+        raise PatchgenError(f"--device {device}: this machine has {count} GPU(s) for {ranks_here} rank(s) here; "
+                            f"start at most {count} ranks per machine")
+
+
 def init(device: str) -> tuple[World, str]:
     """Join the process group that torchrun's environment describes (RANK, WORLD_SIZE, MASTER_ADDR, ...):
-    gloo on the CPU, nccl on CUDA. Returns the world and this rank's device ("cuda" becomes cuda:<local rank>)."""
+    gloo on the CPU, nccl on CUDA. Returns the world and this rank's device ("cuda" becomes cuda:<local rank>).
+    Raises PatchgenError for a device this machine cannot give every rank (`check_device`)."""
     if not dist.is_available():
         raise PatchgenError("this torch build has no torch.distributed; train in one process (without torchrun)")
     cuda = device.startswith("cuda")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    check_device(device, local_rank, local_world_size())
     if cuda:
-        if device == "cuda":
-            device = f"cuda:{local_rank}"
+        device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
     return world(), device
@@ -92,16 +115,19 @@ def wrap(net: torch.nn.Module) -> torch.nn.Module:
     return torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
 
 
-def sync_step(loss: float, stop: bool) -> tuple[float, bool]:
+def sync_step(loss: float, stop_signal: int) -> tuple[float, int]:
     """One collective per step: the mean of the ranks' losses (each the mean over its equal part of the
-    batch, so this is the global batch's loss) and whether any rank was asked to stop."""
+    batch, so this is the global batch's loss) and the largest signal number any rank was stopped by
+    (0: none), so every rank stops after the same step and reports the same signal."""
     w = world()
     if w.size == 1:
-        return loss, stop
+        return loss, stop_signal
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    both = torch.tensor([loss, float(stop)], dtype=torch.float64, device=device)
-    dist.all_reduce(both)
-    return both[0].item() / w.size, both[1].item() > 0
+    mine = torch.tensor([loss, float(stop_signal)], dtype=torch.float64, device=device)
+    everyone = [torch.empty_like(mine) for _ in range(w.size)]
+    dist.all_gather(everyone, mine)
+    stacked = torch.stack(everyone)
+    return stacked[:, 0].mean().item(), int(stacked[:, 1].max().item())
 
 
 def gather_rng_states() -> list[torch.Tensor]:

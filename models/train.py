@@ -83,6 +83,9 @@ def train_step(state: TrainState, images, tc: TrainConfig, bf16: bool = False,
     """
     device = next(state.net.parameters()).device
     config = state.net.config
+    if state.ddp is None and distributed.world().size > 1:
+        raise ValueError("several ranks but no state.ddp: each rank would train alone; start the run with "
+                         "start_run or resume_run, which wrap the net")
     if coefs is None:
         coefs = schedule_coefficients(config.schedule, device)
     idx = torch.randint(0, len(images), (tc.batch_size,), generator=state.gen).numpy()
@@ -257,6 +260,7 @@ def resume_run(run_dir, device: str = "cpu", data: Optional[ImageSet] = None,
     """The run in `run_dir` as its checkpoint left it (or `ckpt`, already loaded from there): weights,
     optimizer, random state, configs and data source. Its images are `data`, or `load_data(source)`."""
     ckpt = ckpt or load_checkpoint(Path(run_dir) / CHECKPOINT_NAME)
+    distributed.world().part(ckpt["train_config"].batch_size)  # before any image is loaded
     data = data if data is not None else load_data(ckpt["data"])
     cadence = {**DEFAULT_CADENCE, **ckpt.get("cadence", {})}
     return _run(run_dir, restore_state(ckpt, device), ckpt["train_config"], ckpt["data"], cadence, data,
@@ -336,12 +340,12 @@ def run_loop(run: Run, max_steps: int, bf16: bool = False, progress: Optional[Ca
         if writer:
             evaluate(run.dir, state.step, state.ema, run.probe_images, run.tc.seed, run.source.name,
                      preview_count, preview_steps)
-    losses, stopping = [], False
+    losses, stopping = [], 0  # the signal (any rank's) that stops the run after this step
     with _StopFlag() as stop, _TrainLog(run.dir / LOG_NAMES[0], writer) as log:
         while state.step < max_steps and not stopping:
             t0 = time.perf_counter()
             loss = train_step(state, run.images, run.tc, bf16, run.coefs, part)
-            loss, stopping = distributed.sync_step(loss, stop.signal is not None)
+            loss, stopping = distributed.sync_step(loss, stop.signal or 0)
             losses.append(loss)
             speed = run.tc.batch_size / (time.perf_counter() - t0)
             log.row(state.step, loss, learning_rate(state.step - 1, run.tc), speed)
@@ -355,8 +359,7 @@ def run_loop(run: Run, max_steps: int, bf16: bool = False, progress: Optional[Ca
             preview()  # the one at the end
         if run.saved_step != state.step:
             checkpoint(run)
-    signal_number = stop.signal if stop.signal is not None else (signal.SIGTERM if stopping else None)
-    return RunResult(losses, state.step, signal_number)
+    return RunResult(losses, state.step, stopping or None)
 
 
 def train(run_dir, max_steps: int, *, data: Optional[ImageSet] = None, config: Optional[ModelConfig] = None,

@@ -128,6 +128,7 @@ def run_cli(*args, cwd=None, env=None):
     (["--image-size", "32", "--halo", "1", "--channel-mults", "1,2,2,2"], "use halo 0 or 4"),
     (["--grid", "1", "--halo", "2"], "no neighbouring patches"),
     (["--edge-mask"], "needs a halo"),
+    (["--no-cache", "--cache-dir", "somewhere"], "--cache-dir and --no-cache contradict each other"),
 ])
 def test_cli_bad_input(tmp_path, args, message):
     r = run_cli(*args, "--out", str(tmp_path / "run"))
@@ -378,3 +379,12 @@ def test_data_source_round_trips_through_a_checkpoint_dict():
     assert DataSource.from_dict(source.to_dict()) == source
     old = {"name": "twemoji-faces", "license": "CC-BY-4.0", "num_train": 113, "unknown_key": 1}  # as 0.1 wrote it
     assert DataSource.from_dict(old) == DataSource("twemoji-faces", license="CC-BY-4.0", num_train=113)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cli_cuda_without_a_gpu_is_one_clear_error(tmp_path):
+    r = run_cli("--device", "cuda", "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        "Error: --device cuda: this torch build or machine has no CUDA GPU; use --device cpu, or install a CUDA "
+        "build of torch"]
+    assert not (tmp_path / "run").exists()
