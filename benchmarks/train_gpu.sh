@@ -4,7 +4,8 @@
 #   the 4x4 model (halo 8, global context 4, 4 of 16 patches per image per step, x0 prediction) and its 1x1
 #   baseline, batch 16, lr 5e-4, side by side on the one GPU, bf16 autocast, previews every 1500 steps.
 # Each run stops at STEPS or after MINUTES, whichever comes first; a stop by time is SIGTERM, which
-# checkpoints, so the run can go on later anywhere (CPU included) with patchgen-train --resume.
+# checkpoints. The full checkpoints (with optimizer state, 27 MB each) stay on the GPU machine; what comes
+# back is a slim copy for patchgen-export, which cannot be resumed.
 #
 #   benchmarks/train_gpu.sh                        # on the GPU machine: runs land in $OUT (or runs/gpu)
 #   DEVICE=cpu STEPS=3 MINUTES=2 SIZE=32 benchmarks/train_gpu.sh   # its dry run on a CPU
@@ -29,6 +30,8 @@ export PATCHGEN_NOTO_FONT=${PATCHGEN_NOTO_FONT:-$PWD/.gpu/NotoColorEmoji.ttf}
 export PATCHGEN_CACHE_DIR=${PATCHGEN_CACHE_DIR:-/tmp/patchgen-cache}
 # patchgen from this checkout, without installing it: a namespace package of the four top-level folders
 SHIM=$(mktemp -d)
+WORK=$(mktemp -d)
+trap 'rm -rf "$SHIM" "$WORK"' EXIT
 mkdir -p $SHIM/patchgen
 for d in runtime models export cli; do ln -s "$PWD/$d" $SHIM/patchgen/$d; done
 export PYTHONPATH=$SHIM${PYTHONPATH:+:$PYTHONPATH}
@@ -36,7 +39,6 @@ PY=${PYTHON:-python3}
 BF16=${BF16---bf16}
 $PY -c "import torch; print('torch', torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())"
 mkdir -p "$RESULT"
-WORK=$(mktemp -d)
 train() {
   name=$1; shift
   # SIGTERM after MINUTES: patchgen-train finishes its step, checkpoints and exits 143

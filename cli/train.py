@@ -26,7 +26,7 @@ Example (a 2x2-grid model on the built-in Twemoji images, 32x32, patches seeing 
 \b
 Data-parallel on 2 processes (the same run, --batch-size split between them; README: "Training on several
 processes"):
-  torchrun --nproc-per-node 2 -m patchgen.cli.train --data emoji --image-size 32 --out runs/emoji32x2
+  torchrun --standalone --nproc-per-node 2 -m patchgen.cli.train --data emoji --image-size 32 --out runs/emoji32x2
 """
 
 
@@ -263,7 +263,7 @@ def _train(world, out, resume, max_steps, new_run, decoding, **options):
         say(f"nothing to do: the checkpoint in {out} is at step {result.step} and --max-steps is {max_steps}; "
             "nothing was changed (raise --max-steps to train on)")
         return
-    say(f"{done} steps in {time.perf_counter() - t0:.0f} s; checkpoint at step {result.step}: "
+    say(f"{done} step{'s' * (done != 1)} in {time.perf_counter() - t0:.0f} s; checkpoint at step {result.step}: "
         f"{out / 'checkpoint.pt'}")
     if result.interrupted_by is not None:
         say("interrupted: checkpoint saved; continue with --resume")

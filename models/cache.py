@@ -32,6 +32,7 @@ from patchgen.runtime.errors import PatchgenError
 from patchgen.runtime.files import atomic_output, remove_stale_temporaries
 
 CACHE_ENV = "PATCHGEN_CACHE_DIR"
+ELSEWHERE = f"choose another cache folder (patchgen-train --cache-dir, or ${CACHE_ENV})"
 FORMAT = 1  # bump when decoding changes the pixels a source gives
 CHUNK = 64  # sources per task sent to a worker process
 MIN_PARALLEL = 2 * CHUNK  # fewer sources are decoded in this process: starting workers would cost more
@@ -89,11 +90,14 @@ def decode_images(sources: Sequence, size: int, decode_one: Decoder, decoding: D
     if cached is not None:
         decoding.say(f"images from the cache {folder / key}.npy")
         return cached
-    build_entry(folder, key, sources, size, decode_one, decoding, identity)
+    if build_entry(folder, key, sources, size, decode_one, decoding, identity) == 0:
+        for suffix in (".json", ".npy"):  # nothing to keep: the caller reports the empty set
+            (folder / f"{key}{suffix}").unlink(missing_ok=True)
+        return np.zeros((0, size, size, 3), np.uint8), len(sources)
     cached = read_entry(folder, key, decoding)
     if cached is None:
         raise PatchgenError(f"the image cache {folder / key}.npy cannot be read back right after writing it; "
-                            f"check the disk, or set {CACHE_ENV} to another folder")
+                            f"check the disk, or {ELSEWHERE}")
     return cached
 
 
@@ -115,25 +119,27 @@ def read_entry(folder: Path, key: str, decoding: Decoding) -> Optional[tuple[np.
             raise ValueError("its array does not match its record")
         return images[: meta["count"]], int(meta["skipped"])
     except (OSError, ValueError, KeyError, TypeError) as e:  # json's errors are ValueErrors
-        decoding.say(f"the image cache {array_path} is unreadable ({e}); decoding the images again")
+        decoding.say(f"the image cache entry {folder / key} (.npy, .json) is unreadable ({e}); decoding the "
+                     "images again")
         return None
 
 
 def build_entry(folder: Path, key: str, sources: Sequence, size: int, decode_one: Decoder, decoding: Decoding,
-                identity: dict) -> None:
-    """Decode the sources into `<key>.npy`, then commit it with `<key>.json`; both written atomically."""
+                identity: dict) -> int:
+    """Decode the sources into `<key>.npy`, then commit it with `<key>.json`; both written atomically.
+    Returns how many images it holds."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise PatchgenError(f"cannot create the image cache folder {folder}: {e.strerror}; "
-                            f"set {CACHE_ENV} to a writable folder") from None
+                            f"{ELSEWHERE}, a writable one") from None
     for pattern in (f"{key}.npy", f"{key}.json"):
         remove_stale_temporaries(folder, pattern)
     shape = (len(sources), size, size, 3)
     need, free = int(np.prod(shape)), shutil.disk_usage(folder).free
     if need > free:
         raise PatchgenError(f"the image cache needs {need / 2**30:.2f} GiB but {folder} has {free / 2**30:.2f} GiB "
-                            f"free; set {CACHE_ENV} to a folder on a larger disk")
+                            f"free; {ELSEWHERE}, on a larger disk")
     decoding.say(f"decoding {len(sources)} images into the cache {folder / key}.npy")
     count = 0
     try:
@@ -151,7 +157,8 @@ def build_entry(folder: Path, key: str, sources: Sequence, size: int, decode_one
             f.write((json.dumps(meta, indent=1) + "\n").encode())
     except OSError as e:  # a full disk, a folder gone: nothing half-written stays (atomic_output)
         raise PatchgenError(f"cannot write the image cache in {folder}: {e.strerror or e}; free some space there "
-                            f"or set {CACHE_ENV} to another folder") from None
+                            f"or {ELSEWHERE}") from None
+    return count
 
 
 def _decoded(sources: Sequence, size: int, decode_one: Decoder, decoding: Decoding):

@@ -260,7 +260,10 @@ def resume_run(run_dir, device: str = "cpu", data: Optional[ImageSet] = None,
     """The run in `run_dir` as its checkpoint left it (or `ckpt`, already loaded from there): weights,
     optimizer, random state, configs and data source. Its images are `data`, or `load_data(source)`."""
     ckpt = ckpt or load_checkpoint(Path(run_dir) / CHECKPOINT_NAME)
-    distributed.world().part(ckpt["train_config"].batch_size)  # before any image is loaded
+    if "optimizer" not in ckpt:  # checked before any image is loaded, as is the batch's split
+        raise PatchgenError("the checkpoint has no optimizer state (a slim copy, such as benchmarks/train_gpu.sh "
+                            "returns): patchgen-export can export it, but a run cannot resume from it")
+    distributed.world().part(ckpt["train_config"].batch_size)
     data = data if data is not None else load_data(ckpt["data"])
     cadence = {**DEFAULT_CADENCE, **ckpt.get("cadence", {})}
     return _run(run_dir, restore_state(ckpt, device), ckpt["train_config"], ckpt["data"], cadence, data,

@@ -293,3 +293,11 @@ def test_train_gpu_script_dry_run_on_cpu(tmp_path):
     ckpt = load_checkpoint(out / "g4_export.pt")
     assert "optimizer" not in ckpt and ckpt["model_config"].grid == 4 and ckpt["model_config"].halo == 2
     model_from_checkpoint(ckpt)
+    run = tmp_path / "resume"  # a slim copy cannot be resumed: one clear line
+    run.mkdir()
+    (out / "g4_export.pt").rename(run / "checkpoint.pt")
+    r = subprocess.run([sys.executable, "-m", "patchgen.cli.train", "--out", str(run), "--resume"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        "Error: the checkpoint has no optimizer state (a slim copy, such as benchmarks/train_gpu.sh returns): "
+        "patchgen-export can export it, but a run cannot resume from it"]

@@ -124,7 +124,7 @@ def test_killed_build_leaves_nothing_behind(tmp_path, counted):
 def test_unusable_cache_folder_is_one_clear_error(tmp_path):
     folder = write_folder(tmp_path / "images", 2)
     (tmp_path / "file").write_text("")
-    with pytest.raises(PatchgenError, match=f"cannot create the image cache folder .*; set {CACHE_ENV}"):
+    with pytest.raises(PatchgenError, match=f"cannot create the image cache folder .*--cache-dir, or \\${CACHE_ENV}"):
         load_folder(folder, 8, Decoding(tmp_path / "file" / "cache"))
 
 
@@ -148,3 +148,11 @@ def test_image_subset_gathers_rows():
     subset = ImageSubset(images, np.array([4, 1, 3]))
     assert len(subset) == 3
     np.testing.assert_array_equal(subset[np.array([2, 0, 0])], images[[3, 4, 4]])
+
+
+def test_no_entry_for_a_set_without_images(tmp_path):
+    """A folder whose every file is broken leaves no cache entry behind: the caller reports the empty set."""
+    folder = write_folder(tmp_path / "images", 2, broken=(0, 1))
+    with pytest.raises(PatchgenError, match="no usable images"):
+        load_folder(folder, 8, Decoding(tmp_path / "cache"))
+    assert list((tmp_path / "cache").iterdir()) == []
