@@ -10,11 +10,14 @@ compares with every image of the set instead, for sets too small to hold out eno
 - seam: mean |step| across patch borders / mean |step| elsewhere, at the model's grid and at 2x2 positions,
   beside the real images' own score at the same positions, and the border step alone (0-255 units);
 - peak RSS and s/image of `patchgen-sample` (1 patch per call, 4 images, the largest peak and fastest time of
-  3 fresh processes).
+  3 fresh processes, the models taking turns), each patch model's peak over its 1x1 baseline's round by round,
+  and with --budget-minimum the same under the smallest --memory-budget the command accepts.
 
     python benchmarks/quality.py --models models/pretrained/faces64_2x2.onnx,models/pretrained/faces64_1x1.onnx \
         --samplers dpm++:20 --real all
     python benchmarks/quality.py --models a.onnx --samplers ddim:50 --num-samples 200
+    python benchmarks/quality.py --models models/pretrained/noto128_4x4.onnx,models/pretrained/noto128_1x1.onnx \
+        --samplers dpm++:20 --real all --budget-minimum --out benchmarks/results/quality_noto128
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from pathlib import Path
 
 import click
 
-from benchlib import RESULTS, python, run_fresh, write_results
+from benchlib import MINIMUM, RESULTS, python, run_fresh, sample_cli, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -98,14 +101,47 @@ def samples(model: Path, sha: str, sampler: str, steps: int, n: int, seed: int, 
     return paths
 
 
-def edge_run(model: Path, sampler: str, steps: int, tmp: Path, repeats: int = 3) -> tuple[float, float]:
-    """Peak RSS (MiB, kernel; the largest) and s/image (the fastest: the least disturbed by a shared machine)
-    of the real command, 1 patch per call, in `repeats` fresh processes."""
-    runs = [check(run_fresh(python("-c", "from patchgen.cli.sample import main; main()", "--model", str(model),
-                                   "-n", "4", "--sampler", sampler, "--steps", str(steps), "--threads", "2",
-                                   "--out", str(tmp)))) for _ in range(repeats)]
-    return (max(r["peak_mib"] for r in runs),
-            min(float(re.search(r"([\d.]+) s/image", r["stderr"]).group(1)) for r in runs))
+def edge_runs(entries: list[tuple[Path, str, int]], tmp: Path, repeats: int, budget: bool) -> list[dict]:
+    """For each (model, sampler, steps): peak RSS (MiB, kernel; the largest) and s/image (the fastest: the
+    least disturbed by a shared machine) of the real command, 4 images, 1 patch per call, 2 threads. The
+    settings take turns in `repeats` rounds, each run a fresh process, so a ratio of two models' peaks comes
+    from the same round. budget: also the minimum `--memory-budget` the command reports for each (asked in
+    round 1 with a budget of 1 MiB, which it refuses) and, every round, a run under that minimum."""
+    found = [{"peaks": [], "speeds": [], "budget_peaks": [], "budget_speeds": [], "minimum": None} for _ in entries]
+    for _ in range(repeats):
+        for (model, sampler, steps), row in zip(entries, found):
+            steps = min(steps, 50) if sampler == "ddpm" else steps
+            args = ("--sampler", sampler)
+            r = check(sample_cli(str(model), tmp / "edge", *args, num_images=4, steps=steps, threads=2))
+            row["peaks"].append(r["peak_mib"])
+            row["speeds"].append(r["s_per_image"])
+            if not budget:
+                continue
+            if row["minimum"] is None:
+                refused = sample_cli(str(model), tmp / "refused", *args, "--memory-budget", "1M", num_images=4,
+                                     steps=steps, threads=2)
+                minimum = MINIMUM.search(refused["stderr"])
+                if refused["returncode"] != 2 or not minimum:
+                    raise click.ClickException(f"a 1 MiB budget was not refused with a minimum: {refused['stderr'][-500:]}")
+                row["minimum"] = float(minimum.group(1))
+            r = check(sample_cli(str(model), tmp / "edge", *args, "--memory-budget", f"{row['minimum']}M",
+                                 num_images=4, steps=steps, threads=2))
+            row["budget_peaks"].append(r["peak_mib"])
+            row["budget_speeds"].append(r["s_per_image"])
+    return [{"peak_mib": max(f["peaks"]), "s_per_image": min(f["speeds"]), "peaks": f["peaks"],
+             **({"budget_mib": f["minimum"], "budget_peak_mib": max(f["budget_peaks"]),
+                 "budget_s_per_image": min(f["budget_speeds"])} if budget else {})} for f in found]
+
+
+def peak_ratios(rows: list[dict]) -> None:
+    """Each patch model's peak over the 1x1 model's of the same image size, round by round: the median and the
+    range, in `peak_vs_1x1` (absent without exactly one such 1x1 model in the run)."""
+    for row in rows:
+        base = [b for b in rows if b["grid"] == "1x1" and b["size"] == row["size"] and b["sampler"] == row["sampler"]]
+        if len(base) != 1 or row is base[0]:
+            continue
+        ratios = sorted(p / q for p, q in zip(row.pop("peaks_all"), base[0]["peaks_all"]))
+        row["peak_vs_1x1"] = f"{ratios[len(ratios) // 2]:.3f} ({ratios[0]:.3f}-{ratios[-1]:.3f})"
 
 
 def features(paths: list[Path], out: Path) -> Path:
@@ -139,11 +175,13 @@ def kid(a, b) -> float:
 
 
 def measure(models: list[Path], plan: list[tuple[str, int]], num_samples: int, seed: int, chunk: int, cache: Path,
-            real_set: str) -> tuple[list[dict], list]:
+            real_set: str, repeats: int = 3, budget: bool = False) -> tuple[list[dict], list]:
     """(one row per model x sampler, (model name, its first 8 samples of the first sampler, the first 8 real
     images it is compared with) per model). Samples and features are cached in `cache`; sampling and timing
-    run in fresh processes, all of them before this process imports numpy (see benchlib.run_fresh)."""
-    rows, shown, measured = [], [], []
+    run in fresh processes, all of them before this process imports numpy (see benchlib.run_fresh).
+    A 1x1 model's seam is scored at the largest grid among the models (2x2 if none is larger), so it is the
+    baseline for the patch models' borders."""
+    shown, measured = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for model in models:
@@ -158,31 +196,37 @@ def measure(models: list[Path], plan: list[tuple[str, int]], num_samples: int, s
                                          "print(model_sha256(sys.argv[1]))", str(model))))["stdout"].strip()
             for sampler, steps in plan:
                 chunks = samples(model, sha, sampler, steps, num_samples, seed, cache, chunk)
-                peak, speed = edge_run(model, sampler, min(steps, 50) if sampler == "ddpm" else steps, tmp)
-                click.echo(f"{model.name} {sampler}-{steps}: {num_samples} samples; peak {peak:.1f} MiB, {speed} s/image")
-                measured.append((model, meta, size, grid, real, sha, sampler, steps, chunks, peak, speed))
+                click.echo(f"{model.name} {sampler}-{steps}: {num_samples} samples")
+                measured.append((model, meta, size, grid, real, sha, sampler, steps, chunks))
+        edge = edge_runs([(m[0], m[6], m[7]) for m in measured], tmp, repeats, budget)
     import numpy as np  # only now: the measured children above never inherit a large parent
 
     from patchgen.models.metrics import border_step, seam_grid, seam_score
 
-    for model, meta, size, grid, real, sha, sampler, steps, chunks, peak, speed in measured:
+    largest = max(m[3] for m in measured)
+    rows = []
+    for (model, meta, size, grid, real, sha, sampler, steps, chunks), e in zip(measured, edge):
         f_real = np.load(features([real], cache / f"feat_{real.stem}.npy"))
         f_fake = np.load(features(chunks, cache / f"feat_{sha[:12]}_{sampler}{steps}_s{seed}_{num_samples}.npy"))
         images = np.concatenate([np.load(p)["images"] for p in chunks])
         real_images = np.load(real)["images"]
-        g = seam_grid(grid)
-        rows.append({"model": model.name, "grid": f"{grid}x{grid}", "halo": int(meta.get("patchgen.halo", 0)),
+        g = seam_grid(grid) if grid > 1 else seam_grid(largest)
+        rows.append({"model": model.name, "size": size, "grid": f"{grid}x{grid}", "halo": int(meta.get("patchgen.halo", 0)),
                      "steps_trained": meta.get("patchgen.training.steps"),
                      "sampler": f"{sampler} {steps}", "n": len(images), "kid_x1000": 1000 * kid(f_fake, f_real),
-                     "fd_effnet": frechet_distance(f_fake, f_real),
+                     "fd_effnet": frechet_distance(f_fake, f_real), "seam_at": f"{g}x{g}",
                      "seam": seam_score(images, g), "seam_real": seam_score(real_images, g),
                      "border": border_step(images, g), "border_real": border_step(real_images, g),
-                     "peak_mib": peak, "s_per_image": speed})
+                     "peaks_all": e.pop("peaks"), **e})
         if sampler == plan[0][0]:
             shown.append((model.name, images[:8], real_images[:8]))
         click.echo(f"{model.name} {sampler}-{steps}: KID x1000 {rows[-1]['kid_x1000']:.2f}, "
                    f"FD-EffNet {rows[-1]['fd_effnet']:.1f}, "
-                   f"seam {rows[-1]['seam']:.2f} (real {rows[-1]['seam_real']:.2f})")
+                   f"seam {rows[-1]['seam']:.2f} (real {rows[-1]['seam_real']:.2f}); peak {e['peak_mib']:.1f} MiB, "
+                   f"{e['s_per_image']} s/image")
+    peak_ratios(rows)
+    for row in rows:
+        row.pop("peaks_all", None)
     return rows, shown
 
 
@@ -197,14 +241,18 @@ def measure(models: list[Path], plan: list[tuple[str, int]], num_samples: int, s
               show_default=True, help="Where samples and features are kept between runs.")
 @click.option("--real", "real_set", type=click.Choice(["heldout", "all"]), default="heldout", show_default=True,
               help="Real images to compare with: the held-out split, or the whole set (training images included).")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Rounds of the memory and speed runs; the models take turns in each.")
+@click.option("--budget-minimum", is_flag=True,
+              help="Also run each model under the smallest --memory-budget that patchgen-sample accepts for it.")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "quality", show_default=True)
-def main(models, samplers, num_samples, seed, chunk, cache, real_set, out):
+def main(models, samplers, num_samples, seed, chunk, cache, real_set, repeats, budget_minimum, out):
     """KID, FD-EffNet, seam score, peak RSS and time per image for each model x sampler."""
     cache.mkdir(parents=True, exist_ok=True)
     plan = [(s.split(":")[0], int(s.split(":")[1])) for s in samplers.split(",")]
     real_kind = "held-out real images" if real_set == "heldout" else "all real images of the set, training images included"
-    rows, shown = measure([Path(m) for m in models.split(",")], plan, num_samples, seed, chunk, cache,
-                                       real_set)
+    rows, shown = measure([Path(m) for m in models.split(",")], plan, num_samples, seed, chunk, cache, real_set,
+                          repeats, budget_minimum)
     if shown:
         import numpy as np
 
@@ -217,13 +265,21 @@ def main(models, samplers, num_samples, seed, chunk, cache, real_set, out):
     write_results(out, f"Sample quality vs {real_kind} ({num_samples} samples each; EfficientNet-Lite0 features)",
                   [("model", "model"), ("grid", "grid"), ("halo", "halo"), ("steps_trained", "training steps"),
                    ("sampler", "sampler"),
-                   ("n", "samples"), ("kid_x1000", "KID x1000"), ("fd_effnet", "FD-EffNet"), ("seam", "seam"),
-                   ("seam_real", "seam, real"), ("border", "border step"),
-                   ("border_real", "border step, real"), ("peak_mib", "peak RSS (MiB)"), ("s_per_image", "s/image")], rows,
+                   ("n", "samples"), ("kid_x1000", "KID x1000"), ("fd_effnet", "FD-EffNet"), ("seam_at", "seams at"),
+                   ("seam", "seam"), ("seam_real", "seam, real"), ("border", "border step"),
+                   ("border_real", "border step, real"), ("peak_mib", "peak RSS (MiB)"),
+                   ("peak_vs_1x1", "peak / 1x1's"), ("s_per_image", "s/image")]
+                  + ([("budget_mib", "minimum budget (MiB)"), ("budget_peak_mib", "peak under it"),
+                      ("budget_s_per_image", "s/image under it")] if budget_minimum else []), rows,
                   "FD-EffNet: Frechet distance in EfficientNet-Lite0 feature space, not comparable with "
-                  "Inception FID. Seam at each model's grid (2x2 positions for the 1x1 model), beside the real images' "
-                  "score at the same positions. Peak RSS and s/image: `patchgen-sample`, 4 images, 1 patch per call, "
-                  "2 threads, 3 fresh processes (the largest peak, the fastest time; DDPM timed at 50 strided steps).")
+                  "Inception FID. Seam at each model's grid (a 1x1 model at the largest grid of the run, 2x2 at "
+                  "least), beside the real images' score at the same positions. Peak RSS and s/image: "
+                  f"`patchgen-sample`, 4 images, 1 patch per call, 2 threads, {repeats} rounds in which the models "
+                  "take turns, each run a fresh process (the largest peak, the fastest time; DDPM timed at 50 "
+                  "strided steps); peak / 1x1's: the median (range) of the rounds' ratios to the 1x1 model of the "
+                  "same image size"
+                  + (". Minimum budget: what `--memory-budget 1M` is refused with; the runs under it are timed and "
+                     "measured the same way" if budget_minimum else "") + ".")
 
 
 if __name__ == "__main__":

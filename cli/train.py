@@ -267,7 +267,22 @@ def _train(world, out, resume, max_steps, new_run, decoding, **options):
         f"{out / 'checkpoint.pt'}")
     if result.interrupted_by is not None:
         say("interrupted: checkpoint saved; continue with --resume")
-        raise SystemExit(128 + result.interrupted_by)
+        _exit_after_rank0(world, 128 + result.interrupted_by)
+
+
+EXIT_GRACE_S = 5.0  # how long the other ranks of a stopped run wait for rank 0 to exit first
+
+
+def _exit_after_rank0(world, code: int) -> None:
+    """Exit with `code` on every rank, rank 0 first. torchrun ends all workers once one has exited with an
+    error; rank 0's report (above) is out before any rank leaves the barrier, and the others wait a grace
+    period, so the failure torchrun names is rank 0's own exit code, not a SIGTERM it sent."""
+    from patchgen.models import distributed
+
+    distributed.barrier()
+    if not world.writer:
+        time.sleep(EXIT_GRACE_S)
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -105,11 +106,11 @@ def barrier() -> None:
         dist.barrier()
 
 
-def wrap(net: torch.nn.Module) -> torch.nn.Module:
+def wrap(net: torch.nn.Module) -> Optional[torch.nn.Module]:
     """`net` inside DistributedDataParallel when there is more than one rank (gradients averaged over the
-    ranks in backward), else `net` itself. DDP starts from rank 0's weights."""
+    ranks in backward); None for one rank, where `net` itself trains. DDP starts from rank 0's weights."""
     if world().size == 1:
-        return net
+        return None
     device = next(net.parameters()).device
     ids = [device] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)

@@ -216,6 +216,7 @@ class Run:
     probe_images: np.ndarray  # up to PROBE_IMAGES held-out images (training images if none are held out)
     coefs: Coefficients  # the schedule's, on the run's device, built once
     saved_step: Optional[int]  # the step of the checkpoint on disk; None before the first
+    part: slice  # this rank's images of each batch (`distributed.World.part`)
 
     @property
     def config(self) -> ModelConfig:
@@ -232,14 +233,14 @@ def _run(run_dir, state: TrainState, tc: TrainConfig, source: DataSource, cadenc
     config = state.net.config
     if data.images.shape[1] != config.image_size:
         raise PatchgenError(f"data images are {data.images.shape[1]}px but the model is {config.image_size}px")
-    distributed.world().part(tc.batch_size)  # fails early when the batch does not split over the ranks
+    part = distributed.world().part(tc.batch_size)  # a batch that does not split over the ranks fails here
     train_idx, held_idx = holdout_split(len(data.images), source.holdout_fraction, source.holdout_seed)
     images = ImageSubset(data.images, train_idx)
     probe = data.images[(held_idx if len(held_idx) else train_idx)[:PROBE_IMAGES]]
     coefs = schedule_coefficients(config.schedule, next(state.net.parameters()).device)
-    state.ddp = distributed.wrap(state.net) if distributed.world().size > 1 else None
+    state.ddp = distributed.wrap(state.net)
     return Run(Path(run_dir), state, tc, dataclasses.replace(source, num_train=len(train_idx)), cadence, images,
-               probe, coefs, saved_step)
+               probe, coefs, saved_step, part)
 
 
 def start_run(run_dir, data: ImageSet, config: ModelConfig, tc: TrainConfig, holdout: float = 0.1,
@@ -263,7 +264,7 @@ def resume_run(run_dir, device: str = "cpu", data: Optional[ImageSet] = None,
     if "optimizer" not in ckpt:  # checked before any image is loaded, as is the batch's split
         raise PatchgenError("the checkpoint has no optimizer state (a slim copy, such as benchmarks/train_gpu.sh "
                             "returns): patchgen-export can export it, but a run cannot resume from it")
-    distributed.world().part(ckpt["train_config"].batch_size)
+    distributed.world().part(ckpt["train_config"].batch_size)  # before the images load; _run keeps the slice
     data = data if data is not None else load_data(ckpt["data"])
     cadence = {**DEFAULT_CADENCE, **ckpt.get("cadence", {})}
     return _run(run_dir, restore_state(ckpt, device), ckpt["train_config"], ckpt["data"], cadence, data,
@@ -337,7 +338,6 @@ def run_loop(run: Run, max_steps: int, bf16: bool = False, progress: Optional[Ca
     At a step that both previews and checkpoints, the preview comes first: a kill between the two leaves an
     eval row past the checkpoint, which the resume drops and writes again, never a checkpoint without its row."""
     state, every, writer = run.state, run.cadence, distributed.world().writer
-    part = distributed.world().part(run.tc.batch_size)
 
     def preview():
         if writer:
@@ -347,7 +347,7 @@ def run_loop(run: Run, max_steps: int, bf16: bool = False, progress: Optional[Ca
     with _StopFlag() as stop, _TrainLog(run.dir / LOG_NAMES[0], writer) as log:
         while state.step < max_steps and not stopping:
             t0 = time.perf_counter()
-            loss = train_step(state, run.images, run.tc, bf16, run.coefs, part)
+            loss = train_step(state, run.images, run.tc, bf16, run.coefs, run.part)
             loss, stopping = distributed.sync_step(loss, stop.signal or 0)
             losses.append(loss)
             speed = run.tc.batch_size / (time.perf_counter() - t0)

@@ -38,20 +38,27 @@ def test_benchmark_runs_tiny(script, tmp_path):
 
 
 def test_quality_tiny(tmp_path):
+    """Two models side by side: a 2x2 and its 1x1 baseline, metrics, the round-by-round peak ratio, the budget."""
     from patchgen.export.onnx_export import export_onnx
 
     from conftest import tiny_config, write_checkpoint
 
-    model = tmp_path / "m.onnx"
     faces = DataSource("twemoji-faces", holdout_fraction=0.1, holdout_seed=0, num_train=113)
-    export_onnx(write_checkpoint(tmp_path / "c.pt", tiny_config(), data=faces), model)
+    models = [tmp_path / "m.onnx", tmp_path / "base.onnx"]
+    for path, config in zip(models, [tiny_config(), tiny_config(grid=1, use_position=False, use_gcc=False)]):
+        export_onnx(write_checkpoint(tmp_path / "c.pt", config, data=faces), path)
     out = tmp_path / "quality"
-    r = subprocess.run([sys.executable, str(BENCH / "quality.py"), "--models", str(model), "--samplers", "ddim:2",
-                        "--num-samples", "4", "--chunk", "2", "--cache", str(tmp_path / "cache"), "--real", "all",
-                        "--out", str(out)], capture_output=True, text=True, timeout=900)
+    r = subprocess.run([sys.executable, str(BENCH / "quality.py"), "--models", ",".join(map(str, models)),
+                        "--samplers", "ddim:2", "--num-samples", "4", "--chunk", "2", "--cache", str(tmp_path / "cache"),
+                        "--real", "all", "--repeats", "2", "--budget-minimum", "--out", str(out)],
+                       capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    (row,) = json.loads(out.with_suffix(".json").read_text())["rows"]
-    assert row["n"] == 4 and row["fd_effnet"] > 0 and row["seam_real"] > 0 and "fid" not in row
+    patches, base = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert patches["n"] == 4 and patches["fd_effnet"] > 0 and patches["seam_real"] > 0 and "fid" not in patches
+    assert patches["seam_at"] == base["seam_at"] == "2x2"  # the 1x1 scored at the patch model's borders
+    assert re.fullmatch(r"[\d.]+ \([\d.]+-[\d.]+\)", patches["peak_vs_1x1"]) and "peak_vs_1x1" not in base
+    for row in (patches, base):
+        assert row["budget_mib"] > 1 and row["budget_peak_mib"] > 0 and row["s_per_image"] > 0
     assert "| FD-EffNet |" in out.with_suffix(".md").read_text()
     assert (tmp_path / "quality_samples.png").exists()
     (real,) = (tmp_path / "cache").glob("real_twemoji-faces_*_all.npz")  # the model's own data set, all of it

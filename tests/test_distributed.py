@@ -139,8 +139,8 @@ def test_resume_on_another_world_size(tmp_path, folder, two_rank_run):
 
 
 def test_signal_to_one_rank_stops_all(tmp_path, folder):
-    """SIGINT to rank 1 alone: every rank finishes its step, rank 0 checkpoints once and exits 128 + 2 (the
-    other rank too, unless torchrun, seeing rank 0 gone, terminates it first: after the checkpoint either way)."""
+    """SIGINT to rank 1 alone: every rank finishes its step, rank 0 checkpoints once, reports and exits 128 + 2
+    first (rank 1 waits for it: `_exit_after_rank0`), so torchrun names rank 0's exit code."""
     run = tmp_path / "run"
     proc = launch(tmp_path, 2, "--data", folder, *MODEL, "--preview-every", 0, "--checkpoint-every", 10000,
                   "--max-steps", 100000, "--out", run, wait=False)

@@ -13,7 +13,9 @@ from conftest import sample_cli
 
 PRETRAINED = pretrained_dir()
 
-SHIPPED = {"faces64_2x2.onnx": (2, "twemoji-faces"), "faces64_1x1.onnx": (1, "twemoji-faces")}  # file -> grid, data
+TWEMOJI = ("twemoji-faces", "CC-BY-4.0", "Twemoji")  # data name, licence, a word of the attribution
+NOTO = ("noto-emoji-faces", "Apache-2.0 AND OFL-1.1", "Noto Color Emoji")
+SHIPPED = {"faces64_2x2.onnx": (64, 2, TWEMOJI), "faces64_1x1.onnx": (64, 1, TWEMOJI)}  # file -> size, grid, data
 DESCRIPTIVE = ["version", "global_context", "model_config", "weights", "training.steps", "data.name",
                "data.num_train", "data.holdout_fraction", "data.holdout_seed", "data.attribution", "data.license",
                "opset"]
@@ -28,17 +30,18 @@ def test_every_shipped_file_is_tested_and_the_default_is_shipped():
     assert sorted(p.name for p in PRETRAINED.glob("*.onnx")) == sorted(SHIPPED) and f"{DEFAULT_MODEL}.onnx" in SHIPPED
 
 
-@pytest.mark.parametrize("name,grid,data", [(name, *v) for name, v in SHIPPED.items()])
-def test_shipped_model_loads_with_complete_metadata(name, grid, data):
+@pytest.mark.parametrize("name,size,grid,data", [(name, *v) for name, v in SHIPPED.items()])
+def test_shipped_model_loads_with_complete_metadata(name, size, grid, data):
     model = load_model(PRETRAINED / name)
-    assert (model.spec.image_size, model.spec.grid) == (64, grid)
+    assert (model.spec.image_size, model.spec.grid) == (size, grid)
     meta = {p.key: p.value for p in onnx.load(PRETRAINED / name, load_external_data=False).metadata_props}
     before_halo = meta["patchgen.format_version"] == "1"  # format 1 files have no patchgen.halo: they read as 0
     required = [k for k in spec_to_metadata(model.spec) if not (before_halo and k == "patchgen.halo")]
     required += [f"patchgen.{k}" for k in DESCRIPTIVE]
     assert all(meta.get(k) for k in required), [k for k in required if not meta.get(k)]
-    assert meta["patchgen.data.name"] == data and meta["patchgen.data.license"] == "CC-BY-4.0"
-    assert "Twemoji" in meta["patchgen.data.attribution"]
+    data_name, licence, credit = data
+    assert meta["patchgen.data.name"] == data_name and meta["patchgen.data.license"] == licence
+    assert credit in meta["patchgen.data.attribution"]
     assert meta["patchgen.weights"] == "ema" and int(meta["patchgen.training.steps"]) > 0
 
 
@@ -47,7 +50,8 @@ def test_shipped_model_samples_deterministically(name):
     model = load_model(PRETRAINED / name)
     a = generate(model, num_images=2, seed=5, steps=4, sampler="dpm++")
     b = generate(model, num_images=2, seed=5, steps=4, sampler="dpm++", patch_batch=model.spec.grid ** 2 * 2)
-    assert a.shape == (2, 64, 64, 3) and a.dtype == np.uint8
+    size = model.spec.image_size
+    assert a.shape == (2, size, size, 3) and a.dtype == np.uint8
     np.testing.assert_array_equal(a, b)
     assert a.std() > 10  # an image, not a flat field
 
