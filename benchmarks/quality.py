@@ -22,7 +22,6 @@ compares with every image of the set instead, for sets too small to hold out eno
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 from pathlib import Path
 
@@ -130,6 +129,7 @@ def edge_runs(entries: list[tuple[Path, str, int]], tmp: Path, repeats: int, bud
             row["budget_speeds"].append(r["s_per_image"])
     return [{"peak_mib": max(f["peaks"]), "s_per_image": min(f["speeds"]), "peaks": f["peaks"],
              **({"budget_mib": f["minimum"], "budget_peak_mib": max(f["budget_peaks"]),
+                 "within_budget": "yes" if max(f["budget_peaks"]) <= f["minimum"] else "no",
                  "budget_s_per_image": min(f["budget_speeds"])} if budget else {})} for f in found]
 
 
@@ -270,6 +270,7 @@ def main(models, samplers, num_samples, seed, chunk, cache, real_set, repeats, b
                    ("border_real", "border step, real"), ("peak_mib", "peak RSS (MiB)"),
                    ("peak_vs_1x1", "peak / 1x1's"), ("s_per_image", "s/image")]
                   + ([("budget_mib", "minimum budget (MiB)"), ("budget_peak_mib", "peak under it"),
+                      ("within_budget", "within"),
                       ("budget_s_per_image", "s/image under it")] if budget_minimum else []), rows,
                   "FD-EffNet: Frechet distance in EfficientNet-Lite0 feature space, not comparable with "
                   "Inception FID. Seam at each model's grid (a 1x1 model at the largest grid of the run, 2x2 at "
