@@ -112,7 +112,7 @@ def main(runs_dir, groups, num_samples, seed, cache, out):
                    ("peak_mib", "peak RSS (MiB)"), ("train_s", "training (s)")], table,
                   "Same recipe and width in each group (x0-prediction, global vector 4, lr 5e-4, bf16, base width 32, "
                   "1-2-2), one torch thread per run, two runs side by side. KID against all real images of the set "
-                  "(EfficientNet-Lite0 features); seam and border step at the model's grid (2x2 positions for 1x1). "
+                  "(EfficientNet-Lite0 features); seam and border step at the model's grid (a 1x1 at the largest grid of its image size). "
                   "s/image and peak RSS: `patchgen-sample`, 4 images, 1 patch per call, 2 threads, 3 fresh processes "
                   "(the fastest time, the largest peak). Training: compute seconds from the run's log. "
                   f"Samples: {out.name}_samples.png.")

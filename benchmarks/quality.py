@@ -7,21 +7,22 @@ compares with every image of the set instead, for sets too small to hold out eno
 - FD-EffNet: Frechet distance between the Gaussians of the two feature sets, in EfficientNet-Lite0 feature
   space; FID's formula on other features, so not comparable with FIDs (Inception-v3 features) in papers;
 - KID: unbiased MMD^2 with the polynomial kernel k(x, y) = (x.y / d + 1)^3 (Binkowski et al. 2018), x 1000;
-- seam: mean |step| across patch borders / mean |step| elsewhere, at the model's grid and at 2x2 positions,
-  beside the real images' own score at the same positions, and the border step alone (0-255 units);
+- seam: mean |step| across patch borders / mean |step| elsewhere, at the model's grid (a 1x1 model's at the
+  largest grid among the models of its image size, 2x2 at least), beside the real images' own score at the
+  same positions, and the border step alone (0-255 units);
 - peak RSS and s/image of `patchgen-sample` (1 patch per call, 4 images, the largest peak and fastest time of
-  3 fresh processes, the models taking turns), each patch model's peak over its 1x1 baseline's round by round,
-  and with --budget-minimum the same under the smallest --memory-budget the command accepts.
+  --repeats rounds in which the models take turns), each patch model's peak over its 1x1 baseline's (same
+  image size, data set and sampler) round by round, and with --budget-minimum the same under the smallest
+  --memory-budget the command accepts.
 
     python benchmarks/quality.py --models models/pretrained/faces64_2x2.onnx,models/pretrained/faces64_1x1.onnx \
         --samplers dpm++:20 --real all
     python benchmarks/quality.py --models a.onnx --samplers ddim:50 --num-samples 200
-    python benchmarks/quality.py --models models/pretrained/noto128_4x4.onnx,models/pretrained/noto128_1x1.onnx \
-        --samplers dpm++:20 --real all --budget-minimum --out benchmarks/results/quality_noto128
 """
 from __future__ import annotations
 
 import json
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -105,10 +106,12 @@ def edge_runs(entries: list[tuple[Path, str, int]], tmp: Path, repeats: int, bud
     least disturbed by a shared machine) of the real command, 4 images, 1 patch per call, 2 threads. The
     settings take turns in `repeats` rounds, each run a fresh process, so a ratio of two models' peaks comes
     from the same round. budget: also the minimum `--memory-budget` the command reports for each (asked in
-    round 1 with a budget of 1 MiB, which it refuses) and, every round, a run under that minimum."""
-    found = [{"peaks": [], "speeds": [], "budget_peaks": [], "budget_speeds": [], "minimum": None} for _ in entries]
+    round 1 with a budget of 1 MiB, which it refuses) and, every round, a run under that minimum; a later
+    process that refuses the same minimum counts as not within it."""
+    stats = [{"peaks": [], "speeds": [], "budget_peaks": [], "budget_speeds": [], "minimum": None, "refused": 0}
+             for _ in entries]
     for _ in range(repeats):
-        for (model, sampler, steps), row in zip(entries, found):
+        for (model, sampler, steps), row in zip(entries, stats):
             steps = min(steps, 50) if sampler == "ddpm" else steps
             args = ("--sampler", sampler)
             r = check(sample_cli(str(model), tmp / "edge", *args, num_images=4, steps=steps, threads=2))
@@ -123,25 +126,38 @@ def edge_runs(entries: list[tuple[Path, str, int]], tmp: Path, repeats: int, bud
                 if refused["returncode"] != 2 or not minimum:
                     raise click.ClickException(f"a 1 MiB budget was not refused with a minimum: {refused['stderr'][-500:]}")
                 row["minimum"] = float(minimum.group(1))
-            r = check(sample_cli(str(model), tmp / "edge", *args, "--memory-budget", f"{row['minimum']}M",
-                                 num_images=4, steps=steps, threads=2))
-            row["budget_peaks"].append(r["peak_mib"])
+            r = sample_cli(str(model), tmp / "edge", *args, "--memory-budget", f"{row['minimum']}M", num_images=4,
+                           steps=steps, threads=2)
+            if r["returncode"] == 2 and MINIMUM.search(r["stderr"]):  # this process measured a higher minimum
+                row["refused"] += 1
+                continue
+            row["budget_peaks"].append(check(r)["peak_mib"])
             row["budget_speeds"].append(r["s_per_image"])
-    return [{"peak_mib": max(f["peaks"]), "s_per_image": min(f["speeds"]), "peaks": f["peaks"],
-             **({"budget_mib": f["minimum"], "budget_peak_mib": max(f["budget_peaks"]),
-                 "within_budget": "yes" if max(f["budget_peaks"]) <= f["minimum"] else "no",
-                 "budget_s_per_image": min(f["budget_speeds"])} if budget else {})} for f in found]
+    return [{"peak_mib": max(s["peaks"]), "s_per_image": min(s["speeds"]), "peaks": s["peaks"],
+             **(_budget_stats(s) if budget else {})} for s in stats]
+
+
+def _budget_stats(s: dict) -> dict:
+    ran = bool(s["budget_peaks"])
+    return {"budget_mib": s["minimum"], "budget_peak_mib": max(s["budget_peaks"]) if ran else None,
+            "budget_s_per_image": min(s["budget_speeds"]) if ran else None, "budget_refused": s["refused"],
+            "within_budget": ran and not s["refused"] and max(s["budget_peaks"]) <= s["minimum"]}
 
 
 def peak_ratios(rows: list[dict]) -> None:
-    """Each patch model's peak over the 1x1 model's of the same image size, round by round: the median and the
-    range, in `peak_vs_1x1` (absent without exactly one such 1x1 model in the run)."""
+    """Each patch model's peak over its 1x1 baseline's (the 1x1 model of the same image size, data set and
+    sampler), round by round: the median and the range, in `peak_vs_1x1`. Without exactly one such baseline
+    in the run the row gets none, and a note says so."""
     for row in rows:
-        base = [b for b in rows if b["grid"] == "1x1" and b["size"] == row["size"] and b["sampler"] == row["sampler"]]
-        if len(base) != 1 or row is base[0]:
+        if row["grid"] == "1x1":
             continue
-        ratios = sorted(p / q for p, q in zip(row.pop("peaks_all"), base[0]["peaks_all"]))
-        row["peak_vs_1x1"] = f"{ratios[len(ratios) // 2]:.3f} ({ratios[0]:.3f}-{ratios[-1]:.3f})"
+        base = [b for b in rows if b["grid"] == "1x1" and all(b[k] == row[k] for k in ("size", "data", "sampler"))]
+        if len(base) != 1:
+            click.echo(f"note: {row['model']} has {len(base)} 1x1 baselines of its size, data and sampler in this "
+                       "run; no peak ratio", err=True)
+            continue
+        ratios = [p / q for p, q in zip(row["peaks_all"], base[0]["peaks_all"])]
+        row["peak_vs_1x1"] = f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
 
 
 def features(paths: list[Path], out: Path) -> Path:
@@ -179,8 +195,8 @@ def measure(models: list[Path], plan: list[tuple[str, int]], num_samples: int, s
     """(one row per model x sampler, (model name, its first 8 samples of the first sampler, the first 8 real
     images it is compared with) per model). Samples and features are cached in `cache`; sampling and timing
     run in fresh processes, all of them before this process imports numpy (see benchlib.run_fresh).
-    A 1x1 model's seam is scored at the largest grid among the models (2x2 if none is larger), so it is the
-    baseline for the patch models' borders."""
+    A 1x1 model's seam is scored at the largest grid among the models of its image size (2x2 at least), so
+    it is the baseline for those patch models' borders."""
     shown, measured = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -203,15 +219,17 @@ def measure(models: list[Path], plan: list[tuple[str, int]], num_samples: int, s
 
     from patchgen.models.metrics import border_step, seam_grid, seam_score
 
-    largest = max(m[3] for m in measured)
+    largest = {}  # image size -> the largest grid of that size
+    for m in measured:
+        largest[m[2]] = max(largest.get(m[2], 1), m[3])
     rows = []
     for (model, meta, size, grid, real, sha, sampler, steps, chunks), e in zip(measured, edge):
         f_real = np.load(features([real], cache / f"feat_{real.stem}.npy"))
         f_fake = np.load(features(chunks, cache / f"feat_{sha[:12]}_{sampler}{steps}_s{seed}_{num_samples}.npy"))
         images = np.concatenate([np.load(p)["images"] for p in chunks])
         real_images = np.load(real)["images"]
-        g = seam_grid(grid) if grid > 1 else seam_grid(largest)
-        rows.append({"model": model.name, "size": size, "grid": f"{grid}x{grid}", "halo": int(meta.get("patchgen.halo", 0)),
+        g = seam_grid(grid, largest[size])
+        rows.append({"model": model.name, "size": size, "data": meta.get("patchgen.data.name") or "twemoji", "grid": f"{grid}x{grid}", "halo": int(meta.get("patchgen.halo", 0)),
                      "steps_trained": meta.get("patchgen.training.steps"),
                      "sampler": f"{sampler} {steps}", "n": len(images), "kid_x1000": 1000 * kid(f_fake, f_real),
                      "fd_effnet": frechet_distance(f_fake, f_real), "seam_at": f"{g}x{g}",
@@ -270,17 +288,18 @@ def main(models, samplers, num_samples, seed, chunk, cache, real_set, repeats, b
                    ("border_real", "border step, real"), ("peak_mib", "peak RSS (MiB)"),
                    ("peak_vs_1x1", "peak / 1x1's"), ("s_per_image", "s/image")]
                   + ([("budget_mib", "minimum budget (MiB)"), ("budget_peak_mib", "peak under it"),
-                      ("within_budget", "within"),
+                      ("within_budget", "peak <= budget"),
                       ("budget_s_per_image", "s/image under it")] if budget_minimum else []), rows,
                   "FD-EffNet: Frechet distance in EfficientNet-Lite0 feature space, not comparable with "
-                  "Inception FID. Seam at each model's grid (a 1x1 model at the largest grid of the run, 2x2 at "
-                  "least), beside the real images' score at the same positions. Peak RSS and s/image: "
+                  "Inception FID. Seam at each model's grid (a 1x1 model at the largest grid of its image size, 2x2 "
+                  "at least), beside the real images' score at the same positions. Peak RSS and s/image: "
                   f"`patchgen-sample`, 4 images, 1 patch per call, 2 threads, {repeats} rounds in which the models "
                   "take turns, each run a fresh process (the largest peak, the fastest time; DDPM timed at 50 "
                   "strided steps); peak / 1x1's: the median (range) of the rounds' ratios to the 1x1 model of the "
-                  "same image size"
+                  "same image size, data set and sampler"
                   + (". Minimum budget: what `--memory-budget 1M` is refused with; the runs under it are timed and "
-                     "measured the same way" if budget_minimum else "") + ".")
+                     "measured the same way; a process that refuses that minimum counts as over it" if budget_minimum else "")
+                  + ".")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from patchgen.runtime.spec import GCC_SOURCES, PREDICTIONS
 
 from .common import CliError, Command, user_errors
 
+EXIT_GRACE_S = 5.0  # how long the other ranks of a stopped run wait for rank 0 to exit first
+
 EXAMPLE = """
 \b
 Example (a 2x2-grid model on the built-in Twemoji images, 32x32, patches seeing 4 px of their neighbours):
@@ -269,8 +271,6 @@ def _train(world, out, resume, max_steps, new_run, decoding, **options):
         say("interrupted: checkpoint saved; continue with --resume")
         _exit_after_rank0(world, 128 + result.interrupted_by)
 
-
-EXIT_GRACE_S = 5.0  # how long the other ranks of a stopped run wait for rank 0 to exit first
 
 
 def _exit_after_rank0(world, code: int) -> None:

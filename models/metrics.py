@@ -4,9 +4,10 @@ from __future__ import annotations
 import numpy as np
 
 
-def seam_grid(grid: int) -> int:
-    """The grid whose borders are scored: the model's own; a 1x1 model's at 2x2 positions, to compare with."""
-    return max(grid, 2)
+def seam_grid(grid: int, compared_with: int = 2) -> int:
+    """The grid whose borders are scored: a patch model's own; a 1x1 model's at the borders of the patch grid
+    it is the baseline for (`compared_with`), 2x2 at least."""
+    return grid if grid > 1 else max(compared_with, 2)
 
 
 def _steps(images: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray]:

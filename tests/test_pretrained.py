@@ -13,7 +13,7 @@ from conftest import sample_cli
 
 PRETRAINED = pretrained_dir()
 
-TWEMOJI = ("twemoji-faces", "CC-BY-4.0", "Twemoji")  # data name, licence, a word of the attribution
+TWEMOJI = ("twemoji-faces", "CC-BY-4.0", "Twemoji")  # data name, license, a word of the attribution
 NOTO = ("noto-emoji-faces", "Apache-2.0 AND OFL-1.1", "Noto Color Emoji")
 SHIPPED = {"faces64_2x2.onnx": (64, 2, TWEMOJI), "faces64_1x1.onnx": (64, 1, TWEMOJI)}  # file -> size, grid, data
 DESCRIPTIVE = ["version", "global_context", "model_config", "weights", "training.steps", "data.name",
@@ -39,8 +39,8 @@ def test_shipped_model_loads_with_complete_metadata(name, size, grid, data):
     required = [k for k in spec_to_metadata(model.spec) if not (before_halo and k == "patchgen.halo")]
     required += [f"patchgen.{k}" for k in DESCRIPTIVE]
     assert all(meta.get(k) for k in required), [k for k in required if not meta.get(k)]
-    data_name, licence, credit = data
-    assert meta["patchgen.data.name"] == data_name and meta["patchgen.data.license"] == licence
+    data_name, license_, credit = data
+    assert meta["patchgen.data.name"] == data_name and meta["patchgen.data.license"] == license_
     assert credit in meta["patchgen.data.attribution"]
     assert meta["patchgen.weights"] == "ema" and int(meta["patchgen.training.steps"]) > 0
 
