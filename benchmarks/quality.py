@@ -25,6 +25,7 @@ import json
 import statistics
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import click
 
@@ -81,7 +82,8 @@ def check(r: dict) -> dict:
 
 
 def metadata(model: Path) -> dict:
-    code = ("import sys, json, onnxruntime as ort; s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider']); "
+    code = ("import sys, json, onnxruntime as ort; "
+            "s = ort.InferenceSession(sys.argv[1], providers=['CPUExecutionProvider']); "
             "print(json.dumps(dict(s.get_modelmeta().custom_metadata_map)))")
     return json.loads(check(run_fresh(python("-c", code, str(model))))["stdout"])
 
@@ -124,7 +126,8 @@ def edge_runs(entries: list[tuple[Path, str, int]], tmp: Path, repeats: int, bud
                                      steps=steps, threads=2)
                 minimum = MINIMUM.search(refused["stderr"])
                 if refused["returncode"] != 2 or not minimum:
-                    raise click.ClickException(f"a 1 MiB budget was not refused with a minimum: {refused['stderr'][-500:]}")
+                    raise click.ClickException("a 1 MiB budget was not refused with a minimum: "
+                                               f"{refused['stderr'][-500:]}")
                 row["minimum"] = float(minimum.group(1))
             r = sample_cli(str(model), tmp / "edge", *args, "--memory-budget", f"{row['minimum']}M", num_images=4,
                            steps=steps, threads=2)
@@ -156,7 +159,7 @@ def peak_ratios(rows: list[dict]) -> None:
             click.echo(f"note: {row['model']} has {len(base)} 1x1 baselines of its size, data and sampler in this "
                        "run; no peak ratio", err=True)
             continue
-        ratios = [p / q for p, q in zip(row["peaks_all"], base[0]["peaks_all"])]
+        ratios = [p / q for p, q in zip(row["peaks"], base[0]["peaks"])]
         row["peak_vs_1x1"] = f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
 
 
@@ -190,6 +193,21 @@ def kid(a, b) -> float:
                  - 2 * k_ab.mean())
 
 
+class Measured(NamedTuple):
+    """One model x sampler whose samples are drawn: its metadata and where its samples and real images lie."""
+    model: Path
+    data: str
+    size: int
+    grid: int
+    halo: int
+    steps_trained: str | None
+    real: Path
+    sha: str
+    sampler: str
+    steps: int
+    chunks: list[Path]
+
+
 def measure(models: list[Path], plan: list[tuple[str, int]], num_samples: int, seed: int, chunk: int, cache: Path,
             real_set: str, repeats: int = 3, budget: bool = False) -> tuple[list[dict], list]:
     """(one row per model x sampler, (model name, its first 8 samples of the first sampler, the first 8 real
@@ -203,7 +221,8 @@ def measure(models: list[Path], plan: list[tuple[str, int]], num_samples: int, s
         for model in models:
             meta = metadata(model)
             size, grid = int(meta["patchgen.image_size"]), int(meta["patchgen.grid"])
-            fraction, hseed = meta.get("patchgen.data.holdout_fraction") or "0.1", meta.get("patchgen.data.holdout_seed") or "0"
+            fraction = meta.get("patchgen.data.holdout_fraction") or "0.1"
+            hseed = meta.get("patchgen.data.holdout_seed") or "0"
             data_name = meta.get("patchgen.data.name") or "twemoji"
             real = cache / f"real_{data_name}_{size}_{fraction}_{hseed}_{real_set}.npz"
             if not real.exists():
@@ -213,38 +232,39 @@ def measure(models: list[Path], plan: list[tuple[str, int]], num_samples: int, s
             for sampler, steps in plan:
                 chunks = samples(model, sha, sampler, steps, num_samples, seed, cache, chunk)
                 click.echo(f"{model.name} {sampler}-{steps}: {num_samples} samples")
-                measured.append((model, meta, size, grid, real, sha, sampler, steps, chunks))
-        edge = edge_runs([(m[0], m[6], m[7]) for m in measured], tmp, repeats, budget)
+                measured.append(Measured(model, data_name, size, grid, int(meta.get("patchgen.halo", 0)),
+                                         meta.get("patchgen.training.steps"), real, sha, sampler, steps, chunks))
+        edge = edge_runs([(m.model, m.sampler, m.steps) for m in measured], tmp, repeats, budget)
     import numpy as np  # only now: the measured children above never inherit a large parent
 
     from patchgen.models.metrics import border_step, seam_grid, seam_score
 
     largest = {}  # image size -> the largest grid of that size
     for m in measured:
-        largest[m[2]] = max(largest.get(m[2], 1), m[3])
+        largest[m.size] = max(largest.get(m.size, 1), m.grid)
     rows = []
-    for (model, meta, size, grid, real, sha, sampler, steps, chunks), e in zip(measured, edge):
-        f_real = np.load(features([real], cache / f"feat_{real.stem}.npy"))
-        f_fake = np.load(features(chunks, cache / f"feat_{sha[:12]}_{sampler}{steps}_s{seed}_{num_samples}.npy"))
-        images = np.concatenate([np.load(p)["images"] for p in chunks])
-        real_images = np.load(real)["images"]
-        g = seam_grid(grid, largest[size])
-        rows.append({"model": model.name, "size": size, "data": meta.get("patchgen.data.name") or "twemoji", "grid": f"{grid}x{grid}", "halo": int(meta.get("patchgen.halo", 0)),
-                     "steps_trained": meta.get("patchgen.training.steps"),
-                     "sampler": f"{sampler} {steps}", "n": len(images), "kid_x1000": 1000 * kid(f_fake, f_real),
+    for m, e in zip(measured, edge):
+        f_real = np.load(features([m.real], cache / f"feat_{m.real.stem}.npy"))
+        fake_name = f"feat_{m.sha[:12]}_{m.sampler}{m.steps}_s{seed}_{num_samples}.npy"
+        f_fake = np.load(features(m.chunks, cache / fake_name))
+        images = np.concatenate([np.load(p)["images"] for p in m.chunks])
+        real_images = np.load(m.real)["images"]
+        g = seam_grid(m.grid, largest[m.size])
+        rows.append({"model": m.model.name, "size": m.size, "data": m.data, "grid": f"{m.grid}x{m.grid}",
+                     "halo": m.halo, "steps_trained": m.steps_trained, "sampler": f"{m.sampler} {m.steps}",
+                     "n": len(images), "kid_x1000": 1000 * kid(f_fake, f_real),
                      "fd_effnet": frechet_distance(f_fake, f_real), "seam_at": f"{g}x{g}",
                      "seam": seam_score(images, g), "seam_real": seam_score(real_images, g),
-                     "border": border_step(images, g), "border_real": border_step(real_images, g),
-                     "peaks_all": e.pop("peaks"), **e})
-        if sampler == plan[0][0]:
-            shown.append((model.name, images[:8], real_images[:8]))
-        click.echo(f"{model.name} {sampler}-{steps}: KID x1000 {rows[-1]['kid_x1000']:.2f}, "
+                     "border": border_step(images, g), "border_real": border_step(real_images, g), **e})
+        if m.sampler == plan[0][0]:
+            shown.append((m.model.name, images[:8], real_images[:8]))
+        click.echo(f"{m.model.name} {m.sampler}-{m.steps}: KID x1000 {rows[-1]['kid_x1000']:.2f}, "
                    f"FD-EffNet {rows[-1]['fd_effnet']:.1f}, "
                    f"seam {rows[-1]['seam']:.2f} (real {rows[-1]['seam_real']:.2f}); peak {e['peak_mib']:.1f} MiB, "
                    f"{e['s_per_image']} s/image")
     peak_ratios(rows)
     for row in rows:
-        row.pop("peaks_all", None)
+        del row["peaks"]
     return rows, shown
 
 
@@ -268,7 +288,8 @@ def main(models, samplers, num_samples, seed, chunk, cache, real_set, repeats, b
     """KID, FD-EffNet, seam score, peak RSS and time per image for each model x sampler."""
     cache.mkdir(parents=True, exist_ok=True)
     plan = [(s.split(":")[0], int(s.split(":")[1])) for s in samplers.split(",")]
-    real_kind = "held-out real images" if real_set == "heldout" else "all real images of the set, training images included"
+    real_kind = ("held-out real images" if real_set == "heldout"
+                 else "all real images of the set, training images included")
     rows, shown = measure([Path(m) for m in models.split(",")], plan, num_samples, seed, chunk, cache, real_set,
                           repeats, budget_minimum)
     if shown:
@@ -298,7 +319,8 @@ def main(models, samplers, num_samples, seed, chunk, cache, real_set, repeats, b
                   "strided steps); peak / 1x1's: the median (range) of the rounds' ratios to the 1x1 model of the "
                   "same image size, data set and sampler"
                   + (". Minimum budget: what `--memory-budget 1M` is refused with; the runs under it are timed and "
-                     "measured the same way; a process that refuses that minimum counts as over it" if budget_minimum else "")
+                     "measured the same way; a process that refuses that minimum counts as over it"
+                     if budget_minimum else "")
                   + ".")
 
 

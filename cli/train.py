@@ -272,7 +272,6 @@ def _train(world, out, resume, max_steps, new_run, decoding, **options):
         _exit_after_rank0(world, 128 + result.interrupted_by)
 
 
-
 def _exit_after_rank0(world, code: int) -> None:
     """Exit with `code` on every rank, rank 0 first. torchrun ends all workers once one has exited with an
     error; rank 0's report (above) is out before any rank leaves the barrier, and the others wait a grace
