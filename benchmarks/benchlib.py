@@ -11,6 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from patchgen.runtime.files import atomic_output  # small: os, re, tempfile (the benchmark parents stay small)
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -154,9 +156,11 @@ def sample_run(model: Path, patch_batch: int, steps: int, threads: int, opts: di
 
 
 def write_results(stem: Path, title: str, columns: list[tuple[str, str]], rows: list[dict], notes: str = "") -> None:
-    """STEM.json (machine-readable) and STEM.md (a table); columns are (key, header) pairs."""
+    """STEM.json (machine-readable) and STEM.md (a table), each written atomically; columns are (key, header)
+    pairs."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps({"title": title, "machine": machine(), "rows": rows}, indent=1) + "\n")
+    with atomic_output(stem.with_suffix(".json"), "w") as f:
+        f.write(json.dumps({"title": title, "machine": machine(), "rows": rows}, indent=1) + "\n")
 
     def cell(v):
         return f"{v:.3g}" if isinstance(v, float) and abs(v) < 100 else (f"{v:.0f}" if isinstance(v, float) else str(v))
@@ -165,7 +169,8 @@ def write_results(stem: Path, title: str, columns: list[tuple[str, str]], rows: 
     lines += ["| " + " | ".join(cell(r.get(k, "")) for k, _ in columns) + " |" for r in rows]
     if notes:
         lines += ["", notes]
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    with atomic_output(stem.with_suffix(".md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def plot(path: Path, draw) -> None:
@@ -183,5 +188,6 @@ def plot(path: Path, draw) -> None:
     draw(ax)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path.with_suffix(".png"))
+    with atomic_output(path.with_suffix(".png")) as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
