@@ -14,6 +14,9 @@
 #                                  # per step (the 64x64 2x2 model's cost per step), and its 1x1 baseline;
 #                                  # previews (16 samples x 50 DDIM steps, the GCC probe) are slow at 128x128
 #                                  # on one thread, so one every 1500 steps
+#   DATA=noto-emoji-faces SIZE=128 OUT=runs/noto128 STEPS=10793 EVERY=1500 RUNS=g4 benchmarks/train_models.sh
+#                                  # then the shipped noto128_4x4: the 4x4 ran on beside the 1x1 and stopped when
+#                                  # the 1x1 reached 6000 steps (equal wall time, 10793 steps); resume is exact
 # The 1x1 baseline shares the prediction type and TRAIN_ARGS; LEVERS (GCC-based) apply to the patch
 # models only.
 cd "$(dirname "$0")/.."  # the repository root

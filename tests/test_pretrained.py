@@ -15,7 +15,8 @@ PRETRAINED = pretrained_dir()
 
 TWEMOJI = ("twemoji-faces", "CC-BY-4.0", "Twemoji")  # data name, license, a word of the attribution
 NOTO = ("noto-emoji-faces", "Apache-2.0 AND OFL-1.1", "Noto Color Emoji")
-SHIPPED = {"faces64_2x2.onnx": (64, 2, TWEMOJI), "faces64_1x1.onnx": (64, 1, TWEMOJI)}  # file -> size, grid, data
+SHIPPED = {"faces64_2x2.onnx": (64, 2, TWEMOJI), "faces64_1x1.onnx": (64, 1, TWEMOJI),  # file -> size, grid, data
+           "noto128_4x4.onnx": (128, 4, NOTO), "noto128_1x1.onnx": (128, 1, NOTO)}
 DESCRIPTIVE = ["version", "global_context", "model_config", "weights", "training.steps", "data.name",
                "data.num_train", "data.holdout_fraction", "data.holdout_seed", "data.attribution", "data.license",
                "opset"]
