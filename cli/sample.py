@@ -25,7 +25,7 @@ EXAMPLE = """
 Examples:
   patchgen-sample --num-images 16 --grid-image samples.png       # the shipped smileys model
   patchgen-sample --model faces64_1x1 --sampler dpm++            # a shipped model by name
-  patchgen-sample --model noto128_4x4 --num-images 16 --grid-image g.png   # 128x128 in 4x4 patches
+  patchgen-sample --model noto128_4x4 -n 16 --out samples128 --grid-image grid128.png   # 128x128, 4x4
   patchgen-sample --model emoji32.onnx --sampler dpm++ --steps 20 --seed 7 --out samples/
   patchgen-sample --model emoji32.onnx --memory-budget 150M      # largest patch batch that fits
   patchgen-sample --provider cuda                                 # a Jetson's GPU (onnxruntime-gpu)
