@@ -17,6 +17,8 @@ compares with every image of the set instead, for sets too small to hold out eno
 
     python benchmarks/quality.py --models models/pretrained/faces64_2x2.onnx,models/pretrained/faces64_1x1.onnx \
         --samplers dpm++:20 --real all
+    python benchmarks/quality.py --models models/pretrained/noto128_4x4.onnx,models/pretrained/noto128_1x1.onnx \
+        --samplers dpm++:20 --real all --budget-minimum --workers 2 --out benchmarks/results/quality_noto128
     python benchmarks/quality.py --models a.onnx --samplers ddim:50 --num-samples 200
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ import json
 import statistics
 import tempfile
 from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import click
@@ -49,7 +52,7 @@ from patchgen.runtime.images import to_uint8
 from patchgen.runtime.loop import sample_images
 from patchgen.runtime.model import load_model
 path, sampler, steps, seed, start, count, out = sys.argv[1:]
-model = load_model(path, threads=2)
+model = load_model(path, threads=int(os.environ["QUALITY_THREADS"]))
 x = sample_images(model, model.spec, num_images=int(count), seed=int(seed), steps=int(steps), sampler=sampler,
                   patch_batch=int(count) * model.spec.grid ** 2, first_index=int(start))
 np.savez(out, images=to_uint8(x))
@@ -88,19 +91,40 @@ def metadata(model: Path) -> dict:
     return json.loads(check(run_fresh(python("-c", code, str(model))))["stdout"])
 
 
-def samples(model: Path, sha: str, sampler: str, steps: int, n: int, seed: int, cache: Path, chunk: int) -> list[Path]:
-    """Chunk files of uint8 samples; existing chunks are reused, so an interrupted run resumes."""
-    paths = []
-    for start in range(0, n, chunk):
-        count = min(chunk, n - start)
-        path = cache / f"{sha[:12]}_{sampler}{steps}_s{seed}_{start:06d}_{count}.npz"
-        if not path.exists():
-            tmp = path.with_suffix(".tmp.npz")
-            check(run_fresh(python("-c", GEN_CHILD, str(model), sampler, str(steps), str(seed), str(start),
-                                   str(count), str(tmp))))
-            tmp.rename(path)
-        paths.append(path)
-    return paths
+class Chunk(NamedTuple):
+    """`count` samples of `model` from image index `start`, cached in `path`."""
+    model: Path
+    sampler: str
+    steps: int
+    seed: int
+    start: int
+    count: int
+    path: Path
+
+
+def chunk_plan(model: Path, sha: str, sampler: str, steps: int, n: int, seed: int, cache: Path,
+               chunk: int) -> list[Chunk]:
+    """The cached chunks that hold `n` samples of `model`; those already in `cache` are reused."""
+    return [Chunk(model, sampler, steps, seed, start, min(chunk, n - start),
+                  cache / f"{sha[:12]}_{sampler}{steps}_s{seed}_{start:06d}_{min(chunk, n - start)}.npz")
+            for start in range(0, n, chunk)]
+
+
+def make_chunks(todo: list[Chunk], workers: int) -> None:
+    """Sample every chunk of `todo` that is not cached yet, in `workers` fresh processes at once, 2 // workers
+    onnxruntime threads each (at least 1): the 2-core machine's cores split between processes, which scales
+    better than threads in one (results/threads.md). An interrupted run keeps the chunks it finished."""
+    missing = [c for c in todo if not c.path.exists()]
+    env = {"QUALITY_THREADS": str(max(1, 2 // workers))}
+
+    def make(c: Chunk) -> None:
+        tmp = c.path.with_suffix(".tmp.npz")
+        check(run_fresh(python("-c", GEN_CHILD, str(c.model), c.sampler, str(c.steps), str(c.seed), str(c.start),
+                               str(c.count), str(tmp)), env=env))
+        tmp.rename(c.path)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(make, missing))  # re-raises a child's failure
 
 
 def edge_runs(entries: list[tuple[Path, str, int]], tmp: Path, repeats: int, budget: bool) -> list[dict]:
@@ -205,11 +229,11 @@ class Measured(NamedTuple):
     sha: str
     sampler: str
     steps: int
-    chunks: list[Path]
+    chunks: list[Chunk]
 
 
 def measure(models: list[Path], plan: list[tuple[str, int]], num_samples: int, seed: int, chunk: int, cache: Path,
-            real_set: str, repeats: int = 3, budget: bool = False) -> tuple[list[dict], list]:
+            real_set: str, repeats: int = 3, budget: bool = False, workers: int = 1) -> tuple[list[dict], list]:
     """(one row per model x sampler, (model name, its first 8 samples of the first sampler, the first 8 real
     images it is compared with) per model). Samples and features are cached in `cache`; sampling and timing
     run in fresh processes, all of them before this process imports numpy (see benchlib.run_fresh).
@@ -230,10 +254,13 @@ def measure(models: list[Path], plan: list[tuple[str, int]], num_samples: int, s
             sha = check(run_fresh(python("-c", "import sys; from patchgen.runtime.onnxfile import model_sha256; "
                                          "print(model_sha256(sys.argv[1]))", str(model))))["stdout"].strip()
             for sampler, steps in plan:
-                chunks = samples(model, sha, sampler, steps, num_samples, seed, cache, chunk)
-                click.echo(f"{model.name} {sampler}-{steps}: {num_samples} samples")
                 measured.append(Measured(model, data_name, size, grid, int(meta.get("patchgen.halo", 0)),
-                                         meta.get("patchgen.training.steps"), real, sha, sampler, steps, chunks))
+                                         meta.get("patchgen.training.steps"), real, sha, sampler, steps,
+                                         chunk_plan(model, sha, sampler, steps, num_samples, seed, cache,
+                                                    chunk)))
+        make_chunks([c for m in measured for c in m.chunks], workers)
+        click.echo(f"{num_samples} samples each of " + ", ".join(f"{m.model.name} {m.sampler}-{m.steps}"
+                                                                 for m in measured))
         edge = edge_runs([(m.model, m.sampler, m.steps) for m in measured], tmp, repeats, budget)
     import numpy as np  # only now: the measured children above never inherit a large parent
 
@@ -246,8 +273,8 @@ def measure(models: list[Path], plan: list[tuple[str, int]], num_samples: int, s
     for m, e in zip(measured, edge):
         f_real = np.load(features([m.real], cache / f"feat_{m.real.stem}.npy"))
         fake_name = f"feat_{m.sha[:12]}_{m.sampler}{m.steps}_s{seed}_{num_samples}.npy"
-        f_fake = np.load(features(m.chunks, cache / fake_name))
-        images = np.concatenate([np.load(p)["images"] for p in m.chunks])
+        f_fake = np.load(features([c.path for c in m.chunks], cache / fake_name))
+        images = np.concatenate([np.load(c.path)["images"] for c in m.chunks])
         real_images = np.load(m.real)["images"]
         g = seam_grid(m.grid, largest[m.size])
         rows.append({"model": m.model.name, "size": m.size, "data": m.data, "grid": f"{m.grid}x{m.grid}",
@@ -283,15 +310,17 @@ def measure(models: list[Path], plan: list[tuple[str, int]], num_samples: int, s
               help="Rounds of the memory and speed runs; the models take turns in each.")
 @click.option("--budget-minimum", is_flag=True,
               help="Also run each model under the smallest --memory-budget that patchgen-sample accepts for it.")
+@click.option("--workers", type=click.IntRange(1, 2), default=1, show_default=True,
+              help="Sampling processes at once (1: one process of 2 threads; 2: two of 1 thread, faster here).")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "quality", show_default=True)
-def main(models, samplers, num_samples, seed, chunk, cache, real_set, repeats, budget_minimum, out):
+def main(models, samplers, num_samples, seed, chunk, cache, real_set, repeats, budget_minimum, workers, out):
     """KID, FD-EffNet, seam score, peak RSS and time per image for each model x sampler."""
     cache.mkdir(parents=True, exist_ok=True)
     plan = [(s.split(":")[0], int(s.split(":")[1])) for s in samplers.split(",")]
     real_kind = ("held-out real images" if real_set == "heldout"
                  else "all real images of the set, training images included")
     rows, shown = measure([Path(m) for m in models.split(",")], plan, num_samples, seed, chunk, cache, real_set,
-                          repeats, budget_minimum)
+                          repeats, budget_minimum, workers)
     if shown:
         import numpy as np
 

@@ -38,7 +38,8 @@ def test_benchmark_runs_tiny(script, tmp_path):
 
 
 def test_quality_tiny(tmp_path):
-    """Two models side by side: a 2x2 and its 1x1 baseline, metrics, the round-by-round peak ratio, the budget."""
+    """Two models side by side: a 2x2 and its 1x1 baseline, sampled by two workers, metrics, the round-by-round
+    peak ratio, the budget."""
     from patchgen.export.onnx_export import export_onnx
 
     from conftest import tiny_config, write_checkpoint
@@ -50,7 +51,7 @@ def test_quality_tiny(tmp_path):
     out = tmp_path / "quality"
     r = subprocess.run([sys.executable, str(BENCH / "quality.py"), "--models", ",".join(map(str, models)),
                         "--samplers", "ddim:2", "--num-samples", "4", "--chunk", "2", "--cache", str(tmp_path / "cache"),
-                        "--real", "all", "--repeats", "2", "--budget-minimum", "--out", str(out)],
+                        "--real", "all", "--repeats", "2", "--budget-minimum", "--workers", "2", "--out", str(out)],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     patches, base = json.loads(out.with_suffix(".json").read_text())["rows"]
@@ -62,6 +63,8 @@ def test_quality_tiny(tmp_path):
         assert row["within_budget"] is True  # the budget's promise, at its own minimum
     assert "| FD-EffNet |" in out.with_suffix(".md").read_text()
     assert (tmp_path / "quality_samples.png").exists()
+    assert len(list((tmp_path / "cache").glob("*_ddim2_s0_*_2.npz"))) == 4  # 2 chunks per model, two workers
+    assert not list((tmp_path / "cache").glob("*.tmp.npz"))
     (real,) = (tmp_path / "cache").glob("real_twemoji-faces_*_all.npz")  # the model's own data set, all of it
     assert len(np.load(real)["images"]) == 125
 
