@@ -26,8 +26,8 @@ from __future__ import annotations
 import json
 import statistics
 import tempfile
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import NamedTuple
 
 import click
@@ -311,7 +311,7 @@ def measure(models: list[Path], plan: list[tuple[str, int]], num_samples: int, s
 @click.option("--budget-minimum", is_flag=True,
               help="Also run each model under the smallest --memory-budget that patchgen-sample accepts for it.")
 @click.option("--workers", type=click.IntRange(1, 2), default=1, show_default=True,
-              help="Sampling processes at once (1: one process of 2 threads; 2: two of 1 thread, faster here).")
+              help="Sampling processes at once: 1 of 2 threads, or 2 of 1 thread (faster on 2 cores).")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "quality", show_default=True)
 def main(models, samplers, num_samples, seed, chunk, cache, real_set, repeats, budget_minimum, workers, out):
     """KID, FD-EffNet, seam score, peak RSS and time per image for each model x sampler."""
