@@ -18,7 +18,8 @@ compares with every image of the set instead, for sets too small to hold out eno
     python benchmarks/quality.py --models models/pretrained/faces64_2x2.onnx,models/pretrained/faces64_1x1.onnx \
         --samplers dpm++:20 --real all
     python benchmarks/quality.py --models models/pretrained/noto128_4x4.onnx,models/pretrained/noto128_1x1.onnx \
-        --samplers dpm++:20 --real all --budget-minimum --workers 2 --out benchmarks/results/quality_noto128
+        --samplers dpm++:20 --real all --budget-minimum --workers 2 --num-samples 500 \
+        --out benchmarks/results/quality_noto128
     python benchmarks/quality.py --models a.onnx --samplers ddim:50 --num-samples 200
 """
 from __future__ import annotations
