@@ -58,29 +58,34 @@ from patchgen.models.checkpoint import save_checkpoint
 from patchgen.models.config import ModelConfig, TrainConfig
 from patchgen.models.data import DataSource
 from patchgen.models.train import new_state, state_dict
-path, config, keep = Path(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3] == "1"
+path, config, keep, export = Path(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3] == "1", json.loads(sys.argv[4])
 config["channel_mults"] = tuple(config.get("channel_mults", (1, 2, 2)))
 config["attention_resolutions"] = tuple(config.get("attention_resolutions", (8,)))
 cfg, tc = ModelConfig(**config), TrainConfig()
 ckpt = path.with_suffix(".pt")
 save_checkpoint(ckpt, state_dict(new_state(cfg, tc), cfg, tc, DataSource("random weights")))
-export_onnx(ckpt, path, force=True)
+export_onnx(ckpt, path, force=True, **export)
 if not keep:
     ckpt.unlink()
 """
 
 
-def random_model(path: Path, image_size: int, grid: int, keep_checkpoint: bool = False, **config) -> Path:
+def random_model(path: Path, image_size: int, grid: int, keep_checkpoint: bool = False, weights: str = "fp32",
+                 calibration_data: str | None = None, **config) -> Path:
     """Export a random-weight patch model, in a child process (it needs torch; this process stays lean).
-    With keep_checkpoint the checkpoint stays beside it as PATH.pt (for the PyTorch comparison)."""
+    With keep_checkpoint the checkpoint stays beside it as PATH.pt (for the PyTorch comparison); weights and
+    calibration_data go to export_onnx (int8 needs calibration images: a folder)."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         config = {"image_size": image_size, "grid": grid, "use_position": grid > 1, "use_gcc": grid > 1, **config}
-        subprocess.run(python("-c", MAKE_MODEL, str(path), json.dumps(config), str(int(keep_checkpoint))), check=True)
+        export = {"weights": weights, "calibration_data": calibration_data}
+        subprocess.run(python("-c", MAKE_MODEL, str(path), json.dumps(config), str(int(keep_checkpoint)),
+                              json.dumps(export)), check=True)
     return path
 
 
-# One sampling process, patchgen's runtime: prints imports / floor / peak (MiB) and seconds per step.
+# One sampling process, patchgen's runtime: prints imports / floor / peak (MiB), seconds per step, the resident
+# set at the end split into anonymous and file-backed pages (mapped weights), and how the graph was opened.
 # argv: model, options JSON (onnxruntime / malloc overrides, {} for the defaults), patch batch, steps, threads.
 SAMPLE_CHILD = r"""
 import json, os, sys, time
@@ -95,8 +100,8 @@ if not opts.get("malloc_tuning", True):
 import numpy as np, onnxruntime as ort
 import patchgen.runtime.session as session
 base = session.session_options
-def options(threads=1):
-    so = base(threads)
+def options(threads=1, optimization="all"):
+    so = base(threads, optimization)
     so.enable_cpu_mem_arena = opts.get("arena", so.enable_cpu_mem_arena)
     so.enable_mem_pattern = opts.get("pattern", so.enable_mem_pattern)
     if not opts.get("prepack", True):
@@ -111,18 +116,23 @@ imports = status("VmRSS")
 t0 = time.perf_counter()
 model = load_model(model_path, threads)
 load_s = time.perf_counter() - t0
+# The floor: resident after one call, which faults in weights that a cached graph maps (graph_cache.py).
+from patchgen.runtime.spec import example_feeds
+feeds = example_feeds(model.spec, np.zeros(1, np.int64), np.random.default_rng(0))
+model(feeds["x"], feeds["t"], feeds.get("pos"), feeds.get("gcc"))
 floor = status("VmRSS")
 plan = make_plan(model, 1, seed=0, steps=steps, patch_batch=patch_batch)
 t0 = time.perf_counter()
 for _ in iter_samples(model, plan):
     pass
 print(json.dumps({"imports_mib": imports, "floor_mib": floor, "peak_mib": status("VmHWM"), "load_s": load_s,
-                  "s_per_step": (time.perf_counter() - t0) / steps}))
+                  "s_per_step": (time.perf_counter() - t0) / steps, "anon_mib": status("RssAnon"),
+                  "file_mib": status("RssFile"), "graph": model.graph}))
 """
 
 
 SAMPLE_CLI = ["-c", "from patchgen.cli.sample import main; main()"]
-MINIMUM = re.compile(r"minimum of ([\d.]+)M")  # in patchgen-sample's refusal of a budget below it
+MINIMUM = re.compile(r"minimum of ([\d.]+)M( at least)?")  # in patchgen-sample's refusal of a budget below it
 
 
 def sample_cli(model: str, out: Path, *extra: str, num_images: int = 2, steps: int = 2, threads: int = 1,
@@ -138,6 +148,25 @@ def sample_cli(model: str, out: Path, *extra: str, num_images: int = 2, steps: i
     return {**r, "patch_batch": int(batch.group(1)) if batch else None,
             "predicted_mib": float(predicted.group(1)) if predicted else None,
             "s_per_image": float(speed.group(1)) if speed else None, "created_out": out.exists()}
+
+
+def refused_minimum(model: str, out: Path, *extra: str, num_images: int = 2, steps: int = 2, threads: int = 1,
+                    preexec=None) -> tuple[float | None, list[dict]]:
+    """(the minimum budget patchgen-sample names when refusing a 1 MiB budget, its refusals): a budget below the
+    weights is refused before the model opens, with a lower bound ("at least"); that bound is then asked for,
+    and its refusal names the measured minimum. None when a run was not refused with a minimum (exit 2)."""
+    budget, runs = "1M", []
+    for _ in range(2):
+        r = sample_cli(model, out, *extra, "--memory-budget", budget, num_images=num_images, steps=steps,
+                       threads=threads, preexec=preexec)
+        runs.append(r)
+        found = MINIMUM.search(r["stderr"])
+        if r["returncode"] != 2 or not found:
+            return None, runs
+        if not found.group(2):
+            return float(found.group(1)), runs
+        budget = f"{found.group(1)}M"  # the bound holds a fresh run's weights (it carries a margin)
+    return None, runs
 
 
 def sample_run(model: Path, patch_batch: int, steps: int, threads: int, opts: dict | None = None,
@@ -163,6 +192,8 @@ def write_results(stem: Path, title: str, columns: list[tuple[str, str]], rows: 
         f.write(json.dumps({"title": title, "machine": machine(), "rows": rows}, indent=1) + "\n")
 
     def cell(v):
+        if v is None:
+            return ""
         return f"{v:.3g}" if isinstance(v, float) and abs(v) < 100 else (f"{v:.0f}" if isinstance(v, float) else str(v))
     lines = [f"# {title}", "", f"Machine: {machine()}", "", "| " + " | ".join(h for _, h in columns) + " |",
              "|" + "---|" * len(columns)]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from benchlib import MINIMUM, RESULTS, plot, random_model, sample_cli, write_results
+from benchlib import RESULTS, plot, random_model, refused_minimum, sample_cli, write_results
 
 
 
@@ -26,12 +26,12 @@ def sample(model: str, out: Path, num_images: int, steps: int, threads: int, *ex
 
 def sweep(model: str, tmp: Path, num_images: int, steps: int, threads: int, points: int, repeats: int) -> list[dict]:
     name = Path(model).name
-    refused = [sample(model, tmp / "refused", num_images, steps, threads, "--memory-budget", "1M")
-               for _ in range(repeats)]
-    found = [MINIMUM.search(r["stderr"]) for r in refused]
-    if any(r["returncode"] != 2 or r["created_out"] or not m for r, m in zip(refused, found)):
+    found = [refused_minimum(model, tmp / "refused", num_images=num_images, steps=steps, threads=threads)
+             for _ in range(repeats)]
+    refused = [r for _, runs in found for r in runs]
+    if any(r["returncode"] != 2 or r["created_out"] for r in refused) or any(m is None for m, _ in found):
         raise click.ClickException(f"expected 1M to be refused with the minimum and no output: {refused[0]['stderr']}")
-    minima = [float(m.group(1)) for m in found]
+    minima = [m for m, _ in found]
     rows = [{"model": name, "budget_mib": 1.0, "runs": repeats, "patch_batch": "-",
              "peak_mib": max(r["peak_mib"] for r in refused),
              "within": f"refused, exit 2, no output; minimum {min(minima):.1f} .. {max(minima):.1f} MiB"}]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from benchlib import MINIMUM, RESULTS, random_model, sample_cli, write_results
+from benchlib import RESULTS, random_model, refused_minimum, sample_cli, write_results
 
 CGROUP = Path("/sys/fs/cgroup")
 MIB = 2**20
@@ -84,11 +84,10 @@ def sample(model: str, out: Path, extra: list[str], steps: int, group: Cgroup | 
 
 def measure(model: str, tmp: Path, steps: int, points: int) -> list[dict]:
     name = Path(model).name
-    refused = sample(model, tmp / "refused", ["--memory-budget", "1M"], steps)
-    found = MINIMUM.search(refused["stderr"])
-    if refused["returncode"] != 2 or not found:
-        raise click.ClickException(f"expected 1M to be refused with a minimum: {refused['stderr'][-300:]}")
-    low = float(found.group(1))
+    sample(model, tmp / "warm", ["--patch-batch", "1"], steps)  # builds the graph cache, as a first run does
+    low, refusals = refused_minimum(model, tmp / "refused", steps=steps)
+    if low is None:
+        raise click.ClickException(f"expected 1M to be refused with a minimum: {refusals[-1]['stderr'][-300:]}")
     top = sample(model, tmp / "all", ["--patch-batch", "1000000"], steps)["peak_mib"] * 1.1
     budgets = [low, low + 2, low + 8] + [low + 8 + (top - low - 8) * k / (points - 3) for k in range(1, points - 2)]
     rows = []
@@ -136,7 +135,8 @@ def main(models, randoms, steps, points, out):
     notes = (f"Each row: a fresh `patchgen-sample -n 2 --steps {steps} --threads 1 --memory-budget B` inside a new "
              f"memory cgroup with hard limit B ({'v2 memory.max' if (CGROUP / 'cgroup.controllers').is_file() else 'v1 memory.limit_in_bytes, swap off'}). "
              f"The page cache is dropped before each run, so that the libraries and the model file are charged to "
-             f"the run's cgroup as they are read. Peak RSS: the kernel's ru_maxrss of the process; cgroup peak: the "
+             f"the run's cgroup as they are read. One unbudgeted run per model first builds its graph cache "
+             f"(runtime/graph_cache.py), as any first run does. Peak RSS: the kernel's ru_maxrss of the process; cgroup peak: the "
              f"cgroup's high-water mark, page cache included (pages still mapped by other processes stay charged "
              f"to them). OOM kills in all: {kills} of {len(rows)} runs.")
     write_results(out, "Budgets under a hard memory limit (cgroup limit = budget)",

@@ -115,7 +115,8 @@ def main(sizes, grids, paper, paper_size, steps, halos, threads, out, plot_only)
                    ("vs_full", "peak / 1x1 peak"), ("peak_over_floor", "peak / floor"), ("s_per_step", "s/step"),
                    ("error", "note")], rows,
                   "Each row is a fresh process; peak is the kernel's ru_maxrss, floor is VmRSS after the session "
-                  "opens. patches/call = G*G is the official code's way (all patches in one batch).")
+                  "opens and one call has faulted in its (mapped) weights. patches/call = G*G is the official "
+                  "code's way (all patches in one batch).")
 
     plot_peaks(out, rows)
 

@@ -33,7 +33,7 @@ from typing import NamedTuple
 
 import click
 
-from benchlib import MINIMUM, RESULTS, python, run_fresh, sample_cli, write_results
+from benchlib import MINIMUM, RESULTS, python, refused_minimum, run_fresh, sample_cli, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -147,13 +147,12 @@ def edge_runs(entries: list[tuple[Path, str, int]], tmp: Path, repeats: int, bud
             if not budget:
                 continue
             if row["minimum"] is None:
-                refused = sample_cli(str(model), tmp / "refused", *args, "--memory-budget", "1M", num_images=4,
-                                     steps=steps, threads=2)
-                minimum = MINIMUM.search(refused["stderr"])
-                if refused["returncode"] != 2 or not minimum:
+                minimum, refusals = refused_minimum(str(model), tmp / "refused", *args, num_images=4, steps=steps,
+                                                    threads=2)
+                if minimum is None:
                     raise click.ClickException("a 1 MiB budget was not refused with a minimum: "
-                                               f"{refused['stderr'][-500:]}")
-                row["minimum"] = float(minimum.group(1))
+                                               f"{refusals[-1]['stderr'][-500:]}")
+                row["minimum"] = minimum
             r = sample_cli(str(model), tmp / "edge", *args, "--memory-budget", f"{row['minimum']}M", num_images=4,
                            steps=steps, threads=2)
             if r["returncode"] == 2 and MINIMUM.search(r["stderr"]):  # this process measured a higher minimum

@@ -98,7 +98,8 @@ def main(image_size, grid, steps, threads, repeats, base_width, out):
                    ("peak1_mib", "peak, 1 patch/call"), ("peak_all_mib", f"peak, {grid * grid} patches/call"),
                    ("s_step1", "s/step, 1 patch"), ("s_step_all", f"s/step, {grid * grid}")], rows,
                   "Each cell is a fresh process; peak is the kernel's ru_maxrss, floor is VmRSS after the session "
-                  "opens; weights resident = floor minus the floor of the same graph at width 8; time is the "
+                  "opens and one call has faulted in its (mapped) weights; weights resident = floor minus the "
+                  "floor of the same graph at width 8; time is the "
                   f"fastest of {repeats}.")
 
 

@@ -62,7 +62,8 @@ def main(checkpoint, output, raw_weights, no_simplify, skip_check, quantize, int
     if report.reduced_parity is not None:
         click.echo(f"  {weights} parity: RMS error in the model's own parametrisation on fresh training windows "
                    f"= {report.reduced_parity:.2e} (limit {PARITY_RMS_TOLERANCE[weights]:g})")
-    click.echo(f"wrote {report.path} ({weights} weights)")
+    click.echo(f"wrote {report.path} ({weights} weights" + (f", kept beside it in {report.data_path.name}: copy both)"
+                                                         if report.data_path else ")"))
 
 
 if __name__ == "__main__":

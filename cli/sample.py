@@ -81,11 +81,11 @@ def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_
     check_output_folder(out_dir)
     if grid_image is not None:
         check_writable_folder(grid_image.parent)
-    model = load_model(model_path, threads, provider)
+    model = load_model(model_path, threads, provider, memory_budget)
     c, h, w = model.spec.image_shape
     plan = make_plan(model, num_images, seed, sampler, steps, eta, memory_budget=memory_budget,
                      patch_batch=patch_batch, held_bytes=grid_memory(num_images, h, w, c) if grid_image else 0)
-    for note in plan.notes:
+    for note in model.notes + plan.notes:
         click.echo(f"note: {note}", err=True)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -93,8 +93,8 @@ def _csv_ints(_ctx, _param, value):
               "each rank takes the GPU of its local rank).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help=f"Image cache: images are decoded once into an array file there that every rank and every "
-                   f"resume maps read-only [default: ${CACHE_ENV}, else $XDG_CACHE_HOME/patchgen/images, else "
-                   f"~/.cache/patchgen/images].")
+                   f"resume maps read-only [default: ${CACHE_ENV}/images, else $XDG_CACHE_HOME/patchgen/images, "
+                   f"else ~/.cache/patchgen/images].")
 @click.option("--no-cache", is_flag=True, help="Decode the images into memory in every process instead.")
 @click.option("--decode-workers", type=click.IntRange(min=1), default=None,
               help="Processes that decode the images [default: this machine's CPUs over its ranks].")

@@ -19,11 +19,13 @@ from patchgen.models.checkpoint import load_checkpoint, model_from_checkpoint
 from patchgen.models.diffusion import EpsDenoiser
 from patchgen.models.unet import PatchUNet
 from patchgen.runtime.errors import PatchgenError
-from patchgen.runtime.files import atomic_output, check_writable_folder, remove_stale_temporaries
+from patchgen.runtime.files import check_writable_folder, temporary_prefix
 from patchgen.runtime.metadata import spec_to_metadata
 from patchgen.runtime.schedule import Schedule, alphas_cumprod
 from patchgen.runtime.session import open_session
 from patchgen.runtime.spec import example_feeds
+
+from .onnx_file import staged
 
 # Opset 18: the lowest the torch.export-based exporter emits, and read by onnxruntime >= 1.14, which covers
 # the older builds shipped for Jetson and Raspberry Pi. GroupNorm lowers to InstanceNormalization + Reshape.
@@ -111,13 +113,13 @@ def parity_timesteps(num_timesteps: int, count: int = PARITY_TIMESTEPS) -> np.nd
     return np.unique(k * (num_timesteps - 1) // (count - 1))
 
 
-def max_parity_error(net: PatchUNet, model_bytes: bytes, batches=(1, 3), seed: int = 0) -> float:
+def max_parity_error(net: PatchUNet, model_path, batches=(1, 3), seed: int = 0) -> float:
     """max over samples of |eps_onnxruntime - eps_torch| / parity_scale(t): the graph's error in the
     model's own parametrisation. Every batch size runs every parity timestep (deterministic, t = 0 and
     T-1 included), and every patch position is run at least once (positions in turn, then more batches of
     random t until all G*G were seen); x and gcc are drawn from `seed`."""
     c = net.config
-    session = open_session(model_bytes)
+    session = open_session(model_path)
     module = EpsDenoiser(net).eval()
     scale = parity_scale(c.prediction, c.schedule)
     rng = np.random.default_rng(seed)
@@ -174,11 +176,12 @@ class ExportReport:
     inputs: list  # [(name, dtype, shape)] with "batch" for the dynamic dimension
     outputs: list
     parameters: int
-    file_bytes: int
+    file_bytes: int  # the .onnx file and its external data
     prediction: str  # what the network predicts: "eps", "v" or "x0"
     parity_error: Optional[float]  # max_parity_error (see parity_scale); None when the check was skipped
     weights: str = "fp32"  # fp32, fp16 or int8
     reduced_parity: Optional[float] = None  # fp16/int8: quantize.parity_rms on fresh realistic windows
+    data_path: Optional[Path] = None  # the external-data file beside `path` (a large model), else None
 
 
 def describe(values) -> list:
@@ -197,7 +200,8 @@ def check_output_path(path: Path, force: bool) -> None:
 def export_onnx(checkpoint_path, output_path, *, ema: bool = True, simplify_graph: bool = True,
                 check: bool = True, force: bool = False, weights: str = "fp32",
                 calibration_data: Optional[str] = None, int8_activations: str = "uint8") -> ExportReport:
-    """Export, simplify, verify against torch, then write atomically. On failure no file is left.
+    """Export, simplify, write beside the target, verify the written file against torch, then commit it in one
+    rename (onnx_file.py: a large model's weights go to an external-data file). On failure no file is left.
 
     weights: "fp32", or "fp16" / "int8" for a smaller file under the same contract (export/quantize.py);
     the float32 graph is verified first, then the reduced one on held-out realistic windows against
@@ -226,15 +230,18 @@ def export_onnx(checkpoint_path, output_path, *, ema: bool = True, simplify_grap
         model = simplify(model)
     onnx.helper.set_model_props(model, metadata(ckpt, ema))
     onnx.checker.check_model(model)
-    data = model.SerializeToString()
     error = reduced = None
     prediction = config.prediction
-    if check:
-        error = max_parity_error(net, data)
-        if not error <= PARITY_TOLERANCE:  # also catches NaN
-            raise PatchgenError(f"parity check failed: max error in the model's own parametrisation "
-                                f"({prediction}) = {error:.3g} > {PARITY_TOLERANCE:g}; "
-                                f"no file written (--skip-check writes it anyway)")
+    with staged(model, output_path) as fp32:  # checked from a file, as the runtime opens it
+        if check:
+            error = max_parity_error(net, fp32.onnx)
+            if not error <= PARITY_TOLERANCE:  # also catches NaN
+                raise PatchgenError(f"parity check failed: max error in the model's own parametrisation "
+                                    f"({prediction}) = {error:.3g} > {PARITY_TOLERANCE:g}; "
+                                    f"no file written (--skip-check writes it anyway)")
+        if weights == "fp32":
+            fp32.commit()
+            final = fp32
     if weights != "fp32":
         if weights == "fp16":
             model = quantize.to_fp16(model)
@@ -242,21 +249,22 @@ def export_onnx(checkpoint_path, output_path, *, ema: bool = True, simplify_grap
             feeds = list(quantize.realistic_feeds(
                 net, calibration, quantize.spread_timesteps(config.schedule.num_timesteps,
                                                             quantize.CALIBRATION_TIMESTEPS), seed=0))
-            model = quantize.to_int8(model, feeds, int8_activations)
+            # in the output folder (not $TMPDIR), named as a temporary that the next export removes if killed
+            model = quantize.to_int8(model, feeds, int8_activations, work_dir=output_path.parent,
+                                     prefix=temporary_prefix(output_path.name))
         onnx.helper.set_model_props(model, metadata(ckpt, ema, weights))
         onnx.checker.check_model(model)
-        data = model.SerializeToString()
-        if check:
-            held_out = list(quantize.realistic_feeds(net, parity_images, parity_timesteps(config.schedule.num_timesteps),
-                                                     seed=1))
-            reduced = quantize.parity_rms(net, data, held_out)
-            limit = quantize.PARITY_RMS_TOLERANCE[weights]
-            if not reduced <= limit:
-                raise PatchgenError(f"{weights} parity check failed: RMS error in the model's own parametrisation "
-                                    f"({prediction}) = {reduced:.3g} > {limit:g}; no file written "
-                                    f"(--skip-check writes it anyway)")
-    remove_stale_temporaries(output_path.parent, output_path.name)  # a killed export's partial file
-    with atomic_output(output_path) as f:
-        f.write(data)
+        with staged(model, output_path) as final:
+            if check:
+                held_out = list(quantize.realistic_feeds(net, parity_images,
+                                                         parity_timesteps(config.schedule.num_timesteps), seed=1))
+                reduced = quantize.parity_rms(net, final.onnx, held_out)
+                limit = quantize.PARITY_RMS_TOLERANCE[weights]
+                if not reduced <= limit:
+                    raise PatchgenError(f"{weights} parity check failed: RMS error in the model's own "
+                                        f"parametrisation ({prediction}) = {reduced:.3g} > {limit:g}; no file "
+                                        f"written (--skip-check writes it anyway)")
+            final.commit()
     return ExportReport(output_path, describe(model.graph.input), describe(model.graph.output),
-                        sum(p.numel() for p in net.parameters()), len(data), prediction, error, weights, reduced)
+                        sum(p.numel() for p in net.parameters()), final.file_bytes, prediction, error, weights, reduced,
+                        final.data)

@@ -142,15 +142,17 @@ class _Reader:
         return next(self._feeds, None)
 
 
-def to_int8(model: onnx.ModelProto, feeds: list[dict], activations: str = "uint8") -> onnx.ModelProto:
+def to_int8(model: onnx.ModelProto, feeds: list[dict], activations: str = "uint8", work_dir: Optional[Path] = None,
+            prefix: str = "patchgen-int8-") -> onnx.ModelProto:
     """Static QDQ int8 (per-channel int8 weights, MinMax) of the weight-carrying ops, calibrated on `feeds`;
-    `activations` "uint8" (U8S8) or "int8" (S8S8)."""
+    `activations` "uint8" (U8S8) or "int8" (S8S8). Its intermediate files go to a temporary folder in
+    `work_dir` (None: the system's), named `prefix`..."""
     if activations not in INT8_ACTIVATIONS:
         raise PatchgenError(f"int8 activations must be one of {', '.join(INT8_ACTIVATIONS)}, got {activations!r}")
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    with tempfile.TemporaryDirectory(prefix="patchgen-int8-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=prefix, suffix=".tmp", dir=work_dir) as tmp:
         plain, prepared, quantized = (Path(tmp) / n for n in ("fp32.onnx", "prepared.onnx", "int8.onnx"))
         onnx.save(model, str(plain))
         quant_pre_process(str(plain), str(prepared), skip_symbolic_shape=True)
@@ -164,12 +166,12 @@ def to_int8(model: onnx.ModelProto, feeds: list[dict], activations: str = "uint8
         return onnx.load(str(quantized))
 
 
-def parity_rms(net: PatchUNet, model_bytes: bytes, feeds: list[dict]) -> float:
+def parity_rms(net: PatchUNet, model_path, feeds: list[dict]) -> float:
     """RMS over `feeds` of |eps_onnxruntime - eps_torch| / parity_scale(t): the error in the model's own units."""
     from .onnx_export import parity_scale
     from patchgen.models.diffusion import EpsDenoiser
 
-    session = open_session(model_bytes)
+    session = open_session(model_path)
     module = EpsDenoiser(net).eval()
     scale = parity_scale(net.config.prediction, net.config.schedule)
     total, count = 0.0, 0

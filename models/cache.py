@@ -29,9 +29,8 @@ import numpy as np
 import PIL
 
 from patchgen.runtime.errors import PatchgenError
-from patchgen.runtime.files import atomic_output, remove_stale_temporaries
+from patchgen.runtime.files import CACHE_ENV, atomic_output, cache_root, remove_stale_temporaries
 
-CACHE_ENV = "PATCHGEN_CACHE_DIR"
 ELSEWHERE = f"choose another cache folder (patchgen-train --cache-dir, or ${CACHE_ENV})"
 FORMAT = 1  # bump when decoding changes the pixels a source gives
 CHUNK = 64  # sources per task sent to a worker process
@@ -39,11 +38,9 @@ MIN_PARALLEL = 2 * CHUNK  # fewer sources are decoded in this process: starting 
 
 
 def default_cache_dir() -> Path:
-    """$PATCHGEN_CACHE_DIR, else $XDG_CACHE_HOME/patchgen/images, else ~/.cache/patchgen/images."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "patchgen" / "images"
+    """images/ in patchgen's cache root: $PATCHGEN_CACHE_DIR, else $XDG_CACHE_HOME/patchgen, else ~/.cache/patchgen
+    (the sampler's graph cache is graphs/ beside it)."""
+    return cache_root() / "images"
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,24 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
 from .errors import PatchgenError
 
+CACHE_ENV = "PATCHGEN_CACHE_DIR"  # the root of patchgen's caches: images/ (training) and graphs/ (sampling)
 
-def _umask() -> int:
+
+def cache_root() -> Path:
+    """$PATCHGEN_CACHE_DIR, else $XDG_CACHE_HOME/patchgen, else ~/.cache/patchgen."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "patchgen"
+
+
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -32,7 +43,7 @@ def check_writable_folder(folder) -> None:
         raise PatchgenError(f"cannot write to {folder}: {e.strerror}; choose a writable folder") from None
 
 
-def _temporary_prefix(name: str) -> str:
+def temporary_prefix(name: str) -> str:
     # ".<target name>.p<pid>." + mkstemp's random part + ".tmp": the pid tells a live writer's file from a stale one.
     return f".{name}.p{os.getpid()}."
 
@@ -53,8 +64,9 @@ def _alive(pid: int) -> bool:
 def remove_stale_temporaries(folder, pattern: str) -> int:
     """Delete the temporaries that killed writers of files named like `pattern` (a glob) left in `folder`.
 
-    Only files of `atomic_output`'s own form are touched, and only those whose writing process is gone,
-    so a concurrent run's files in progress survive. Returns how many were removed.
+    Only files (or folders, such as a graph cache build's) named in `atomic_output`'s own form are touched,
+    and only those whose writing process is gone, so a concurrent run's files in progress survive. Returns
+    how many were removed.
     """
     removed = 0
     for path in Path(folder).glob(f".{pattern}.p*.tmp"):
@@ -62,7 +74,10 @@ def remove_stale_temporaries(folder, pattern: str) -> int:
         if m is None or _alive(int(m.group("pid"))):
             continue
         with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
             removed += 1
     return removed
 
@@ -74,7 +89,7 @@ def atomic_output(path, mode: str = "wb"):
     if not path.parent.is_dir():
         raise PatchgenError(f"output folder {path.parent} does not exist: create it or choose another path")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path.name), suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(path.name), suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise PatchgenError(f"cannot write to {path.parent}: {e.strerror}; choose a writable folder") from None
     try:
@@ -82,7 +97,7 @@ def atomic_output(path, mode: str = "wb"):
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -15,8 +15,7 @@ from PIL import Image
 from .errors import PatchgenError
 from .images import to_uint8
 from .loop import SAMPLERS, default_steps, sample_images
-from .memory import (MIB, BudgetTooSmall, calibrate, cap_to_available, format_size, parse_size,
-                     plan_patch_batch)
+from .memory import MIB, BudgetTooSmall, calibrate, checked_budget, format_size, parse_size, plan_patch_batch
 from .model import OnnxModel, load_model
 from .session import DEFAULT_PROVIDER
 from .spec import ModelSpec, example_feeds
@@ -120,9 +119,8 @@ def make_plan(model: OnnxModel, num_images: int = 1, seed: int = 0, sampler: str
         return Plan(request, pb, images_per_run(pb, model.spec.grid, num_images))
     if patch_batch is not None:
         raise PatchgenError("give either a memory budget or a patch batch, not both: the budget chooses the batch")
-    budget = parse_size(memory_budget) if isinstance(memory_budget, str) else int(memory_budget)
-    asked = budget
-    budget, limited_by = cap_to_available(budget)
+    asked = parse_size(memory_budget) if isinstance(memory_budget, str) else int(memory_budget)
+    budget, limited_by = checked_budget(asked, model.weights_bytes, model.resident_before)
     notes = (f"memory budget {format_size(asked)} is more than this process can have ({format_size(budget)}, "
              f"{limited_by}); planning for {format_size(budget)}",) if limited_by else ()
     grid = model.spec.grid
@@ -132,8 +130,8 @@ def make_plan(model: OnnxModel, num_images: int = 1, seed: int = 0, sampler: str
     def extra(pb: int) -> int:  # held beside a call: the buffers of the images that batch runs together
         return OVERHEAD + held_bytes + images_per_run(pb, grid, num_images) * image_bytes(model)
 
-    mem = calibrate(*probe(model, request), budget, batches, extra)
     try:
+        mem = calibrate(*probe(model, request), budget, batches, extra)
         pb = plan_patch_batch(mem, budget, batches, extra)
     except BudgetTooSmall as e:
         if limited_by:  # asking for a larger budget cannot help
@@ -166,7 +164,7 @@ def generate(model: Union[str, OnnxModel, None] = None, num_images: int = 1, see
     threads and provider apply when the model is opened here (see `load_model`). memory_budget bounds
     the host's peak RSS, not a GPU's memory."""
     if not isinstance(model, OnnxModel):
-        model = load_model(model, threads, provider)
+        model = load_model(model, threads, provider, memory_budget)
     plan = make_plan(model, num_images, seed, sampler, steps, eta, memory_budget=memory_budget,
                      patch_batch=patch_batch)
     return np.stack([img for _, img in iter_samples(model, plan)])

@@ -50,7 +50,7 @@ import resource
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 from .errors import PatchgenError
 from .limits import available_memory
@@ -123,6 +123,32 @@ class BudgetTooSmall(PatchgenError):
 
 SAFETY = 1.10  # bytes extrapolated beyond the largest measured call are charged 10 % more
 RERUN_MARGIN = 2 * MIB  # a refusal's minimum sits this far above this process's prediction (see above)
+
+
+def checked_budget(memory_budget: Union[int, str], weights: int, resident: int) -> tuple[int, str]:
+    """(the budget in bytes, capped to what this process can have; what capped it, "" when nothing did).
+
+    memory_budget: bytes, or a size parse_size reads. Refused up front, before any memory is spent on the
+    model: a budget below 1 byte, and one below `resident` bytes (what the process holds before the model
+    opens) plus the model's `weights` bytes, which every run holds once whatever its patch batch
+    (BudgetTooSmall; its minimum is that sum plus RERUN_MARGIN, a budget this check accepts in a fresh run;
+    the run's real minimum adds a call's activations, and the planner names it)."""
+    asked = parse_size(memory_budget) if isinstance(memory_budget, str) else int(memory_budget)
+    budget, limited_by = cap_to_available(asked)
+    need = resident + weights
+    if budget < need:
+        minimum = math.ceil((need + RERUN_MARGIN) / MIB * 10) / 10  # a fresh process holds a little more or less
+        if limited_by:
+            raise PatchgenError(f"this model needs at least {minimum:.1f}M ({format_size(weights)} of weights on top "
+                                f"of the {format_size(resident)} this process holds), but this process can have only "
+                                f"{format_size(budget)} ({limited_by}): free memory or raise the memory limit")
+        raise BudgetTooSmall(f"memory budget {format_size(budget)} is below this model's minimum of {minimum:.1f}M "
+                             f"at least: {format_size(weights)} of weights on top of the {format_size(resident)} this "
+                             f"process holds, before any activations; pass --memory-budget {math.ceil(minimum)}M or "
+                             f"more", minimum * MIB)
+    return budget, limited_by
+
+
 
 
 def measure_call(run: Callable[[int], None], patch_batch: int) -> int:

@@ -9,11 +9,12 @@ import numpy as np
 import onnxruntime as ort
 
 from .errors import PatchgenError
-from .limits import available_cpus
+from .graph_cache import open_model_session, weights_bytes
+from .limits import available_cpus, available_memory
+from .memory import checked_budget, current_rss
 from .metadata import spec_from_metadata
-from .onnxfile import model_sha256
 from .pretrained import resolve_model
-from .session import DEFAULT_PROVIDER, open_session, short_name
+from .session import DEFAULT_PROVIDER, short_name
 from .spec import ModelSpec, graph_inputs
 
 MAX_DEFAULT_THREADS = 4  # small patches leave little to split across more (benchmarks/threads.py)
@@ -34,6 +35,10 @@ class OnnxModel:
     metadata: dict
     sha256: str  # of the file and its external data, if any (onnxfile.model_sha256)
     input_names: tuple[str, ...] = ()  # the graph's inputs, as graph_inputs(spec) names them and load_model checked
+    weights_bytes: int = 0  # the model file and its external data (graph_cache.weights_bytes)
+    resident_before: int = 0  # bytes of RSS before the session opened: the floor its weights come on top of
+    graph: str = "direct"  # how the session was opened: "cached", "built" or "direct" (graph_cache.Opened)
+    notes: tuple[str, ...] = ()  # what the run should be told about opening it (e.g. no graph cache)
 
     @property
     def provider(self) -> str:
@@ -55,11 +60,17 @@ def expected_inputs(spec: ModelSpec) -> dict[str, list]:
 
 
 def load_model(model: Union[str, Path, None] = None, threads: Optional[int] = None,
-               provider: str = DEFAULT_PROVIDER) -> OnnxModel:
+               provider: str = DEFAULT_PROVIDER, memory_budget: Union[None, int, str] = None) -> OnnxModel:
     """Open a patchgen ONNX file, or a shipped model by name (`faces64_2x2`; None: the default one).
 
+    The CPU provider opens the graph optimised once for this device from the graph cache, its weights
+    memory-mapped (graph_cache.py), building the cache entry on first use.
     threads: onnxruntime intra-op threads, 1 .. the CPUs this process may use (None: `default_threads()`).
     provider: an execution provider's short name (`session.available_providers()`), "cpu" by default.
+    memory_budget: the run's peak RSS budget (bytes, or a size such as "500M"), when it has one: a budget
+    the weights alone do not fit is refused before anything is opened (BudgetTooSmall), and a graph cache
+    build that would not fit it is skipped (opened without the cache, with a note). Without one, a build
+    must fit the memory this process can have.
     Anything wrong (missing, corrupt, foreign, mismatched, too many threads, provider not available) is a
     PatchgenError."""
     path = resolve_model(model)
@@ -69,13 +80,18 @@ def load_model(model: Union[str, Path, None] = None, threads: Optional[int] = No
         raise PatchgenError(f"threads must be between 1 and {cpus} (the CPUs this process may use), got {threads}")
     if not path.is_file():
         raise PatchgenError(f"model {path} is not a file; pass an .onnx file written by patchgen-export")
+    resident = current_rss()
+    weights = weights_bytes(path)
+    build_limit = (available_memory(resident)[0] if memory_budget is None
+                   else checked_budget(memory_budget, weights, resident)[0])
     try:
-        session = open_session(str(path), threads, provider)
+        opened = open_model_session(path, threads, provider, build_limit)
     except PatchgenError:
         raise
     except Exception as e:  # onnxruntime raises its own types for bad protobufs and graphs
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise PatchgenError(f"{path} is not a readable ONNX model (corrupt or truncated?): {first[:160]}") from None
+    session = opened.session
     meta = dict(session.get_modelmeta().custom_metadata_map)
     spec = spec_from_metadata(meta, source=str(path))
     have = {i.name: list(i.shape[1:]) for i in session.get_inputs()}
@@ -83,8 +99,5 @@ def load_model(model: Union[str, Path, None] = None, threads: Optional[int] = No
     if have != want or [o.name for o in session.get_outputs()] != ["eps"]:
         raise PatchgenError(f"{path}: graph inputs {have} do not match its metadata (expected {want} and output "
                             f"eps); re-export it with patchgen-export")
-    try:
-        sha256 = model_sha256(path)
-    except (OSError, ValueError) as e:
-        raise PatchgenError(f"{path}: cannot read it or its external data: {e}") from None
-    return OnnxModel(path, session, spec, meta, sha256, tuple(want))
+    return OnnxModel(path, session, spec, meta, opened.sha256, tuple(want), weights, resident, opened.graph,
+                     opened.notes)

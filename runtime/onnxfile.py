@@ -86,10 +86,14 @@ def external_data_files(path) -> list[str]:
         if path.stat().st_size == 0:
             raise ValueError(f"{path} is empty")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            try:
-                _locations(memoryview(m), "model", 0, len(m), out)
-            except _Corrupt as e:
-                raise ValueError(f"{path} is not a valid ONNX protobuf: {e}") from None
+            error = None
+            with memoryview(m) as view:  # released before the map closes, also when parsing fails
+                try:
+                    _locations(view, "model", 0, len(m), out)
+                except _Corrupt as e:
+                    error = str(e)
+            if error is not None:
+                raise ValueError(f"{path} is not a valid ONNX protobuf: {error}")
     return sorted(out)
 
 

@@ -7,8 +7,15 @@ memory planner's fitted line would then over-charge (it sees each probe's leftov
 buy smaller patch batches. The price is time: every call maps fresh pages for its activations and
 returns them after. glibc keeps freed blocks in per-thread arenas and on a heap it rarely trims: one
 malloc arena and mmap-backed blocks from 64 KiB up make freed activations go back to the kernel, so the
-peak is linear in the patch batch. Prepacking, initializers through the device allocator and weights as
-external data were measured too and left at onnxruntime's defaults.
+peak is linear in the patch batch. Prepacking and initializers through the device allocator were measured
+too and left at onnxruntime's defaults.
+
+Graph optimisation. onnxruntime's default level (ORT_ENABLE_ALL) includes an x86 layout pass (NCHWc) that
+holds a reordered copy of every Conv weight beside the original while the session opens: the peak is then
+about twice the weights. `graph_cache.py` therefore optimises a model once per device into a cached graph
+with its weights as page-aligned external data, and opens that with optimisation off ("none"), so that the
+weights are memory-mapped, held once. "extended" is the level without the layout pass, for a model opened
+without the cache.
 
 Execution providers go by short names, onnxruntime's own without "ExecutionProvider", lower-cased: cpu,
 cuda, tensorrt, openvino, xnnpack ... Which ones exist depends on the installed onnxruntime build
@@ -22,6 +29,8 @@ import ctypes.util
 import functools
 import os
 import warnings
+from pathlib import Path
+from typing import Optional
 
 import onnxruntime as ort
 
@@ -32,6 +41,10 @@ DEFAULT_PROVIDER = "cpu"
 NOT_COMPUTE = ("azure",)  # listed as available in the standard builds, but it calls remote endpoints
 M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # mallopt parameters, <malloc.h>
 MMAP_THRESHOLD = 64 * 1024
+EXTERNAL_MIN_BYTES = 1024  # initializers from this size up go to an optimised graph's external data
+OPTIMIZATION = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
 
 
 @functools.lru_cache(maxsize=1)
@@ -47,8 +60,10 @@ def tune_allocator() -> bool:
     return bool(mallopt(M_ARENA_MAX, 1)) and bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
-def session_options(threads: int = 1) -> ort.SessionOptions:
+def session_options(threads: int = 1, optimization: str = "all") -> ort.SessionOptions:
+    """patchgen's memory-first options; `optimization`: a key of OPTIMIZATION (graph optimisation level)."""
     so = ort.SessionOptions()
+    so.graph_optimization_level = OPTIMIZATION[optimization]
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -82,17 +97,30 @@ def provider_name(name: str) -> str:
     return known[key]
 
 
-def open_session(model, threads: int = 1, provider: str = DEFAULT_PROVIDER) -> ort.InferenceSession:
-    """`model`: a path or serialized ONNX bytes; `provider`: a short name from `available_providers()`.
+def open_session(path, threads: int = 1, provider: str = DEFAULT_PROVIDER, optimization: str = "all",
+                 save_optimized: Optional[Path] = None) -> ort.InferenceSession:
+    """Open the ONNX file at `path` (never bytes: onnxruntime would hold them beside the parsed weights).
 
-    Any other provider is backed by the CPU provider for the nodes it cannot run (onnxruntime's placement).
-    Raises PatchgenError when the provider is unavailable or did not start."""
+    provider: a short name from `available_providers()`; any other provider is backed by the CPU provider for
+    the nodes it cannot run (onnxruntime's placement). optimization: a key of OPTIMIZATION. save_optimized:
+    also write the optimised graph there, its initializers from 1 KiB up as external data in
+    `<name>.data` beside it at page-aligned offsets (onnxruntime's writer aligns them), which a later open
+    memory-maps. Raises PatchgenError when the provider is unavailable or did not start."""
+    if isinstance(path, (bytes, bytearray)):
+        raise TypeError("open_session takes a path; write the model to a file first")
     tune_allocator()
     chosen = provider_name(provider)
     providers = [chosen] + (["CPUExecutionProvider"] if chosen != "CPUExecutionProvider" else [])
+    options = session_options(threads, optimization)
+    if save_optimized is not None:
+        options.optimized_model_filepath = str(save_optimized)
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         Path(save_optimized).name + ".data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                         str(EXTERNAL_MIN_BYTES))
     with warnings.catch_warnings():  # a provider it cannot start is reported below, as an error
         warnings.simplefilter("ignore", UserWarning)
-        session = ort.InferenceSession(model, sess_options=session_options(threads), providers=providers)
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     if chosen not in session.get_providers():  # onnxruntime falls back to the CPU with only a log line
         raise PatchgenError(f"onnxruntime could not start the {short_name(chosen)} provider (missing driver or "
                             f"libraries?); the session runs only on {', '.join(map(short_name, session.get_providers()))}. "

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -11,10 +12,10 @@ from patchgen.models.data import DataSource, ImageSet
 
 @pytest.fixture(autouse=True, scope="session")
 def image_cache_in_tmp(tmp_path_factory):
-    """patchgen-train's image cache (default: ~/.cache/patchgen/images) goes to a temporary folder, for the
-    tests' own processes and the ones they start."""
+    """patchgen's caches (default: ~/.cache/patchgen: the training image cache and the sampler's graph
+    cache) go to a temporary folder, for the tests' own processes and the ones they start."""
     mp = pytest.MonkeyPatch()
-    mp.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("image-cache")))
+    mp.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("patchgen-cache")))
     yield
     mp.undo()
 
@@ -80,3 +81,24 @@ def sample_cli(*args, block_torch=False, timeout=300) -> subprocess.CompletedPro
         "runpy.run_module('patchgen.cli.sample', run_name='__main__')\n")
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
                           timeout=timeout)
+
+
+# patchgen-sample in a fresh process that reports the kernel's high-water mark as it exits (the CLI's own
+# "peak RSS" line is printed before PNGs are closed and the interpreter winds down).
+REPORTING_PEAK = """
+import atexit, runpy, sys
+def report():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            sys.stderr.write("\\nVmHWM " + line.split()[1] + " kB\\n")
+atexit.register(report)
+sys.argv = ["patchgen-sample", *sys.argv[1:]]
+runpy.run_module("patchgen.cli.sample", run_name="__main__")
+"""
+
+
+def sample_peak(*args, timeout=300) -> tuple[subprocess.CompletedProcess, int]:
+    """patchgen-sample in a fresh process: (the finished run, its peak RSS in bytes, VmHWM as it exits)."""
+    r = subprocess.run([sys.executable, "-c", REPORTING_PEAK, *map(str, args)], capture_output=True, text=True,
+                       timeout=timeout)
+    return r, int(re.search(r"VmHWM (\d+) kB", r.stderr).group(1)) * 1024

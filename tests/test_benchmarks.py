@@ -18,6 +18,8 @@ BENCH = Path(__file__).parent.parent / "benchmarks"
 TINY = {
     "budget_sweep.py": ["--image-size", "16", "--grid", "2", "--points", "2", "--steps", "1", "--repeats", "1"],
     "session_options.py": ["--image-size", "16", "--grid", "2", "--steps", "1", "--repeats", "1"],
+    "model_scale.py": ["--widths", "32", "--sizes", "16", "--grids", "1,2", "--int8", "2", "--rounds", "1", "--steps", "1",
+                       "--threads", "1", "--work", "work"],
     "memory_vs_grid.py": ["--sizes", "16", "--grids", "1,2", "--halos", "0,2", "--no-paper", "--steps", "1"],
     "vs_pytorch.py": ["--image-size", "16", "--grids", "2", "--steps", "1", "--repeats", "1"],
     "threads.py": ["--image-size", "16", "--grids", "2", "--steps", "1", "--repeats", "1", "--threads", "1"],

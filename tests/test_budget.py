@@ -17,7 +17,7 @@ from patchgen.runtime.generate import make_plan
 from patchgen.runtime.memory import MIB, calibrate, parse_size, plan_patch_batch
 from patchgen.runtime.spec import ModelSpec
 
-from conftest import tiny_config, write_checkpoint
+from conftest import sample_peak, tiny_config, write_checkpoint
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc")
 
@@ -89,7 +89,7 @@ def test_capped_budget_plans_one_patch_when_only_one_fits(monkeypatch):
     """A budget capped to what the process can have (here a cgroup limit of 300 MiB) is planned for: one patch
     per call, no two-patch probe run, and a refusal under the cap says both."""
     spec = ModelSpec(image_size=16, channels=3, grid=2, use_position=True, use_gcc=True)
-    model = types.SimpleNamespace(spec=spec)  # make_plan reads the spec; the probes below are simulated
+    model = types.SimpleNamespace(spec=spec, weights_bytes=0, resident_before=0)  # probes simulated below
     fake = FakeProcess(rss=70, hwm=72, per_patch=130)
     fake.install(monkeypatch)
     monkeypatch.setattr(generate, "probe", lambda model, request: (fake.warm_up, fake.call))
@@ -108,25 +108,9 @@ def test_capped_budget_plans_one_patch_when_only_one_fits(monkeypatch):
         make_plan(model, 4, memory_budget="4G")
 
 
-# patchgen-sample in a fresh process that reports the kernel's high-water mark as it exits (the CLI's own
-# "peak RSS" line is printed before PNGs are closed and the interpreter winds down).
-REPORTING_PEAK = """
-import atexit, runpy, sys
-def report():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            sys.stderr.write("\\nVmHWM " + line.split()[1] + " kB\\n")
-atexit.register(report)
-sys.argv = ["patchgen-sample", *sys.argv[1:]]
-runpy.run_module("patchgen.cli.sample", run_name="__main__")
-"""
-
-
 def sample(*args) -> tuple[subprocess.CompletedProcess, int]:
     """(the finished run, its peak RSS in bytes)."""
-    r = subprocess.run([sys.executable, "-c", REPORTING_PEAK, "--steps", "2", "--threads", "1", *map(str, args)],
-                       capture_output=True, text=True, timeout=300)
-    return r, int(re.search(r"VmHWM (\d+) kB", r.stderr).group(1)) * 1024
+    return sample_peak("--steps", "2", "--threads", "1", *args)
 
 
 @pytest.fixture(scope="module")
@@ -153,11 +137,21 @@ def test_budget_holds_from_the_minimum_up(kind, request, tmp_path):
     fixture = {"activations dominate": "activation_model", "halo windows": "halo_model"}.get(kind)
     model = ["--model", request.getfixturevalue(fixture)] if fixture else []
     images = 4 if kind == "loading dominates" else 2
+    # Below the weights: refused before the model opens, with the weights' size and a lower bound.
     r, _ = sample(*model, "-n", images, "--memory-budget", "1M", "--out", tmp_path / "refused",
                   "--grid-image", tmp_path / "refused.png")
     message = r.stderr.replace(re.search(r"\nVmHWM.*", r.stderr).group(0), "").strip()
-    found = re.fullmatch(r"Error: memory budget 1\.0M is below this model's minimum of (\d+\.\d)M \(one patch per "
-                         r"call\); pass --memory-budget (\d+)M or more", message)
+    found = re.fullmatch(r"Error: memory budget 1\.0M is below this model's minimum of (\d+\.\d)M at least: "
+                         r"[\d.]+[KM] of weights on top of the [\d.]+M this process holds, before any activations; "
+                         r"pass --memory-budget (\d+)M or more", message)
+    assert r.returncode == 2 and found, r.stderr
+    assert not (tmp_path / "refused").exists() and not (tmp_path / "refused.png").exists()
+    # At that bound: measured, and refused with the run's real minimum (one patch per call).
+    r, _ = sample(*model, "-n", images, "--memory-budget", f"{found.group(2)}M", "--out", tmp_path / "refused",
+                  "--grid-image", tmp_path / "refused.png")
+    message = r.stderr.replace(re.search(r"\nVmHWM.*", r.stderr).group(0), "").strip()
+    found = re.search(r"Error: memory budget [\d.]+M is below this model's minimum of (\d+\.\d)M \(one patch per "
+                      r"call\); pass --memory-budget (\d+)M or more$", message)
     assert r.returncode == 2 and found, r.stderr
     assert not (tmp_path / "refused").exists() and not (tmp_path / "refused.png").exists()
     minimum = float(found.group(1))

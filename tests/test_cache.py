@@ -130,7 +130,7 @@ def test_unusable_cache_folder_is_one_clear_error(tmp_path):
 
 def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "mine"))
-    assert default_cache_dir() == tmp_path / "mine"
+    assert default_cache_dir() == tmp_path / "mine" / "images"
     monkeypatch.delenv(CACHE_ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_dir() == tmp_path / "xdg" / "patchgen" / "images"

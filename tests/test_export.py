@@ -75,7 +75,7 @@ def test_contract_batch_parity_and_metadata(exported, name):
     assert [d.dim_param or d.dim_value for d in out] == ["batch", c, p, p]
 
     net = model_from_checkpoint(load_checkpoint(ckpt))
-    assert max_parity_error(net, path.read_bytes(), batches=(1, 2, 3, 4, 5), seed=1) <= PARITY_TOLERANCE
+    assert max_parity_error(net, path, batches=(1, 2, 3, 4, 5), seed=1) <= PARITY_TOLERANCE
 
     m = meta(path)
     assert spec_from_metadata(m) == config.spec
@@ -151,8 +151,8 @@ def test_parity_timesteps_are_fixed_and_span_the_schedule(num_timesteps):
 def test_x0_model_passes_a_deterministic_check_that_includes_t0(exported):
     config, ckpt, path = exported("g2-x0")  # export_onnx ran the check: it passed
     net = model_from_checkpoint(load_checkpoint(ckpt))
-    error = max_parity_error(net, path.read_bytes())
-    assert error <= PARITY_TOLERANCE and error == max_parity_error(net, path.read_bytes())
+    error = max_parity_error(net, path)
+    assert error <= PARITY_TOLERANCE and error == max_parity_error(net, path)
     # At t = 0 the eps difference is the x0 one times ~156; in x0 units it is within the limit.
     feeds = example_inputs(net, 3, np.random.default_rng(0), t=np.zeros(3, np.int64))
     with torch.no_grad():
@@ -278,5 +278,73 @@ def test_parity_check_runs_every_patch_position(exported, monkeypatch):
         seen.extend(np.argmax(feeds["pos"], axis=1).tolist())
         return feeds
     monkeypatch.setattr(onnx_export, "example_inputs", recording)
-    assert max_parity_error(model_from_checkpoint(load_checkpoint(ckpt)), path.read_bytes()) <= PARITY_TOLERANCE
+    assert max_parity_error(model_from_checkpoint(load_checkpoint(ckpt)), path) <= PARITY_TOLERANCE
     assert set(seen) == set(range(config.grid**2))
+
+
+@pytest.fixture
+def external_from_1_kib(monkeypatch):
+    """Make the tiny test models "large": every initializer of 1 KiB or more goes to external data."""
+    import patchgen.export.onnx_file as onnx_file
+
+    monkeypatch.setattr(onnx_file, "EXTERNAL_DATA_FROM", 1)
+    monkeypatch.setattr(onnx_file, "EXTERNAL_TENSOR_FROM", 1024)
+    return onnx_file
+
+
+def test_a_large_model_keeps_its_weights_as_aligned_external_data(exported, tmp_path, external_from_1_kib):
+    from patchgen.runtime.generate import generate
+    from patchgen.runtime.model import load_model
+    from patchgen.runtime.onnxfile import external_data_files
+
+    _, ckpt, single = exported("g2-pos-gcc")
+    report = export_onnx(ckpt, tmp_path / "m.onnx")
+    [data] = external_data_files(tmp_path / "m.onnx")
+    assert report.data_path == tmp_path / data and data.startswith("m.onnx.") and data.endswith(".data")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.onnx", data])
+    assert report.file_bytes == sum(p.stat().st_size for p in tmp_path.iterdir())
+    graph = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    offsets = [int({e.key: e.value for e in t.external_data}["offset"]) for t in graph.graph.initializer
+               if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(offsets) > 3 and all(o % external_from_1_kib.ALIGNMENT == 0 for o in offsets)
+    assert np.array_equal(generate(load_model(tmp_path / "m.onnx"), 2, steps=3), generate(load_model(single), 2, steps=3))
+
+
+def test_re_export_replaces_the_data_file_and_a_killed_exports_leftovers_go(tmp_path, external_from_1_kib):
+    first = write_checkpoint(tmp_path / "a.pt", tiny_config(), seed=1)
+    second = write_checkpoint(tmp_path / "b.pt", tiny_config(), seed=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    old = export_onnx(first, out / "m.onnx").data_path
+    (out / "m.onnx.0123456789ab.data").write_bytes(b"a killed export's data, never committed")
+    (out / ".m.onnx.p999999999.abc123.tmp").write_bytes(b"a killed export's graph")
+    with pytest.raises(PatchgenError, match="exists; pass --force"):
+        export_onnx(second, out / "m.onnx")
+    new = export_onnx(second, out / "m.onnx", force=True).data_path
+    assert new != old and sorted(p.name for p in out.iterdir()) == sorted(["m.onnx", new.name])
+
+
+def test_a_failed_check_leaves_no_external_data(tmp_path, external_from_1_kib, monkeypatch):
+    import patchgen.export.onnx_export as ex
+
+    ckpt = write_checkpoint(tmp_path / "c.pt", tiny_config())
+    monkeypatch.setattr(ex, "PARITY_TOLERANCE", -1.0)
+    with pytest.raises(PatchgenError, match="parity check failed"):
+        ex.export_onnx(ckpt, tmp_path / "m.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(exported, tmp_path, monkeypatch):
+    import errno
+
+    import patchgen.export.onnx_file as onnx_file
+
+    _, ckpt, _ = exported("g2-pos-gcc")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(onnx_file.os, "fsync", full)
+    with pytest.raises(PatchgenError, match=r"^cannot write the model in .*: No space left on device; free some space "
+                                            r"there or choose another output folder$"):
+        export_onnx(ckpt, tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []

@@ -83,8 +83,8 @@ def test_same_contract_and_metadata_parity_in_bounds(exports, folder, name, weig
     net = model_from_checkpoint(load_checkpoint(ckpt))
     images = calibration_images(DataSource(""), net.config.image_size, str(folder), 4, seed=9)
     feeds = list(realistic_feeds(net, images, parity_timesteps(net.config.schedule.num_timesteps), seed=9))
-    assert parity_rms(net, path.read_bytes(), feeds) <= PARITY_RMS_TOLERANCE[weights]
-    assert parity_rms(net, fp32_path.read_bytes(), feeds) <= 1e-5
+    assert parity_rms(net, path, feeds) <= PARITY_RMS_TOLERANCE[weights]
+    assert parity_rms(net, fp32_path, feeds) <= 1e-5
     # The runtime needs no special case: same loader, same sampler, images of the same shape.
     model = load_model(path)
     assert model.spec == load_model(fp32_path).spec
