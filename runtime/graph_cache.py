@@ -170,7 +170,7 @@ def _fsync(path: Path) -> None:
 def _build(path: Path, source: list, folder: Path, provider: str, threads: int) -> None:
     """Optimise `path` for this device into `folder` (replacing it), via a temporary folder renamed last."""
     parent = folder.parent
-    remove_stale_temporaries(parent, folder.name)  # a killed build's temporary folder
+    remove_stale_temporaries(parent, "*")  # killed builds' temporary folders, of any model
     tmp = Path(tempfile.mkdtemp(prefix=temporary_prefix(folder.name), suffix=".tmp", dir=parent))
     try:
         sha256 = model_sha256(path)
@@ -230,6 +230,9 @@ def _open_cached(path: Path, threads: int, provider: str, build_limit: Optional[
                            f"this run may use")
     try:
         cache.mkdir(parents=True, exist_ok=True)
+        free, need = shutil.disk_usage(cache).free, 1.1 * weights_bytes(path) + 16 * 2**20  # the graph and its weights
+        if free < need:
+            raise _NoCache(f"{format_size(free)} free in {cache}, and the optimised graph needs about {format_size(need)}")
         with _locked(cache):
             record = _valid(folder, source)  # another process may have built it while this one waited
             if record is None or record == failed:
@@ -241,10 +244,13 @@ def _open_cached(path: Path, threads: int, provider: str, build_limit: Optional[
                 built = "built"
             else:
                 built = "cached"
-    except PatchgenError:
+    except (PatchgenError, _NoCache):
         raise
-    except Exception as e:
+    except OSError as e:
         raise _NoCache(f"cannot write the graph cache {cache}: {_why(e)}") from None
+    except Exception as e:  # onnxruntime's own error types, e.g. when writing the optimised graph fails
+        raise _NoCache(f"onnxruntime could not write the optimised graph in {cache} (a full disk?): "
+                       f"{_why(e).split(' : ')[-1]}") from None
     if record is None:
         raise _NoCache(f"the graph built in {folder} does not verify")
     try:

@@ -219,3 +219,13 @@ def test_a_weighty_models_peak_is_its_weights_once(cache, tmp_path):
     report = f"floor {floor / MIB:.1f}, weights {weights / MIB:.1f}, first {first_peak / MIB:.1f}, later {later_peak / MIB:.1f} MiB"
     assert later_peak <= floor + 1.2 * weights, report
     assert first_peak <= floor + BUILD_FACTOR["inline"] * weights, report
+
+
+def test_a_cache_disk_without_room_for_the_weights_is_not_written(cache, unet, monkeypatch):
+    import collections
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(graph_cache.shutil, "disk_usage", lambda path: usage(10 * MIB, 9 * MIB, MIB))
+    model = load_model(unet, threads=1)
+    assert model.graph == "direct" and "1.0M free in" in model.notes[0] and "needs about" in model.notes[0]
+    assert entries(cache) == []
