@@ -232,16 +232,17 @@ def export_onnx(checkpoint_path, output_path, *, ema: bool = True, simplify_grap
     onnx.checker.check_model(model)
     error = reduced = None
     prediction = config.prediction
-    with staged(model, output_path) as fp32:  # checked from a file, as the runtime opens it
-        if check:
-            error = max_parity_error(net, fp32.onnx)
-            if not error <= PARITY_TOLERANCE:  # also catches NaN
-                raise PatchgenError(f"parity check failed: max error in the model's own parametrisation "
-                                    f"({prediction}) = {error:.3g} > {PARITY_TOLERANCE:g}; "
-                                    f"no file written (--skip-check writes it anyway)")
-        if weights == "fp32":
-            fp32.commit()
-            final = fp32
+    if weights == "fp32" or check:
+        with staged(model, output_path) as fp32:  # checked from a file, as the runtime opens it
+            if check:
+                error = max_parity_error(net, fp32.onnx)
+                if not error <= PARITY_TOLERANCE:  # also catches NaN
+                    raise PatchgenError(f"parity check failed: max error in the model's own parametrisation "
+                                        f"({prediction}) = {error:.3g} > {PARITY_TOLERANCE:g}; "
+                                        f"no file written (--skip-check writes it anyway)")
+            if weights == "fp32":
+                fp32.commit()
+                final = fp32
     if weights != "fp32":
         if weights == "fp16":
             model = quantize.to_fp16(model)

@@ -18,7 +18,6 @@ import functools
 import hashlib
 import json
 import multiprocessing
-import os
 import shutil
 import signal
 from dataclasses import dataclass

@@ -15,7 +15,7 @@ import patchgen.runtime.graph_cache as graph_cache
 from patchgen.export.onnx_export import export_onnx
 from patchgen.runtime.files import CACHE_ENV
 from patchgen.runtime.generate import generate
-from patchgen.runtime.graph_cache import BUILD_FACTOR, ENTRY, GRAPH, graph_cache_dir
+from patchgen.runtime.graph_cache import BUILD_FACTOR, ENTRY, GRAPH
 from patchgen.runtime.memory import MIB
 from patchgen.runtime.model import load_model
 from patchgen.runtime.onnxfile import model_sha256
