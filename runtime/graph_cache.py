@@ -213,6 +213,7 @@ def _open_cached(path: Path, threads: int, provider: str, build_limit: Optional[
     except (OSError, RuntimeError) as e:  # no home folder to put it in
         raise _NoCache(f"no cache folder: {_why(e)}; set ${CACHE_ENV}") from None
     folder = cache / _key(path, provider)
+    weights = sum(size for _, _, size, _, _ in source)
     notes = []
     failed = _valid(folder, source)
     if failed is not None:
@@ -225,13 +226,13 @@ def _open_cached(path: Path, threads: int, provider: str, build_limit: Optional[
             pass
     if build_limit is not None:
         kind = "external" if len(source) > 1 else "inline"
-        need = current_rss() + BUILD_FACTOR[kind] * weights_bytes(path)
+        need = current_rss() + BUILD_FACTOR[kind] * weights
         if need > build_limit:
             raise _NoCache(f"building it would peak near {format_size(need)}, above the {format_size(build_limit)} "
                            f"this run may use")
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        free, need = shutil.disk_usage(cache).free, 1.1 * weights_bytes(path) + 16 * 2**20  # the graph and its weights
+        free, need = shutil.disk_usage(cache).free, 1.1 * weights + 16 * 2**20  # the graph and its weights
         if free < need:
             raise _NoCache(f"{format_size(free)} free in {cache}, and the optimised graph needs about {format_size(need)}")
         with _locked(cache):
