@@ -71,10 +71,9 @@ def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_
          grid_image):
     """Generate images with a patch-based diffusion model: the U-Net denoises one patch per call,
     so peak memory follows the patch batch, not the image size."""
-    from patchgen.runtime.files import check_writable_folder, remove_stale_temporaries
-    from patchgen.runtime.generate import iter_samples, make_plan, png_text
-    from patchgen.runtime.images import grid_memory, new_grid, paste_into_grid, save_png
-    from patchgen.runtime.memory import format_size, peak_rss
+    from patchgen.runtime.files import check_writable_folder, made_folder, remove_if_empty
+    from patchgen.runtime.generate import make_plan
+    from patchgen.runtime.images import grid_memory
     from patchgen.runtime.model import load_model
 
     # Everything is checked, and memory planned, before the first folder or file is created.
@@ -82,16 +81,40 @@ def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_
     if grid_image is not None:
         check_writable_folder(grid_image.parent)
     model = load_model(model_path, threads, provider, memory_budget)
+    if grid_image is not None and _is_input(grid_image, model.path):
+        raise CliError(f"--grid-image {grid_image} is the model file (or its weights); choose another path")
     c, h, w = model.spec.image_shape
     plan = make_plan(model, num_images, seed, sampler, steps, eta, memory_budget=memory_budget,
                      patch_batch=patch_batch, held_bytes=grid_memory(num_images, h, w, c) if grid_image else 0)
     for note in model.notes + plan.notes:
         click.echo(f"note: {note}", err=True)
+    out_dir, made = made_folder(out_dir)
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CliError(f"cannot create output folder {out_dir}: {e.strerror}; choose another --out") from None
-    check_writable_folder(out_dir)
+        check_writable_folder(out_dir)
+        _sample(model, plan, seed, num_images, out_dir, grid_image)
+    except BaseException:
+        remove_if_empty(made)  # a run that wrote no image leaves no folder behind
+        raise
+
+
+def _is_input(path: Path, model_path: Path) -> bool:
+    """Whether writing `path` would replace the model file or one of its external-data files."""
+    from patchgen.runtime.onnxfile import external_data_files
+
+    try:
+        inputs = [model_path, *(model_path.parent / name for name in external_data_files(model_path))]
+    except (OSError, ValueError):
+        inputs = [model_path]
+    return path.exists() and any(p.exists() and path.samefile(p) for p in inputs)
+
+
+def _sample(model, plan, seed, num_images, out_dir, grid_image):
+    """Sample the plan's images into out_dir (and the grid), with a progress bar and a closing report."""
+    from patchgen.runtime.files import remove_stale_temporaries
+    from patchgen.runtime.generate import iter_samples, png_text
+    from patchgen.runtime.images import new_grid, paste_into_grid, save_png
+    from patchgen.runtime.memory import format_size, peak_rss
+
     remove_stale_temporaries(out_dir, "seed*_*.png")  # left by a killed run
     if grid_image is not None:
         remove_stale_temporaries(grid_image.parent, grid_image.name)
@@ -106,6 +129,7 @@ def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_
     if model.metadata.get("patchgen.data.attribution"):
         click.echo(f"model trained on: {model.metadata['patchgen.data.attribution']}", err=True)
 
+    c, h, w = spec.image_shape
     runs = -(-num_images // plan.images_per_run)
     grid = new_grid(num_images, h, w, c) if grid_image is not None else None  # filled as images arrive
     t0 = time.perf_counter()

@@ -11,10 +11,11 @@ import click
 from click.core import ParameterSource
 
 from patchgen.models.cache import CACHE_ENV  # plain constants: no torch import
-from patchgen.models.config import LOSS_WEIGHTINGS, LOSSES, ModelConfig, TrainConfig
+from patchgen.models.config import (LOSS_WEIGHTINGS, LOSSES, MAX_BASE_WIDTH, MAX_BATCH_SIZE, MAX_LR, MAX_RES_BLOCKS,
+                                    ModelConfig, TrainConfig)
 from patchgen.runtime.limits import available_cpus
-from patchgen.runtime.schedule import SCHEDULE_KINDS, min_timesteps
-from patchgen.runtime.spec import GCC_SOURCES, PREDICTIONS
+from patchgen.runtime.schedule import MAX_TIMESTEPS, SCHEDULE_KINDS, min_timesteps
+from patchgen.runtime.spec import GCC_SOURCES, MAX_IMAGE_SIZE, PREDICTIONS
 
 from .common import CliError, Command, user_errors
 
@@ -51,21 +52,24 @@ def _csv_ints(_ctx, _param, value):
 @click.option("--data", default="emoji", show_default=True, help="'emoji' (Twemoji 72x72, CC-BY 4.0, no download), 'emoji-faces' (its smileys), "
               "'noto-emoji' or 'noto-emoji-faces' (Noto Color Emoji, native 128x128; apt-get install fonts-noto-color-emoji), "
               "or a folder of images (searched recursively; every type Pillow opens: png, jpg, gif, webp, tiff, bmp, ...).")
-@click.option("--image-size", type=click.IntRange(min=4), default=64, show_default=True, help="Image side in pixels.")
+@click.option("--image-size", type=click.IntRange(4, MAX_IMAGE_SIZE), default=64, show_default=True, help="Image side in pixels.")
 @click.option("--grid", type=click.IntRange(min=1), default=2, show_default=True, help="G: patches per side (1 = full-image DDPM).")
 @click.option("--no-gcc", is_flag=True, help="Ablation: no Global Content Conditioning.")
 @click.option("--no-position", is_flag=True, help="Ablation: no position conditioning.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=10000, show_default=True, help="Train until this many steps.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+@click.option("--batch-size", type=click.IntRange(1, MAX_BATCH_SIZE), default=16, show_default=True,
               help="Images per step, over all ranks: under torchrun each of N ranks computes batch/N of them (a "
                    "multiple of N).")
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder: checkpoint.pt, previews, train_log.csv.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint (its configs and data are reused).")
-@click.option("--base-width", type=click.IntRange(min=8), default=32, show_default=True, help="U-Net channels at the first level (multiple of 8).")
+@click.option("--accept-changed-data", is_flag=True,
+              help="With --resume: train on from the data as it is now, though images were added, removed or "
+                   "rewritten since the run started (without it, such a resume is refused).")
+@click.option("--base-width", type=click.IntRange(8, MAX_BASE_WIDTH), default=32, show_default=True, help="U-Net channels at the first level (multiple of 8).")
 @click.option("--channel-mults", default="1,2,2", show_default=True, callback=_csv_ints, help="Width multiplier per U-Net level.")
-@click.option("--num-res-blocks", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--num-res-blocks", type=click.IntRange(1, MAX_RES_BLOCKS), default=2, show_default=True)
 @click.option("--attention-resolutions", default="8", show_default=True, callback=_csv_ints, help="Feature-map sizes with self-attention.")
-@click.option("--dropout", type=click.FloatRange(0, 1), default=0.0, show_default=True)
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
 @click.option("--prediction", type=click.Choice(PREDICTIONS), default="eps", show_default=True, help="Network target (the ONNX graph always outputs eps).")
 @click.option("--gcc-source", type=click.Choice(GCC_SOURCES), default="xt", show_default=True, help="Pool x_t (paper) or the previous x0 estimate (self-conditioning).")
 @click.option("--global-context", type=click.IntRange(min=0), default=0, show_default=True, help="Cells per side of a global context vector from GCC (0 = off).")
@@ -75,13 +79,13 @@ def _csv_ints(_ctx, _param, value):
 @click.option("--edge-mask", is_flag=True, help="One more input channel marking the image against the padding "
               "beyond its edge; needs --halo and position conditioning.")
 @click.option("--schedule", type=click.Choice(SCHEDULE_KINDS), default="cosine", show_default=True)
-@click.option("--timesteps", type=click.IntRange(min=2), default=1000, show_default=True,
+@click.option("--timesteps", type=click.IntRange(2, MAX_TIMESTEPS), default=1000, show_default=True,
               help=f"T. Sampling starts from pure noise, which needs T >= {min_timesteps('cosine')} (cosine) or "
                    f">= {min_timesteps('linear')} (linear).")
 @click.option("--loss", type=click.Choice(LOSSES), default="l1", show_default=True)
 @click.option("--loss-weighting", type=click.Choice(LOSS_WEIGHTINGS), default="none", show_default=True)
 @click.option("--patches-per-image", type=click.IntRange(min=0), default=0, show_default=True, help="Random patches per image per step (0 = all).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-4, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, MAX_LR, min_open=True), default=2e-4, show_default=True)
 @click.option("--warmup-steps", type=click.IntRange(min=0), default=200, show_default=True)
 @click.option("--ema-decay", type=click.FloatRange(0, 1), default=0.999, show_default=True)
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
@@ -102,16 +106,18 @@ def _csv_ints(_ctx, _param, value):
               help="torch CPU threads, at most the CPUs this process may use [default: torch's choice].")
 @click.option("--bf16", is_flag=True, help="Mixed precision (bfloat16 autocast): faster on CPUs with AVX512-BF16/AMX and on GPUs.")
 @user_errors
-def main(data, image_size, grid, no_gcc, no_position, max_steps, batch_size, out, resume, base_width,
-         channel_mults, num_res_blocks, attention_resolutions, dropout, prediction, gcc_source, global_context,
+def main(data, image_size, grid, no_gcc, no_position, max_steps, batch_size, out, resume, accept_changed_data,
+         base_width, channel_mults, num_res_blocks, attention_resolutions, dropout, prediction, gcc_source, global_context,
          halo, edge_mask, schedule, timesteps, loss, loss_weighting, patches_per_image, lr, warmup_steps, ema_decay, seed,
          no_skin_tones, holdout, checkpoint_every, preview_every, device, cache_dir, no_cache, decode_workers, threads,
          bf16):
     """Train a patch-based diffusion U-Net (Arakawa et al. 2023) and write checkpoints to --out."""
     from patchgen.models import distributed
-    from patchgen.models.train import check_run_folder
+    from patchgen.models.train import check_run_folder, run_folder
 
     check_run_folder(out, resume)  # before any data is loaded
+    if accept_changed_data and not resume:
+        raise CliError("--accept-changed-data applies to --resume only")
     given = [name for name in NEW_RUN_OPTIONS
              if click.get_current_context().get_parameter_source(name) is not ParameterSource.DEFAULT]
     if resume and given:
@@ -137,10 +143,17 @@ def main(data, image_size, grid, no_gcc, no_position, max_steps, batch_size, out
     else:
         distributed.check_device(device)
     try:
-        if new_run is not None:
-            world.part(batch_size)  # before any image is decoded
-        _train(world, out, resume, max_steps, new_run, _decoding(world, cache_dir, no_cache, decode_workers),
-               checkpoint_every=checkpoint_every, preview_every=preview_every, device=device, bf16=bf16)
+        with run_folder(out, resume):  # created, claimed and checked writable before any image is decoded
+            if new_run is not None:
+                world.part(batch_size)
+            _train(world, out, resume, max_steps, new_run, _decoding(world, cache_dir, no_cache, decode_workers),
+                   checkpoint_every=checkpoint_every, preview_every=preview_every, device=device, bf16=bf16,
+                   accept_changed_data=accept_changed_data)
+    except RuntimeError as e:
+        if not distributed.peer_gone(e):
+            raise
+        raise CliError(f"rank {world.rank} stopped: another rank of this run ended first (its message says "
+                       "why)") from None
     finally:
         distributed.shutdown()
 

@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import logging
+import signal
 import warnings
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -19,7 +20,8 @@ from patchgen.models.checkpoint import load_checkpoint, model_from_checkpoint
 from patchgen.models.diffusion import EpsDenoiser
 from patchgen.models.unet import PatchUNet
 from patchgen.runtime.errors import PatchgenError
-from patchgen.runtime.files import check_writable_folder, temporary_prefix
+from patchgen.runtime.files import (as_utf8, check_free_space, check_writable_folder, claim, remove_stale_temporaries,
+                                    temporary_prefix)
 from patchgen.runtime.metadata import spec_to_metadata
 from patchgen.runtime.schedule import Schedule, alphas_cumprod
 from patchgen.runtime.session import open_session
@@ -51,6 +53,28 @@ def example_inputs(net: PatchUNet, batch: int, rng: np.random.Generator, t: Opti
     return example_feeds(net.config.spec, np.asarray(t).reshape(batch), rng, first_position)
 
 
+@contextlib.contextmanager
+def _signals_held():
+    """Ctrl-C and SIGTERM wait until the block ends, then act as usual: torch's exporter catches a
+    KeyboardInterrupt raised inside it (even mid-import) and reports it as its own failure, a page long."""
+    held, previous = [], {}
+
+    def hold(signum, frame):
+        held.append(signum)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, hold)
+        except ValueError:  # not the main thread: signals stay with the caller
+            pass
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if held:
+            signal.raise_signal(held[0])
+
+
 def to_onnx(net: PatchUNet) -> onnx.ModelProto:
     """Export with the torch.export-based exporter (dynamo=True): the maintained path in torch 2.x, where
     the TorchScript exporter is deprecated; it needs no tracing of Python control flow and names the
@@ -62,7 +86,7 @@ def to_onnx(net: PatchUNet) -> onnx.ModelProto:
     x, t = feeds.pop("x"), feeds.pop("t")
     onnx_logger = logging.getLogger("torch.onnx")
     level = onnx_logger.level
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with _signals_held(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         onnx_logger.setLevel(logging.ERROR)  # e.g. "torchvision is not installed": noise for this model
         try:
@@ -144,8 +168,8 @@ def max_parity_error(net: PatchUNet, model_path, batches=(1, 3), seed: int = 0) 
 
 
 def _text(value) -> str:
-    """A metadata value: "" for one the data source does not have (None)."""
-    return "" if value is None else str(value)
+    """A metadata value, valid UTF-8 (`as_utf8`): "" for one the data source does not have (None)."""
+    return "" if value is None else as_utf8(str(value))
 
 
 def metadata(ckpt: dict, ema: bool, weights: str = "fp32") -> dict[str, str]:
@@ -191,7 +215,16 @@ def describe(values) -> list:
             for v in values]
 
 
-def check_output_path(path: Path, force: bool) -> None:
+# Scratch space an export needs beside its output, in multiples of the fp32 weights: the staged file, or
+# int8's scratch (the fp32, pre-processed, calibration-augmented and quantized graphs) and its staged file.
+SCRATCH_FACTOR = {"fp32": 1, "fp16": 2, "int8": 5}
+
+
+def check_output_path(path: Path, force: bool, checkpoint=None) -> None:
+    """Refuse, before any work, an output that exists (without force), that is the input checkpoint
+    itself (even with force), or whose folder cannot be written."""
+    if checkpoint is not None and path.exists() and Path(checkpoint).exists() and path.samefile(checkpoint):
+        raise PatchgenError(f"{path} is the checkpoint being exported; choose another -o")
     if path.exists() and not force:
         raise PatchgenError(f"{path} exists; pass --force to overwrite it")
     check_writable_folder(path.parent)
@@ -216,56 +249,65 @@ def export_onnx(checkpoint_path, output_path, *, ema: bool = True, simplify_grap
         raise PatchgenError(f"int8 activations must be one of {', '.join(quantize.INT8_ACTIVATIONS)}, "
                             f"got {int8_activations!r}")
     output_path = Path(output_path)
-    check_output_path(output_path, force)
-    ckpt = load_checkpoint(checkpoint_path)
-    net = model_from_checkpoint(ckpt, ema=ema)
-    config = net.config
-    if weights != "fp32":  # the images are loaded first: a data set that cannot be found fails before any work
-        def images(seed: int, count: int) -> np.ndarray:
-            return quantize.calibration_images(ckpt["data"], config.image_size, calibration_data, count, seed)
-        calibration = images(0, quantize.CALIBRATION_IMAGES) if weights == "int8" else None
-        parity_images = images(1, quantize.PARITY_IMAGES) if check else None
-    model = to_onnx(net)
-    if simplify_graph:
-        model = simplify(model)
-    onnx.helper.set_model_props(model, metadata(ckpt, ema))
-    onnx.checker.check_model(model)
-    error = reduced = None
-    prediction = config.prediction
-    if weights == "fp32" or check:
-        with staged(model, output_path) as fp32:  # checked from a file, as the runtime opens it
-            if check:
-                error = max_parity_error(net, fp32.onnx)
-                if not error <= PARITY_TOLERANCE:  # also catches NaN
-                    raise PatchgenError(f"parity check failed: max error in the model's own parametrisation "
-                                        f"({prediction}) = {error:.3g} > {PARITY_TOLERANCE:g}; "
-                                        f"no file written (--skip-check writes it anyway)")
-            if weights == "fp32":
-                fp32.commit()
-                final = fp32
-    if weights != "fp32":
-        if weights == "fp16":
-            model = quantize.to_fp16(model)
-        else:
-            feeds = list(quantize.realistic_feeds(
-                net, calibration, quantize.spread_timesteps(config.schedule.num_timesteps,
-                                                            quantize.CALIBRATION_TIMESTEPS), seed=0))
-            # in the output folder (not $TMPDIR), named as a temporary that the next export removes if killed
-            model = quantize.to_int8(model, feeds, int8_activations, work_dir=output_path.parent,
-                                     prefix=temporary_prefix(output_path.name))
-        onnx.helper.set_model_props(model, metadata(ckpt, ema, weights))
+    check_output_path(output_path, force, checkpoint_path)
+    folder = output_path.parent
+    with claim(folder / f".{output_path.name}.lock", f"{output_path}",
+               "another export is writing it: wait for it to end, or choose another -o"):
+        check_output_path(output_path, force, checkpoint_path)  # again, under the claim
+        for pattern in (output_path.name, output_path.name + ".data"):  # a killed export's, int8 scratch included
+            remove_stale_temporaries(folder, pattern)
+        ckpt = load_checkpoint(checkpoint_path)
+        net = model_from_checkpoint(ckpt, ema=ema)
+        config = net.config
+        fp32_bytes = sum(p.numel() * 4 for p in net.parameters())
+        check_free_space(folder, SCRATCH_FACTOR[weights] * fp32_bytes + 16 * 2**20, f"a {weights} export of this "
+                         f"model", "choose another -o")
+        if weights != "fp32":  # the images are loaded first: a data set that cannot be found fails before any work
+            def images(seed: int, count: int) -> np.ndarray:
+                return quantize.calibration_images(ckpt["data"], config.image_size, calibration_data, count, seed)
+            calibration = images(0, quantize.CALIBRATION_IMAGES) if weights == "int8" else None
+            parity_images = images(1, quantize.PARITY_IMAGES) if check else None
+        model = to_onnx(net)
+        if simplify_graph:
+            model = simplify(model)
+        onnx.helper.set_model_props(model, metadata(ckpt, ema))
         onnx.checker.check_model(model)
-        with staged(model, output_path) as final:
-            if check:
-                held_out = list(quantize.realistic_feeds(net, parity_images,
-                                                         parity_timesteps(config.schedule.num_timesteps), seed=1))
-                reduced = quantize.parity_rms(net, final.onnx, held_out)
-                limit = quantize.PARITY_RMS_TOLERANCE[weights]
-                if not reduced <= limit:
-                    raise PatchgenError(f"{weights} parity check failed: RMS error in the model's own "
-                                        f"parametrisation ({prediction}) = {reduced:.3g} > {limit:g}; no file "
-                                        f"written (--skip-check writes it anyway)")
-            final.commit()
-    return ExportReport(output_path, describe(model.graph.input), describe(model.graph.output),
-                        sum(p.numel() for p in net.parameters()), final.file_bytes, prediction, error, weights, reduced,
-                        final.data)
+        error = reduced = None
+        prediction = config.prediction
+        if weights == "fp32" or check:
+            with staged(model, output_path) as fp32:  # checked from a file, as the runtime opens it
+                if check:
+                    error = max_parity_error(net, fp32.onnx)
+                    if not error <= PARITY_TOLERANCE:  # also catches NaN
+                        raise PatchgenError(f"parity check failed: max error in the model's own parametrisation "
+                                            f"({prediction}) = {error:.3g} > {PARITY_TOLERANCE:g}; "
+                                            f"no file written (--skip-check writes it anyway)")
+                if weights == "fp32":
+                    fp32.commit()
+                    final = fp32
+        if weights != "fp32":
+            if weights == "fp16":
+                model = quantize.to_fp16(model)
+            else:
+                feeds = list(quantize.realistic_feeds(
+                    net, calibration, quantize.spread_timesteps(config.schedule.num_timesteps,
+                                                                quantize.CALIBRATION_TIMESTEPS), seed=0))
+                # in the output folder (not $TMPDIR), named as a temporary that the next export removes if killed
+                model = quantize.to_int8(model, feeds, int8_activations, work_dir=output_path.parent,
+                                         prefix=temporary_prefix(output_path.name))
+            onnx.helper.set_model_props(model, metadata(ckpt, ema, weights))
+            onnx.checker.check_model(model)
+            with staged(model, output_path) as final:
+                if check:
+                    held_out = list(quantize.realistic_feeds(net, parity_images,
+                                                             parity_timesteps(config.schedule.num_timesteps), seed=1))
+                    reduced = quantize.parity_rms(net, final.onnx, held_out)
+                    limit = quantize.PARITY_RMS_TOLERANCE[weights]
+                    if not reduced <= limit:
+                        raise PatchgenError(f"{weights} parity check failed: RMS error in the model's own "
+                                            f"parametrisation ({prediction}) = {reduced:.3g} > {limit:g}; no file "
+                                            f"written (--skip-check writes it anyway)")
+                final.commit()
+        return ExportReport(output_path, describe(model.graph.input), describe(model.graph.output),
+                            sum(p.numel() for p in net.parameters()), final.file_bytes, prediction, error, weights,
+                            reduced, final.data)

@@ -22,6 +22,7 @@ positions, exactly as in training (`patchgen.models.diffusion.gcc_input` and `pa
 """
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import warnings
 from pathlib import Path
@@ -142,6 +143,19 @@ class _Reader:
         return next(self._feeds, None)
 
 
+@contextlib.contextmanager
+def _temporaries_in(folder: str) -> Iterator[None]:
+    """Point `tempfile` (onnxruntime.quantization makes its own temporary folders with it) into `folder`
+    for the block, so that everything int8 writes is inside one temporary that the next export removes if
+    this one is killed (`files.remove_stale_temporaries`), never left in $TMPDIR."""
+    previous = tempfile.tempdir
+    tempfile.tempdir = folder
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous
+
+
 def to_int8(model: onnx.ModelProto, feeds: list[dict], activations: str = "uint8", work_dir: Optional[Path] = None,
             prefix: str = "patchgen-int8-") -> onnx.ModelProto:
     """Static QDQ int8 (per-channel int8 weights, MinMax) of the weight-carrying ops, calibrated on `feeds`;
@@ -152,7 +166,7 @@ def to_int8(model: onnx.ModelProto, feeds: list[dict], activations: str = "uint8
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    with tempfile.TemporaryDirectory(prefix=prefix, suffix=".tmp", dir=work_dir) as tmp:
+    with tempfile.TemporaryDirectory(prefix=prefix, suffix=".tmp", dir=work_dir) as tmp, _temporaries_in(tmp):
         plain, prepared, quantized = (Path(tmp) / n for n in ("fp32.onnx", "prepared.onnx", "int8.onnx"))
         onnx.save(model, str(plain))
         quant_pre_process(str(plain), str(prepared), skip_symbolic_shape=True)

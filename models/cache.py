@@ -10,16 +10,24 @@ The key hashes everything that decides the pixels: the sources' identity (for fi
 modification times; for a font: its file and glyphs), the image side, the decoder's FORMAT and Pillow's
 version. A changed folder gets a new entry; old entries stay until the folder is removed by hand.
 A missing, truncated or otherwise unreadable entry is rebuilt, with a note that says so.
+The sources' identity alone, hashed (`data_identity`), names the data set in checkpoints.
+
+Decoder processes end with the process that started them, however it ends (`_die_with_parent`).
 """
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import ctypes
 import functools
 import hashlib
 import json
 import multiprocessing
-import shutil
+import os
 import signal
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -28,12 +36,15 @@ import numpy as np
 import PIL
 
 from patchgen.runtime.errors import PatchgenError
-from patchgen.runtime.files import CACHE_ENV, atomic_output, cache_root, remove_stale_temporaries
+from patchgen.runtime.files import (CACHE_ENV, atomic_output, cache_root, check_free_space,
+                                    remove_stale_temporaries, write_error)
 
 ELSEWHERE = f"choose another cache folder (patchgen-train --cache-dir, or ${CACHE_ENV})"
-FORMAT = 1  # bump when decoding changes the pixels a source gives
+FORMAT = 2  # bump when decoding changes the pixels a source gives (2: JPEGs decoded at a reduced scale)
 CHUNK = 64  # sources per task sent to a worker process
 MIN_PARALLEL = 2 * CHUNK  # fewer sources are decoded in this process: starting workers would cost more
+PR_SET_PDEATHSIG = 1  # prctl(2) option (linux/prctl.h): the signal a process gets when its parent dies
+PARENT_POLL_S = 0.5  # how often a decoder process checks that its parent is alive, seconds
 
 
 def default_cache_dir() -> Path:
@@ -98,8 +109,20 @@ def decode_images(sources: Sequence, size: int, decode_one: Decoder, decoding: D
 
 
 def cache_key(identity: dict, size: int) -> str:
-    text = json.dumps({"format": FORMAT, "pillow": PIL.__version__, "size": size, **identity}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+    """The entry's name: 32 hex digits over the sources' identity and everything else that decides the pixels."""
+    return _digest({"format": FORMAT, "pillow": PIL.__version__, "size": size, **identity}, 32)
+
+
+def data_identity(identity: dict) -> str:
+    """16 hex digits naming a data set by a record of its sources (JSON-able, such as the dict `decode_images`
+    takes): equal for an equal record, whatever the image side, FORMAT or Pillow's version, so a resume after
+    a Pillow upgrade still recognises its data."""
+    return _digest(identity, 16)
+
+
+def _digest(record: dict, digits: int) -> str:
+    """The first `digits` hex digits of SHA-256 over `record` as JSON with sorted keys."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:digits]
 
 
 def read_entry(folder: Path, key: str, decoding: Decoding) -> Optional[tuple[np.ndarray, int]]:
@@ -132,14 +155,12 @@ def build_entry(folder: Path, key: str, sources: Sequence, size: int, decode_one
     for pattern in (f"{key}.npy", f"{key}.json"):
         remove_stale_temporaries(folder, pattern)
     shape = (len(sources), size, size, 3)
-    need, free = int(np.prod(shape)), shutil.disk_usage(folder).free
-    if need > free:
-        raise PatchgenError(f"the image cache needs {need / 2**30:.2f} GiB but {folder} has {free / 2**30:.2f} GiB "
-                            f"free; {ELSEWHERE}, on a larger disk")
+    need = int(np.prod(shape))
+    check_free_space(folder, need, "the image cache", f"{ELSEWHERE}, on a larger disk")
     decoding.say(f"decoding {len(sources)} images into the cache {folder / key}.npy")
     count = 0
     try:
-        with atomic_output(folder / f"{key}.npy") as f:
+        with atomic_output(folder / f"{key}.npy", elsewhere=ELSEWHERE) as f:
             np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
             start = f.tell()
             for image in _decoded(sources, size, decode_one, decoding):
@@ -149,11 +170,10 @@ def build_entry(folder: Path, key: str, sources: Sequence, size: int, decode_one
             f.truncate(start + need)  # the unused rows: zeros, a hole in the file on most file systems
         meta = {"format": FORMAT, "shape": list(shape), "count": count, "skipped": len(sources) - count,
                 "identity": {k: v for k, v in identity.items() if isinstance(v, (str, int, float))}}
-        with atomic_output(folder / f"{key}.json") as f:
+        with atomic_output(folder / f"{key}.json", elsewhere=ELSEWHERE) as f:
             f.write((json.dumps(meta, indent=1) + "\n").encode())
-    except OSError as e:  # a full disk, a folder gone: nothing half-written stays (atomic_output)
-        raise PatchgenError(f"cannot write the image cache in {folder}: {e.strerror or e}; free some space there "
-                            f"or {ELSEWHERE}") from None
+    except OSError as e:  # a folder gone, a write atomic_output did not word: nothing half-written stays
+        raise write_error(e, f"the image cache in {folder}", ELSEWHERE) from None
     return count
 
 
@@ -165,7 +185,7 @@ def _decoded(sources: Sequence, size: int, decode_one: Decoder, decoding: Decodi
         # spawn: the workers import only numpy and Pillow, never inherit a parent's threads (torch's)
         context = multiprocessing.get_context("spawn")
         pool = concurrent.futures.ProcessPoolExecutor(decoding.workers, mp_context=context,
-                                                      initializer=_ignore_interrupts)
+                                                      initializer=_start_decoder, initargs=(os.getpid(),))
         try:
             yield from _counted(pool.map(decode, sources, chunksize=CHUNK), total, decoding)
         except concurrent.futures.process.BrokenProcessPool:
@@ -177,9 +197,34 @@ def _decoded(sources: Sequence, size: int, decode_one: Decoder, decoding: Decodi
         yield from _counted(map(decode, sources), total, decoding)
 
 
-def _ignore_interrupts() -> None:
-    """In a decoder process: Ctrl-C is the parent's to handle (it stops the pool), not a traceback per worker."""
+def _start_decoder(parent: int) -> None:
+    """A decoder process's initializer. Ctrl-C is the parent's to handle (it stops the pool), not a traceback
+    per worker; and the process ends with its parent (pid `parent`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(parent)
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this process when its parent (pid `parent`) dies, even by SIGKILL, which runs no cleanup. Else it
+    is orphaned for good: it blocks reading the task queue, whose write end it holds itself.
+
+    On Linux the kernel sends SIGKILL at once (PR_SET_PDEATHSIG; strictly, when the thread that started this
+    process exits: `_decoded` starts, uses and shuts down its pool in one call). A daemon thread that notices
+    the reparenting covers other systems and a refused prctl."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # no libc or no prctl: the thread below still watches
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before prctl took effect: no signal will come
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent,), name="patchgen-watch-parent", daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    """Exit this process, with no cleanup to run, once it is no longer `parent`'s child (reparented: the parent
+    is gone); checked every PARENT_POLL_S seconds."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os._exit(1)
 
 
 def _counted(images, total: int, decoding: Decoding):

@@ -4,11 +4,58 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from patchgen.runtime.checks import Problems, is_int, shown
 from patchgen.runtime.schedule import Schedule
-from patchgen.runtime.spec import GCC_SOURCES, PREDICTIONS, ModelSpec
+from patchgen.runtime.spec import MAX_IMAGE_SIZE, ModelSpec, spec_problems
 
 LOSSES = ("l1", "l2")
 LOSS_WEIGHTINGS = ("none", "min_snr")
+
+# Bounds of the fields a checkpoint carries (checkpoints are files anyone can edit): generous for real models,
+# small enough that no config can ask for absurd memory before its weights are compared with the file's.
+# The paper's U-Nets are 128 wide with 4 levels of multipliers up to 4 and 2-3 ResNet blocks per level.
+MAX_BASE_WIDTH = 2048  # channels at the first level; a multiple of 8 (GroupNorm)
+MAX_CHANNEL_MULT = 16  # width multiplier of one level
+MAX_LEVELS = 8  # U-Net levels (len(channel_mults)); each halves the patch, so 8 levels need patches of 128+
+MAX_RES_BLOCKS = 16  # ResNet blocks per level
+MAX_BATCH_SIZE = 65536  # images per step, over all ranks
+MAX_LR = 1.0  # AdamW diverges far below this; it only catches a corrupt value
+MAX_WEIGHT_DECAY = 1.0  # AdamW's decoupled decay per unit of lr; typical values are 0 .. 0.1
+
+
+def _int_tuple(problems: Problems, name: str, value, low: int, high: int, max_len: int, min_len: int = 0):
+    """`value` as a tuple of ints in [low, high], min_len .. max_len of them (a list, as JSON or an older
+    checkpoint holds it, is accepted), or None with the problem recorded."""
+    if not isinstance(value, (tuple, list)):
+        problems.add(name, f"must be a list of integers, got {shown(value)}")
+        return None
+    if not min_len <= len(value) <= max_len:
+        problems.add(name, f"must have between {min_len} and {max_len} entries, got {len(value)}")
+        return None
+    bad = [v for v in value if not (is_int(v) and low <= v <= high)]
+    if bad:
+        problems.add(name, f"entries must be integers between {low} and {high}, got {shown(bad[0])}")
+        return None
+    return tuple(int(v) for v in value)
+
+
+def _checked_dict(cls, d, what: str) -> dict:
+    """A copy of `d`, refused unless it is a dict of `cls`'s fields (missing ones take their defaults)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{what}: must be a table of settings, got {shown(d)}")
+    unknown = [k for k in d if k not in {f.name for f in dataclasses.fields(cls)}]
+    if unknown:
+        raise ValueError(f"{what}: unknown keys {', '.join(shown(k) for k in unknown)} (written by a newer "
+                         f"patchgen?)")
+    return dict(d)
+
+
+def _built(cls, d: dict, what: str):
+    """cls(**d), its ValueError saying which table it came from."""
+    try:
+        return cls(**d)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -36,44 +83,62 @@ class ModelConfig:
     edge_mask: bool = False  # with a halo: one more input channel, 1 on the image and 0 in the padding beyond it
 
     def __post_init__(self):
-        problems = []
-        if self.grid < 1:
-            problems.append(f"grid must be >= 1, got {self.grid}")
-        elif self.image_size % self.grid:
-            problems.append(f"grid {self.grid} does not divide image size {self.image_size}")
-        elif self.halo < 0:
-            problems.append(f"halo must be >= 0, got {self.halo}")
-        else:
-            down = 2 ** (len(self.channel_mults) - 1)
-            if self.patch_size % down or self.window_size % down:
-                fits = [m for m in range(self.halo + down) if (self.patch_size + 2 * m) % down == 0]
-                below, above = [m for m in fits if m < self.halo], [m for m in fits if m > self.halo]
-                odd_patch = self.patch_size % down != 0  # the levels are named by the patch's size there
-                fix = (f"use halo {' or '.join(str(m) for m in [*below[-1:], *above[:1]])}"
-                       if self.halo and fits and not odd_patch else "use fewer channel_mults")
-                what = (f"window {self.window_size} (patch {self.patch_size} + 2 x halo {self.halo})"
-                        if self.halo and not odd_patch else f"patch size {self.patch_size}")
-                problems.append(f"{what} is not divisible by {down}, which {len(self.channel_mults)} U-Net levels "
-                                f"need; {fix}")
-        if self.halo and self.grid == 1:
-            problems.append("a 1x1 grid has no neighbouring patches: halo must be 0")
-        if self.edge_mask and not (self.halo and self.use_position):
-            problems.append("the edge mask marks a halo's padding by the patch position: it needs a halo (> 0) "
-                            "and position conditioning")
-        if self.base_width % 8 or self.base_width < 8:
-            problems.append(f"base_width must be a multiple of 8 (GroupNorm), got {self.base_width}")
-        if self.grid == 1 and self.use_position:
-            problems.append("a 1x1 grid has a single position: disable position conditioning")
-        if self.prediction not in PREDICTIONS:
-            problems.append(f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
-        if self.gcc_source not in GCC_SOURCES:
-            problems.append(f"gcc_source must be one of {GCC_SOURCES}, got {self.gcc_source!r}")
-        if self.global_context < 0 or (self.global_context and self.patch_size % self.global_context):
-            problems.append(f"global_context cells ({self.global_context}) must divide the patch size {self.patch_size}")
-        if self.global_context and not self.use_gcc:
-            problems.append("global_context is computed from the GCC input: it needs use_gcc")
+        # Each field on its own: types and ranges. Anything wrong here would break the checks after it.
+        problems = spec_problems(self.image_size, self.channels, self.grid, self.halo, self.use_position,
+                                 self.use_gcc, self.gcc_source, self.prediction)
+        if not isinstance(self.schedule, Schedule):
+            problems.add("schedule", f"must be a Schedule, got {shown(self.schedule)}")
+        if problems.integer("base_width", self.base_width, 8, MAX_BASE_WIDTH) and self.base_width % 8:
+            problems.add("base_width", f"must be a multiple of 8 (GroupNorm), got {self.base_width}")
+        for name, low, high, max_len, min_len in (("channel_mults", 1, MAX_CHANNEL_MULT, MAX_LEVELS, 1),
+                                                  ("attention_resolutions", 1, MAX_IMAGE_SIZE, MAX_LEVELS, 0)):
+            value = _int_tuple(problems, name, getattr(self, name), low, high, max_len, min_len)
+            if value is not None:
+                object.__setattr__(self, name, value)
+        problems.integer("num_res_blocks", self.num_res_blocks, 1, MAX_RES_BLOCKS)
+        problems.integer("attention_heads", self.attention_heads, 1)
+        problems.real("dropout", self.dropout, 0.0, 1.0, high_open=True)
+        problems.integer("global_context", self.global_context, 0)
+        problems.flag("edge_mask", self.edge_mask)
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError(problems.message())
+        # How the fields fit together.
+        down = 2 ** (len(self.channel_mults) - 1)
+        if self.patch_size % down or self.window_size % down:
+            fits = [m for m in range(self.halo + down) if (self.patch_size + 2 * m) % down == 0]
+            below, above = [m for m in fits if m < self.halo], [m for m in fits if m > self.halo]
+            odd_patch = self.patch_size % down != 0  # the levels are named by the patch's size there
+            fix = (f"use halo {' or '.join(str(m) for m in [*below[-1:], *above[:1]])}"
+                   if self.halo and fits and not odd_patch else "use fewer channel_mults")
+            what = (f"window {self.window_size} (patch {self.patch_size} + 2 x halo {self.halo})"
+                    if self.halo and not odd_patch else f"patch size {self.patch_size}")
+            problems.add(what, f"is not divisible by {down}, which {len(self.channel_mults)} U-Net levels need; "
+                               f"{fix}")
+        if self.halo and self.grid == 1:
+            problems.add("halo", "must be 0 on a 1x1 grid: it has no neighbouring patches")
+        if self.edge_mask and not (self.halo and self.use_position):
+            problems.add("edge_mask", "marks a halo's padding by the patch position: it needs a halo (> 0) and "
+                                      "position conditioning")
+        if self.grid == 1 and self.use_position:
+            problems.add("use_position", "must be off on a 1x1 grid: it has a single position")
+        if self.global_context and self.patch_size % self.global_context:
+            problems.add("global_context", f"cells ({self.global_context}) must divide the patch size "
+                                           f"{self.patch_size}")
+        if self.global_context and not self.use_gcc:
+            problems.add("global_context", "is computed from the GCC input: it needs use_gcc")
+        attended = {self.widths[-1]} | {w for level, w in enumerate(self.widths)  # the middle block, and levels
+                                        if self.patch_size >> level in self.attention_resolutions}
+        undivided = sorted(w for w in attended if w % self.attention_heads)
+        if undivided:
+            problems.add("attention_heads", f"{self.attention_heads} must divide the width of every level with "
+                                            f"attention; it does not divide {', '.join(map(str, undivided))}")
+        if problems:
+            raise ValueError(problems.message())
+
+    @property
+    def widths(self) -> list[int]:
+        """Channels at each U-Net level."""
+        return [self.base_width * m for m in self.channel_mults]
 
     @property
     def patch_size(self) -> int:
@@ -95,12 +160,11 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        d = dict(d)
-        d["schedule"] = Schedule(**d.get("schedule", {}))
-        for key in ("channel_mults", "attention_resolutions"):
-            if key in d:
-                d[key] = tuple(d[key])
-        return cls(**d)
+        """The config `to_dict` wrote; unknown keys or out-of-range values are a ValueError naming them."""
+        d = _checked_dict(cls, d, "model_config")
+        d["schedule"] = _built(Schedule, _checked_dict(Schedule, d.get("schedule", {}), "model_config.schedule"),
+                               "model_config.schedule")
+        return _built(cls, d, "model_config")
 
 
 @dataclass(frozen=True)
@@ -120,18 +184,25 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
-        if self.loss_weighting not in LOSS_WEIGHTINGS:
-            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not 0 <= self.seed <= 2**32 - 1:
-            raise ValueError(f"seed must be between 0 and {2**32 - 1}, got {self.seed}")
+        problems = Problems()
+        problems.integer("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        problems.integer("patches_per_image", self.patches_per_image, 0)  # G*G or more: every patch, as 0
+        problems.real("lr", self.lr, 0.0, MAX_LR, low_open=True)
+        problems.real("weight_decay", self.weight_decay, 0.0, MAX_WEIGHT_DECAY)
+        problems.integer("warmup_steps", self.warmup_steps, 0)
+        problems.real("grad_clip", self.grad_clip, 0.0, low_open=True)
+        problems.real("ema_decay", self.ema_decay, 0.0, 1.0)
+        problems.choice("loss", self.loss, LOSSES)
+        problems.choice("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
+        problems.real("min_snr_gamma", self.min_snr_gamma, 0.0, low_open=True)
+        problems.integer("seed", self.seed, 0, 2**32 - 1)
+        if problems:
+            raise ValueError(problems.message())
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        return cls(**d)
+        """The config `to_dict` wrote; unknown keys or out-of-range values are a ValueError naming them."""
+        return _built(cls, _checked_dict(cls, d, "train_config"), "train_config")

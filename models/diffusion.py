@@ -113,7 +113,7 @@ def patch_inputs(config: ModelConfig, x_t: torch.Tensor, gcc: Optional[torch.Ten
     windows = select_patches(to_windows(x_t, config.grid, config.halo), index)
     pos = None
     if config.use_position:
-        pos = torch.from_numpy(position_onehot(config.grid)).to(x_t.device)[index.reshape(-1)]
+        pos = torch.from_numpy(position_onehot(config.grid, index.reshape(-1).cpu().numpy())).to(x_t.device)
     if gcc is not None:
         gcc = gcc[:, None].expand(-1, k, -1, -1, -1).reshape(b * k, *gcc.shape[1:])
     return windows, pos, gcc

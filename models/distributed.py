@@ -101,6 +101,15 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+# What gloo and NCCL say when a collective's peer has exited (gloo raises plain RuntimeErrors).
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def peer_gone(e: BaseException) -> bool:
+    """Whether `e` is a collective failing because another rank of the job has ended (with its own error)."""
+    return world().size > 1 and (isinstance(e, dist.DistError) or any(s in str(e) for s in PEER_GONE))
+
+
 def barrier() -> None:
     if world().size > 1:
         dist.barrier()

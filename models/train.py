@@ -3,6 +3,7 @@ start from (`start_run`, `resume_run`), and the resumable loop (`run_loop`), in 
 over torchrun's ranks (distributed.py). The loss is in diffusion.py, the previews and probes in evaluation.py."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -12,15 +13,16 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
 
 from patchgen.runtime.errors import PatchgenError
-from patchgen.runtime.files import atomic_output, remove_stale_temporaries
+from patchgen.runtime.files import (atomic_output, check_free_space, check_writable_folder, claim, made_folder,
+                                    remove_if_empty, remove_stale_temporaries, write_error)
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, load_weights, save_checkpoint
 from .config import ModelConfig, TrainConfig
 from . import distributed
 from .data import DataSource, ImageSet, ImageSubset, holdout_split, load_named, to_model_range
@@ -29,6 +31,8 @@ from .evaluation import evaluate
 from .unet import PatchUNet
 
 CHECKPOINT_NAME = "checkpoint.pt"
+RUN_LOCK = ".patchgen-train.lock"  # held (flock) by the run writing the folder, removed when it ends
+ELSEWHERE = "choose another --out"
 LOG_NAMES = ("train_log.csv", "eval_log.csv")  # one row per step / per preview step, up to the checkpoint's step
 # What a run writes atomically, as glob patterns: the temporaries a killed run left are removed at the next start.
 ATOMIC_OUTPUTS = (CHECKPOINT_NAME, "preview_*.png", "config.json", *LOG_NAMES)
@@ -130,9 +134,13 @@ def restore_state(ckpt: dict, device: str = "cpu") -> TrainState:
     """The state a checkpoint saved. Each rank restores its own torch generator (dropout) when the checkpoint
     has it, i.e. at the same world size or below; a rank beyond them seeds it from (seed, rank, step)."""
     state = new_state(ckpt["model_config"], ckpt["train_config"], device)
-    state.net.load_state_dict(ckpt["model"])
-    state.ema.load_state_dict(ckpt["ema"])
-    state.optimizer.load_state_dict(ckpt["optimizer"])
+    load_weights(state.net, ckpt["model"], "weights")
+    load_weights(state.ema, ckpt["ema"], "EMA weights")
+    try:
+        state.optimizer.load_state_dict(ckpt["optimizer"])
+    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise PatchgenError(f"the checkpoint's optimizer state does not match its config: "
+                            f"{(str(e).splitlines() or [type(e).__name__])[0][:160]}") from None
     state.gen.set_state(ckpt["rng"]["generator"])
     state.step = ckpt["step"]
     rank, saved = distributed.world().rank, ckpt["rng"].get("torch_ranks") or [ckpt["rng"]["torch"]]
@@ -185,6 +193,36 @@ def check_run_folder(run_dir, resume: bool) -> Path:
     return ckpt_path
 
 
+@contextlib.contextmanager
+def run_folder(run_dir, resume: bool) -> Iterator[Path]:
+    """Claim `run_dir` for this run, before any data is loaded: yields its checkpoint path.
+
+    Rank 0 creates the folder (a new run), claims it for the block (`files.claim`: a second run into it,
+    new or resumed, gets one line naming this one's pid), checks it again under the claim and checks that
+    files can be written there. A new run that fails before writing anything leaves no folder behind.
+    Re-entrant: `train` claims again inside the CLI's claim. The other ranks only check."""
+    ckpt_path = check_run_folder(run_dir, resume)
+    if not distributed.world().writer:
+        yield ckpt_path
+        return
+    folder, made = made_folder(run_dir)
+    try:
+        with claim(folder / RUN_LOCK, f"run folder {folder}",
+                   f"wait for that run to end, or {ELSEWHERE}"):
+            check_run_folder(folder, resume)  # again: another run may have written it before our claim
+            check_writable_folder(folder)
+            yield ckpt_path
+    finally:
+        remove_if_empty(made)  # a new run that wrote nothing: its folders go (a non-empty one stays)
+
+
+def checkpoint_bytes(state: TrainState) -> int:
+    """About what a checkpoint of `state` takes on disk: the weights four times (raw, EMA, AdamW's two
+    moments), plus 1 MiB for the rest."""
+    params = sum(p.numel() * p.element_size() for p in state.net.parameters())
+    return 4 * params + 2**20
+
+
 def truncate_log(path: Path, step: int) -> None:
     """Keep a CSV log's header and its rows up to `step` (the checkpoint's), rewritten atomically.
 
@@ -235,6 +273,9 @@ def _run(run_dir, state: TrainState, tc: TrainConfig, source: DataSource, cadenc
         raise PatchgenError(f"data images are {data.images.shape[1]}px but the model is {config.image_size}px")
     part = distributed.world().part(tc.batch_size)  # a batch that does not split over the ranks fails here
     train_idx, held_idx = holdout_split(len(data.images), source.holdout_fraction, source.holdout_seed)
+    if len(train_idx) == 0:
+        raise PatchgenError(f"holding out {source.holdout_fraction:g} of {len(data.images)} image(s) leaves none to "
+                            "train on; lower --holdout or add images")
     images = ImageSubset(data.images, train_idx)
     probe = data.images[(held_idx if len(held_idx) else train_idx)[:PROBE_IMAGES]]
     coefs = schedule_coefficients(config.schedule, next(state.net.parameters()).device)
@@ -256,19 +297,37 @@ def default_loader(source: DataSource) -> ImageSet:
     return load_named(source.name, source.image_size)
 
 
+def same_data(saved: DataSource, now: DataSource, accept_changed_data: bool = False) -> DataSource:
+    """The run's data source, once the images loaded for a resume (`now`) are proven to be the ones it
+    trained on: their identity (`DataSource.identity`: names, sizes and times of the files, or the
+    font's glyphs) is the checkpoint's. A mismatch is refused with the counts, unless accepted, in which
+    case the source takes the new images' count and identity (and the held-out split, redrawn over them,
+    changes). A checkpoint from before identities, or data without one, cannot be checked and passes."""
+    if not saved.identity or not now.identity or saved.identity == now.identity:
+        return saved
+    if not accept_changed_data:
+        raise PatchgenError(f"the images of {saved.name} changed since this run started: it had {saved.num_images} "
+                            f"usable image(s), now {now.num_images}, and files were added, removed or rewritten; "
+                            "restore them, or pass --accept-changed-data to train on from them as they are (its "
+                            "held-out images change too)")
+    return dataclasses.replace(saved, num_images=now.num_images, skipped=now.skipped, identity=now.identity)
+
+
 def resume_run(run_dir, device: str = "cpu", data: Optional[ImageSet] = None,
-               load_data: Callable[[DataSource], ImageSet] = default_loader, ckpt: Optional[dict] = None) -> Run:
+               load_data: Callable[[DataSource], ImageSet] = default_loader, ckpt: Optional[dict] = None,
+               accept_changed_data: bool = False) -> Run:
     """The run in `run_dir` as its checkpoint left it (or `ckpt`, already loaded from there): weights,
-    optimizer, random state, configs and data source. Its images are `data`, or `load_data(source)`."""
+    optimizer, random state, configs and data source. Its images are `data`, or `load_data(source)`, and
+    must be the ones it trained on (`same_data`)."""
     ckpt = ckpt or load_checkpoint(Path(run_dir) / CHECKPOINT_NAME)
     if "optimizer" not in ckpt:  # checked before any image is loaded, as is the batch's split
         raise PatchgenError("the checkpoint has no optimizer state (a slim copy, such as benchmarks/train_gpu.sh "
                             "returns): patchgen-export can export it, but a run cannot resume from it")
     distributed.world().part(ckpt["train_config"].batch_size)  # before the images load; _run keeps the slice
     data = data if data is not None else load_data(ckpt["data"])
+    source = same_data(ckpt["data"], data.source, accept_changed_data)
     cadence = {**DEFAULT_CADENCE, **ckpt.get("cadence", {})}
-    return _run(run_dir, restore_state(ckpt, device), ckpt["train_config"], ckpt["data"], cadence, data,
-                ckpt["step"])
+    return _run(run_dir, restore_state(ckpt, device), ckpt["train_config"], source, cadence, data, ckpt["step"])
 
 
 def prepare_folder(run: Run, resume: bool) -> None:
@@ -280,7 +339,16 @@ def prepare_folder(run: Run, resume: bool) -> None:
 
 
 def _prepare_folder(run: Run, resume: bool) -> None:
-    run.dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run.dir.mkdir(parents=True, exist_ok=True)
+        # before the first write: the checkpoint must fit (a resumed run's next one is written beside the old)
+        check_free_space(run.dir, checkpoint_bytes(run.state), "a checkpoint of this model", ELSEWHERE)
+        _start_logs(run, resume)
+    except OSError as e:
+        raise write_error(e, run.dir, ELSEWHERE) from None
+
+
+def _start_logs(run: Run, resume: bool) -> None:
     for pattern in ATOMIC_OUTPUTS:
         remove_stale_temporaries(run.dir, pattern)
     for name in LOG_NAMES:
@@ -299,6 +367,7 @@ def checkpoint(run: Run) -> None:
     wait until it is on disk."""
     rank_rng = distributed.gather_rng_states()
     if distributed.world().writer:
+        check_free_space(run.dir, checkpoint_bytes(run.state), f"the checkpoint at step {run.state.step}", ELSEWHERE)
         save_checkpoint(run.checkpoint_path,
                         state_dict(run.state, run.config, run.tc, run.source, run.cadence, rank_rng))
     distributed.barrier()
@@ -313,16 +382,22 @@ class _TrainLog:
 
     def __enter__(self):
         if self.writer:
-            self.file = open(self.path, "a", newline="")
-            self.csv = csv.writer(self.file)
-            if self.file.tell() == 0:
-                self.csv.writerow(["step", "loss", "lr", "images_per_s"])
+            try:
+                self.file = open(self.path, "a", newline="")
+                self.csv = csv.writer(self.file)
+                if self.file.tell() == 0:
+                    self.csv.writerow(["step", "loss", "lr", "images_per_s"])
+            except OSError as e:
+                raise write_error(e, self.path, ELSEWHERE) from None
         return self
 
     def row(self, step: int, loss: float, lr: float, speed: float) -> None:
         if self.file is not None:
-            self.csv.writerow([step, f"{loss:.6f}", f"{lr:.3e}", f"{speed:.2f}"])
-            self.file.flush()
+            try:
+                self.csv.writerow([step, f"{loss:.6f}", f"{lr:.3e}", f"{speed:.2f}"])
+                self.file.flush()
+            except OSError as e:
+                raise write_error(e, self.path, ELSEWHERE) from None
 
     def __exit__(self, *exc):
         if self.file is not None:
@@ -341,8 +416,11 @@ def run_loop(run: Run, max_steps: int, bf16: bool = False, progress: Optional[Ca
 
     def preview():
         if writer:
-            evaluate(run.dir, state.step, state.ema, run.probe_images, run.tc.seed, run.source.name,
-                     preview_count, preview_steps)
+            try:
+                evaluate(run.dir, state.step, state.ema, run.probe_images, run.tc.seed, run.source.name,
+                         preview_count, preview_steps)
+            except OSError as e:
+                raise write_error(e, run.dir, ELSEWHERE) from None
     losses, stopping = [], 0  # the signal (any rank's) that stops the run after this step
     with _StopFlag() as stop, _TrainLog(run.dir / LOG_NAMES[0], writer) as log:
         while state.step < max_steps and not stopping:
@@ -370,7 +448,8 @@ def train(run_dir, max_steps: int, *, data: Optional[ImageSet] = None, config: O
           checkpoint_every: Optional[int] = None, preview_every: Optional[int] = None, preview_count: int = 16,
           preview_steps: int = 50, device: str = "cpu", bf16: bool = False,
           progress: Optional[Callable[[int, float, float], None]] = None,
-          load_data: Callable[[DataSource], ImageSet] = default_loader) -> RunResult:
+          load_data: Callable[[DataSource], ImageSet] = default_loader,
+          accept_changed_data: bool = False) -> RunResult:
     """Train (or resume) a run in `run_dir` up to `max_steps` steps; checkpoint.pt and preview PNGs go there.
 
     A new run needs data, config and tc. A resumed run reads its configs and data source from the checkpoint
@@ -378,22 +457,24 @@ def train(run_dir, max_steps: int, *, data: Optional[ImageSet] = None, config: O
     uninterrupted run, and its logs hold each step once. A resume already at `max_steps` returns at once and
     changes nothing. checkpoint_every / preview_every (steps; 0 = no previews): None keeps the resumed run's
     own, or DEFAULT_CADENCE for a new run. `device` and `bf16` (see `train_step`) are how this session
-    computes, not part of the run: they may change between sessions.
+    computes, not part of the run: they may change between sessions. The run holds `run_dir` for its
+    lifetime (`run_folder`): a second run into it is refused. A resume refuses images that are not the
+    run's own (`same_data`) unless `accept_changed_data`.
     """
-    ckpt_path = check_run_folder(run_dir, resume)
-    if resume:
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt["step"] >= max_steps:
-            return RunResult([], ckpt["step"], None)
-        run = resume_run(run_dir, device, data, load_data, ckpt)
-        del ckpt
-    elif data is None or config is None or tc is None:
-        raise ValueError("a new run needs data, config and tc")
-    else:
-        run = start_run(run_dir, data, config, tc, holdout, device)
-    run.cadence.update({k: v for k, v in (("checkpoint_every", checkpoint_every), ("preview_every", preview_every))
-                        if v is not None})
-    if run.cadence["checkpoint_every"] < 1 or run.cadence["preview_every"] < 0:
-        raise ValueError(f"checkpoint_every must be >= 1 and preview_every >= 0, got {run.cadence}")
-    prepare_folder(run, resume)
-    return run_loop(run, max_steps, bf16, progress, preview_count, preview_steps)
+    with run_folder(run_dir, resume) as ckpt_path:
+        if resume:
+            ckpt = load_checkpoint(ckpt_path)
+            if ckpt["step"] >= max_steps:
+                return RunResult([], ckpt["step"], None)
+            run = resume_run(run_dir, device, data, load_data, ckpt, accept_changed_data)
+            del ckpt
+        elif data is None or config is None or tc is None:
+            raise ValueError("a new run needs data, config and tc")
+        else:
+            run = start_run(run_dir, data, config, tc, holdout, device)
+        given = (("checkpoint_every", checkpoint_every), ("preview_every", preview_every))
+        run.cadence.update({k: v for k, v in given if v is not None})
+        if run.cadence["checkpoint_every"] < 1 or run.cadence["preview_every"] < 0:
+            raise ValueError(f"checkpoint_every must be >= 1 and preview_every >= 0, got {run.cadence}")
+        prepare_folder(run, resume)
+        return run_loop(run, max_steps, bf16, progress, preview_count, preview_steps)

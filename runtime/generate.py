@@ -6,6 +6,7 @@ does both. Nothing can be sampled from an unchecked request: a Plan is the proof
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from typing import Iterator, Optional, Union
 
@@ -15,15 +16,21 @@ from PIL import Image
 from .errors import PatchgenError
 from .images import to_uint8
 from .loop import SAMPLERS, default_steps, sample_images
-from .memory import MIB, BudgetTooSmall, calibrate, checked_budget, format_size, parse_size, plan_patch_batch
+from . import memory
+from .memory import (MIB, RERUN_MARGIN, BudgetTooSmall, calibrate, checked_budget, format_size, parse_size,
+                     plan_patch_batch)
 from .model import OnnxModel, load_model
 from .session import DEFAULT_PROVIDER
-from .spec import ModelSpec, example_feeds
+from .spec import ModelSpec, example_feeds, graph_inputs
 
 # Full-size float32 arrays alive per image in flight: x_t, x0_hat, eps, the sampler's temporaries, and room
 # to spare. Charged on top of the measured model of the session, with a halo model's zero-bordered x_t.
 IMAGE_ARRAYS = 8
 OVERHEAD = 4 * MIB  # PNG encoding and Python bookkeeping during sampling
+# What the warm-up step leaves resident beyond one call (the sampler's calls at other timesteps, its
+# arrays and the PNG encoder settling in): 2-3 MiB measured with numpy 2 and onnxruntime 1.32 on x86-64
+# (faces64_2x2, 64x64), and 3 MiB in tests/test_budget.py's simulated processes.
+WARM_UP_SETTLING = 4 * MIB
 MAX_SEED = 2**32 - 1  # (seed, image index) seed one generator as two 32-bit words: one-to-one below this
 
 
@@ -82,6 +89,42 @@ def image_bytes(model: OnnxModel) -> int:
     return 4 * c * (IMAGE_ARRAYS * h * w + ((h + 2 * m) * (w + 2 * m) if m else 0))
 
 
+def call_input_bytes(spec: ModelSpec, patch_batch: int) -> int:
+    """Bytes of the inputs of one call of `patch_batch` patches (`graph_inputs`: windows, t, one-hot
+    positions, GCC), which the patch loop holds beside the call."""
+    per_patch = sum(np.dtype(dtype).itemsize * math.prod(shape) for dtype, shape in graph_inputs(spec).values())
+    return per_patch * patch_batch
+
+
+def check_fits(model: OnnxModel, images: int, patch_batch: int, held_bytes: int = 0,
+               budget: Optional[int] = None) -> None:
+    """Refuse, before any of it is allocated, a run whose known buffers alone cannot fit: what the process
+    holds now, `images` images in flight (`image_bytes`), one call's inputs and the `held_bytes` the caller
+    keeps (a grid image), against `budget`, or without one the memory this process can have. The model's
+    metadata sets these sizes, so a file that claims a huge image is refused here, not by the kernel."""
+    parts = {"the image buffers": images * image_bytes(model) + OVERHEAD,
+             "one call's inputs": call_input_bytes(model.spec, patch_batch), "the grid image": held_bytes}
+    resident = memory.current_rss()
+    need = resident + sum(parts.values())
+    what = f"{', '.join(f'{name} {format_size(b)}' for name, b in parts.items() if b)}, beside the " \
+           f"{format_size(resident)} this process holds"
+    if budget is not None:
+        if need > budget:
+            minimum = math.ceil((need + RERUN_MARGIN) / MIB * 10) / 10
+            raise BudgetTooSmall(f"memory budget {format_size(budget)} is below this run's minimum of {minimum:.1f}M "
+                                 f"at least ({what}); pass --memory-budget {math.ceil(minimum)}M or more",
+                                 minimum * MIB)
+        return
+    limit, limited_by = memory.available_memory(resident)
+    if limit is not None and need > limit:
+        size = model.spec.image_size
+        fix = ("write fewer images per grid, or leave out --grid-image" if held_bytes > need / 2
+               else f"this {size}x{size} model does not fit: free memory, or use a smaller model" if images == 1
+               else "run fewer patches per call (--patch-batch)")
+        raise PatchgenError(f"this run needs at least {format_size(need)} ({what}), but this process can have only "
+                            f"{format_size(limit)} ({limited_by}); {fix}")
+
+
 def probe(model: OnnxModel, request: Request):
     """(warm_up, run) for calibration. warm_up(): one sampler step of one image at one patch per call, and its
     PNG encoded in memory, so that what sampling loads on first use is resident before anything is measured.
@@ -116,6 +159,7 @@ def make_plan(model: OnnxModel, num_images: int = 1, seed: int = 0, sampler: str
         if pb < 1:
             raise PatchgenError(f"patch batch must be >= 1, got {pb}")
         pb = min(pb, num_images * g2)  # no call can hold more patches than the images have
+        check_fits(model, images_per_run(pb, model.spec.grid, num_images), pb, held_bytes)
         return Plan(request, pb, images_per_run(pb, model.spec.grid, num_images))
     if patch_batch is not None:
         raise PatchgenError("give either a memory budget or a patch batch, not both: the budget chooses the batch")
@@ -131,7 +175,22 @@ def make_plan(model: OnnxModel, num_images: int = 1, seed: int = 0, sampler: str
         return OVERHEAD + held_bytes + images_per_run(pb, grid, num_images) * image_bytes(model)
 
     try:
-        mem = calibrate(*probe(model, request), budget, batches, extra)
+        if call_input_bytes(model.spec, 1) > budget:  # a file claiming absurd inputs: no call is made
+            check_fits(model, 1, 1, held_bytes, budget)
+        warm_up, run = probe(model, request)
+        # One call first (its first-use allocations included), so that a budget below the warm-up (one image
+        # sampled for one step) is refused before the warm-up could overrun it. The warm-up is charged what
+        # calibration will then see: the call's high-water mark, what the warm-up leaves resident beyond it
+        # (WARM_UP_SETTLING) and its image arrays, beside what the plan holds; so a rerun at the minimum
+        # named here is accepted by the calibrated plan.
+        run(1)
+        need = memory.peak_rss() + WARM_UP_SETTLING + image_bytes(model) + extra(1)
+        if need > budget:
+            minimum = math.ceil((need + RERUN_MARGIN) / MIB * 10) / 10
+            raise BudgetTooSmall(f"memory budget {format_size(budget)} is below this model's minimum of "
+                                 f"{minimum:.1f}M (one patch per call); pass --memory-budget {math.ceil(minimum)}M "
+                                 "or more", minimum * MIB)
+        mem = calibrate(warm_up, run, budget, batches, extra)
         pb = plan_patch_batch(mem, budget, batches, extra)
     except BudgetTooSmall as e:
         if limited_by:  # asking for a larger budget cannot help

@@ -59,10 +59,10 @@ except ImportError:  # not POSIX (Windows): no flock, so no shared cache; models
 from .errors import PatchgenError
 from .files import CACHE_ENV, cache_root, remove_stale_temporaries, temporary_prefix
 from .memory import current_rss, format_size
-from .onnxfile import external_data_files, model_sha256
+from .onnxfile import external_data_files, model_sha256, referenced_bytes
 from .session import open_session
 
-FORMAT = 1  # bump when what an entry holds, or how it is built, changes
+FORMAT = 2  # bump when what an entry holds, or how it is built, changes (2: model_sha256 hashes used ranges)
 GRAPH, ENTRY = "model.onnx", "entry.json"
 # The peak of a build, as a multiple of the weights over the resident size before it, charged with a margin
 # (benchmarks/results/model_scale.md, "cold" rows; up to 1.15x and 2.15x measured): with external data the
@@ -104,9 +104,10 @@ def identity(path: Path) -> list:
 
 
 def weights_bytes(path: Path) -> int:
-    """Bytes of the model file and its external data: its weights, give or take the small graph."""
+    """Bytes of the model file and the external data its tensors use (`onnxfile.referenced_bytes`): its
+    weights, give or take the small graph."""
     with contextlib.suppress(OSError, ValueError):
-        return sum(size for _, _, size, _, _ in identity(path))
+        return referenced_bytes(path)
     return path.stat().st_size
 
 
@@ -213,7 +214,7 @@ def _open_cached(path: Path, threads: int, provider: str, build_limit: Optional[
     except (OSError, RuntimeError) as e:  # no home folder to put it in
         raise _NoCache(f"no cache folder: {_why(e)}; set ${CACHE_ENV}") from None
     folder = cache / _key(path, provider)
-    weights = sum(size for _, _, size, _, _ in source)
+    weights = weights_bytes(path)  # what its tensors use of the files
     notes = []
     failed = _valid(folder, source)
     if failed is not None:

@@ -6,7 +6,7 @@ import math
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from .files import atomic_output
+from .files import as_utf8, atomic_output
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
@@ -52,9 +52,11 @@ def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.
 
 
 def save_png(path, image: np.ndarray, text: dict[str, str] | None = None) -> None:
-    """Write uint8 [H, W, C] as a PNG atomically, with `text` as tEXt chunks."""
+    """Write uint8 [H, W, C] (C = 1 .. 4) as a PNG atomically, with `text` as tEXt chunks."""
     info = PngImagePlugin.PngInfo()
     for key, value in (text or {}).items():
-        info.add_text(key, str(value))
+        info.add_text(key, as_utf8(str(value)))
+    if image.ndim == 3 and image.shape[2] == 1:  # one channel: a grey PNG ("L"); 2, 3, 4 are LA, RGB, RGBA
+        image = image[:, :, 0]
     with atomic_output(path) as f:
         Image.fromarray(image).save(f, format="PNG", pnginfo=info)

@@ -107,6 +107,13 @@ def pool_gcc(x, patch_size: int):
     return x.mean(axis=(-3, -1))
 
 
-def position_onehot(grid: int) -> np.ndarray:
-    """One-hot position vectors, float32 [G*G, G*G]: row k is patch k = i*G + j."""
-    return np.eye(grid * grid, dtype=np.float32)
+def position_onehot(grid: int, positions=None, out=None) -> np.ndarray:
+    """One-hot position vectors, float32 [B, G*G]: row b is 1 at positions[b] (patch k = i*G + j) and 0
+    elsewhere; every position in order (the G*G identity) when `positions` is None. Only the rows asked
+    for are built (G*G floats each, never G^4). `out`: a float32 [>= B, G*G] buffer to fill instead."""
+    g2 = grid * grid
+    positions = np.arange(g2) if positions is None else np.asarray(positions)
+    rows = np.zeros((len(positions), g2), np.float32) if out is None else out[:len(positions)]
+    rows.fill(0)
+    rows[np.arange(len(positions)), positions] = 1
+    return rows

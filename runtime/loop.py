@@ -41,7 +41,7 @@ class PatchDenoiser:
             raise ValueError(f"patch_batch must be >= 1, got {patch_batch}")
         self.net, self.spec, self.patch_batch = net, spec, patch_batch
         self.alphas_cumprod = alphas_cumprod(spec.schedule)
-        self.positions = position_onehot(spec.grid)
+        self.positions: Optional[np.ndarray] = None  # one call's one-hot rows [patch_batch, G*G], refilled per call
         self.x0_prev: Optional[np.ndarray] = None  # self-conditioning state
         # padded x_t (halo > 0), one call's windows, the eps image
         self.buffers: Optional[tuple[Optional[np.ndarray], np.ndarray, np.ndarray]] = None
@@ -66,6 +66,7 @@ class PatchDenoiser:
                 if halo else None  # zeros around; only the centre is written after
             calls = min(self.patch_batch, n * g2)
             self.buffers = (padded, np.empty((calls, spec.channels, w, w), np.float32), np.empty_like(x))
+            self.positions = np.zeros((calls, g2), np.float32) if spec.use_position else None
         padded, inputs, eps = self.buffers
         gcc = self.gcc(x)
         windows = window_view(pad_image(x, halo, out=padded) if halo else x, grid, halo)  # [N, G, G, C, W, W]
@@ -78,7 +79,7 @@ class PatchDenoiser:
             eps_patches[image, i, j] = self.net(
                 inputs[:len(index)],
                 np.full(len(index), t, dtype=np.int64),
-                self.positions[index % g2] if spec.use_position else None,
+                position_onehot(grid, index % g2, out=self.positions) if spec.use_position else None,
                 gcc[image] if gcc is not None else None,
             )
         # x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), clipped to the data range as in the paper

@@ -5,13 +5,25 @@ exporter adds descriptive ones (data set, attribution, training steps) beside th
 """
 from __future__ import annotations
 
+import math
+import re
+from typing import Optional
+
 from .errors import PatchgenError
-from .schedule import Schedule
-from .spec import GCC_SOURCES, PREDICTIONS, ModelSpec
+from .checks import Problems, shown
+from .schedule import SCHEDULE_KINDS, Schedule, schedule_problems
+from .spec import ModelSpec, spec_problems
 
 FORMAT_VERSION = "2"  # 2: patchgen.halo, and x is the (P+2M)^2 window
 READABLE_VERSIONS = ("1", "2")  # version 1 files have no halo: they read as halo 0, unchanged
 PREFIX = "patchgen."
+# The key of each ModelSpec / Schedule field, so that a problem with a field is reported by its key.
+SPEC_KEYS = {"image_size": "patchgen.image_size", "channels": "patchgen.channels", "grid": "patchgen.grid",
+             "halo": "patchgen.halo", "use_position": "patchgen.position_conditioning", "use_gcc": "patchgen.gcc",
+             "gcc_source": "patchgen.gcc_source", "prediction": "patchgen.prediction"}
+SCHEDULE_KEYS = {name: f"patchgen.schedule.{name}"
+                 for name in ("kind", "num_timesteps", "cosine_s", "max_beta", "beta_start", "beta_end")}
+INTEGER = re.compile(r"-?[0-9]+")  # what str(int) writes: no "1e3", "1_000", " 12" or "12.0"
 
 
 def _bool(value: bool) -> str:
@@ -42,41 +54,74 @@ def spec_to_metadata(spec: ModelSpec) -> dict[str, str]:
 
 
 def spec_from_metadata(meta: dict[str, str], source: str = "model") -> ModelSpec:
-    """Parse and check the keys; a foreign file, a missing key or a newer format is one clear error."""
+    """Parse and check the keys; a foreign file, a missing key, a newer format or any value out of range
+    (the file is untrusted: its sizes decide what the sampler allocates) is one PatchgenError line naming
+    the key."""
     if not any(k.startswith(PREFIX) for k in meta):
         raise PatchgenError(f"{source} is not a patchgen model (no patchgen metadata); export one with patchgen-export")
     version = meta.get("patchgen.format_version")
     if version not in READABLE_VERSIONS:
-        raise PatchgenError(f"{source} has patchgen format version {version!r}; this runtime reads versions "
+        raise PatchgenError(f"{source} has patchgen format version {shown(version)}; this runtime reads versions "
                             f"{', '.join(READABLE_VERSIONS)}: re-export it with a matching patchgen")
+    problems = Problems()  # (metadata key, what is wrong)
 
     def get(key: str) -> str:
         try:
-            return meta[PREFIX + key]
+            return meta[key]
         except KeyError:
-            raise PatchgenError(f"{source} lacks the metadata key {PREFIX + key}; re-export it") from None
+            raise PatchgenError(f"{source} lacks the metadata key {key}; re-export it") from None
 
-    def flag(key: str) -> bool:
+    def integer(key: str) -> Optional[int]:
         value = get(key)
-        if value not in ("true", "false"):
-            raise PatchgenError(f"{source}: metadata {PREFIX + key} must be true or false, got {value!r}")
-        return value == "true"
+        if INTEGER.fullmatch(value):
+            try:
+                return int(value)
+            except ValueError:  # more digits than Python converts
+                pass
+        problems.add(key, f"must be an integer, got {shown(value)}")
+        return None
 
-    try:
-        spec = ModelSpec(
-            image_size=int(get("image_size")), channels=int(get("channels")), grid=int(get("grid")),
-            use_position=flag("position_conditioning"), use_gcc=flag("gcc"), gcc_source=get("gcc_source"),
-            prediction=get("prediction"), halo=int(get("halo")) if version != "1" else 0,
-            schedule=Schedule(kind=get("schedule.kind"), num_timesteps=int(get("schedule.num_timesteps")),
-                              cosine_s=float(get("schedule.cosine_s")), max_beta=float(get("schedule.max_beta")),
-                              beta_start=float(get("schedule.beta_start")), beta_end=float(get("schedule.beta_end"))))
+    def number(key: str) -> Optional[float]:
+        value = get(key)
+        try:
+            x = float(value)
+        except ValueError:
+            x = math.nan
+        if math.isfinite(x):
+            return x
+        problems.add(key, f"must be a finite number, got {shown(value)}")
+        return None
+
+    def flag(key: str) -> Optional[bool]:
+        value = get(key)
+        if value in ("true", "false"):
+            return value == "true"
+        problems.add(key, f"must be true or false, got {shown(value)}")
+        return None
+
+    # Parse: every value a string of the right form.
+    k = SPEC_KEYS
+    fields = dict(image_size=integer(k["image_size"]), channels=integer(k["channels"]), grid=integer(k["grid"]),
+                  halo=integer(k["halo"]) if version != "1" else 0, use_position=flag(k["use_position"]),
+                  use_gcc=flag(k["use_gcc"]), gcc_source=get(k["gcc_source"]), prediction=get(k["prediction"]))
+    patch_size = integer("patchgen.patch_size")
+    k = SCHEDULE_KEYS
+    schedule = dict(kind=get(k["kind"]), num_timesteps=integer(k["num_timesteps"]),
+                    cosine_s=number(k["cosine_s"]), max_beta=number(k["max_beta"]),
+                    beta_start=number(k["beta_start"]), beta_end=number(k["beta_end"]))
+    # Check: the ranges ModelSpec and Schedule check, each problem named by its key.
+    if not problems:
+        problems.extend((SPEC_KEYS[name], text) for name, text in spec_problems(**fields))
+        problems.choice(SCHEDULE_KEYS["kind"], schedule["kind"], SCHEDULE_KINDS)
+        problems.extend((SCHEDULE_KEYS[name], text) for name, text in schedule_problems(
+            *(schedule[name] for name in ("num_timesteps", "cosine_s", "max_beta", "beta_start", "beta_end"))))
+    if not problems and patch_size != fields["image_size"] // fields["grid"]:
+        problems.add("patchgen.patch_size", f"{patch_size} does not agree with image size {fields['image_size']} "
+                                            f"and grid {fields['grid']}")
+    if problems:
+        raise PatchgenError(f"{source} has invalid patchgen metadata: {problems.message()}; re-export it with "
+                            f"patchgen-export")
+    try:  # what is left is the schedule's own check of its betas
+        return ModelSpec(**fields, schedule=Schedule(**schedule))
     except ValueError as e:
-        raise PatchgenError(f"{source} has invalid patchgen metadata: {e}") from None
-    if spec.grid < 1 or spec.image_size % spec.grid or int(get("patch_size")) != spec.patch_size:
-        raise PatchgenError(f"{source}: metadata grid {spec.grid}, image size {spec.image_size} and patch size "
-                            f"{get('patch_size')} do not agree")
-    if spec.halo < 0:
-        raise PatchgenError(f"{source}: metadata halo must be >= 0, got {spec.halo}")
-    if spec.gcc_source not in GCC_SOURCES or spec.prediction not in PREDICTIONS:
-        raise PatchgenError(f"{source}: unsupported gcc_source {spec.gcc_source!r} or prediction {spec.prediction!r}")
-    return spec
+        raise PatchgenError(f"{source} has invalid patchgen metadata: patchgen.schedule.*: {e}") from None

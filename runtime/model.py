@@ -11,8 +11,9 @@ import onnxruntime as ort
 from .errors import PatchgenError
 from .graph_cache import open_model_session, weights_bytes
 from .limits import available_cpus, available_memory
-from .memory import checked_budget, current_rss
+from .memory import checked_budget, current_rss, format_size
 from .metadata import spec_from_metadata
+from .onnxfile import metadata_props
 from .pretrained import resolve_model
 from .session import DEFAULT_PROVIDER, short_name
 from .spec import ModelSpec, graph_inputs
@@ -70,7 +71,9 @@ def load_model(model: Union[str, Path, None] = None, threads: Optional[int] = No
     memory_budget: the run's peak RSS budget (bytes, or a size such as "500M"), when it has one: a budget
     the weights alone do not fit is refused before anything is opened (BudgetTooSmall), and a graph cache
     build that would not fit it is skipped (opened without the cache, with a note). Without one, a build
-    must fit the memory this process can have.
+    must fit the memory this process can have, and weights that do not fit it are refused. The metadata
+    (untrusted: spec_from_metadata's bounds) and the weights' size are read from the file before the
+    session opens.
     Anything wrong (missing, corrupt, foreign, mismatched, too many threads, provider not available) is a
     PatchgenError."""
     path = resolve_model(model)
@@ -80,10 +83,24 @@ def load_model(model: Union[str, Path, None] = None, threads: Optional[int] = No
         raise PatchgenError(f"threads must be between 1 and {cpus} (the CPUs this process may use), got {threads}")
     if not path.is_file():
         raise PatchgenError(f"model {path} is not a file; pass an .onnx file written by patchgen-export")
+    # What can be checked before the session opens is: the metadata (untrusted: bounds) and the weights
+    # against the memory this process can have, read from the file without loading a weight.
+    try:
+        early = metadata_props(path)
+    except (OSError, ValueError) as e:
+        raise PatchgenError(f"{path} is not a readable ONNX model (corrupt or truncated?): {e}") from None
+    spec_from_metadata(early, source=str(path))
     resident = current_rss()
     weights = weights_bytes(path)
-    build_limit = (available_memory(resident)[0] if memory_budget is None
-                   else checked_budget(memory_budget, weights, resident)[0])
+    if memory_budget is None:
+        build_limit, limited_by = available_memory(resident)
+        if build_limit is not None and resident + weights > build_limit:
+            raise PatchgenError(f"{path.name} needs at least {format_size(resident + weights)} ({format_size(weights)} "
+                                f"of weights on top of the {format_size(resident)} this process holds), but this "
+                                f"process can have only {format_size(build_limit)} ({limited_by}): free memory or "
+                                "raise the memory limit")
+    else:
+        build_limit = checked_budget(memory_budget, weights, resident)[0]
     try:
         opened = open_model_session(path, threads, provider, build_limit)
     except PatchgenError:

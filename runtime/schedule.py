@@ -9,11 +9,17 @@ from typing import Optional
 
 import numpy as np
 
+from .checks import Problems, is_int, shown
+
 SCHEDULE_KINDS = ("cosine", "linear")
 # Sampling starts from x_T ~ N(0, I), which is what training saw at t = T-1 only if almost no signal is left
 # there: sqrt(alphas_cumprod[T-1]) (the weight of x0 in x_{T-1}) must be at most this, 1 % of the image,
 # about one uint8 level. Ho et al.'s linear schedule at T = 1000 leaves 0.64 %, the cosine one 0.005 %.
 MAX_TERMINAL_SIGNAL = 0.01
+# T is read from checkpoints and ONNX metadata, which are untrusted; the schedule's arrays are float64 [T], built
+# several times over while it is checked. The paper uses 1000 and DDPM-style models rarely more than 4000; 100k
+# is far beyond any use and still cheap (a few MB of arrays, timestep indices exact in float32).
+MAX_TIMESTEPS = 100_000
 
 
 @dataclass(frozen=True)
@@ -30,10 +36,16 @@ class Schedule:
     beta_end: Optional[float] = None
 
     def __post_init__(self):
-        if self.kind not in SCHEDULE_KINDS:
-            raise ValueError(f"unknown schedule kind {self.kind!r}; expected one of {SCHEDULE_KINDS}")
-        if self.num_timesteps < 2:
-            raise ValueError(f"a schedule needs at least 2 timesteps, got {self.num_timesteps}")
+        if not isinstance(self.kind, str) or self.kind not in SCHEDULE_KINDS:
+            raise ValueError(f"unknown schedule kind {shown(self.kind)}; expected one of {SCHEDULE_KINDS}")
+        problems = schedule_problems(self.num_timesteps, self.cosine_s, self.max_beta, self.beta_start,
+                                     self.beta_end)
+        if problems:  # before any array is built: the check below takes memory in proportion to T
+            raise ValueError(problems.message())
+        for name in ("cosine_s", "max_beta", "beta_start", "beta_end"):  # numpy scalars -> plain floats
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, float(getattr(self, name)))
+        object.__setattr__(self, "num_timesteps", int(self.num_timesteps))
         T = self.num_timesteps
         if self.beta_start is None:
             object.__setattr__(self, "beta_start", 0.1 / T)
@@ -43,6 +55,26 @@ class Schedule:
         if problem:
             raise ValueError(f"a {self.kind} schedule with T = {T} {problem}; use more timesteps (with the default "
                              f"parameters, at least {min_timesteps(self.kind)})")
+
+
+def schedule_problems(num_timesteps, cosine_s, max_beta, beta_start, beta_end) -> Problems:
+    """What is wrong with a schedule's numbers on their own (types, T, finite parameters in range); cheap,
+    so it runs before the betas are computed. beta_start / beta_end may be None (scaled defaults)."""
+    problems = Problems()
+    if not is_int(num_timesteps):
+        problems.add("num_timesteps", f"must be an integer, got {shown(num_timesteps)}")
+    elif num_timesteps < 2:
+        problems.add("num_timesteps", f"must be at least 2 (a schedule needs at least 2 timesteps), got "
+                                      f"{num_timesteps}")
+    elif num_timesteps > MAX_TIMESTEPS:
+        problems.add("num_timesteps", f"must be at most {MAX_TIMESTEPS} (the paper uses 1000), got "
+                                      f"{shown(num_timesteps)}")
+    problems.real("cosine_s", cosine_s, 0.0, 1.0)
+    problems.real("max_beta", max_beta, 0.0, 1.0, low_open=True, high_open=True)
+    for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):
+        if value is not None:
+            problems.real(name, value, 0.0, 1.0, low_open=True, high_open=True)
+    return problems
 
 
 def _betas(kind: str, T: int, cosine_s: float, max_beta: float, beta_start: float, beta_end: float) -> np.ndarray:
@@ -69,7 +101,7 @@ def _problem(b: np.ndarray) -> Optional[str]:
 def min_timesteps(kind: str) -> int:
     """The fewest timesteps T for which a `kind` schedule with default parameters is valid."""
     d = {f.name: f.default for f in dataclasses.fields(Schedule)}
-    for T in range(2, 100_000):
+    for T in range(2, MAX_TIMESTEPS + 1):
         if _problem(_betas(kind, T, d["cosine_s"], d["max_beta"], 0.1 / T, 20.0 / T)) is None:
             return T
     raise ValueError(f"no valid {kind} schedule with default parameters")

@@ -40,6 +40,15 @@ def blob_images(n: int, size: int, seed: int = 0) -> np.ndarray:
     return out
 
 
+def blob_folder(root, n: int, size: int = 16):
+    """`root` filled with n blob images as PNGs (000.png, 001.png, ...): a training folder. Returns root."""
+    from PIL import Image
+
+    for i, img in enumerate(blob_images(n, size)):
+        Image.fromarray(img).save(root / f"{i:03d}.png")
+    return root
+
+
 @pytest.fixture
 def blobs16() -> ImageSet:
     return ImageSet(blob_images(64, 16), DataSource("blobs", num_images=64))

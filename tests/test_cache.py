@@ -1,7 +1,12 @@
 """The image cache: built once and mapped read-only, rebuilt when the folder changes or the entry is damaged,
-decoded in worker processes with the same result as in this one."""
+decoded in worker processes with the same result as in this one, which end when this one is killed."""
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,3 +161,103 @@ def test_no_entry_for_a_set_without_images(tmp_path):
     with pytest.raises(PatchgenError, match="no usable images"):
         load_folder(folder, 8, Decoding(tmp_path / "cache"))
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+LINUX_PROC = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds processes in /proc")
+# A process that decodes a folder into the cache in two worker processes, as patchgen-train does.
+DECODE_FOLDER = """
+import sys
+from patchgen.models.cache import Decoding
+from patchgen.models.data import load_folder
+load_folder(sys.argv[1], 8, Decoding(cache_dir=sys.argv[2], workers=2))
+"""
+
+
+def slow_folder(folder, n):
+    """n names for one 1024 x 1024 noise PNG (hard links: no disk space), each tens of milliseconds to decode."""
+    folder.mkdir()
+    noise = np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), np.uint8)
+    Image.fromarray(noise).save(folder / "00000.png", compress_level=0)
+    for i in range(1, n):
+        os.link(folder / "00000.png", folder / f"{i:05d}.png")
+    return folder
+
+
+def stat(pid) -> list[str]:
+    """/proc/<pid>/stat's fields after the command name ([state, ppid, ...]), or [] for no such process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
+def alive(pid) -> bool:
+    return stat(pid)[:1] not in ([], ["Z"])  # a zombie has ended; only its exit status waits to be collected
+
+
+def decoders(parent) -> list[int]:
+    """`parent`'s children that have loaded Pillow's decoder (its worker processes, not the resource tracker)."""
+    pids = [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit()]
+    children = [pid for pid in pids if stat(pid)[1:2] == [str(parent)]]
+    return [pid for pid in children if "_imaging" in _read(f"/proc/{pid}/maps")]
+
+
+def _read(path) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def wait_for(condition, timeout_s):
+    """condition()'s first true value within timeout_s seconds (polled every 20 ms), else its last value."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return value
+
+
+@LINUX_PROC
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=lambda sig: sig.name)
+def test_decoder_processes_end_with_their_parent(tmp_path, sig):
+    """Killed while it builds the cache, the decoding process takes its workers with it: none is left blocked
+    on a pipe under PID 1 (issue 31, kind 6)."""
+    folder = slow_folder(tmp_path / "images", MIN_PARALLEL + 72)  # about 4 s of decoding for 2 workers
+    parent = subprocess.Popen([sys.executable, "-c", DECODE_FOLDER, str(folder), str(tmp_path / "cache")])
+    workers = []
+    try:
+        workers = wait_for(lambda: len(found := decoders(parent.pid)) == 2 and found, 30)
+        assert workers and parent.poll() is None, "the workers must be decoding when their parent is killed"
+        parent.send_signal(sig)
+        assert parent.wait(10) == -sig
+        assert wait_for(lambda: not any(map(alive, workers)), 3), f"{[p for p in workers if alive(p)]} outlived it"
+    finally:
+        for pid in workers or []:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        parent.kill()
+        parent.wait()
+
+
+# A process whose parent (pid on its first line) starts a grandchild that runs only the parent watch, then waits.
+WATCHED = ("import os; from patchgen.models.cache import _watch_parent; parent = os.getppid(); "
+           "print(os.getpid(), flush=True); _watch_parent(parent)")
+STARTS_WATCHED = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', sys.argv[1]]); time.sleep(60)"
+
+
+@LINUX_PROC
+def test_parent_watch_alone_ends_an_orphan():
+    """Without prctl (other systems, or prctl refused), the polling thread's check ends the orphan."""
+    parent = subprocess.Popen([sys.executable, "-c", STARTS_WATCHED, WATCHED], stdout=subprocess.PIPE, text=True)
+    watched = None
+    try:
+        watched = int(parent.stdout.readline())
+        parent.kill()
+        parent.wait()
+        assert wait_for(lambda: not alive(watched), 3)
+    finally:
+        if watched is not None and alive(watched):
+            os.kill(watched, signal.SIGKILL)
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()

@@ -1,15 +1,20 @@
 """Training data: every image kind Pillow opens arrives as a viewer shows it; data sets round-trip by name."""
 import io
+import re
 import struct
+import time
 import zlib
 
 import numpy as np
 import pytest
-from PIL import Image, ImageCms
+import PIL
+from PIL import Image, ImageCms, ImageFile
 
+import patchgen.models.data as data_module
 import tinyfont
-from patchgen.models.data import (NOTO_FONT_ENV, holdout_split, image_suffixes, load_data, load_emoji, load_folder,
-                                  load_named, prepare_image)
+from patchgen.models.cache import Decoding
+from patchgen.models.data import (NOTO_FONT_ENV, DataSource, holdout_split, image_suffixes, load_data, load_emoji,
+                                  load_folder, load_named, max_decode_pixels, prepare_image)
 from patchgen.runtime.errors import PatchgenError
 
 SIZE = 16  # the files are SIZE x SIZE and load at SIZE: no resampling, so pixels compare one to one
@@ -32,16 +37,25 @@ def with_white(image, where):
     return out
 
 
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
 def png16(path, samples: np.ndarray, trns=None):
     """A 16-bit-per-sample RGB PNG written by hand (Pillow cannot write one)."""
     h, w, _ = samples.shape
     raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in samples)
+    body = png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+    body += png_chunk(b"tRNS", struct.pack(">HHH", *trns)) if trns is not None else b""
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body + png_chunk(b"IDAT", zlib.compress(raw)) + png_chunk(b"IEND", b""))
 
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    body = chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
-    body += chunk(b"tRNS", struct.pack(">HHH", *trns)) if trns is not None else b""
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+def bomb_png(path, side: int):
+    """A valid 1-bit white PNG of side x side pixels in a few kilobytes: at 13000, a decompression bomb below
+    Pillow's threshold (169 MP: gigabytes to decode, issue 31)."""
+    raw = (b"\x00" + b"\xff" * ((side + 7) // 8)) * side  # filter byte 0, then the row's bits
+    body = png_chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body + png_chunk(b"IDAT", zlib.compress(raw, 9)) + png_chunk(b"IEND", b""))
 
 
 def swapped_primaries_profile() -> bytes:
@@ -172,7 +186,8 @@ def test_image_kinds_arrive_as_a_viewer_shows_them(tmp_path, kind):
     name, write, expected, tolerance = KINDS[kind]
     write(tmp_path / name)
     if expected is None:
-        with pytest.raises(PatchgenError, match=r"\(1 unreadable or without a faithful RGB form skipped\)"):
+        with pytest.raises(PatchgenError, match=r"\(1 skipped: unreadable, over \d+ pixels, or without a faithful "
+                                                r"RGB form\)"):
             load_folder(tmp_path, SIZE)
         return
     data = load_folder(tmp_path, SIZE)
@@ -330,3 +345,129 @@ def test_a_font_without_colour_bitmaps_is_named(tmp_path, monkeypatch):
     monkeypatch.setenv(NOTO_FONT_ENV, str(tmp_path / "plain.ttf"))
     with pytest.raises(PatchgenError, match="has no colour bitmaps"):
         load_data("noto-emoji", 8)
+
+
+@pytest.fixture
+def decoded_sizes(monkeypatch):
+    """The (width, height) of each image file whose pixels Pillow loads in this process (once or more each);
+    loading one with more pixels than the bound at SIZE fails the test instead of taking the memory."""
+    sizes = []
+    real = ImageFile.ImageFile.load
+
+    def load(self):
+        sizes.append(self.size)
+        assert self.width * self.height <= max_decode_pixels(SIZE), f"decoded a {self.size} image"
+        return real(self)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    return sizes
+
+
+def test_an_image_too_large_to_decode_is_skipped_from_its_header(tmp_path, decoded_sizes):
+    """Issue 31, kind 7: a small file that declares 13000 x 13000 is skipped, and counted, before any pixel is
+    decoded; the others are used."""
+    bomb_png(tmp_path / "bomb.png", 13000)
+    assert (tmp_path / "bomb.png").stat().st_size < 100_000
+    for name in ("a.png", "b.png"):
+        Image.fromarray(QUAD).save(tmp_path / name)
+    start = time.monotonic()
+    data = load_folder(tmp_path, SIZE)
+    assert time.monotonic() - start < 2
+    assert data.source.num_images == 2 and data.source.skipped == 1
+    assert set(decoded_sizes) == {(SIZE, SIZE)}
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).unlink()
+    with pytest.raises(PatchgenError, match=f"1 skipped: unreadable, over {max_decode_pixels(SIZE)} pixels"):
+        load_folder(tmp_path, SIZE)
+
+
+def test_the_decode_bound_grows_with_the_image_side():
+    assert max_decode_pixels(16) == data_module.MIN_DECODE_PIXELS == 2**24  # small sides: the floor
+    assert max_decode_pixels(1024) == (data_module.MAX_DECODE_SCALE * 1024) ** 2 > 2**24
+
+
+def test_draft_brings_a_large_jpeg_under_the_bound(tmp_path, monkeypatch, decoded_sizes):
+    """A JPEG over the bound is decoded at 1/8 scale, under it, and used; a PNG of the same size (no reduced
+    decoding) is skipped."""
+    monkeypatch.setattr(data_module, "MIN_DECODE_PIXELS", 0)  # the bound at SIZE: (16 * SIZE)**2, 256 x 256
+    big = np.kron(QUAD, np.ones((64, 64, 1), np.uint8))  # 1024 x 1024
+    Image.fromarray(big).save(tmp_path / "a.jpg", quality=95)
+    Image.fromarray(big).save(tmp_path / "b.png")
+    data = load_folder(tmp_path, SIZE)
+    assert data.source.num_images == 1 and data.source.skipped == 1
+    assert set(decoded_sizes) == {(128, 128)}
+    np.testing.assert_allclose(data.images[0].astype(int), prepare_image(Image.fromarray(big), SIZE), atol=6)
+
+
+def test_a_drafted_jpeg_keeps_its_orientation_and_profile(tmp_path, decoded_sizes):
+    """EXIF orientation and the ICC profile still apply to a JPEG decoded at a reduced scale."""
+    big = np.kron(QUAD, np.ones((8, 8, 1), np.uint8))  # 128 x 128: decoded at 1/8, SIZE x SIZE
+    Image.fromarray(big).save(tmp_path / "a.jpg", exif=exif(6), icc_profile=swapped_primaries_profile(),
+                              quality=95, subsampling=0)
+    data = load_folder(tmp_path, SIZE)
+    assert set(decoded_sizes) == {(SIZE, SIZE)}
+    np.testing.assert_allclose(data.images[0].astype(int), np.rot90(QUAD, -1)[..., [1, 0, 2]], atol=8)
+
+
+def write_quads(folder, n):
+    folder.mkdir(exist_ok=True)
+    for i in range(n):
+        Image.fromarray(QUAD).save(folder / f"{i}.png")
+    return folder
+
+
+def test_a_data_set_has_an_identity(tmp_path, monkeypatch):
+    """Issue 31, kind 8: the same files give the same identity however they are loaded: in memory or through
+    the image cache (built, then mapped), at any image side, under any Pillow version."""
+    folder = write_quads(tmp_path / "images", 3)
+    identity = load_folder(folder, SIZE).source.identity
+    assert re.fullmatch("[0-9a-f]{16}", identity)
+    cache = Decoding(tmp_path / "cache")
+    assert load_folder(folder, SIZE).source.identity == identity
+    assert load_folder(folder, SIZE, cache).source.identity == identity  # building the entry
+    assert load_folder(folder, SIZE, cache).source.identity == identity  # mapping it
+    assert load_folder(folder, 8, cache).source.identity == identity
+    monkeypatch.setattr(PIL, "__version__", "0.0.0")  # a new cache entry, the same data
+    assert load_folder(folder, SIZE, cache).source.identity == identity
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 3
+
+
+@pytest.mark.parametrize("change", ["add", "remove", "rewrite"])
+def test_identity_changes_with_the_files(tmp_path, change):
+    folder = write_quads(tmp_path / "images", 3)
+    before = load_folder(folder, SIZE).source.identity
+    if change == "add":
+        Image.fromarray(QUAD).save(folder / "3.png")
+    elif change == "remove":
+        (folder / "0.png").unlink()
+    else:
+        Image.fromarray(np.rot90(QUAD)).resize((2 * SIZE, 2 * SIZE)).save(folder / "0.png")
+    assert load_folder(folder, SIZE).source.identity != before
+
+
+def test_identity_travels_in_the_data_source_dict():
+    source = DataSource("folder:/data", num_images=3, identity="0123456789abcdef", image_size=16, num_train=2)
+    assert DataSource.from_dict(source.to_dict()) == source
+    old = {"name": "twemoji-faces", "license": "CC-BY-4.0", "num_train": 113}  # written before the field
+    assert DataSource.from_dict(old).identity == ""
+
+
+def test_built_in_sets_have_an_identity(tiny_noto):
+    faces = load_data("emoji-faces", 8).source.identity
+    noto, noto_faces = load_data("noto-emoji", 8).source.identity, load_data("noto-emoji-faces", 8).source.identity
+    assert all(re.fullmatch("[0-9a-f]{16}", i) for i in (faces, noto, noto_faces))
+    assert len({faces, noto, noto_faces}) == 3
+    assert load_data("noto-emoji", 4, decoding=Decoding(tiny_noto.parent / "cache")).source.identity == noto
+
+
+def test_identity_survives_a_copy_and_new_times(tmp_path):
+    """What a reinstall or a copy changes (the folder, the files' times) leaves the identity: a resumed run in a
+    fresh environment still recognises its data (train.same_data)."""
+    import os
+    import shutil
+
+    folder = write_quads(tmp_path / "images", 3)
+    before = load_folder(folder, SIZE).source.identity
+    copy = shutil.copytree(folder, tmp_path / "elsewhere")
+    for png in copy.iterdir():
+        os.utime(png, (1, 1))
+    assert load_folder(copy, SIZE).source.identity == before

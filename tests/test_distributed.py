@@ -10,12 +10,11 @@ import time
 
 import pytest
 import torch
-from PIL import Image
 
 from patchgen.models.distributed import World, rank_seed
 from patchgen.runtime.errors import PatchgenError
 
-from conftest import blob_images
+from conftest import blob_folder
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
 # patchgen-train with save_checkpoint wrapped: every call appends the calling rank to $SAVES.
@@ -48,10 +47,7 @@ SESSION = ["--preview-every", "0", "--checkpoint-every", "3"]
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    for i, img in enumerate(blob_images(24, 16)):
-        Image.fromarray(img).save(root / f"{i:03d}.png")
-    return root
+    return blob_folder(tmp_path_factory.mktemp("images"), 24)
 
 
 def launch(tmp_path, ranks, *args, wait=True):

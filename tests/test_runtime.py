@@ -158,6 +158,8 @@ def _foreign(tmp_path):
     (["--model", "{t100}", "--steps", "101"], "steps must be between 1 and 100"),
     (["--model", "{g2}", "--provider", "rknpu"], "not available in this onnxruntime build (onnxruntime"),
     (["--model", "{g2}", "--provider", "gpu"], "'gpu' is not an onnxruntime execution provider"),
+    (["--model", "{g2}", "-n", "10000000", "--grid-image", "{tmp}/grid.png"], "leave out --grid-image"),
+    (["--model", "{g2}", "--grid-image", "{g2}"], "is the model file"),
 ])
 def test_sample_bad_input(models, tmp_path, args, message):
     (tmp_path / "corrupt.onnx").write_bytes(models["g2"][1].read_bytes()[:3000])

@@ -129,6 +129,11 @@ def run_cli(*args, cwd=None, env=None):
     (["--grid", "1", "--halo", "2"], "no neighbouring patches"),
     (["--edge-mask"], "needs a halo"),
     (["--no-cache", "--cache-dir", "somewhere"], "--cache-dir and --no-cache contradict each other"),
+    (["--accept-changed-data"], "--accept-changed-data applies to --resume only"),
+    (["--dropout", "1"], "--dropout"),
+    (["--timesteps", str(10**9)], "--timesteps"),
+    (["--batch-size", str(10**9)], "--batch-size"),
+    (["--base-width", str(10**6)], "--base-width"),
 ])
 def test_cli_bad_input(tmp_path, args, message):
     r = run_cli(*args, "--out", str(tmp_path / "run"))
