@@ -83,6 +83,9 @@ def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_
     model = load_model(model_path, threads, provider, memory_budget)
     if grid_image is not None and _is_input(grid_image, model.path):
         raise CliError(f"--grid-image {grid_image} is the model file (or its weights); choose another path")
+    if grid_image is not None and _is_sample(grid_image, out_dir, seed, num_images):
+        raise CliError(f"--grid-image {grid_image} is one of this run's own PNGs, which would overwrite it or it "
+                       "them; choose another name")
     c, h, w = model.spec.image_shape
     plan = make_plan(model, num_images, seed, sampler, steps, eta, memory_budget=memory_budget,
                      patch_batch=patch_batch, held_bytes=grid_memory(num_images, h, w, c) if grid_image else 0)
@@ -106,6 +109,14 @@ def _is_input(path: Path, model_path: Path) -> bool:
     except (OSError, ValueError):
         inputs = [model_path]
     return path.exists() and any(p.exists() and path.samefile(p) for p in inputs)
+
+
+def _is_sample(path: Path, out_dir: Path, seed: int, num_images: int) -> bool:
+    """Whether `path` is where this run writes one of its images (seed<S>_<index>.png in out_dir)."""
+    if os.path.realpath(path.parent) != os.path.realpath(out_dir):
+        return False
+    index = path.name.removeprefix(f"seed{seed}_").removesuffix(".png")
+    return path.name == f"seed{seed}_{index}.png" and index.isdigit() and len(index) == 5 and int(index) < num_images
 
 
 def _sample(model, plan, seed, num_images, out_dir, grid_image):

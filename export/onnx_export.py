@@ -24,7 +24,7 @@ from patchgen.runtime.files import (as_utf8, check_free_space, check_writable_fo
                                     temporary_prefix)
 from patchgen.runtime.metadata import spec_to_metadata
 from patchgen.runtime.schedule import Schedule, alphas_cumprod
-from patchgen.runtime.session import open_session
+from patchgen.runtime.session import check_openable, open_session
 from patchgen.runtime.spec import example_feeds
 
 from .onnx_file import staged
@@ -225,6 +225,7 @@ def check_output_path(path: Path, force: bool, checkpoint=None) -> None:
     itself (even with force), or whose folder cannot be written."""
     if checkpoint is not None and path.exists() and Path(checkpoint).exists() and path.samefile(checkpoint):
         raise PatchgenError(f"{path} is the checkpoint being exported; choose another -o")
+    check_openable(path)  # the written file is checked by opening it in onnxruntime
     if path.exists() and not force:
         raise PatchgenError(f"{path} exists; pass --force to overwrite it")
     check_writable_folder(path.parent)

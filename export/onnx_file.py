@@ -157,13 +157,15 @@ def staged(model: onnx.ModelProto, output: Path) -> Iterator[Staged]:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~current_umask())
-    except OSError as e:
+    except BaseException as e:  # a full disk, or Ctrl-C / SIGTERM mid-write: nothing is left
         if stage is not None:
             stage.drop()
         elif data_is_new:
             with contextlib.suppress(FileNotFoundError):
                 data.unlink()
-        raise _cannot_write(folder, e) from None
+        if isinstance(e, OSError):
+            raise _cannot_write(folder, e) from None
+        raise
     try:
         yield stage
     finally:

@@ -79,6 +79,8 @@ def entry_problems(ckpt: dict) -> Problems:
     for name in ("model", "ema"):
         if not _is_tensor_table(ckpt.get(name)):
             problems.add(name, "must be a table of weight tensors")
+        elif not all(bool(torch.isfinite(v).all()) for v in ckpt[name].values() if v.is_floating_point()):
+            problems.add(name, "holds NaN or infinite weights (a run that diverged, or a damaged file)")
     optimizer = ckpt.get("optimizer")  # absent from a slim copy for export (benchmarks/train_gpu.sh)
     if "optimizer" in ckpt and not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
             and isinstance(optimizer.get("param_groups"), list)

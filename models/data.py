@@ -79,9 +79,20 @@ class DataSource:
 
     @classmethod
     def from_dict(cls, d: dict) -> "DataSource":
-        """From a checkpoint's dict; unknown keys are ignored, missing ones take their defaults."""
+        """From a checkpoint's dict; unknown keys are ignored, missing ones take their defaults. A value of
+        the wrong type (the file was damaged or edited) is a ValueError naming the field."""
+        if not isinstance(d, dict):
+            raise ValueError(f"data: must be a table naming the data set, got {type(d).__name__}")
+        kinds = {"name": str, "attribution": str, "license": str, "identity": str, "num_images": int,
+                 "skipped": int, "image_size": int, "holdout_seed": int, "num_train": int,
+                 "holdout_fraction": (int, float)}
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{"name": "", **{k: v for k, v in d.items() if k in known and v is not None}})
+        values = {k: v for k, v in d.items() if k in known and v is not None}
+        for k, v in values.items():
+            if not isinstance(v, kinds[k]) or isinstance(v, bool):
+                raise ValueError(f"data {k} must be a {kinds[k].__name__ if isinstance(kinds[k], type) else 'number'}"
+                                 f", got {type(v).__name__}")
+        return cls(**{"name": "", **values})
 
 
 @dataclass(frozen=True)

@@ -324,6 +324,9 @@ def resume_run(run_dir, device: str = "cpu", data: Optional[ImageSet] = None,
         raise PatchgenError("the checkpoint has no optimizer state (a slim copy, such as benchmarks/train_gpu.sh "
                             "returns): patchgen-export can export it, but a run cannot resume from it")
     distributed.world().part(ckpt["train_config"].batch_size)  # before the images load; _run keeps the slice
+    if data is None and not ckpt["data"].name:
+        raise PatchgenError("the checkpoint names no data set (damaged or edited?): a run resumes on the data it "
+                            "started with; start a new run instead")
     data = data if data is not None else load_data(ckpt["data"])
     source = same_data(ckpt["data"], data.source, accept_changed_data)
     cadence = {**DEFAULT_CADENCE, **ckpt.get("cadence", {})}

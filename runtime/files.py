@@ -106,6 +106,8 @@ def check_free_space(folder, need: int, what: str, elsewhere: str = "choose anot
 def check_writable_folder(folder) -> None:
     """Fail early, before any long work, when files cannot be created in `folder`."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise PatchgenError(f"{folder} is a file, not a folder: choose another path")
     if not folder.is_dir():
         raise PatchgenError(f"output folder {folder} does not exist: create it or choose another path")
     try:

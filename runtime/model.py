@@ -52,7 +52,11 @@ class OnnxModel:
         if t.size and (t.min() < 0 or t.max() >= T):
             raise ValueError(f"timesteps must be in [0, {T - 1}], got {t.min()} .. {t.max()}")
         given = {"x": x, "t": t, "pos": pos, "gcc": gcc}
-        return self.session.run(["eps"], {name: given[name] for name in self.input_names})[0]
+        eps = self.session.run(["eps"], {name: given[name] for name in self.input_names})[0]
+        if not np.isfinite(eps).all():  # broken weights (an export with --skip-check): say so, not black PNGs
+            raise PatchgenError(f"{self.path.name} predicts NaN or infinite noise at timestep {int(t.max())}: its "
+                                "weights are broken; re-export it from a good checkpoint (without --skip-check)")
+        return eps
 
 
 def expected_inputs(spec: ModelSpec) -> dict[str, list]:

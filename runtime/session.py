@@ -97,6 +97,17 @@ def provider_name(name: str) -> str:
     return known[key]
 
 
+def check_openable(path) -> None:
+    """onnxruntime takes paths as UTF-8 text: a path that is not (a folder named in another encoding, which
+    Python holds as surrogate escapes) is one PatchgenError line, not onnxruntime's constructor error."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise PatchgenError(f"onnxruntime cannot open {shown}: the path is not valid UTF-8; rename the folder or "
+                            "choose another") from None
+
+
 def open_session(path, threads: int = 1, provider: str = DEFAULT_PROVIDER, optimization: str = "all",
                  save_optimized: Optional[Path] = None) -> ort.InferenceSession:
     """Open the ONNX file at `path` (never bytes: onnxruntime would hold them beside the parsed weights).
@@ -108,6 +119,7 @@ def open_session(path, threads: int = 1, provider: str = DEFAULT_PROVIDER, optim
     memory-maps. Raises PatchgenError when the provider is unavailable or did not start."""
     if isinstance(path, (bytes, bytearray)):
         raise TypeError("open_session takes a path; write the model to a file first")
+    check_openable(path)
     tune_allocator()
     chosen = provider_name(provider)
     providers = [chosen] + (["CPUExecutionProvider"] if chosen != "CPUExecutionProvider" else [])

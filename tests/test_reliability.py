@@ -410,3 +410,69 @@ def test_ctrl_c_inside_torchs_exporter_waits_for_it():
             time.sleep(0.05)  # the signal is delivered here, and held
             reached.append("end of the block")
     assert reached == ["end of the block"]
+
+
+# ---- Found by a hostile pass over the first version of these fixes.
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda c: c.update(data=5), "data: must be a table"),
+    (lambda c: c["data"].update(name=5), "data name must be a str"),
+    (lambda c: c.update(data=None), "names no data set"),
+    (lambda c: c["ema"].update({k: v * float("nan") for k, v in c["ema"].items() if v.is_floating_point()}),
+     "ema holds NaN or infinite weights"),
+])
+def test_a_damaged_checkpoint_is_one_line_for_export_and_resume(tmp_path, image_folder, edit, message):
+    run = tmp_path / "run"
+    assert cli("train", "--data", image_folder, *TRAIN, "--max-steps", 1, "--out", run).returncode == 0
+    ckpt = __import__("torch").load(run / "checkpoint.pt", weights_only=True)
+    edit(ckpt)
+    __import__("torch").save(ckpt, run / "checkpoint.pt")
+    r = cli("train", "--resume", "--max-steps", 2, "--out", run)
+    one_line(r, message)
+    if "names no data set" not in message:  # export needs no data set
+        one_line(cli("export", run / "checkpoint.pt", "-o", tmp_path / "m.onnx"), message)
+        assert not (tmp_path / "m.onnx").exists()
+
+
+def test_an_output_folder_that_is_not_utf8_is_refused_before_the_work(tmp_path):
+    folder = Path(os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9"))
+    folder.mkdir()
+    ckpt = write_checkpoint(tmp_path / "c.pt", tiny_config())
+    one_line(cli("export", ckpt, "-o", folder / "m.onnx"), "the path is not valid UTF-8")
+    assert not list(folder.iterdir())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_staged_file_is_written_leaves_nothing(tmp_path, sig):
+    """Ctrl-C or SIGTERM at the moment the export writes its temporary .onnx: it is removed on the way out."""
+    ckpt = write_checkpoint(tmp_path / "c.pt", tiny_config())
+    out = tmp_path / "out"
+    out.mkdir()
+    for _ in range(3):
+        proc = start("export", ckpt, "-o", out / "m.onnx", "--force")
+        wait_for(lambda: proc.poll() is not None or any(p.name.endswith(".tmp") for p in out.iterdir()),
+                 timeout=240, what="the staged file")
+        proc.send_signal(sig)
+        proc.communicate(timeout=120)
+        assert temporaries(out) == [] and not (out / ".m.onnx.lock").exists()
+
+
+def test_a_grid_image_that_is_one_of_the_samples_is_refused(onnx_model, tmp_path):
+    (tmp_path / "out").mkdir()
+    r = sample_cli("--model", onnx_model, "-n", 2, "--steps", 1, "--out", tmp_path / "out", "--grid-image",
+                   tmp_path / "out" / ".." / "out" / "seed0_00001.png")
+    one_line(r, "is one of this run's own PNGs")
+    assert not list((tmp_path / "out").iterdir())
+
+
+def test_a_model_that_predicts_nan_is_one_line(tmp_path):
+    ckpt = write_checkpoint(tmp_path / "c.pt", tiny_config())
+    export_onnx(ckpt, tmp_path / "m.onnx", check=False)
+    model = onnx.load(tmp_path / "m.onnx")
+    for init in model.graph.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT and len(init.dims) == 4:  # the convolutions' weights
+            init.raw_data = b"\xff\xff\xff\x7f" * (len(init.raw_data) // 4)  # NaN
+    onnx.save(model, tmp_path / "nan.onnx")
+    r = sample_cli("--model", tmp_path / "nan.onnx", "-n", 1, "--steps", 2, "--out", tmp_path / "out")
+    one_line(r, "predicts NaN or infinite noise", "re-export it")
+    assert not (tmp_path / "out").exists()
