@@ -168,7 +168,9 @@ def test_free_space_is_said_in_units_that_show_it(tmp_path):
 # ---- 2. A run folder and an export's output are claimed: the second claimant gets the holder's pid.
 
 def _training(image_folder, out, resume):
-    run = ["--resume"] if resume else ["--data", image_folder, *TRAIN, "--checkpoint-every", 2]
+    # No checkpoint while the second run starts (a loaded machine may start it late): what refuses it is the
+    # claim, not the new run's "checkpoint exists" check. SIGTERM then checkpoints the first run.
+    run = ["--resume"] if resume else ["--data", image_folder, *TRAIN, "--checkpoint-every", 100000]
     return start("train", *run, "--max-steps", 100000, "--out", out)
 
 
@@ -177,6 +179,11 @@ def _holding(proc, lock):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         return lock.exists() and lock.read_text().strip() == str(proc.pid)
     return holds
+
+
+def _log_steps(run):
+    log = run / "train_log.csv"
+    return [int(line.split(",")[0]) for line in log.read_text().splitlines()[1:]] if log.exists() else []
 
 
 @pytest.mark.parametrize("second", ["new", "resume"])
@@ -190,13 +197,15 @@ def test_two_trainings_cannot_share_a_run_folder(tmp_path, image_folder, second)
         args = ["--resume"] if second == "resume" else ["--data", image_folder, *TRAIN, "--seed", 2]
         r = cli("train", *args, "--max-steps", 100000, "--out", run)
         one_line(r, f"run folder {run} is in use by process {first.pid}; wait for that run to end")
+        logged = len(_log_steps(run)) if second == "resume" else 0
+        wait_for(lambda: len(_log_steps(run)) > logged, what="the first run's training steps")  # then SIGTERM
     finally:
         first.send_signal(signal.SIGTERM)
         _, err = first.communicate(timeout=120)
     assert first.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert load_checkpoint(run / "checkpoint.pt")["train_config"].seed == 0  # the first run's, untouched
     assert not (run / ".patchgen-train.lock").exists()
-    steps = [int(line.split(",")[0]) for line in (run / "train_log.csv").read_text().splitlines()[1:]]
+    steps = _log_steps(run)
     assert steps == sorted(set(steps))  # every step logged once
 
 
