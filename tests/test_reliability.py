@@ -209,29 +209,44 @@ def test_two_trainings_cannot_share_a_run_folder(tmp_path, image_folder, second)
     assert steps == sorted(set(steps))  # every step logged once
 
 
+HOLDER = """
+import sys, time
+from pathlib import Path
+from patchgen.runtime.files import claim
+with claim(Path(sys.argv[1]), "x", "wait"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def holding(lock):
+    """A real process that holds the claim `lock` until killed (claim is what export and train use)."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
 def test_two_exports_to_one_output(tmp_path):
+    """A second export to an -o that another one is writing is refused with the first one's pid; the first
+    is a process holding the claim (a real export may finish first on a loaded machine)."""
     ckpt = write_checkpoint(tmp_path / "c.pt", tiny_config())
     out = tmp_path / "m.onnx"
-    first = start("export", ckpt, "-o", out)
-    wait_for(_holding(first, tmp_path / ".m.onnx.lock"), what="the first export's claim")
-    r = cli("export", ckpt, "-o", out)
-    one_line(r, f"{out} is in use by process {first.pid}; another export is writing it")
-    _, err = first.communicate(timeout=300)
-    assert first.returncode == 0, err
+    first = holding(tmp_path / ".m.onnx.lock")
+    try:
+        one_line(cli("export", ckpt, "-o", out), f"{out} is in use by process {first.pid}; another export is "
+                                                 "writing it")
+    finally:
+        first.kill()
+        first.wait()
+    assert not out.exists()
+    r = cli("export", ckpt, "-o", out)  # the kernel released the killed holder's claim
+    assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "m.onnx"]  # the lock went with the export
 
 
 def test_a_claim_left_by_a_killed_process_is_taken_over(tmp_path):
     lock = tmp_path / ".x.lock"
-    holder = subprocess.Popen([sys.executable, "-c", f"""
-import sys, time
-from pathlib import Path
-from patchgen.runtime.files import claim
-with claim(Path({str(lock)!r}), "x", "wait"):
-    print("held", flush=True)
-    time.sleep(600)
-"""], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "held"
+    holder = holding(lock)
     with pytest.raises(PatchgenError, match=f"^x is in use by process {holder.pid}; wait$"):
         with claim(lock, "x", "wait"):
             pass
