@@ -16,7 +16,6 @@ data file, which the next export to the same name removes.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 import tempfile
@@ -26,8 +25,7 @@ from typing import Iterator, Optional
 
 import onnx
 
-from patchgen.runtime.errors import PatchgenError
-from patchgen.runtime.files import current_umask, remove_stale_temporaries, temporary_prefix
+from patchgen.runtime.files import current_umask, remove_stale_temporaries, temporary_prefix, write_error
 from patchgen.runtime.onnxfile import external_data_files
 
 MIB = 2**20
@@ -42,12 +40,6 @@ def initializer_bytes(model: onnx.ModelProto) -> int:
 
 def data_name(output: Path, digest: str) -> str:
     return f"{output.name}.{digest[:12]}.data"
-
-
-def _cannot_write(folder: Path, e: OSError) -> PatchgenError:
-    what = ("free some space there or choose another output folder" if e.errno in (errno.ENOSPC, errno.EDQUOT)
-            else "choose a writable output folder")
-    return PatchgenError(f"cannot write the model in {folder}: {e.strerror or e}; {what}")
 
 
 @dataclass
@@ -164,7 +156,7 @@ def staged(model: onnx.ModelProto, output: Path) -> Iterator[Staged]:
             with contextlib.suppress(FileNotFoundError):
                 data.unlink()
         if isinstance(e, OSError):
-            raise _cannot_write(folder, e) from None
+            raise write_error(e, f"the model in {folder}", "choose another output folder") from None
         raise
     try:
         yield stage
