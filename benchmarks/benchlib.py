@@ -86,7 +86,8 @@ def random_model(path: Path, image_size: int, grid: int, keep_checkpoint: bool =
 
 # One sampling process, patchgen's runtime: prints imports / floor / peak (MiB), seconds per step, the resident
 # set at the end split into anonymous and file-backed pages (mapped weights), and how the graph was opened.
-# argv: model, options JSON (onnxruntime / malloc overrides, {} for the defaults), patch batch, steps, threads.
+# argv: model, options JSON (onnxruntime / malloc overrides, {} for the defaults), patch batch (0: the planner
+# under the default budget, its choice reported), steps, threads.
 SAMPLE_CHILD = r"""
 import json, os, sys, time
 from pathlib import Path
@@ -100,8 +101,8 @@ if not opts.get("malloc_tuning", True):
 import numpy as np, onnxruntime as ort
 import patchgen.runtime.session as session
 base = session.session_options
-def options(threads=1, optimization="all"):
-    so = base(threads, optimization)
+def options(threads=1, optimization="all", allocation="lean"):
+    so = base(threads, optimization, allocation)
     so.enable_cpu_mem_arena = opts.get("arena", so.enable_cpu_mem_arena)
     so.enable_mem_pattern = opts.get("pattern", so.enable_mem_pattern)
     if not opts.get("prepack", True):
@@ -121,13 +122,16 @@ from patchgen.runtime.spec import example_feeds
 feeds = example_feeds(model.spec, np.zeros(1, np.int64), np.random.default_rng(0))
 model(feeds["x"], feeds["t"], feeds.get("pos"), feeds.get("gcc"))
 floor = status("VmRSS")
-plan = make_plan(model, 1, seed=0, steps=steps, patch_batch=patch_batch)
+t0 = time.perf_counter()
+plan = make_plan(model, 1, seed=0, steps=steps, patch_batch=patch_batch or None)  # 0: the planner, default budget
+plan_s = time.perf_counter() - t0
 t0 = time.perf_counter()
 for _ in iter_samples(model, plan):
     pass
 print(json.dumps({"imports_mib": imports, "floor_mib": floor, "peak_mib": status("VmHWM"), "load_s": load_s,
                   "s_per_step": (time.perf_counter() - t0) / steps, "anon_mib": status("RssAnon"),
-                  "file_mib": status("RssFile"), "graph": model.graph}))
+                  "file_mib": status("RssFile"), "graph": model.graph, "plan_s": plan_s,
+                  "patch_batch": plan.patch_batch, "allocation": plan.allocation, "threads": model.threads}))
 """
 
 
@@ -135,17 +139,22 @@ SAMPLE_CLI = ["-c", "from patchgen.cli.sample import main; main()"]
 MINIMUM = re.compile(r"minimum of ([\d.]+)M( at least)?")  # in patchgen-sample's refusal of a budget below it
 
 
-def sample_cli(model: str, out: Path, *extra: str, num_images: int = 2, steps: int = 2, threads: int = 1,
+def sample_cli(model: str, out: Path, *extra: str, num_images: int = 2, steps: int = 2, threads: int | None = 1,
                preexec=None) -> dict:
     """`patchgen-sample` in a fresh process (`run_fresh`), with what its stderr reports parsed: the patch
-    batch it chose, its predicted peak (MiB) and s/image (None where not reported), and whether --out was
-    created."""
-    r = run_fresh(python(*SAMPLE_CLI, "--model", model, "-n", str(num_images), "--steps", str(steps), "--threads",
-                         str(threads), "--out", str(out), *extra), preexec=preexec)
+    batch and allocation it chose, its predicted peak (MiB) and s/image (None where not reported), and
+    whether --out was created."""
+    threading = ["--threads", str(threads)] if threads else []  # 0/None: the planner's (or the default) count
+    r = run_fresh(python(*SAMPLE_CLI, "--model", model, "-n", str(num_images), "--steps", str(steps), *threading,
+                         "--out", str(out), *extra), preexec=preexec)
     batch = re.search(r"(\d+) patch\(es\) per call", r["stderr"])
     predicted = re.search(r"predicted peak ([\d.]+)M", r["stderr"])
     speed = re.search(r"([\d.]+) s/image", r["stderr"])
+    threads_used = re.search(r"(\d+) thread\(s\)", r["stderr"])
+    allocation = re.search(r"(\w+) allocation", r["stderr"])
     return {**r, "patch_batch": int(batch.group(1)) if batch else None,
+            "allocation": allocation.group(1) if allocation else None,
+            "threads": int(threads_used.group(1)) if threads_used else None,
             "predicted_mib": float(predicted.group(1)) if predicted else None,
             "s_per_image": float(speed.group(1)) if speed else None, "created_out": out.exists()}
 

@@ -5,9 +5,12 @@ the minimum budget is read from a refusal (1 MiB), then each budget (the minimum
 to the peak of all patches in one call) runs in a fresh cgroup with memory.limit_in_bytes = B (cgroup
 v1; memory.max and memory.swap.max = 0 on v2). Reported: the budget, the patch batch chosen, the kernel's
 peak RSS of the process, the cgroup's own peak (it counts page cache too), the exit code, and whether the
-kernel OOM-killed anything. Needs root and a memory controller (Linux); elsewhere it says why and stops.
+kernel OOM-killed anything. The allocation (memory-first or onnxruntime's arena) is the planner's choice
+for each budget, so both are in play. Needs root and a memory controller (Linux); elsewhere it says why and stops.
 
     python benchmarks/hard_limit.py --model faces64_2x2 --random 128/2/32 --random 256/4/32
+    python benchmarks/hard_limit.py --model faces64_2x2 --random 256/4/32/8 --random 256/4/32/8/int8 \
+        --out benchmarks/results/hard_limit_arena
 """
 from __future__ import annotations
 
@@ -101,10 +104,11 @@ def measure(model: str, tmp: Path, steps: int, points: int) -> list[dict]:
             group.remove()
         killed = r["returncode"] in (-9, 137) or kills > 0
         note = r["stderr"].strip().splitlines()[-1][:110] if r["returncode"] else ""
-        rows.append({"model": name, "budget_mib": round(budget, 1), "patch_batch": r["patch_batch"] or "-",
+        rows.append({"model": name, "budget_mib": round(budget, 1), "allocation": r["allocation"] or "-",
+                     "patch_batch": r["patch_batch"] or "-",
                      "peak_mib": r["peak_mib"], "cgroup_peak_mib": cg_peak, "exit": r["returncode"],
                      "oom_killed": "YES" if killed else "no", "note": note})
-        click.echo(f"{name} limit = budget {budget:.1f} MiB: batch {r['patch_batch']}, peak RSS {r['peak_mib']:.1f}, "
+        click.echo(f"{name} limit = budget {budget:.1f} MiB: {r['allocation']} x{r['patch_batch']}, peak RSS {r['peak_mib']:.1f}, "
                    f"cgroup peak {cg_peak:.1f} MiB, exit {r['returncode']}, OOM-killed {'YES' if killed else 'no'}"
                    + (f" ({note})" if note else ""))
     return rows
@@ -112,7 +116,9 @@ def measure(model: str, tmp: Path, steps: int, points: int) -> list[dict]:
 
 @click.command(epilog="Example: python benchmarks/hard_limit.py --model faces64_2x2 --random 128/2/32 --random 256/4/32")
 @click.option("--model", "models", multiple=True, help="An exported model or a shipped model's name (repeatable).")
-@click.option("--random", "randoms", multiple=True, help="A random-weight model made here, SIZE/GRID/BASE_WIDTH (repeatable).")
+@click.option("--random", "randoms", multiple=True,
+              help="A random-weight model made here, SIZE/GRID/BASE_WIDTH[/HALO[/int8]] (repeatable; int8: "
+                   "calibrated on emoji-faces).")
 @click.option("--steps", type=int, default=2, show_default=True)
 @click.option("--points", type=click.IntRange(min=4), default=6, show_default=True, help="Budgets per model.")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "hard_limit", show_default=True)
@@ -125,10 +131,13 @@ def main(models, randoms, steps, points, out):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         chosen = list(models)
-        for spec in randoms:
-            size, grid, width = (int(v) for v in spec.split("/"))
-            chosen.append(str(random_model(tmp / f"random_{size}_{grid}x{grid}_w{width}.onnx", size, grid,
-                                           base_width=width)))
+        for spec in randoms:  # SIZE/GRID/BASE_WIDTH[/HALO[/int8]]
+            parts = spec.split("/")
+            size, grid, width, halo = (int(v) for v in (parts + ["0"])[:4])
+            weights = parts[4] if len(parts) > 4 else "fp32"
+            chosen.append(str(random_model(tmp / f"random_{size}_{grid}x{grid}_w{width}_h{halo}_{weights}.onnx", size,
+                                           grid, base_width=width, halo=halo, weights=weights,
+                                           calibration_data="emoji-faces" if weights == "int8" else None)))
         for model in chosen or ["faces64_2x2"]:
             rows += measure(model, tmp, steps, points)
     kills = sum(r["oom_killed"] == "YES" for r in rows)
@@ -140,7 +149,8 @@ def main(models, randoms, steps, points, out):
              f"cgroup's high-water mark, page cache included (pages still mapped by other processes stay charged "
              f"to them). OOM kills in all: {kills} of {len(rows)} runs.")
     write_results(out, "Budgets under a hard memory limit (cgroup limit = budget)",
-                  [("model", "model"), ("budget_mib", "budget = limit (MiB)"), ("patch_batch", "patch batch"),
+                  [("model", "model"), ("budget_mib", "budget = limit (MiB)"), ("allocation", "allocation"),
+                   ("patch_batch", "patch batch"),
                    ("peak_mib", "peak RSS (MiB)"), ("cgroup_peak_mib", "cgroup peak (MiB)"), ("exit", "exit"),
                    ("oom_killed", "OOM-killed"), ("note", "note")], rows, notes)
     click.echo(f"{kills} OOM kill(s) in {len(rows)} runs; wrote {out}.md")

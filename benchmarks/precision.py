@@ -7,7 +7,7 @@ s/step, and per setting the median and the range over the rounds of its ratio to
 Kernels: the op types of onnxruntime's optimised graph (QLinearConv means int8 convolutions), and the
 CPU's int8 dot-product flags. Sample quality (KID, seam) at 1000 samples: benchmarks/quality.py on the files.
 
-    python benchmarks/precision.py --checkpoint runs/faces64h8/g2/checkpoint.pt --rounds 5 --steps 10 --allocation both
+    python benchmarks/precision.py --checkpoint runs/faces64h8/g2/checkpoint.pt --rounds 5 --steps 10 --allocation all
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ SETTINGS = {"fp32": [], "fp16": ["--precision", "fp16"], "int8": ["--quantize", 
 # How a sampling process allocates (benchlib.SAMPLE_CHILD options): patchgen's memory-first session settings
 # (runtime/session.py: arena off, mmap-backed blocks from 64 KiB, so each call maps fresh pages) or
 # onnxruntime's own defaults (arena and memory pattern on, glibc untuned), the fastest but not budgetable.
-ALLOCATIONS = {"patchgen": {}, "onnxruntime": {"arena": True, "pattern": True, "malloc_tuning": False}}
+ALLOCATIONS = {"patchgen": {}, "onnxruntime": {"arena": True, "pattern": True, "malloc_tuning": False}, "planner": {}}
+PLANNED = ("planner",)  # the planner's choice under the default budget (patch batch 0 to benchlib.SAMPLE_CHILD)
 
 KERNELS_CHILD = r"""
 import collections, json, sys, tempfile, onnx, onnxruntime as ort
@@ -71,9 +72,10 @@ def cpu_flags() -> str:
 @click.option("--steps", type=int, default=4, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--patch-batch", type=int, default=1, show_default=True)
-@click.option("--allocation", "allocations", type=click.Choice([*ALLOCATIONS, "both"]), default="patchgen",
-              show_default=True, callback=lambda c, p, v: list(ALLOCATIONS) if v == "both" else [v],
-              help="patchgen's memory-first session settings, onnxruntime's defaults (arena on), or both.")
+@click.option("--allocation", "allocations", type=click.Choice([*ALLOCATIONS, "all"]), default="patchgen",
+              show_default=True, callback=lambda c, p, v: list(ALLOCATIONS) if v == "all" else [v],
+              help="patchgen's memory-first session settings (--memory-budget min), onnxruntime's defaults (arena "
+                   "and memory pattern on), the planner's choice under the default budget, or all three.")
 @click.option("--models-dir", type=click.Path(path_type=Path), default=None,
               help="Keep the exported files here (for benchmarks/quality.py) [default: a temporary folder].")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "precision", show_default=True)
@@ -97,12 +99,16 @@ def main(checkpoints, edge, edge_size, edge_grid, rounds, steps, threads, patch_
         cells = [(name, w, a) for a in allocations for name, w in files]
         times: dict = {key: [] for key in cells}
         peaks: dict = {key: [] for key in cells}
+        plans: dict = {key: set() for key in cells}
         for r in range(rounds):
             for key in cells:  # interleaved: every setting once per round
-                row = sample_run(files[key[:2]], patch_batch, steps, threads, ALLOCATIONS[key[2]])
+                row = sample_run(files[key[:2]], 0 if key[2] in PLANNED else patch_batch, steps, threads,
+                                 ALLOCATIONS[key[2]])
                 if "error" in row:
                     raise click.ClickException(f"{files[key[:2]].name}: {row['error']}")
                 times[key].append(row["s_per_step"])
+                if key[2] in PLANNED:
+                    plans[key].add(f"{row['allocation']} x{row['patch_batch']}")
                 peaks[key].append(row["kernel_peak_mib"])
             click.echo(f"round {r + 1}/{rounds}: "
                        + ", ".join(f"{files[k[:2]].stem} ({k[2]}) {times[k][-1]:.3f}" for k in cells))
@@ -112,7 +118,8 @@ def main(checkpoints, edge, edge_size, edge_grid, rounds, steps, threads, patch_
             ratios = [f / x for f, x in zip(times[name, "fp32", a], times[name, w, a])]  # > 1: faster than fp32
             kernels = json.loads(subprocess.run(python("-c", KERNELS_CHILD, str(path)), capture_output=True,
                                                 text=True, check=True).stdout)
-            rows.append({"model": name, "weights": w, "allocation": a, "file_mb": path.stat().st_size / 1e6,
+            rows.append({"model": name, "weights": w, "allocation": a, "plan": "/".join(sorted(plans[name, w, a])),
+                         "file_mb": path.stat().st_size / 1e6,
                          "size_vs_fp32": path.stat().st_size / files[name, "fp32"].stat().st_size,
                          "peak_mib": max(peaks[name, w, a]), "s_per_step": statistics.median(times[name, w, a]),
                          "speedup": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
@@ -121,13 +128,16 @@ def main(checkpoints, edge, edge_size, edge_grid, rounds, steps, threads, patch_
                                                        "MatMulInteger", "Cast", "QuantizeLinear", "DequantizeLinear",
                                                        "FusedConv", "NhwcFusedConv", "QGemm"))})
     notes = (f"{rounds} rounds, interleaved; each cell a fresh `patchgen-sample`-like process (1 image, {steps} DDIM "
-             f"steps, patch batch {patch_batch}, {threads} threads), peak RSS from the kernel (largest over rounds), "
+             f"steps, patch batch {patch_batch} but the planner's own, {threads} threads), peak RSS from the kernel "
+             f"(largest over rounds), "
              f"s/step the median; speed-up = fp32's s/step / this one's in the same round and allocation: "
              f"median (min-max). "
              f"Allocation: patchgen's session settings (arena off, malloc tuned: the budgetable peak) or "
-             f"onnxruntime's defaults (arena and memory pattern on, malloc untuned). int8 is U8S8, int8-s8s8 S8S8. "
+             f"onnxruntime's defaults (arena and memory pattern on, malloc untuned) or the planner's choice under "
+             f"the default budget (plan: allocation x patches per call). int8 is U8S8, int8-s8s8 S8S8. "
              f"Kernels: op counts in onnxruntime's optimised graph. CPU int8/bf16 flags: {cpu_flags()}.")
-    columns = [("model", "model"), ("weights", "weights"), ("allocation", "allocation"), ("file_mb", "file MB"),
+    columns = [("model", "model"), ("weights", "weights"), ("allocation", "allocation"), ("plan", "plan"),
+               ("file_mb", "file MB"),
                ("size_vs_fp32", "size / fp32"),
                ("peak_mib", "peak RSS MiB"), ("s_per_step", "s/step"), ("speedup", "speed-up vs fp32"),
                ("speedup_min", "min"), ("speedup_max", "max"), ("kernels", "kernels")]

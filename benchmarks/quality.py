@@ -10,7 +10,8 @@ compares with every image of the set instead, for sets too small to hold out eno
 - seam: mean |step| across patch borders / mean |step| elsewhere, at the model's grid (a 1x1 model's at the
   largest grid among the models of its image size, 2x2 at least), beside the real images' own score at the
   same positions, and the border step alone (0-255 units);
-- peak RSS and s/image of `patchgen-sample` (1 patch per call, 4 images, the largest peak and fastest time of
+- peak RSS and s/image of `patchgen-sample` (4 images, the planner's choice under the default budget, or
+  --memory-budget's: `min` for one patch per call; the largest peak and fastest time of
   --repeats rounds in which the models take turns), each patch model's peak over its 1x1 baseline's (same
   image size, data set and sampler) round by round, and with --budget-minimum the same under the smallest
   --memory-budget the command accepts.
@@ -48,14 +49,15 @@ np.savez(out, images=data.images[held] if which == "heldout" else data.images)
 
 GEN_CHILD = r"""
 import os, sys, numpy as np
-os.environ["PATCHGEN_MALLOC_TUNING"] = "0"  # samples for the metrics: speed over peak (runtime/session.py)
 from patchgen.runtime.images import to_uint8
 from patchgen.runtime.loop import sample_images
+from patchgen.runtime.generate import make_plan
 from patchgen.runtime.model import load_model
 path, sampler, steps, seed, start, count, out = sys.argv[1:]
 model = load_model(path, threads=int(os.environ["QUALITY_THREADS"]))
+plan = make_plan(model, int(count), steps=int(steps), sampler=sampler)  # the default budget's fastest setup
 x = sample_images(model, model.spec, num_images=int(count), seed=int(seed), steps=int(steps), sampler=sampler,
-                  patch_batch=int(count) * model.spec.grid ** 2, first_index=int(start))
+                  patch_batch=plan.patch_batch, first_index=int(start))
 np.savez(out, images=to_uint8(x))
 """
 
@@ -128,9 +130,11 @@ def make_chunks(todo: list[Chunk], workers: int) -> None:
         list(pool.map(make, missing))  # re-raises a child's failure
 
 
-def edge_runs(entries: list[tuple[Path, str, int]], tmp: Path, repeats: int, budget: bool) -> list[dict]:
+def edge_runs(entries: list[tuple[Path, str, int]], tmp: Path, repeats: int, budget: bool,
+              memory_budget: str | None = None) -> list[dict]:
     """For each (model, sampler, steps): peak RSS (MiB, kernel; the largest) and s/image (the fastest: the
-    least disturbed by a shared machine) of the real command, 4 images, 1 patch per call, 2 threads. The
+    least disturbed by a shared machine) of the real command, 4 images, 2 threads, under `memory_budget` (None:
+    the default budget; "min": one patch per call). The
     settings take turns in `repeats` rounds, each run a fresh process, so a ratio of two models' peaks comes
     from the same round. budget: also the minimum `--memory-budget` the command reports for each (asked in
     round 1 with a budget of 1 MiB, which it refuses) and, every round, a run under that minimum; a later
@@ -141,7 +145,8 @@ def edge_runs(entries: list[tuple[Path, str, int]], tmp: Path, repeats: int, bud
         for (model, sampler, steps), row in zip(entries, stats):
             steps = min(steps, 50) if sampler == "ddpm" else steps
             args = ("--sampler", sampler)
-            r = check(sample_cli(str(model), tmp / "edge", *args, num_images=4, steps=steps, threads=2))
+            chosen = ("--memory-budget", memory_budget) if memory_budget else ()
+            r = check(sample_cli(str(model), tmp / "edge", *args, *chosen, num_images=4, steps=steps, threads=2))
             row["peaks"].append(r["peak_mib"])
             row["speeds"].append(r["s_per_image"])
             if not budget:
@@ -233,7 +238,8 @@ class Measured(NamedTuple):
 
 
 def measure(models: list[Path], plan: list[tuple[str, int]], num_samples: int, seed: int, chunk: int, cache: Path,
-            real_set: str, repeats: int = 3, budget: bool = False, workers: int = 1) -> tuple[list[dict], list]:
+            real_set: str, repeats: int = 3, budget: bool = False, workers: int = 1,
+            memory_budget: str | None = None) -> tuple[list[dict], list]:
     """(one row per model x sampler, (model name, its first 8 samples of the first sampler, the first 8 real
     images it is compared with) per model). Samples and features are cached in `cache`; sampling and timing
     run in fresh processes, all of them before this process imports numpy (see benchlib.run_fresh).
@@ -261,7 +267,7 @@ def measure(models: list[Path], plan: list[tuple[str, int]], num_samples: int, s
         make_chunks([c for m in measured for c in m.chunks], workers)
         click.echo(f"{num_samples} samples each of " + ", ".join(f"{m.model.name} {m.sampler}-{m.steps}"
                                                                  for m in measured))
-        edge = edge_runs([(m.model, m.sampler, m.steps) for m in measured], tmp, repeats, budget)
+        edge = edge_runs([(m.model, m.sampler, m.steps) for m in measured], tmp, repeats, budget, memory_budget)
     import numpy as np  # only now: the measured children above never inherit a large parent
 
     from patchgen.models.metrics import border_step, seam_grid, seam_score
@@ -310,17 +316,20 @@ def measure(models: list[Path], plan: list[tuple[str, int]], num_samples: int, s
               help="Rounds of the memory and speed runs; the models take turns in each.")
 @click.option("--budget-minimum", is_flag=True,
               help="Also run each model under the smallest --memory-budget that patchgen-sample accepts for it.")
+@click.option("--memory-budget", default=None,
+              help="For the peak RSS and s/image runs [default: none, the default budget's plan]; min: 1 patch per call.")
 @click.option("--workers", type=click.IntRange(1, 2), default=1, show_default=True,
               help="Sampling processes at once: 1 of 2 threads, or 2 of 1 thread (faster on 2 cores).")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "quality", show_default=True)
-def main(models, samplers, num_samples, seed, chunk, cache, real_set, repeats, budget_minimum, workers, out):
+def main(models, samplers, num_samples, seed, chunk, cache, real_set, repeats, budget_minimum, memory_budget, workers,
+         out):
     """KID, FD-EffNet, seam score, peak RSS and time per image for each model x sampler."""
     cache.mkdir(parents=True, exist_ok=True)
     plan = [(s.split(":")[0], int(s.split(":")[1])) for s in samplers.split(",")]
     real_kind = ("held-out real images" if real_set == "heldout"
                  else "all real images of the set, training images included")
     rows, shown = measure([Path(m) for m in models.split(",")], plan, num_samples, seed, chunk, cache, real_set,
-                          repeats, budget_minimum, workers)
+                          repeats, budget_minimum, workers, memory_budget)
     if shown:
         import numpy as np
 
@@ -343,7 +352,9 @@ def main(models, samplers, num_samples, seed, chunk, cache, real_set, repeats, b
                   "FD-EffNet: Frechet distance in EfficientNet-Lite0 feature space, not comparable with "
                   "Inception FID. Seam at each model's grid (a 1x1 model at the largest grid of its image size, 2x2 "
                   "at least), beside the real images' score at the same positions. Peak RSS and s/image: "
-                  f"`patchgen-sample`, 4 images, 1 patch per call, 2 threads, {repeats} rounds in which the models "
+                  "`patchgen-sample`, 4 images, 2 threads, "
+                  + (f"--memory-budget {memory_budget}" if memory_budget else "the default budget's plan")
+                  + f", {repeats} rounds in which the models "
                   "take turns, each run a fresh process (the largest peak, the fastest time; DDPM timed at 50 "
                   "strided steps); peak / 1x1's: the median (range) of the rounds' ratios to the 1x1 model of the "
                   "same image size, data set and sampler"

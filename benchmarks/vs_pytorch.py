@@ -2,10 +2,14 @@
 
 The same random-weight network (edge width) at one image size: PyTorch eager on the full image (what a
 diffusers DDPMPipeline user runs), onnxruntime on the full image (1x1), and patchgen at 2x2, 4x4, 8x8,
-one patch per call; all in one run, each in a fresh process. Also the bare cost of importing torch
-against numpy + onnxruntime.
+one patch per call (memory-first: `--memory-budget min`); then the edge benchmark model, 4x4 with a halo
+(--halo), at one patch per call and under the default budget (the planner's choice), and its int8
+export (the same checkpoint) under the default budget. All in one run, each in a fresh process, the
+settings interleaved round by round. s/image is the sampling loop's (after loading and planning: the
+planner's start-up cost is its own column). Also the bare cost of importing torch against numpy +
+onnxruntime.
 
-    python benchmarks/vs_pytorch.py --image-size 256 --steps 10
+    python benchmarks/vs_pytorch.py --image-size 256 --steps 10 --repeats 3
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from pathlib import Path
 import click
 
 from benchlib import RESULTS, python, random_model, run_fresh, sample_run, write_results
+from precision import export
 
 TORCH_CHILD = r"""
 import json, sys, time
@@ -55,10 +60,12 @@ print(dt, int(hwm) / 1024)
 @click.option("--grids", default="2,4,8", show_default=True, help="Patch grids besides the full image.")
 @click.option("--steps", type=int, default=10, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--halo", type=click.IntRange(min=0), default=8, show_default=True,
+              help="The edge model's halo (4x4 grid); 0 leaves its rows out.")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
               help="Interleaved rounds: every setting runs once per round; times are medians.")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "vs_pytorch", show_default=True)
-def main(image_size, grids, steps, threads, repeats, out):
+def main(image_size, grids, steps, threads, halo, repeats, out):
     """Time per image and peak RSS: PyTorch eager, onnxruntime full image, patchgen per grid."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,6 +84,15 @@ def main(image_size, grids, steps, threads, repeats, out):
             model = random_model(tmp / f"g{g}.onnx", image_size, g)
             settings.append((f"patchgen {g}x{g}, 1 patch/call", f"{g}x{g}",
                              lambda model=model: sample_run(model, 1, steps, threads)))
+        if halo:
+            edge = random_model(tmp / "edge.onnx", image_size, 4, keep_checkpoint=True, halo=halo)
+            int8 = tmp / "edge_int8.onnx"
+            export(edge.with_suffix(".pt"), int8, "int8", "emoji-faces")
+            where = f"4x4 halo {halo}"
+            settings += [(f"patchgen {where}, 1 patch/call", where, lambda: sample_run(edge, 1, steps, threads)),
+                         (f"patchgen {where}, default budget", where, lambda: sample_run(edge, 0, steps, threads)),
+                         (f"patchgen {where} int8, default budget", where,
+                          lambda: sample_run(int8, 0, steps, threads))]
         # Interleaved rounds (every setting once per round): the shared machine's swings hit all settings alike,
         # and each ratio is taken within a round.
         runs = {name: [] for name, _, _ in settings}
@@ -100,7 +116,11 @@ def main(image_size, grids, steps, threads, repeats, out):
                          "peak_vs_ort_full": peak / max(r["kernel_peak_mib"] for r in runs[ort_name]),
                          "time_vs_ort_full": statistics.median(vs_ort),
                          "speedup_vs_torch": statistics.median(vs_torch),
-                         "speedup_range": f"{min(vs_torch):.2f}-{max(vs_torch):.2f}"})
+                         "speedup_range": f"{min(vs_torch):.2f}-{max(vs_torch):.2f}",
+                         "plan": "/".join(sorted({f"{r['allocation']} x{r['patch_batch']}, {r['threads']}t"
+                                                  for r in runs[name] if r.get("allocation")})),
+                         "plan_s": statistics.median(r["plan_s"] for r in runs[name]) if "plan_s" in runs[name][0]
+                         else None})
             click.echo(f"{name:34s} peak {peak:7.1f} MiB  {statistics.median(mine) * steps:6.2f} s/image, "
                        f"{statistics.median(vs_torch):.2f}x PyTorch's speed ({min(vs_torch):.2f}-{max(vs_torch):.2f})")
     imports = []
@@ -115,7 +135,8 @@ def main(image_size, grids, steps, threads, repeats, out):
                   [("setting", "setting"), ("peak_mib", "peak RSS (MiB)"), ("floor_mib", "floor (MiB)"),
                    ("s_per_image", f"s/image ({steps} steps)"), ("peak_vs_ort_full", "peak / ORT full"),
                    ("time_vs_ort_full", "time / ORT full"), ("speedup_vs_torch", "speed-up vs PyTorch"),
-                   ("speedup_range", "speed-up range")],
+                   ("speedup_range", "speed-up range"), ("plan", "allocation x patches/call, threads"),
+                   ("plan_s", "planning (s)")],
                   rows + imports,
                   f"Each cell is a fresh process; {repeats} rounds, every setting once per round (interleaved); peak "
                   f"is the kernel's ru_maxrss (the largest); s/image the median; the ratios are the medians of the "

@@ -14,6 +14,7 @@ import click
 from patchgen.runtime.generate import MAX_SEED
 from patchgen.runtime.limits import available_cpus
 from patchgen.runtime.loop import DEFAULT_STEPS, SAMPLERS
+from patchgen.runtime.memory import DEFAULT_BUDGET_SHARE
 from patchgen.runtime.model import default_threads
 from patchgen.runtime.pretrained import DEFAULT_MODEL, shipped_models
 from patchgen.runtime.session import DEFAULT_PROVIDER, available_providers
@@ -27,7 +28,8 @@ Examples:
   patchgen-sample --model faces64_1x1 --sampler dpm++            # a shipped model by name
   patchgen-sample --model noto128_4x4 -n 16 --out samples128 --grid-image grid128.png   # 128x128, 4x4
   patchgen-sample --model emoji32.onnx --sampler dpm++ --steps 20 --seed 7 --out samples/
-  patchgen-sample --model emoji32.onnx --memory-budget 150M      # largest patch batch that fits
+  patchgen-sample --model emoji32.onnx --memory-budget 150M      # the fastest setup that peaks within 150M
+  patchgen-sample --memory-budget min                             # the smallest peak (one patch per call)
   patchgen-sample --provider cuda                                 # a Jetson's GPU (onnxruntime-gpu)
 """
 STEPS_HELP = ("Sampler steps [default: ddpm every timestep (the model's T), "
@@ -56,12 +58,17 @@ def check_output_folder(folder: Path) -> None:
 @click.option("--sampler", type=click.Choice(SAMPLERS), default="ddim", show_default=True)
 @click.option("--eta", type=click.FloatRange(0, 1), default=None,
               help="DDIM only: its noise, 0 = deterministic, 1 = DDPM's posterior [default: 0].")
-@click.option("--patch-batch", type=click.IntRange(min=1), default=None, help="Patches per onnxruntime call [default: 1, the lowest memory].")
+@click.option("--patch-batch", type=click.IntRange(min=1), default=None,
+              help="Exactly this many patches per onnxruntime call, memory-first, nothing measured [default: the "
+                   "planner's choice].")
 @click.option("--memory-budget", default=None,
-              help="Peak RSS limit such as 200M or 1.5G; picks the largest patch batch that fits. It bounds the "
-                   "host's memory, not a GPU's.")
-@click.option("--threads", type=click.IntRange(1, available_cpus()), default=default_threads(), show_default=True,
-              help="onnxruntime intra-op threads; the default is the CPUs this process may use, at most 4.")
+              help="Peak RSS limit such as 200M or 1.5G: the fastest setup (patch batch, allocation) whose peak "
+                   f"fits it; 'min' for the smallest peak. It bounds the host's memory, not a GPU's. [default: "
+                   f"{DEFAULT_BUDGET_SHARE:.0%} of the memory this process can have]")
+@click.option("--threads", type=click.IntRange(1, available_cpus()), default=None,
+              help=f"onnxruntime intra-op threads [default: the fastest the planner measures, 1 to the CPUs this "
+                   f"process may use ({available_cpus()}); with --memory-budget min or --patch-batch, "
+                   f"{default_threads()}: those CPUs, at most 4].")
 @click.option("--provider", default=DEFAULT_PROVIDER, show_default=True,
               help=f"onnxruntime execution provider; this build has: {', '.join(available_providers())}.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("samples"), show_default=True, help="Folder for the PNGs.")
@@ -135,8 +142,11 @@ def _sample(model, plan, seed, num_images, out_dir, grid_image):
                f"{spec.patch_size}px" + (f" seen through {spec.window_size}px windows (halo {spec.halo})"
                                          if spec.halo else "") + f"; {request.sampler} {request.steps} steps"
                + (f" (eta {request.eta:g})" if request.eta is not None else "") + f"; {plan.patch_batch} patch(es) per "
-               f"call, {plan.images_per_run} image(s) per run"
-               + (f", predicted peak {format_size(plan.predicted_peak)}" if plan.predicted_peak else ""), err=True)
+               f"call, {plan.images_per_run} image(s) per run, {plan.allocation} allocation, {model.threads} thread(s)"
+               + (f"; predicted peak {format_size(plan.predicted_peak)} of the "
+                  + ("default " if plan.default_budget else "") + f"budget {format_size(plan.budget)}"
+                  if plan.predicted_peak else "")
+               + (f", {plan.seconds_per_step(spec.grid):.3g} s/step" if plan.seconds_per_patch else ""), err=True)
     if model.metadata.get("patchgen.data.attribution"):
         click.echo(f"model trained on: {model.metadata['patchgen.data.attribution']}", err=True)
 

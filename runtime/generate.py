@@ -1,7 +1,8 @@
 """The product API: sample images from a patchgen ONNX file under a memory budget.
 
-`make_plan` checks a request against the model and measures memory; `iter_samples` runs a plan; `generate`
-does both. Nothing can be sampled from an unchecked request: a Plan is the proof it was checked.
+`make_plan` checks a request against the model and chooses, by measuring real calls, the fastest setup
+(allocation, patch batch, threads) whose peak fits the budget; `iter_samples` runs a plan; `generate` does
+both. Nothing can be sampled from an unchecked request: a Plan is the proof it was checked.
 """
 from __future__ import annotations
 
@@ -11,15 +12,15 @@ from dataclasses import dataclass
 from typing import Iterator, Optional, Union
 
 import numpy as np
-from PIL import Image
 
 from .errors import PatchgenError
-from .images import to_uint8
+from .images import to_uint8, write_png
 from .loop import SAMPLERS, default_steps, sample_images
 from . import memory
-from .memory import (MIB, RERUN_MARGIN, BudgetTooSmall, calibrate, checked_budget, format_size, parse_size,
-                     plan_patch_batch)
-from .model import OnnxModel, load_model
+from .memory import (ARENA_PRIOR, DEFAULT_BUDGET_SHARE, MIB, RERUN_MARGIN, BudgetTooSmall, calibrate,
+                     calibrate_arena, checked_budget, fastest_fit, format_size, parse_size, plan_patch_batch)
+from .limits import available_cpus
+from .model import OnnxModel, default_threads, load_model, thread_candidates
 from .session import DEFAULT_PROVIDER
 from .spec import ModelSpec, example_feeds, graph_inputs
 
@@ -31,6 +32,7 @@ OVERHEAD = 4 * MIB  # PNG encoding and Python bookkeeping during sampling
 # arrays and the PNG encoder settling in): 2-3 MiB measured with numpy 2 and onnxruntime 1.32 on x86-64
 # (faces64_2x2, 64x64), and 3 MiB in tests/test_budget.py's simulated processes.
 WARM_UP_SETTLING = 4 * MIB
+UNLIMITED = 2**62  # the budget where nothing is known about the machine's memory (no /proc, no cgroup)
 MAX_SEED = 2**32 - 1  # (seed, image index) seed one generator as two 32-bit words: one-to-one below this
 
 
@@ -76,6 +78,13 @@ class Plan:
     budget: Optional[int] = None  # bytes of peak RSS the plan keeps under, when a budget was given
     predicted_peak: Optional[int] = None  # bytes, when a budget chose the batch
     notes: tuple[str, ...] = ()  # what the user should be told (e.g. a budget capped to the memory available)
+    allocation: str = "lean"  # the session's allocation mode (session.ALLOCATIONS) the plan runs with
+    seconds_per_patch: Optional[float] = None  # measured at the chosen batch, when the planner measured speed
+    default_budget: bool = False  # the budget was the default one (a share of the memory available)
+
+    def seconds_per_step(self, grid: int) -> Optional[float]:
+        """Predicted seconds of one sampler step of one image (grid * grid patches), when measured."""
+        return None if self.seconds_per_patch is None else self.seconds_per_patch * grid**2
 
 
 def images_per_run(patch_batch: int, grid: int, num_images: int) -> int:
@@ -135,7 +144,7 @@ def probe(model: OnnxModel, request: Request):
     def warm_up() -> None:
         x = sample_images(model, spec, num_images=1, seed=request.seed, steps=1, sampler=request.sampler,
                           eta=request.eta, patch_batch=1)
-        Image.fromarray(to_uint8(x)[0]).save(io.BytesIO(), format="PNG")
+        write_png(io.BytesIO(), to_uint8(x)[0])
 
     def run(b: int) -> None:
         feeds = example_feeds(spec, np.full(b, spec.schedule.num_timesteps - 1), np.random.default_rng(b))
@@ -147,26 +156,49 @@ def make_plan(model: OnnxModel, num_images: int = 1, seed: int = 0, sampler: str
               steps: Optional[int] = None, eta: Optional[float] = None, *,
               memory_budget: Union[None, int, str] = None, patch_batch: Optional[int] = None,
               held_bytes: int = 0) -> Plan:
-    """Check the request, then choose the patch batch: given, from a budget (measured), or 1, the lowest memory.
+    """Check the request, then choose how to run it: the fastest configuration whose whole-run peak RSS,
+    calibration included, stays within the budget.
 
-    A budget is a promise about the kernel's peak RSS for the whole run, calibration included; one above
-    what this process can have (MemAvailable, a cgroup limit) is capped to that, and the Plan says so.
+    memory_budget: bytes or a size ("500M"); one above what this process can have (MemAvailable, a cgroup
+    limit) is capped to that, and the Plan says so. None: DEFAULT_BUDGET_SHARE of that memory (when this
+    model does not fit it, the smallest peak, with a note). "min": the smallest peak, measured nothing:
+    the lean allocation and one patch per call. patch_batch: exactly that many patches per call, lean
+    allocation, nothing measured (with a budget: refused; the budget chooses the batch).
+    What the planner searches (`session.ALLOCATIONS`, the patch batch) is measured on real calls: one
+    lean call of one patch first, which refuses a budget below this model's minimum (BudgetTooSmall)
+    before any larger call; then, on the CPU provider, when the arena's one-patch call is predicted to fit
+    (ARENA_PRIOR times the lean call, its blocks kept), the session is reopened with the arena and its
+    batches probed (memory.calibrate_arena); else the lean batches (memory.calibrate). Of the batches
+    measured, the fastest per patch that fits is run (memory.fastest_fit), at the fastest thread count
+    measured (`_settle`; unless the model was opened with chosen threads). The arena is tried first and
+    alone because it was faster per patch at every batch measured (benchmarks/results/session_options.md,
+    budget_speed.md).
     held_bytes: memory the caller holds through the run beside sampling (a grid image being filled)."""
     request = sampling_request(model.spec, num_images, seed, sampler, steps, eta)
     g2 = model.spec.grid**2
-    if memory_budget is None:
+    minimum = memory.wants_minimum(memory_budget)
+    # Every plan starts from the lean session load_model opened (a model planned before may hold an arena,
+    # which would hide what calls cost, and other threads).
+    model.reopen("lean", model.threads if model.threads_chosen else default_threads())
+    if patch_batch is not None and memory_budget is not None:
+        raise PatchgenError("give either a memory budget or a patch batch, not both: the budget chooses the batch")
+    if minimum or patch_batch is not None:
         pb = 1 if patch_batch is None else patch_batch
         if pb < 1:
             raise PatchgenError(f"patch batch must be >= 1, got {pb}")
         pb = min(pb, num_images * g2)  # no call can hold more patches than the images have
         check_fits(model, images_per_run(pb, model.spec.grid, num_images), pb, held_bytes)
         return Plan(request, pb, images_per_run(pb, model.spec.grid, num_images))
-    if patch_batch is not None:
-        raise PatchgenError("give either a memory budget or a patch batch, not both: the budget chooses the batch")
-    asked = parse_size(memory_budget) if isinstance(memory_budget, str) else int(memory_budget)
-    budget, limited_by = checked_budget(asked, model.weights_bytes, model.resident_before)
-    notes = (f"memory budget {format_size(asked)} is more than this process can have ({format_size(budget)}, "
-             f"{limited_by}); planning for {format_size(budget)}",) if limited_by else ()
+    if memory_budget is None:
+        budget, limited_by = memory.default_budget(memory.current_rss())
+        notes: tuple[str, ...] = ()
+        if budget is None:  # nothing known about the machine's memory: plan for speed alone
+            budget = UNLIMITED
+    else:
+        asked = parse_size(memory_budget) if isinstance(memory_budget, str) else int(memory_budget)
+        budget, limited_by = checked_budget(asked, model.weights_bytes, model.resident_before)
+        notes = (f"memory budget {format_size(asked)} is more than this process can have ({format_size(budget)}, "
+                 f"{limited_by}); planning for {format_size(budget)}",) if limited_by else ()
     grid = model.spec.grid
     # Batches worth running: up to one image's patches, then whole images (5 patches of a 2x2 grid run as 4).
     batches = [b for b in range(1, num_images * g2 + 1) if b <= g2 or b % g2 == 0]
@@ -183,22 +215,73 @@ def make_plan(model: OnnxModel, num_images: int = 1, seed: int = 0, sampler: str
         # calibration will then see: the call's high-water mark, what the warm-up leaves resident beyond it
         # (WARM_UP_SETTLING) and its image arrays, beside what the plan holds; so a rerun at the minimum
         # named here is accepted by the calibrated plan.
-        run(1)
+        lean_call = memory.measure_call(run, 1)
         need = memory.peak_rss() + WARM_UP_SETTLING + image_bytes(model) + extra(1)
         if need > budget:
-            minimum = math.ceil((need + RERUN_MARGIN) / MIB * 10) / 10
+            least = math.ceil((need + RERUN_MARGIN) / MIB * 10) / 10
             raise BudgetTooSmall(f"memory budget {format_size(budget)} is below this model's minimum of "
-                                 f"{minimum:.1f}M (one patch per call); pass --memory-budget {math.ceil(minimum)}M "
-                                 "or more", minimum * MIB)
-        mem = calibrate(warm_up, run, budget, batches, extra)
-        pb = plan_patch_batch(mem, budget, batches, extra)
+                                 f"{least:.1f}M (one patch per call); pass --memory-budget {math.ceil(least)}M "
+                                 "or more", least * MIB)
+        # The arena's first call keeps its blocks: charged ARENA_PRIOR times the lean call, on top of what the
+        # warm-up leaves resident.
+        arena_need = memory.current_rss() + WARM_UP_SETTLING + ARENA_PRIOR * lean_call + image_bytes(model) \
+            + extra(1)
+        if model.provider == "cpu" and max(need, arena_need) <= budget:
+            warm_up()
+            model.reopen("arena")
+            mem = calibrate_arena(run, budget, batches, extra)
+            pb = fastest_fit(mem, budget, extra)
+            if pb:
+                mem = _settle(model, run, mem, pb, budget, extra)
+            if pb == 0:  # the arena's one-patch call came out larger than charged: back to the lean session
+                model.reopen("lean")
+                mem = calibrate(None, run, budget, batches, extra, timed=True)
+                pb = plan_patch_batch(mem, budget, batches, extra)
+        else:
+            mem = calibrate(warm_up, run, budget, batches, extra, timed=True)
+            pb = plan_patch_batch(mem, budget, batches, extra)
     except BudgetTooSmall as e:
+        if memory_budget is None:  # the default budget is a share of the memory: run at the smallest peak
+            note = (f"this model's minimum budget ({format_size(e.minimum)}) is above the default "
+                    f"({format_size(budget)}, {DEFAULT_BUDGET_SHARE:.0%} of what this process can have); running "
+                    "at the smallest peak, one patch per call")
+            model.reopen("lean")
+            check_fits(model, 1, 1, held_bytes)
+            return Plan(request, 1, 1, notes=(note,))
         if limited_by:  # asking for a larger budget cannot help
             raise PatchgenError(f"this model needs a memory budget of at least {format_size(e.minimum)} (one patch "
                                 f"per call), but this process can have only {format_size(budget)} ({limited_by}): "
                                 f"free memory or raise the memory limit") from None
         raise
-    return Plan(request, pb, images_per_run(pb, grid, num_images), budget, mem.peak(pb, extra(pb)), notes)
+    return Plan(request, pb, images_per_run(pb, grid, num_images), budget, mem.peak(pb, extra(pb)), notes,
+                mem.allocation, mem.seconds_per_patch(pb), memory_budget is None)
+
+
+THREAD_BYTES = MIB  # charged per intra-op thread beyond those calibrated, before one is tried (0.3-0.4 MiB measured)
+
+
+def _settle(model: OnnxModel, run, mem: memory.MemoryModel, pb: int, budget: int, extra) -> memory.MemoryModel:
+    """After arena calibration chose `pb`: unless the caller chose the threads, time `pb` at each other thread
+    count (`thread_candidates`; a count above the calibrated one only when its threads' THREAD_BYTES fit),
+    each in a session reopened with it (the old one released first: its arena goes, and the new one grows
+    its own to `pb`, no larger than calibration's). A machine busy with other work often runs faster on
+    fewer threads. Then the fastest is opened afresh, so the arena holds `pb`'s blocks, not the largest
+    probe's. Returns `mem` with that speed, the mark reached and the resident size after it."""
+    if model.threads_chosen and pb == mem.largest:  # nothing to try, and the arena holds pb's blocks already
+        return mem
+    calibrated, best = model.threads, (mem.seconds_per_patch(pb), model.threads)
+    for threads in () if model.threads_chosen else thread_candidates(available_cpus()):
+        if threads == calibrated or mem.peak(pb, extra(pb)) + max(threads - calibrated, 0) * THREAD_BYTES > budget:
+            continue
+        model.reopen(threads=threads)
+        run(pb)  # grows the new session's arena
+        best = min(best, (memory.probe_call(run, pb)[1], threads))
+    model.reopen(threads=best[1], fresh=True)
+    run(pb)
+    steady = memory.measure_call(run, pb)
+    calls = tuple((b, max(added, steady) if b == pb else added) for b, added in mem.calls)
+    seconds = tuple(best[0] if b == pb else s for (b, _), s in zip(mem.calls, mem.seconds))
+    return memory.MemoryModel(memory.peak_rss(), memory.current_rss(), calls, seconds, "arena")
 
 
 def iter_samples(model: OnnxModel, plan: Plan, callback=None) -> Iterator[tuple[int, np.ndarray]]:
@@ -221,7 +304,8 @@ def generate(model: Union[str, OnnxModel, None] = None, num_images: int = 1, see
     """uint8 images [N, H, W, C] from an .onnx path, a shipped model's name (`faces64_2x2`; None: the
     default) or a loaded OnnxModel. Image i depends only on (model, seed, i, sampler, steps, eta).
     threads and provider apply when the model is opened here (see `load_model`). memory_budget bounds
-    the host's peak RSS, not a GPU's memory."""
+    the host's peak RSS, not a GPU's memory: None, the default budget; "min", the smallest peak
+    (`make_plan`)."""
     if not isinstance(model, OnnxModel):
         model = load_model(model, threads, provider, memory_budget)
     plan = make_plan(model, num_images, seed, sampler, steps, eta, memory_budget=memory_budget,

@@ -124,6 +124,8 @@ class Opened:
     sha256: str  # of the model file and its external data (onnxfile.model_sha256)
     graph: str  # "cached" (optimised graph, weights mapped), "built" (the same, built by this run), "direct"
     notes: tuple[str, ...] = ()
+    opened: Optional[Path] = None  # the file the session was opened from (the cached graph, or the model)
+    optimization: str = "none"  # the level it was opened with (session.OPTIMIZATION): a reopen uses both
 
 
 class _NoCache(Exception):
@@ -220,7 +222,7 @@ def _open_cached(path: Path, threads: int, provider: str, build_limit: Optional[
     if failed is not None:
         try:
             session = open_session(folder / GRAPH, threads, provider, optimization="none")
-            return Opened(session, failed["sha256"], "cached")
+            return Opened(session, failed["sha256"], "cached", (), folder / GRAPH)
         except PatchgenError:
             raise
         except Exception:  # replaced under us, or damaged in a way the stats missed: rebuild below
@@ -262,7 +264,7 @@ def _open_cached(path: Path, threads: int, provider: str, build_limit: Optional[
         raise
     except Exception as e:
         raise _NoCache(f"onnxruntime cannot open the graph it optimised in {folder}: {_why(e)}") from None
-    return Opened(session, record["sha256"], built, tuple(notes))
+    return Opened(session, record["sha256"], built, tuple(notes), folder / GRAPH)
 
 
 def open_model_session(path: Path, threads: int, provider: str, build_limit: Optional[int] = None) -> Opened:
@@ -278,9 +280,10 @@ def open_model_session(path: Path, threads: int, provider: str, build_limit: Opt
         except _NoCache as e:
             notes = (f"the optimised graph for this CPU is not cached ({e}); running with onnxruntime's "
                      f"\"extended\" optimisation instead, a little slower per call",)
-    session = open_session(path, threads, provider, optimization="extended" if provider == "cpu" else "all")
+    optimization = "extended" if provider == "cpu" else "all"
+    session = open_session(path, threads, provider, optimization=optimization)
     try:
         sha256 = model_sha256(path)
     except (OSError, ValueError) as e:
         raise PatchgenError(f"{path}: cannot read it or its external data: {e}") from None
-    return Opened(session, sha256, "direct", notes)
+    return Opened(session, sha256, "direct", notes, path, optimization)

@@ -56,7 +56,12 @@ def save_png(path, image: np.ndarray, text: dict[str, str] | None = None) -> Non
     info = PngImagePlugin.PngInfo()
     for key, value in (text or {}).items():
         info.add_text(key, as_utf8(str(value)))
+    with atomic_output(path) as f:
+        write_png(f, image, info)
+
+
+def write_png(f, image: np.ndarray, info: PngImagePlugin.PngInfo | None = None) -> None:
+    """Encode uint8 [H, W, C] (C = 1 .. 4) as PNG into the open binary file `f`."""
     if image.ndim == 3 and image.shape[2] == 1:  # one channel: a grey PNG ("L"); 2, 3, 4 are LA, RGB, RGBA
         image = image[:, :, 0]
-    with atomic_output(path) as f:
-        Image.fromarray(image).save(f, format="PNG", pnginfo=info)
+    Image.fromarray(image).save(f, format="PNG", pnginfo=info)

@@ -31,6 +31,16 @@ What the plan uses. Only measured bytes: a batch is charged the call of the smal
 least as large, and no batch beyond the largest measured is planned. Noise between calls of the same
 batch is small against the caller's fixed charge (benchmarks/budget_sweep.py).
 
+Speed. A budget buys the fastest configuration whose predicted peak fits it, not the largest batch. The
+probes are timed (`probe_call`: a short call runs twice, the faster counts, so first-call costs do not);
+doubling stops once PATIENCE probes in a row gained less than GAIN per patch, which bounds the start-up
+cost, and the plan takes the fastest measured batch that fits (`fastest_fit`; within TIE of it, the
+smaller). With onnxruntime's arena ("arena" allocation, session.py) a call's blocks stay resident after
+it, so `calibrate_arena` reads a batch's cost in the resident size after its probe, and its model's floor
+holds the arena at its largest; make_plan decides between the two allocations (generate.py).
+Without a budget a run plans for DEFAULT_BUDGET_SHARE of the memory it can have (`default_budget`);
+MIN_BUDGET ("min") asks for the smallest peak: lean, one patch per call, nothing measured.
+
 Why the mark is never reset. Linux can reset it (writing 5 to /proc/self/clear_refs, which any process
 may do for itself), and hidden calls would then show. But the reset also lowers `ru_maxrss`, for this
 process and for whoever waits on it, so the run's own report, the benchmarks and the tests would all
@@ -48,6 +58,7 @@ import math
 import re
 import resource
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
@@ -99,6 +110,31 @@ def peak_rss() -> int:
 def current_rss() -> int:
     kib = _status_kib("VmRSS")
     return kib * 1024 if kib is not None else peak_rss()
+
+
+def file_rss() -> int:
+    """Bytes of this process's resident set that are file pages (RssFile: mapped weights, libraries); 0 where
+    the kernel does not say."""
+    kib = _status_kib("RssFile")
+    return kib * 1024 if kib is not None else 0
+
+
+MIN_BUDGET = "min"  # --memory-budget min: the smallest peak (memory-first allocation, one patch per call)
+# Without a budget, the run plans for this share of the memory the process can have (MemAvailable, a cgroup
+# limit): the rest is the margin for everything else on the machine, whose use moves while the run goes.
+DEFAULT_BUDGET_SHARE = 0.75
+
+
+def wants_minimum(memory_budget) -> bool:
+    """Whether `memory_budget` asks for the smallest peak ("min", any case) rather than a size."""
+    return isinstance(memory_budget, str) and memory_budget.strip().lower() == MIN_BUDGET
+
+
+def default_budget(resident: int) -> tuple[Optional[int], str]:
+    """(the budget of a run given none: DEFAULT_BUDGET_SHARE of what a process holding `resident` bytes can
+    reach, what limits that), or (None, "") where nothing is known (no /proc/meminfo, no cgroup)."""
+    limit, what = available_memory(resident)
+    return (None, "") if limit is None else (int(DEFAULT_BUDGET_SHARE * limit), what)
 
 
 def cap_to_available(budget: int) -> tuple[int, str]:
@@ -154,9 +190,36 @@ def checked_budget(memory_budget: Union[int, str], weights: int, resident: int) 
 def measure_call(run: Callable[[int], None], patch_batch: int) -> int:
     """Bytes one call of `patch_batch` patches adds at most over the resident size before it: the high-water
     mark after it minus the RSS before it (exact when the call set a new mark, an upper bound when hidden)."""
+    return timed_call(run, patch_batch)[0]
+
+
+def timed_call(run: Callable[[int], None], patch_batch: int) -> tuple[int, float]:
+    """(`measure_call`'s bytes, the call's wall-clock seconds)."""
     before = current_rss()
+    t0 = time.perf_counter()
     run(patch_batch)
-    return max(peak_rss() - before, 0)
+    seconds = time.perf_counter() - t0
+    return max(peak_rss() - before, 0), seconds
+
+
+GAIN = 0.05  # a doubled batch counts as faster when it is at least this much faster per patch
+# Doubling stops after this many probes in a row that were not faster (`worth_probing`). One: every probe
+# beyond the fastest costs its arena's memory and its calls' time, and a larger batch gains a few per cent
+# at most once one did not (results/budget_speed.md); a noisy timing can stop the search one doubling early.
+PATIENCE = 1
+TIE = 1.03  # a batch within this factor of the fastest per patch, and smaller, is chosen instead (less memory)
+REPEAT_UNDER_S = 1.0  # a probe call shorter than this is run twice, and the faster timing kept
+
+
+def probe_call(run: Callable[[int], None], patch_batch: int) -> tuple[int, float]:
+    """(bytes, seconds per patch) of a calibration probe: a call of `patch_batch` patches, run again when it
+    was short, so that its first-call costs (an arena growing, buffers faulted in) do not count as its speed.
+    The bytes are the larger of the two measurements; the time the shorter."""
+    added, seconds = timed_call(run, patch_batch)
+    if seconds < REPEAT_UNDER_S:
+        again, repeat = timed_call(run, patch_batch)
+        added, seconds = max(added, again), min(seconds, repeat)
+    return added, seconds / patch_batch
 
 
 @dataclass(frozen=True)
@@ -164,6 +227,12 @@ class MemoryModel:
     reached: int  # bytes: the high-water mark after loading and calibrating
     floor: int  # bytes resident between calls, after calibration
     calls: tuple[tuple[int, int], ...]  # (patch batch, bytes its call added at most), batches increasing
+    seconds: tuple[float, ...] = ()  # seconds per patch of each of `calls` (timed calibration), same order
+    allocation: str = "lean"  # the session allocation mode these were measured with (session.ALLOCATIONS)
+
+    def seconds_per_patch(self, patch_batch: int) -> Optional[float]:
+        """Measured seconds per patch at `patch_batch` (a measured batch), None when not timed."""
+        return dict(zip((b for b, _ in self.calls), self.seconds)).get(patch_batch)
 
     @property
     def largest(self) -> int:
@@ -196,17 +265,21 @@ def largest_fit(model: MemoryModel, budget: int, batches: Sequence[int], extra: 
     return batches[low - 1] if low else 0
 
 
-def calibrate(warm_up: Callable[[], None], run: Callable[[int], None], budget: int, batches: Sequence[int],
-              extra: Callable[[int], int]) -> MemoryModel:
-    """Measure this process: `warm_up()` runs the smallest sampling there is, then `run(b)` makes calls of
-    b = 1, 2, 4, ... patches (from `batches`, increasing from 1) while the doubled batch is predicted to fit
-    `budget` with the extra(b) bytes sampling holds beside a call, and last of the largest batch predicted to
-    fit: a plan's batch is one measured, or smaller."""
+def calibrate(warm_up: Optional[Callable[[], None]], run: Callable[[int], None], budget: int,
+              batches: Sequence[int], extra: Callable[[int], int], timed: bool = False) -> MemoryModel:
+    """Measure this process: `warm_up()` runs the smallest sampling there is (None: the caller ran it), then
+    `run(b)` makes calls of b = 1, 2, 4, ... patches (from `batches`, increasing from 1) while the doubled
+    batch is predicted to fit `budget` with the extra(b) bytes sampling holds beside a call, and last of the
+    largest batch predicted to fit: a plan's batch is one measured, or smaller. timed: each probe is timed
+    too (`probe_call`), and doubling stops once it no longer gains speed (`worth_probing`)."""
     def measured(model: Optional[MemoryModel], b: int) -> MemoryModel:
-        calls = (*(model.calls if model else ()), (b, measure_call(run, b)))
-        return MemoryModel(peak_rss(), max(model.floor if model else 0, current_rss()), calls)
+        added, seconds = probe_call(run, b) if timed else (measure_call(run, b), 0.0)
+        calls = (*(model.calls if model else ()), (b, added))
+        times = (*(model.seconds if model else ()), seconds) if timed else ()
+        return MemoryModel(peak_rss(), max(model.floor if model else 0, current_rss()), calls, times)
 
-    warm_up()
+    if warm_up is not None:
+        warm_up()
     model = measured(None, batches[0])
     while model.largest < batches[-1]:
         within = [b for b in batches if b <= 2 * model.largest]
@@ -214,15 +287,95 @@ def calibrate(warm_up: Callable[[], None], run: Callable[[int], None], budget: i
         if b <= model.largest:
             break
         model = measured(model, b)
-        if b < within[-1]:  # the budget's edge is measured; closer probes would gain little
+        if b < within[-1] or (timed and not worth_probing(model.seconds)):  # the budget's edge, or no gain
             break
     return model
 
 
+def worth_probing(seconds: Sequence[float]) -> bool:
+    """Whether doubling the batch again may still pay: false once PATIENCE probes in a row were not GAIN
+    faster per patch than the fastest before them."""
+    best, stale = seconds[0], 0
+    for s in seconds[1:]:
+        stale = 0 if s <= (1 - GAIN) * best else stale + 1
+        best = min(best, s)
+    return stale < PATIENCE
+
+
+# The arena's one-patch call, before it is measured, is charged this times what the same call added in the
+# lean session: the arena keeps those blocks (rounded up to its sizes) for the rest of the run.
+ARENA_PRIOR = 1.5
+# The arena's growth beyond the largest call measured is extrapolated with this charge: its blocks come in
+# the sizes onnxruntime's best-fit arena rounds to, and a larger call may fit them less tightly.
+ARENA_SAFETY = 1.25
+
+
+def calibrate_arena(run: Callable[[int], None], budget: int, batches: Sequence[int],
+                    extra: Callable[[int], int]) -> MemoryModel:
+    """Measure this process with an "arena" session (session.ALLOCATIONS) opened just now, before its first
+    call, after a lean warm-up (what sampling loads on first use is already resident).
+
+    An arena keeps a call's blocks for the next one, so what a batch costs shows in the resident size after
+    its call, not only in the high-water mark. Each probe of b patches first grows the arena with one call;
+    then `probe_call` times and measures calls served from it (what a call adds over the resident size
+    while sampling). footprint(b) = max(RSS after, the mark when the probe moved it) - base,
+    the RSS before the first call; of it, the file pages (the mapped weights, faulted in by the first call)
+    stay whatever the batch, and the rest, the arena and its bookkeeping, grows with it. A larger batch B is
+    probed only when base + file + ARENA_SAFETY * rest(L) * B / L + extra(B) fits `budget`, L the largest
+    batch measured, and while doubling gains speed (`worth_probing`). The first probe, one patch, is the
+    caller's to have checked (make_plan charges it from the lean call it measured).
+
+    The returned model: reached = the mark after calibration, floor = the RSS after it (the arena at its
+    largest, held for the rest of the run), calls = each batch's second-call bytes, seconds per patch."""
+    base, base_file = current_rss(), file_rss()
+    calls: list[tuple[int, int]] = []
+    seconds: list[float] = []
+    grown: dict[int, tuple[int, int]] = {}  # batch -> (file bytes, other bytes) over base after its probe
+
+    def probe(b: int) -> None:
+        mark = peak_rss()
+        timed_call(run, b)  # grows the arena to this batch
+        added, per_patch = probe_call(run, b)
+        footprint = max(current_rss(), peak_rss() if peak_rss() > mark else 0) - base
+        in_files = min(max(file_rss() - base_file, 0), max(footprint, 0))
+        grown[b] = (in_files, max(footprint - in_files, 0))
+        calls.append((b, added))
+        seconds.append(per_patch)
+
+    def predicted(b: int) -> float:
+        largest = calls[-1][0]
+        in_files, rest = grown[largest]
+        return max(peak_rss(), base + in_files + ARENA_SAFETY * rest * b / largest + extra(b))
+
+    probe(batches[0])
+    while calls[-1][0] < batches[-1]:
+        within = [b for b in batches if calls[-1][0] < b <= 2 * calls[-1][0]]
+        fits = [b for b in within if predicted(b) <= budget]
+        if not fits:
+            break
+        probe(fits[-1])
+        if fits[-1] < within[-1] or not worth_probing(seconds):
+            break
+    return MemoryModel(peak_rss(), current_rss(), tuple(calls), tuple(seconds), "arena")
+
+
+def fastest_fit(model: MemoryModel, budget: int, extra: Callable[[int], int]) -> int:
+    """The measured batch with the fewest seconds per patch whose predicted peak, with extra(b), fits
+    `budget`; of batches within TIE of that speed, the smallest (the same speed for less memory). 0 when none
+    fits. An untimed model: the largest that fits."""
+    fits = [b for b, _ in model.calls if model.peak(b, extra(b)) <= budget]
+    if not fits or not model.seconds:
+        return fits[-1] if fits else 0
+    best = min(model.seconds_per_patch(b) for b in fits)
+    return min(b for b in fits if model.seconds_per_patch(b) <= TIE * best)
+
+
 def plan_patch_batch(model: MemoryModel, budget: int, batches: Sequence[int], extra: Callable[[int], int]) -> int:
-    """The largest of `batches`, up to the largest measured, whose predicted peak with extra(b) fits `budget`;
-    when not even the smallest fits, a PatchgenError that names the minimum a fresh run will accept."""
-    pb = largest_fit(model, budget, [b for b in batches if b <= model.largest], extra)
+    """A timed model (calibrated with timed=True): the fastest measured batch that fits (`fastest_fit`);
+    else the largest of `batches`, up to the largest measured, whose predicted peak with extra(b) fits
+    `budget`. When not even the smallest fits, a PatchgenError that names the minimum a fresh run accepts."""
+    pb = (fastest_fit(model, budget, extra) if model.seconds
+          else largest_fit(model, budget, [b for b in batches if b <= model.largest], extra))
     if pb == 0:
         minimum = math.ceil((model.peak(batches[0], extra(batches[0])) + RERUN_MARGIN) / MIB * 10) / 10  # MiB, up
         raise BudgetTooSmall(f"memory budget {format_size(budget)} is below this model's minimum of "

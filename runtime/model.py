@@ -1,6 +1,7 @@
 """Loading a patchgen ONNX file: validate it, read its metadata, open the session, call it on patches."""
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -11,11 +12,11 @@ import onnxruntime as ort
 from .errors import PatchgenError
 from .graph_cache import open_model_session, weights_bytes
 from .limits import available_cpus, available_memory
-from .memory import checked_budget, current_rss, format_size
+from .memory import checked_budget, current_rss, format_size, wants_minimum
 from .metadata import spec_from_metadata
 from .onnxfile import metadata_props
 from .pretrained import resolve_model
-from .session import DEFAULT_PROVIDER, short_name
+from .session import DEFAULT_PROVIDER, open_session, short_name
 from .spec import ModelSpec, graph_inputs
 
 MAX_DEFAULT_THREADS = 4  # small patches leave little to split across more (benchmarks/threads.py)
@@ -24,6 +25,11 @@ MAX_DEFAULT_THREADS = 4  # small patches leave little to split across more (benc
 def default_threads() -> int:
     """onnxruntime intra-op threads when none are asked for: the CPUs this process may use, at most 4."""
     return min(available_cpus(), MAX_DEFAULT_THREADS)
+
+
+def thread_candidates(cpus: int) -> list[int]:
+    """Intra-op thread counts the planner may measure: 1, 2, 4, ... below `cpus`, and `cpus`."""
+    return sorted({*(2**k for k in range(cpus.bit_length()) if 2**k < cpus), cpus})
 
 
 @dataclass
@@ -40,6 +46,34 @@ class OnnxModel:
     resident_before: int = 0  # bytes of RSS before the session opened: the floor its weights come on top of
     graph: str = "direct"  # how the session was opened: "cached", "built" or "direct" (graph_cache.Opened)
     notes: tuple[str, ...] = ()  # what the run should be told about opening it (e.g. no graph cache)
+    threads: int = 1  # onnxruntime intra-op threads of the session
+    threads_chosen: bool = False  # the caller chose `threads`; else the planner may try others (make_plan)
+    allocation: str = "lean"  # the session's allocation mode (session.ALLOCATIONS); `reopen` changes it
+    opened: Optional[Path] = None  # the file the session was opened from, and at which optimisation level:
+    optimization: str = "none"  # a reopen opens the same graph the same way
+
+    def reopen(self, allocation: Optional[str] = None, threads: Optional[int] = None, fresh: bool = False) -> None:
+        """Replace the session by one of the same graph with another allocation mode (session.ALLOCATIONS)
+        and/or intra-op thread count (None: as now); fresh: even when both stay (an arena's blocks go).
+
+        The old session is released first, so that its mapped weights and blocks are gone before the new one
+        maps them again: the two are never resident together."""
+        allocation = self.allocation if allocation is None else allocation
+        threads = self.threads if threads is None else threads
+        if (allocation, threads) == (self.allocation, self.threads) and not fresh:
+            return
+        provider = self.provider
+        self.session = None
+        gc.collect()
+        try:
+            self.session = open_session(self.opened or self.path, threads, provider,
+                                        optimization=self.optimization, allocation=allocation)
+        except PatchgenError:
+            raise
+        except Exception as e:  # the cached graph replaced by another process in between: rare
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise PatchgenError(f"cannot reopen {self.opened or self.path} ({first[:160]}); run again") from None
+        self.allocation, self.threads = allocation, threads
 
     @property
     def provider(self) -> str:
@@ -70,9 +104,10 @@ def load_model(model: Union[str, Path, None] = None, threads: Optional[int] = No
 
     The CPU provider opens the graph optimised once for this device from the graph cache, its weights
     memory-mapped (graph_cache.py), building the cache entry on first use.
-    threads: onnxruntime intra-op threads, 1 .. the CPUs this process may use (None: `default_threads()`).
+    threads: onnxruntime intra-op threads, 1 .. the CPUs this process may use (None: `default_threads()`, and
+    the planner may measure others: generate.make_plan).
     provider: an execution provider's short name (`session.available_providers()`), "cpu" by default.
-    memory_budget: the run's peak RSS budget (bytes, or a size such as "500M"), when it has one: a budget
+    memory_budget: the run's peak RSS budget (bytes, or a size such as "500M"; "min" counts as none here), when it has one: a budget
     the weights alone do not fit is refused before anything is opened (BudgetTooSmall), and a graph cache
     build that would not fit it is skipped (opened without the cache, with a note). Without one, a build
     must fit the memory this process can have, and weights that do not fit it are refused. The metadata
@@ -82,6 +117,7 @@ def load_model(model: Union[str, Path, None] = None, threads: Optional[int] = No
     PatchgenError."""
     path = resolve_model(model)
     cpus = available_cpus()
+    chosen = threads is not None
     threads = default_threads() if threads is None else threads
     if not 1 <= threads <= cpus:
         raise PatchgenError(f"threads must be between 1 and {cpus} (the CPUs this process may use), got {threads}")
@@ -96,7 +132,7 @@ def load_model(model: Union[str, Path, None] = None, threads: Optional[int] = No
     spec_from_metadata(early, source=str(path))
     resident = current_rss()
     weights = weights_bytes(path)
-    if memory_budget is None:
+    if memory_budget is None or wants_minimum(memory_budget):
         build_limit, limited_by = available_memory(resident)
         if build_limit is not None and resident + weights > build_limit:
             raise PatchgenError(f"{path.name} needs at least {format_size(resident + weights)} ({format_size(weights)} "
@@ -121,4 +157,4 @@ def load_model(model: Union[str, Path, None] = None, threads: Optional[int] = No
         raise PatchgenError(f"{path}: graph inputs {have} do not match its metadata (expected {want} and output "
                             f"eps); re-export it with patchgen-export")
     return OnnxModel(path, session, spec, meta, opened.sha256, tuple(want), weights, resident, opened.graph,
-                     opened.notes)
+                     opened.notes, threads, chosen, "lean", opened.opened, opened.optimization)

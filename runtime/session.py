@@ -1,14 +1,15 @@
 """The one place that opens onnxruntime sessions and sets their memory behaviour.
 
-Defaults chosen by benchmarks/session_options.py; its figures (peak RSS and time per step for each
-combination of the options below) are in benchmarks/results/session_options.md. onnxruntime's CPU
-arena and memory pattern are off: the arena would keep the largest call's blocks reserved, and the
-memory planner's fitted line would then over-charge (it sees each probe's leftovers), so a budget would
-buy smaller patch batches. The price is time: every call maps fresh pages for its activations and
-returns them after. glibc keeps freed blocks in per-thread arenas and on a heap it rarely trims: one
-malloc arena and mmap-backed blocks from 64 KiB up make freed activations go back to the kernel, so the
-peak is linear in the patch batch. Prepacking and initializers through the device allocator were measured
-too and left at onnxruntime's defaults.
+Allocation. Two option sets, chosen per run by the planner (generate.make_plan, memory.calibrate_arena):
+"lean" turns onnxruntime's CPU arena and memory pattern off, so every call maps fresh pages for its
+activations and returns them after, and the peak is linear in the patch batch; "arena" turns the arena on,
+which keeps the largest call's blocks for the next call: no page faults per call (1.3-2.5x faster per
+patch, int8 most: benchmarks/results/budget_speed.md), at the price of holding those blocks between calls,
+which the planner measures and charges. The memory pattern stays off in both (it adds memory for no
+measured speed: benchmarks/results/session_options.md). glibc keeps freed blocks in per-thread arenas and on
+a heap it rarely trims: one malloc arena and mmap-backed blocks from 64 KiB up make freed activations go back
+to the kernel (`tune_allocator`, process-wide, in both modes). Prepacking and initializers through the device
+allocator were measured too and left at onnxruntime's defaults.
 
 Graph optimisation. onnxruntime's default level (ORT_ENABLE_ALL) includes an x86 layout pass (NCHWc) that
 holds a reordered copy of every Conv weight beside the original while the session opens: the peak is then
@@ -42,6 +43,12 @@ NOT_COMPUTE = ("azure",)  # listed as available in the standard builds, but it c
 M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # mallopt parameters, <malloc.h>
 MMAP_THRESHOLD = 64 * 1024
 EXTERNAL_MIN_BYTES = 1024  # initializers from this size up go to an optimised graph's external data
+# How a session allocates its activations: "lean" (arena off: every call maps fresh pages and returns them, so
+# the peak is the call's own) or "arena" (onnxruntime's CPU arena keeps the largest call's blocks for the
+# next call: no page faults per call, at the price of holding them between calls). The memory pattern stays
+# off in both: it pre-plans one block per input shape, more memory for no measured speed
+# (benchmarks/results/session_options.md). The planner (generate.make_plan) chooses between them.
+ALLOCATIONS = ("lean", "arena")
 OPTIMIZATION = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
                 "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                 "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
@@ -60,14 +67,17 @@ def tune_allocator() -> bool:
     return bool(mallopt(M_ARENA_MAX, 1)) and bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
-def session_options(threads: int = 1, optimization: str = "all") -> ort.SessionOptions:
-    """patchgen's memory-first options; `optimization`: a key of OPTIMIZATION (graph optimisation level)."""
+def session_options(threads: int = 1, optimization: str = "all", allocation: str = "lean") -> ort.SessionOptions:
+    """patchgen's session options. optimization: a key of OPTIMIZATION (graph optimisation level);
+    allocation: one of ALLOCATIONS ("lean": arena off, memory-first; "arena": onnxruntime's CPU arena on)."""
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     so = ort.SessionOptions()
     so.graph_optimization_level = OPTIMIZATION[optimization]
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.enable_cpu_mem_arena = False
+    so.enable_cpu_mem_arena = allocation == "arena"
     so.enable_mem_pattern = False
     so.log_severity_level = 3  # errors only
     return so
@@ -109,11 +119,12 @@ def check_openable(path) -> None:
 
 
 def open_session(path, threads: int = 1, provider: str = DEFAULT_PROVIDER, optimization: str = "all",
-                 save_optimized: Optional[Path] = None) -> ort.InferenceSession:
+                 save_optimized: Optional[Path] = None, allocation: str = "lean") -> ort.InferenceSession:
     """Open the ONNX file at `path` (never bytes: onnxruntime would hold them beside the parsed weights).
 
     provider: a short name from `available_providers()`; any other provider is backed by the CPU provider for
-    the nodes it cannot run (onnxruntime's placement). optimization: a key of OPTIMIZATION. save_optimized:
+    the nodes it cannot run (onnxruntime's placement). optimization: a key of OPTIMIZATION. allocation: one
+    of ALLOCATIONS (`session_options`). save_optimized:
     also write the optimised graph there, its initializers from 1 KiB up as external data in
     `<name>.data` beside it at page-aligned offsets (onnxruntime's writer aligns them), which a later open
     memory-maps. Raises PatchgenError when the provider is unavailable or did not start."""
@@ -123,7 +134,7 @@ def open_session(path, threads: int = 1, provider: str = DEFAULT_PROVIDER, optim
     tune_allocator()
     chosen = provider_name(provider)
     providers = [chosen] + (["CPUExecutionProvider"] if chosen != "CPUExecutionProvider" else [])
-    options = session_options(threads, optimization)
+    options = session_options(threads, optimization, allocation)
     if save_optimized is not None:
         options.optimized_model_filepath = str(save_optimized)
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name",

@@ -13,8 +13,10 @@ from patchgen.models.sample import sample_torch
 from patchgen.runtime.errors import PatchgenError
 from patchgen.runtime.generate import generate, iter_samples, make_plan
 from patchgen.runtime.loop import sample_images
+from patchgen.runtime import memory
 from patchgen.runtime.memory import MemoryModel, parse_size, plan_patch_batch
-from patchgen.runtime.model import load_model
+from patchgen.runtime.limits import available_cpus
+from patchgen.runtime.model import default_threads, load_model, thread_candidates
 from patchgen.runtime.onnxfile import external_data_files
 from patchgen.runtime.schedule import Schedule
 
@@ -90,7 +92,8 @@ def test_peak_memory_does_not_grow_with_image_count(models, tmp_path):
     _, onnx_path = models["g2"]
     peaks = {}
     for n in (1, 20):
-        r = sample_cli("--model", onnx_path, "-n", n, "--steps", "3", "--out", tmp_path / str(n), "--threads", "1")
+        r = sample_cli("--model", onnx_path, "-n", n, "--steps", "3", "--out", tmp_path / str(n), "--threads", "1",
+                       "--memory-budget", "min")
         assert r.returncode == 0, r.stderr
         peaks[n] = float(PEAK.search(r.stderr).group(1))
     assert peaks[20] <= 1.05 * peaks[1], peaks
@@ -101,10 +104,22 @@ def test_budget_plans_and_minimum(models):
     model = load_model(onnx_path)
     with pytest.raises(PatchgenError, match=r"below this model's minimum of \d+\.\dM .*--memory-budget \d+M"):
         make_plan(model, 1, memory_budget="10M")
-    plan = make_plan(model, 2, memory_budget="4G")
-    assert plan.patch_batch == 8 and plan.images_per_run == 2  # everything fits: all patches of both images
+    ample = f"{memory.peak_rss() // 2**20 + 1024}M"  # 1 GiB above what this (test) process reached already
+    plan = make_plan(model, 2, memory_budget=ample)  # everything fits: the fastest batch measured runs
+    assert plan.allocation == model.allocation == "arena" and plan.patch_batch in (1, 2, 4, 8)
+    assert plan.images_per_run == max(1, plan.patch_batch // 4) and plan.predicted_peak <= parse_size(ample)
+    assert plan.seconds_per_patch > 0 and model.threads in thread_candidates(available_cpus())
+    chosen = load_model(onnx_path, threads=1)
+    assert make_plan(chosen, 2, memory_budget=ample).allocation == "arena" and chosen.threads == 1  # as asked
+    plan = make_plan(model, 2, memory_budget="min")  # the same model, planned again: back to its lean session
+    assert (plan.allocation, plan.patch_batch, plan.images_per_run, plan.predicted_peak) == ("lean", 1, 1, None)
+    assert model.allocation == "lean" and model.threads == default_threads()
     with pytest.raises(PatchgenError, match="not both"):
         make_plan(model, 1, memory_budget="1G", patch_batch=2)
+
+
+def test_thread_candidates():
+    assert [thread_candidates(n) for n in (1, 2, 4, 6, 8)] == [[1], [1, 2], [1, 2, 4], [1, 2, 4, 6], [1, 2, 4, 8]]
 
 
 def test_plan_arithmetic():
