@@ -264,8 +264,8 @@ def _settle(model: OnnxModel, run, mem: memory.MemoryModel, pb: int, budget: int
     """After arena calibration chose `pb`: unless the caller chose the threads, time `pb` at each other thread
     count (`thread_candidates`; a count above the calibrated one only when its threads' THREAD_BYTES fit),
     each in a session reopened with it (the old one released first: its arena goes, and the new one grows
-    its own to `pb`, no larger than calibration's). A machine busy with other work often runs faster on
-    fewer threads. Then the fastest is opened afresh, so the arena holds `pb`'s blocks, not the largest
+    its own to `pb`, no larger than calibration's). On a machine busy with other work fewer threads can be
+    faster. Then the fastest is opened afresh, so the arena holds `pb`'s blocks, not the largest
     probe's. Returns `mem` with that speed, the mark reached and the resident size after it."""
     if model.threads_chosen and pb == mem.largest:  # nothing to try, and the arena holds pb's blocks already
         return mem

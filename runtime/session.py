@@ -3,12 +3,13 @@
 Allocation. Two option sets, chosen per run by the planner (generate.make_plan, memory.calibrate_arena):
 "lean" turns onnxruntime's CPU arena and memory pattern off, so every call maps fresh pages for its
 activations and returns them after, and the peak is linear in the patch batch; "arena" turns the arena on,
-which keeps the largest call's blocks for the next call: no page faults per call (1.3-2.5x faster per
-patch, int8 most: benchmarks/results/budget_speed.md), at the price of holding those blocks between calls,
-which the planner measures and charges. The memory pattern stays off in both (it adds memory for no
-measured speed: benchmarks/results/session_options.md). glibc keeps freed blocks in per-thread arenas and on
-a heap it rarely trims: one malloc arena and mmap-backed blocks from 64 KiB up make freed activations go back
-to the kernel (`tune_allocator`, process-wide, in both modes). Prepacking and initializers through the device
+which keeps the largest call's blocks for the next call: no page faults per call (1.4-2.0x faster per
+image for fp32 models and 1.8x for int8 on x86: benchmarks/results/budget_speed.md), at the price of
+holding those blocks between calls, which the planner measures and charges. The memory pattern stays
+off in both (it adds memory for no measured speed: benchmarks/results/session_options.md). glibc keeps
+freed blocks in per-thread arenas and on a heap it rarely trims: one malloc arena and mmap-backed blocks
+from 64 KiB up make freed activations go back to the kernel (`tune_allocator`, process-wide, in both
+modes). Prepacking and initializers through the device
 allocator were measured too and left at onnxruntime's defaults.
 
 Graph optimisation. onnxruntime's default level (ORT_ENABLE_ALL) includes an x86 layout pass (NCHWc) that
