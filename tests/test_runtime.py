@@ -13,7 +13,6 @@ from patchgen.models.sample import sample_torch
 from patchgen.runtime.errors import PatchgenError
 from patchgen.runtime.generate import generate, iter_samples, make_plan
 from patchgen.runtime.loop import sample_images
-from patchgen.runtime import memory
 from patchgen.runtime.memory import MemoryModel, parse_size, plan_patch_batch
 from patchgen.runtime.limits import available_cpus
 from patchgen.runtime.model import default_threads, load_model, thread_candidates
@@ -104,13 +103,15 @@ def test_budget_plans_and_minimum(models):
     model = load_model(onnx_path)
     with pytest.raises(PatchgenError, match=r"below this model's minimum of \d+\.\dM .*--memory-budget \d+M"):
         make_plan(model, 1, memory_budget="10M")
-    ample = f"{memory.peak_rss() // 2**20 + 1024}M"  # 1 GiB above what this (test) process reached already
-    plan = make_plan(model, 2, memory_budget=ample)  # everything fits: the fastest batch measured runs
+    # The default budget (75% of this machine's memory): everything fits, the fastest batch measured runs. (A
+    # tight budget in a process whose mark is far above its RSS, as a test process's is, charges the hidden
+    # one-patch call at that gap and stays memory-first: safe, and what a fresh process never sees.)
+    plan = make_plan(model, 2)
     assert plan.allocation == model.allocation == "arena" and plan.patch_batch in (1, 2, 4, 8)
-    assert plan.images_per_run == max(1, plan.patch_batch // 4) and plan.predicted_peak <= parse_size(ample)
+    assert plan.images_per_run == max(1, plan.patch_batch // 4) and plan.predicted_peak <= plan.budget
     assert plan.seconds_per_patch > 0 and model.threads in thread_candidates(available_cpus())
     chosen = load_model(onnx_path, threads=1)
-    assert make_plan(chosen, 2, memory_budget=ample).allocation == "arena" and chosen.threads == 1  # as asked
+    assert make_plan(chosen, 2).allocation == "arena" and chosen.threads == 1  # as asked
     plan = make_plan(model, 2, memory_budget="min")  # the same model, planned again: back to its lean session
     assert (plan.allocation, plan.patch_batch, plan.images_per_run, plan.predicted_peak) == ("lean", 1, 1, None)
     assert model.allocation == "lean" and model.threads == default_threads()
