@@ -16,6 +16,7 @@ from patchgen.runtime.limits import available_cpus
 from patchgen.runtime.loop import DEFAULT_STEPS, SAMPLERS
 from patchgen.runtime.memory import DEFAULT_BUDGET_SHARE
 from patchgen.runtime.model import default_threads
+from patchgen.runtime.edit import IMG2IMG_STRENGTH
 from patchgen.runtime.pretrained import DEFAULT_MODEL, shipped_models
 from patchgen.runtime.session import DEFAULT_PROVIDER, available_providers
 
@@ -31,6 +32,10 @@ Examples:
   patchgen-sample --model emoji32.onnx --memory-budget 150M      # the fastest setup that peaks within 150M
   patchgen-sample --memory-budget min                             # the smallest peak (one patch per call)
   patchgen-sample --provider cuda                                 # a Jetson's GPU (onnxruntime-gpu)
+  patchgen-sample --init-img face.png --strength 0.6              # img2img: a variation of face.png
+  patchgen-sample --init-img face.png --mask mask.png             # inpaint the mask's white pixels
+  patchgen-sample --init-img face.png --outpaint right:1          # move left one patch, paint the right
+  patchgen-sample -n 16 --grid-image grid.png --preview live.png  # watch x0 form in any image viewer
 """
 STEPS_HELP = ("Sampler steps [default: ddpm every timestep (the model's T), "
               + ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ", at most T].")
@@ -73,11 +78,32 @@ def check_output_folder(folder: Path) -> None:
               help=f"onnxruntime execution provider; this build has: {', '.join(available_providers())}.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("samples"), show_default=True, help="Folder for the PNGs.")
 @click.option("--grid-image", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write all images as one grid PNG.")
+@click.option("--init-img", "init_img", type=click.Path(path_type=Path), default=None,
+              help="Edit this image instead of drawing from noise: img2img (SDEdit), or with --mask or --outpaint, "
+                   "inpainting. Centre-cropped and resized to the model's size.")
+@click.option("--strength", type=float, default=None,
+              help=f"With --init-img: how much to change, in (0, 1]; the last floor(steps x strength) steps run "
+                   f"[default: {IMG2IMG_STRENGTH} for img2img, 1 with --mask or --outpaint].")
+@click.option("--mask", type=click.Path(path_type=Path), default=None,
+              help="With --init-img: white = paint, black = keep (thresholded at half). Kept pixels come out "
+                   "exactly as the input's; patches with no white pixel make no network call.")
+@click.option("--outpaint", default=None, metavar="SIDE:K",
+              help="With --init-img: move the image K patches away from SIDE (left, right, up, down) and paint "
+                   "the freed patches, e.g. right:1.")
+@click.option("--repaint-jumps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="With --mask or --outpaint (ddim, ddpm): RePaint's resampling, each step taken N + 1 times so "
+                   "the painted pixels fit the kept ones better, at N + 1 times the cost.")
+@click.option("--preview", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the current estimate of the images (the grid's, with --grid-image) to this PNG as "
+                   "they form, atomically; the final images are unchanged by it.")
+@click.option("--preview-every", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Steps between --preview writes.")
 @user_errors
 def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_budget, threads, provider, out_dir,
-         grid_image):
+         grid_image, init_img, strength, mask, outpaint, repaint_jumps, preview, preview_every):
     """Generate images with a patch-based diffusion model: the U-Net denoises one patch per call,
     so peak memory follows the patch batch, not the image size."""
+    from patchgen.runtime.edit import make_edit
     from patchgen.runtime.files import check_writable_folder, made_folder, remove_if_empty
     from patchgen.runtime.generate import make_plan
     from patchgen.runtime.images import grid_memory
@@ -85,26 +111,64 @@ def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_
 
     # Everything is checked, and memory planned, before the first folder or file is created.
     check_output_folder(out_dir)
-    if grid_image is not None:
-        check_writable_folder(grid_image.parent)
+    if preview_every != 1 and preview is None:
+        raise CliError("--preview-every needs --preview, the file to write")
+    for option, path in (("--grid-image", grid_image), ("--preview", preview)):
+        if path is not None:
+            check_writable_folder(path.parent)
+    if grid_image is not None and preview is not None and os.path.realpath(grid_image) == os.path.realpath(preview):
+        raise CliError(f"--preview {preview} is the --grid-image too; choose another name for one of them")
     model = load_model(model_path, threads, provider, memory_budget)
-    if grid_image is not None and _is_input(grid_image, model.path):
-        raise CliError(f"--grid-image {grid_image} is the model file (or its weights); choose another path")
-    if grid_image is not None and _is_sample(grid_image, out_dir, seed, num_images):
-        raise CliError(f"--grid-image {grid_image} is one of this run's own PNGs, which would overwrite it or it "
-                       "them; choose another name")
+    for option, path in (("--grid-image", grid_image), ("--preview", preview)):
+        if path is not None and _is_input(path, model.path):
+            raise CliError(f"{option} {path} is the model file (or its weights); choose another path")
+        if path is not None and _is_sample(path, out_dir, seed, num_images):
+            raise CliError(f"{option} {path} is one of this run's own PNGs, which would overwrite it or it "
+                           "them; choose another name")
+        if path is not None and init_img is not None and path.exists() and init_img.exists() \
+                and path.samefile(init_img):
+            raise CliError(f"{option} {path} is the --init-img; choose another path")
+    edit, edit_notes = make_edit(model.spec, init_img, mask, strength, outpaint, repaint_jumps,
+                                 _budget_bytes(memory_budget))
     c, h, w = model.spec.image_shape
+    held = grid_memory(num_images, h, w, c) if grid_image else 0
+    preview_held, preview_per_image = _preview_memory(preview, grid_image, num_images, model.spec.image_shape)
     plan = make_plan(model, num_images, seed, sampler, steps, eta, memory_budget=memory_budget,
-                     patch_batch=patch_batch, held_bytes=grid_memory(num_images, h, w, c) if grid_image else 0)
-    for note in model.notes + plan.notes:
+                     patch_batch=patch_batch, held_bytes=held + preview_held, held_per_image=preview_per_image,
+                     edit=edit)
+    if edit is not None and plan.request.steps_run == 0:
+        edit_notes += (f"--strength {edit.strength:g} of {plan.request.steps} steps runs none: the images are the "
+                       "input",)
+    for note in model.notes + edit_notes + plan.notes:
         click.echo(f"note: {note}", err=True)
     out_dir, made = made_folder(out_dir)
     try:
         check_writable_folder(out_dir)
-        _sample(model, plan, seed, num_images, out_dir, grid_image)
+        _sample(model, plan, seed, num_images, out_dir, grid_image, preview, preview_every)
     except BaseException:
         remove_if_empty(made)  # a run that wrote no image leaves no folder behind
         raise
+
+
+def _budget_bytes(memory_budget):
+    """The budget in bytes when a size was given (what decoding an input image must fit), else None."""
+    from patchgen.runtime.memory import parse_size, wants_minimum
+
+    return None if memory_budget is None or wants_minimum(memory_budget) else parse_size(memory_budget)
+
+
+def _preview_memory(preview, grid_image, num_images, image_shape) -> tuple[int, int]:
+    """(bytes held through the run, bytes per image in flight) of writing previews: the uint8 images and their
+    float temporaries per image in flight, and a canvas to encode (the whole grid's with --grid-image)."""
+    from patchgen.runtime.images import grid_memory
+
+    if preview is None:
+        return 0, 0
+    c, h, w = image_shape
+    per_image = 3 * 4 * c * h * w  # to_uint8's float temporaries and its output
+    if grid_image is not None:
+        return grid_memory(num_images, h, w, c), per_image
+    return 0, per_image + grid_memory(1, h, w, c)
 
 
 def _is_input(path: Path, model_path: Path) -> bool:
@@ -126,16 +190,17 @@ def _is_sample(path: Path, out_dir: Path, seed: int, num_images: int) -> bool:
     return path.name == f"seed{seed}_{index}.png" and index.isdigit() and len(index) == 5 and int(index) < num_images
 
 
-def _sample(model, plan, seed, num_images, out_dir, grid_image):
+def _sample(model, plan, seed, num_images, out_dir, grid_image, preview=None, preview_every=1):
     """Sample the plan's images into out_dir (and the grid), with a progress bar and a closing report."""
     from patchgen.runtime.files import remove_stale_temporaries
     from patchgen.runtime.generate import iter_samples, png_text
-    from patchgen.runtime.images import new_grid, paste_into_grid, save_png
+    from patchgen.runtime.images import make_grid, new_grid, paste_into_grid, save_png, to_uint8
     from patchgen.runtime.memory import format_size, peak_rss
 
     remove_stale_temporaries(out_dir, "seed*_*.png")  # left by a killed run
-    if grid_image is not None:
-        remove_stale_temporaries(grid_image.parent, grid_image.name)
+    for path in (grid_image, preview):
+        if path is not None:
+            remove_stale_temporaries(path.parent, path.name)
 
     spec, request = model.spec, plan.request
     click.echo(f"{model.path.name} on {model.provider}: {spec.image_size}x{spec.image_size}, {spec.grid}x{spec.grid} patches of "
@@ -147,23 +212,47 @@ def _sample(model, plan, seed, num_images, out_dir, grid_image):
                   + ("default " if plan.default_budget else "") + f"budget {format_size(plan.budget)}"
                   if plan.predicted_peak else "")
                + (f", {plan.seconds_per_step(spec.grid):.3g} s/step" if plan.seconds_per_patch else ""), err=True)
+    edit = request.edit
+    if edit is not None:
+        click.echo(f"{edit.kind} at strength {edit.strength:g}: "
+                   f"{request.steps_run} of {request.steps} steps"
+                   + (f", {edit.masked_patches(spec.grid)} of {spec.grid**2} patches painted (the others make no "
+                      "call)" if edit.keep is not None else "")
+                   + (f", {edit.jumps} RePaint jump(s) per step" if edit.jumps else ""), err=True)
     if model.metadata.get("patchgen.data.attribution"):
         click.echo(f"model trained on: {model.metadata['patchgen.data.attribution']}", err=True)
 
     c, h, w = spec.image_shape
     runs = -(-num_images // plan.images_per_run)
     grid = new_grid(num_images, h, w, c) if grid_image is not None else None  # filled as images arrive
+    live = new_grid(num_images, h, w, c) if grid is not None and preview is not None else None
+    steps_run = request.steps_run
+
+    def show(first, i, x0):  # the preview: the run's x0_hat, in the grid's cells with --grid-image
+        if (i + 1) % preview_every and i + 1 != steps_run:
+            return
+        images = to_uint8(x0)
+        if live is None:
+            save_png(preview, make_grid(images), {"patchgen:step": str(i + 1), "Software": "patchgen"})
+            return
+        for k, image in enumerate(images):
+            paste_into_grid(live, first + k, image)
+        save_png(preview, live, {"patchgen:step": str(i + 1), "Software": "patchgen"})
+
     t0 = time.perf_counter()
-    with click.progressbar(length=runs * request.steps, label="sampling", file=sys.stderr) as bar:
-        for index, image in iter_samples(model, plan, callback=lambda i, t: bar.update(1)):
+    with click.progressbar(length=runs * steps_run, label="sampling", file=sys.stderr) as bar:
+        for index, image in iter_samples(model, plan, callback=lambda i, t: bar.update(1),
+                                         on_x0=show if preview is not None else None):
             save_png(out_dir / f"seed{seed}_{index:05d}.png", image, png_text(model, request, index))
             if grid is not None:
                 paste_into_grid(grid, index, image)
+            if live is not None:
+                paste_into_grid(live, index, image)
     elapsed = time.perf_counter() - t0
     if grid is not None:
         save_png(grid_image, grid, png_text(model, request, -1))
     click.echo(f"wrote {num_images} image(s) to {out_dir}" + (f" and {grid_image}" if grid_image else "")
-               + f"; {elapsed / num_images:.2f} s/image, peak RSS {format_size(peak_rss())}", err=True)
+               + f"; {elapsed / num_images:.3g} s/image, peak RSS {format_size(peak_rss())}", err=True)
 
 
 if __name__ == "__main__":

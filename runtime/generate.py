@@ -6,6 +6,8 @@ both. Nothing can be sampled from an unchecked request: a Plan is the proof it w
 """
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import io
 import math
 from dataclasses import dataclass
@@ -15,7 +17,8 @@ import numpy as np
 
 from .errors import PatchgenError
 from .images import to_uint8, write_png
-from .loop import SAMPLERS, default_steps, sample_images
+from .edit import Edit, ImageInput, make_edit
+from .loop import SAMPLERS, default_steps, edit_timesteps, sample_images
 from . import memory
 from .memory import (ARENA_PRIOR, DEFAULT_BUDGET_SHARE, MIB, RERUN_MARGIN, BudgetTooSmall, calibrate,
                      calibrate_arena, checked_budget, fastest_fit, format_size, parse_size, plan_patch_batch)
@@ -27,6 +30,9 @@ from .spec import ModelSpec, example_feeds, graph_inputs
 # Full-size float32 arrays alive per image in flight: x_t, x0_hat, eps, the sampler's temporaries, and room
 # to spare. Charged on top of the measured model of the session, with a halo model's zero-bordered x_t.
 IMAGE_ARRAYS = 8
+# An edit holds per image the noise its known pixels are re-noised with, and the projection's temporary; and
+# once the input image (charged as one more array: it is shared by the run's images).
+EDIT_ARRAYS = 3
 OVERHEAD = 4 * MIB  # PNG encoding and Python bookkeeping during sampling
 # What the warm-up step leaves resident beyond one call (the sampler's calls at other timesteps, its
 # arrays and the PNG encoder settling in): 2-3 MiB measured with numpy 2 and onnxruntime 1.32 on x86-64
@@ -45,10 +51,17 @@ class Request:
     sampler: str
     steps: int
     eta: Optional[float]  # DDIM's noise; None for the samplers that have none (ddpm is ancestral, dpm++ is deterministic)
+    edit: Optional[Edit] = None  # img2img, inpainting or outpainting: what the images start from (edit.py)
+
+    @property
+    def steps_run(self) -> int:
+        """The sampler steps each image runs: all of them, or an edit's share (`loop.edit_timesteps`)."""
+        return self.steps if self.edit is None else \
+            len(edit_timesteps(np.arange(self.steps), self.edit.strength))
 
 
 def sampling_request(spec: ModelSpec, num_images: int = 1, seed: int = 0, sampler: str = "ddim",
-                     steps: Optional[int] = None, eta: Optional[float] = None) -> Request:
+                     steps: Optional[int] = None, eta: Optional[float] = None, edit: Optional[Edit] = None) -> Request:
     """A Request with defaults filled in for this model (steps per its T, eta 0 for ddim), or a PatchgenError."""
     T = spec.schedule.num_timesteps
     if sampler not in SAMPLERS:
@@ -60,6 +73,9 @@ def sampling_request(spec: ModelSpec, num_images: int = 1, seed: int = 0, sample
     steps = default_steps(sampler, T) if steps is None else steps
     if not 1 <= steps <= T:
         raise PatchgenError(f"steps must be between 1 and {T} (this model's T), got {steps}")
+    if edit is not None and edit.jumps and sampler == "dpm++":
+        raise PatchgenError("--repaint-jumps needs the ddim or ddpm sampler: dpm++'s multistep update keeps the "
+                            "previous step, which a jump back would break")
     if sampler == "ddim":
         eta = 0.0 if eta is None else float(eta)
         if not 0.0 <= eta <= 1.0:  # also refuses NaN
@@ -67,7 +83,7 @@ def sampling_request(spec: ModelSpec, num_images: int = 1, seed: int = 0, sample
     elif eta is not None:
         what = "ancestral (its noise is fixed, eta = 1)" if sampler == "ddpm" else "deterministic"
         raise PatchgenError(f"eta applies to the ddim sampler only; {sampler} is {what}: drop --eta")
-    return Request(num_images, seed, sampler, steps, eta)
+    return Request(num_images, seed, sampler, steps, eta, edit)
 
 
 @dataclass(frozen=True)
@@ -83,19 +99,28 @@ class Plan:
     default_budget: bool = False  # the budget was the default one (a share of the memory available)
 
     def seconds_per_step(self, grid: int) -> Optional[float]:
-        """Predicted seconds of one sampler step of one image (grid * grid patches), when measured."""
-        return None if self.seconds_per_patch is None else self.seconds_per_patch * grid**2
+        """Predicted seconds of one sampler step of one image (its patches that make a call), when measured."""
+        return None if self.seconds_per_patch is None else self.seconds_per_patch * patches_per_image(
+            grid, self.request.edit)
 
 
-def images_per_run(patch_batch: int, grid: int, num_images: int) -> int:
-    return max(1, min(num_images, patch_batch // grid**2))
+def patches_per_image(grid: int, edit: Optional[Edit] = None) -> int:
+    """Network calls' patches per image and step: every patch, or those an inpainting paints (at least 1, so
+    that batches divide by it)."""
+    return grid**2 if edit is None else max(1, edit.masked_patches(grid))
 
 
-def image_bytes(model: OnnxModel) -> int:
-    """Bytes charged per image in flight on top of the measured session model."""
+def images_per_run(patch_batch: int, per_image: int, num_images: int) -> int:
+    """Images sampled together when a call holds `patch_batch` patches and an image has `per_image` to make."""
+    return max(1, min(num_images, patch_batch // per_image))
+
+
+def image_bytes(model: OnnxModel, edit: Optional[Edit] = None) -> int:
+    """Bytes charged per image in flight on top of the measured session model (an edit: EDIT_ARRAYS more)."""
     c, h, w = model.spec.image_shape
     m = model.spec.halo
-    return 4 * c * (IMAGE_ARRAYS * h * w + ((h + 2 * m) * (w + 2 * m) if m else 0))
+    arrays = IMAGE_ARRAYS + (EDIT_ARRAYS if edit is not None else 0)
+    return 4 * c * (arrays * h * w + ((h + 2 * m) * (w + 2 * m) if m else 0))
 
 
 def call_input_bytes(spec: ModelSpec, patch_batch: int) -> int:
@@ -106,12 +131,12 @@ def call_input_bytes(spec: ModelSpec, patch_batch: int) -> int:
 
 
 def check_fits(model: OnnxModel, images: int, patch_batch: int, held_bytes: int = 0,
-               budget: Optional[int] = None) -> None:
+               budget: Optional[int] = None, edit: Optional[Edit] = None) -> None:
     """Refuse, before any of it is allocated, a run whose known buffers alone cannot fit: what the process
     holds now, `images` images in flight (`image_bytes`), one call's inputs and the `held_bytes` the caller
     keeps (a grid image), against `budget`, or without one the memory this process can have. The model's
     metadata sets these sizes, so a file that claims a huge image is refused here, not by the kernel."""
-    parts = {"the image buffers": images * image_bytes(model) + OVERHEAD,
+    parts = {"the image buffers": images * image_bytes(model, edit) + OVERHEAD,
              "one call's inputs": call_input_bytes(model.spec, patch_batch), "the grid image": held_bytes}
     resident = memory.current_rss()
     need = resident + sum(parts.values())
@@ -155,7 +180,7 @@ def probe(model: OnnxModel, request: Request):
 def make_plan(model: OnnxModel, num_images: int = 1, seed: int = 0, sampler: str = "ddim",
               steps: Optional[int] = None, eta: Optional[float] = None, *,
               memory_budget: Union[None, int, str] = None, patch_batch: Optional[int] = None,
-              held_bytes: int = 0) -> Plan:
+              held_bytes: int = 0, held_per_image: int = 0, edit: Optional[Edit] = None) -> Plan:
     """Check the request, then choose how to run it: the fastest configuration whose whole-run peak RSS,
     calibration included, stays within the budget.
 
@@ -173,9 +198,11 @@ def make_plan(model: OnnxModel, num_images: int = 1, seed: int = 0, sampler: str
     measured (`_settle`; unless the model was opened with chosen threads). The arena is tried first and
     alone because it was faster per patch at every batch measured (benchmarks/results/session_options.md,
     budget_speed.md).
-    held_bytes: memory the caller holds through the run beside sampling (a grid image being filled)."""
-    request = sampling_request(model.spec, num_images, seed, sampler, steps, eta)
-    g2 = model.spec.grid**2
+    held_bytes: memory the caller holds through the run beside sampling (a grid image being filled);
+    held_per_image: and per image in flight (a preview of them). edit: what an edited run starts from (its
+    arrays are charged per image, `image_bytes`)."""
+    request = sampling_request(model.spec, num_images, seed, sampler, steps, eta, edit)
+    g2 = patches_per_image(model.spec.grid, edit)  # the patches of an image that make calls
     minimum = memory.wants_minimum(memory_budget)
     # Every plan starts from the lean session load_model opened (a model planned before may hold an arena,
     # which would hide what calls cost, and other threads).
@@ -187,8 +214,9 @@ def make_plan(model: OnnxModel, num_images: int = 1, seed: int = 0, sampler: str
         if pb < 1:
             raise PatchgenError(f"patch batch must be >= 1, got {pb}")
         pb = min(pb, num_images * g2)  # no call can hold more patches than the images have
-        check_fits(model, images_per_run(pb, model.spec.grid, num_images), pb, held_bytes)
-        return Plan(request, pb, images_per_run(pb, model.spec.grid, num_images))
+        ipr = images_per_run(pb, g2, num_images)
+        check_fits(model, ipr, pb, held_bytes + ipr * held_per_image, edit=edit)
+        return Plan(request, pb, ipr)
     if memory_budget is None:
         budget, limited_by = memory.default_budget(memory.current_rss())
         notes: tuple[str, ...] = ()
@@ -199,16 +227,16 @@ def make_plan(model: OnnxModel, num_images: int = 1, seed: int = 0, sampler: str
         budget, limited_by = checked_budget(asked, model.weights_bytes, model.resident_before)
         notes = (f"memory budget {format_size(asked)} is more than this process can have ({format_size(budget)}, "
                  f"{limited_by}); planning for {format_size(budget)}",) if limited_by else ()
-    grid = model.spec.grid
     # Batches worth running: up to one image's patches, then whole images (5 patches of a 2x2 grid run as 4).
     batches = [b for b in range(1, num_images * g2 + 1) if b <= g2 or b % g2 == 0]
 
     def extra(pb: int) -> int:  # held beside a call: the buffers of the images that batch runs together
-        return OVERHEAD + held_bytes + images_per_run(pb, grid, num_images) * image_bytes(model)
+        return OVERHEAD + held_bytes + images_per_run(pb, g2, num_images) * (image_bytes(model, edit)
+                                                                               + held_per_image)
 
     try:
         if call_input_bytes(model.spec, 1) > budget:  # a file claiming absurd inputs: no call is made
-            check_fits(model, 1, 1, held_bytes, budget)
+            check_fits(model, 1, 1, held_bytes + held_per_image, budget, edit)
         warm_up, run = probe(model, request)
         # One call first (its first-use allocations included), so that a budget below the warm-up (one image
         # sampled for one step) is refused before the warm-up could overrun it. The warm-up is charged what
@@ -246,14 +274,14 @@ def make_plan(model: OnnxModel, num_images: int = 1, seed: int = 0, sampler: str
                     f"({format_size(budget)}, {DEFAULT_BUDGET_SHARE:.0%} of what this process can have); running "
                     "at the smallest peak, one patch per call")
             model.reopen("lean")
-            check_fits(model, 1, 1, held_bytes)
+            check_fits(model, 1, 1, held_bytes + held_per_image, edit=edit)
             return Plan(request, 1, 1, notes=(note,))
         if limited_by:  # asking for a larger budget cannot help
             raise PatchgenError(f"this model needs a memory budget of at least {format_size(e.minimum)} (one patch "
                                 f"per call), but this process can have only {format_size(budget)} ({limited_by}): "
                                 f"free memory or raise the memory limit") from None
         raise
-    return Plan(request, pb, images_per_run(pb, grid, num_images), budget, mem.peak(pb, extra(pb)), notes,
+    return Plan(request, pb, images_per_run(pb, g2, num_images), budget, mem.peak(pb, extra(pb)), notes,
                 mem.allocation, mem.seconds_per_patch(pb), memory_budget is None)
 
 
@@ -284,15 +312,20 @@ def _settle(model: OnnxModel, run, mem: memory.MemoryModel, pb: int, budget: int
     return memory.MemoryModel(memory.peak_rss(), memory.current_rss(), calls, seconds, "arena")
 
 
-def iter_samples(model: OnnxModel, plan: Plan, callback=None) -> Iterator[tuple[int, np.ndarray]]:
+def iter_samples(model: OnnxModel, plan: Plan, callback=None, on_x0=None) -> Iterator[tuple[int, np.ndarray]]:
     """(image index, uint8 [H, W, C]) for each image, a run of `plan.images_per_run` images at a time.
 
-    callback(step index, t) is called after every sampler step of every run."""
-    r = plan.request
+    callback(step index, t) is called after every sampler step of every run; on_x0(index of the run's first
+    image, step index, x0_hat [n, C, H, W] in [-1, 1]) too, with the step's estimate of the run's images (a
+    preview; read only). An edit's kept pixels come out as its input's 8-bit values exactly."""
+    r, edit = plan.request, plan.request.edit
     for first in range(0, r.num_images, plan.images_per_run):
         n = min(plan.images_per_run, r.num_images - first)
         x = sample_images(model, model.spec, num_images=n, seed=r.seed, steps=r.steps, sampler=r.sampler,
-                          eta=r.eta, patch_batch=plan.patch_batch, first_index=first, callback=callback)
+                          eta=r.eta, patch_batch=plan.patch_batch, first_index=first, callback=callback,
+                          init=None if edit is None else edit.init, keep=None if edit is None else edit.keep,
+                          strength=1.0 if edit is None else edit.strength, jumps=0 if edit is None else edit.jumps,
+                          on_x0=None if on_x0 is None else functools.partial(on_x0, first))
         for k, image in enumerate(to_uint8(x)):
             yield first + k, image
 
@@ -300,25 +333,81 @@ def iter_samples(model: OnnxModel, plan: Plan, callback=None) -> Iterator[tuple[
 def generate(model: Union[str, OnnxModel, None] = None, num_images: int = 1, seed: int = 0,
              steps: Optional[int] = None, sampler: str = "ddim", memory_budget: Union[None, int, str] = None,
              patch_batch: Optional[int] = None, eta: Optional[float] = None,
-             threads: Optional[int] = None, provider: str = DEFAULT_PROVIDER) -> np.ndarray:
+             threads: Optional[int] = None, provider: str = DEFAULT_PROVIDER, *,
+             init_image: Optional[ImageInput] = None, mask: Optional[ImageInput] = None,
+             strength: Optional[float] = None, outpaint: Optional[str] = None, repaint_jumps: int = 0) -> np.ndarray:
     """uint8 images [N, H, W, C] from an .onnx path, a shipped model's name (`faces64_2x2`; None: the
-    default) or a loaded OnnxModel. Image i depends only on (model, seed, i, sampler, steps, eta).
+    default) or a loaded OnnxModel. Image i depends only on (model, seed, i, sampler, steps, eta, the edit).
     threads and provider apply when the model is opened here (see `load_model`). memory_budget bounds
     the host's peak RSS, not a GPU's memory: None, the default budget; "min", the smallest peak
-    (`make_plan`)."""
+    (`make_plan`).
+
+    Editing (`edit.make_edit`; paths, or uint8 arrays at the model's size): init_image alone is img2img
+    (SDEdit) at `strength` (default 0.75: the last floor(steps x strength) steps run); with mask (white =
+    paint, black = keep) it is inpainting, every step by default; outpaint "right:1" (left, up, down) moves
+    the image by whole patches and paints the freed ones; repaint_jumps adds RePaint's resampling to either
+    (ddim, ddpm). Kept pixels are the input's exactly; a patch with every pixel kept makes no network call.
+    PatchgenError for input that cannot be used."""
     if not isinstance(model, OnnxModel):
         model = load_model(model, threads, provider, memory_budget)
+    budget = None if memory_budget is None or memory.wants_minimum(memory_budget) else \
+        parse_size(memory_budget) if isinstance(memory_budget, str) else int(memory_budget)
+    edit, _ = make_edit(model.spec, init_image, mask, strength, outpaint, repaint_jumps, budget)
     plan = make_plan(model, num_images, seed, sampler, steps, eta, memory_budget=memory_budget,
-                     patch_batch=patch_batch)
+                     patch_batch=patch_batch, edit=edit)
     return np.stack([img for _, img in iter_samples(model, plan)])
+
+
+# The sampler names AUTOMATIC1111's web UI and stable-diffusion.cpp write in their `parameters` text.
+A1111_SAMPLERS = {"ddim": "DDIM", "ddpm": "DDPM", "dpm++": "DPM++ 2M"}
 
 
 def png_text(model: OnnxModel, request: Request, index: int) -> dict[str, str]:
     """What was run, stored in each PNG's text chunks: the model's hash, seed, index, sampler and steps, and
-    eta only for the sampler that has one. index -1: a grid of all images."""
+    eta only for the sampler that has one, the edit's kind and strength where there is one; and the same in
+    one `parameters` chunk as AUTOMATIC1111's web UI writes it (`a1111_parameters`). index -1: a grid of all
+    images."""
     text = {"patchgen:model_sha256": model.sha256, "patchgen:model_file": model.path.name,
             "patchgen:seed": str(request.seed), "patchgen:index": str(index), "patchgen:sampler": request.sampler,
             "patchgen:steps": str(request.steps)}
     if request.eta is not None:
         text["patchgen:eta"] = repr(request.eta)
-    return {**text, "Software": "patchgen"}
+    if request.edit is not None:
+        text["patchgen:edit"] = request.edit.kind
+        text["patchgen:strength"] = repr(request.edit.strength)
+        if request.edit.outpaint:
+            text["patchgen:outpaint"] = request.edit.outpaint
+        if request.edit.jumps:
+            text["patchgen:repaint_jumps"] = str(request.edit.jumps)
+    return {**text, "parameters": a1111_parameters(model, request, index), "Software": "patchgen"}
+
+
+def a1111_parameters(model: OnnxModel, request: Request, index: int) -> str:
+    """The generation parameters as one line of `Key: value` pairs, the form of AUTOMATIC1111's web UI
+    `parameters` text chunk (no prompt: patchgen's models are unconditional), which web UIs and PNG-info
+    readers show: `Steps: 20, Sampler: DPM++ 2M, Seed: 7, Image index: 3, Size: 64x64, Model: faces64_2x2,
+    Model hash: 1a2b3c4d5e, ...`. The hash is the first 10 hex digits of the file's SHA-256 (A1111's
+    "AutoV2"). Seed and Image index together name the noise: image i of seed s is (s, i), not seed s + i."""
+    spec, edit = model.spec, request.edit
+    pairs = [("Steps", request.steps), ("Sampler", A1111_SAMPLERS[request.sampler]), ("Seed", request.seed)]
+    if index >= 0:
+        pairs.append(("Image index", index))
+    pairs += [("Size", f"{spec.image_size}x{spec.image_size}"), ("Model", model.path.stem),
+              ("Model hash", model.sha256[:10])]
+    if request.eta is not None:
+        pairs.append(("Eta", f"{request.eta:g}"))
+    if edit is not None:
+        pairs.append(("Denoising strength", f"{edit.strength:g}"))
+        if edit.keep is not None:
+            pairs.append(("Mask", "outpaint " + edit.outpaint if edit.outpaint else "yes"))
+        if edit.jumps:
+            pairs.append(("RePaint jumps", edit.jumps))
+    pairs.append(("Version", f"patchgen {_version()}"))
+    return ", ".join(f"{k}: {v}" for k, v in pairs)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("patchgen")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .layout import pad_image, patch_view, pool_gcc, position_onehot, window_view
-from .samplers import image_rngs, normal_like, sample_ddim, sample_ddpm, sample_dpmpp_2m
+from .samplers import Projection, image_rngs, normal_like, sample_ddim, sample_ddpm, sample_dpmpp_2m
 from .schedule import alphas_cumprod, timestep_sequence
 from .spec import ModelSpec
 
@@ -36,11 +36,18 @@ class PatchDenoiser:
     becomes x0_hat. One instance serves one sampling run.
     """
 
-    def __init__(self, net: PatchNet, spec: ModelSpec, patch_batch: int = 1):
+    def __init__(self, net: PatchNet, spec: ModelSpec, patch_batch: int = 1,
+                 known: Optional[tuple[np.ndarray, np.ndarray]] = None):
         if patch_batch < 1:
             raise ValueError(f"patch_batch must be >= 1, got {patch_batch}")
         self.net, self.spec, self.patch_batch = net, spec, patch_batch
         self.alphas_cumprod = alphas_cumprod(spec.schedule)
+        # Inpainting: (keep bool [H, W], x_known [1 or N, C, H, W]); x0_hat takes x_known where keep is True, and
+        # a patch whose P x P pixels are all kept makes no call (its window still feeds the halos and the GCC).
+        self.known = known
+        self.active = np.ones(spec.grid**2, bool) if known is None else \
+            ~patch_view(known[0][None], spec.grid).all(axis=(-3, -2, -1)).reshape(-1)  # [G*G]: a pixel to make
+        self.calls = 0  # network calls made, for tests and benchmarks
         self.positions: Optional[np.ndarray] = None  # one call's one-hot rows [patch_batch, G*G], refilled per call
         self.x0_prev: Optional[np.ndarray] = None  # self-conditioning state
         # padded x_t (halo > 0), one call's windows, the eps image
@@ -65,14 +72,16 @@ class PatchDenoiser:
             padded = np.zeros((n, spec.channels, x.shape[2] + 2 * halo, x.shape[3] + 2 * halo), np.float32) \
                 if halo else None  # zeros around; only the centre is written after
             calls = min(self.patch_batch, n * g2)
-            self.buffers = (padded, np.empty((calls, spec.channels, w, w), np.float32), np.empty_like(x))
+            eps = np.empty_like(x) if self.active.all() else np.zeros_like(x)  # skipped patches: eps 0, x0 kept
+            self.buffers = (padded, np.empty((calls, spec.channels, w, w), np.float32), eps)
             self.positions = np.zeros((calls, g2), np.float32) if spec.use_position else None
         padded, inputs, eps = self.buffers
         gcc = self.gcc(x)
         windows = window_view(pad_image(x, halo, out=padded) if halo else x, grid, halo)  # [N, G, G, C, W, W]
         eps_patches = patch_view(eps, grid)  # [N, G, G, C, P, P], writes land in eps
-        for start in range(0, n * g2, self.patch_batch):
-            index = np.arange(start, min(start + self.patch_batch, n * g2))  # flat index = image * G^2 + position
+        todo = (np.arange(n)[:, None] * g2 + np.flatnonzero(self.active)[None, :]).reshape(-1)  # image * G^2 + pos
+        for start in range(0, len(todo), self.patch_batch):
+            index = todo[start:start + self.patch_batch]
             image, i, j = index // g2, index % g2 // grid, index % grid
             for row, (b, r, c) in enumerate(zip(image, i, j)):  # this call's windows into the input buffer
                 inputs[row] = windows[b, r, c]
@@ -82,32 +91,96 @@ class PatchDenoiser:
                 position_onehot(grid, index % g2, out=self.positions) if spec.use_position else None,
                 gcc[image] if gcc is not None else None,
             )
+            self.calls += 1
         # x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), clipped to the data range as in the paper
         abar = float(self.alphas_cumprod[t])
         x0 = np.multiply(eps, -math.sqrt(1 - abar))  # a fresh array: samplers may keep x0 across steps
         x0 += x
         x0 *= 1 / math.sqrt(abar)
         np.clip(x0, -1.0, 1.0, out=x0)
+        if self.known is not None:
+            np.copyto(x0, self.known[1], where=self.known[0])
         self.x0_prev = x0
         return x0
 
 
+def edit_timesteps(timesteps: np.ndarray, strength: float) -> np.ndarray:
+    """The last floor(len(timesteps) * strength) of `timesteps`: the steps an edit at `strength` runs
+    (diffusers' img2img convention; the product is rounded to 9 decimals first, so 0.3 x 50 is 15, not 14).
+    Strength 1 runs them all; below 1 / len(timesteps), none."""
+    run = math.floor(round(len(timesteps) * strength, 9))
+    return timesteps[len(timesteps) - run:]
+
+
+def known_pixels(init: np.ndarray, eps: np.ndarray, keep: np.ndarray) -> Projection:
+    """Inpainting's projection: x_s's kept pixels set to a sample of q(x_s | x_0 = init),
+    sqrt(abar_s) init + sqrt(1 - abar_s) eps, at the level abar_s the step just reached (not the level it
+    started from: the off-by-one of diffusers' issue #1581)."""
+    def project(x_s: np.ndarray, abar_s: float) -> None:
+        np.copyto(x_s, math.sqrt(abar_s) * init + math.sqrt(1 - abar_s) * eps, where=keep)
+    return project
+
+
 def sample_images(net: PatchNet, spec: ModelSpec, *, num_images: int, seed: int, steps: int,
                   sampler: str = "ddim", eta: Optional[float] = None, patch_batch: int = 1, first_index: int = 0,
-                  callback=None) -> np.ndarray:
+                  callback=None, init: Optional[np.ndarray] = None, keep: Optional[np.ndarray] = None,
+                  strength: float = 1.0, jumps: int = 0, on_x0=None) -> np.ndarray:
     """Images [N, C, H, W] in [-1, 1]; image i is a function of (seed, first_index + i) only.
 
-    eta: DDIM's noise (None = 0, deterministic); the other samplers have none and refuse one."""
+    eta: DDIM's noise (None = 0, deterministic); the other samplers have none and refuse one.
+    callback(step index, t) after every step; on_x0(step index, x0_hat [N, C, H, W]) too, with the step's
+    estimate of the clean images (read only; the preview).
+
+    Editing, from init [C, H, W] in [-1, 1] (every image starts from it, each with its own noise):
+    - img2img (SDEdit, Meng et al. 2022): only the last floor(steps * strength) timesteps run
+      (`edit_timesteps`), from x_t = sqrt(abar_t) init + sqrt(1 - abar_t) eps, eps the image's own first
+      draw (as x_T is without init). No step to run returns init.
+    - inpainting, keep bool [H, W] (True = keep the init's pixel): at every step x0_hat's kept pixels are
+      the init's (patches with every pixel kept make no call), and after each step, at the level abar_s it
+      reached, x_s's kept pixels are set to sqrt(abar_s) init + sqrt(1 - abar_s) eps with the same eps
+      (the forward process q(x_s | x_0) of the known image, as in RePaint, Lugmayr et al. 2022, eq. 8a, one
+      noise draw for the whole run as in diffusers' inpainting pipeline). After the last step (abar 1) the
+      kept pixels are init's exactly. This replacement does not sample the exact posterior p(x | kept
+      pixels): tests/test_edit.py measures it on a Gaussian with its exact denoiser, where the painted
+      pixels' mean falls short of the conditional's; jumps > 0 (ddim and ddpm) adds RePaint's resampling
+      (`samplers.sample_ddim`), which brings it closer at jumps + 1 times the calls.
+    """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if eta is not None and sampler != "ddim":
         raise ValueError(f"eta applies to the ddim sampler only, not {sampler}")
+    if keep is not None and init is None:
+        raise ValueError("keep (an inpainting mask) needs init, the image whose pixels it keeps")
+    if jumps and (keep is None or sampler == "dpm++"):
+        raise ValueError("jumps (RePaint's resampling) needs keep (inpainting) and the ddim or ddpm sampler")
     rngs = image_rngs(seed, first_index, num_images)
-    x = normal_like(rngs, spec.image_shape)  # x_T ~ N(0, I)
-    denoise = PatchDenoiser(net, spec, patch_batch)
+    x = normal_like(rngs, spec.image_shape)  # x_T ~ N(0, I); with init: eps of the image's forward process
     timesteps = timestep_sequence(spec.schedule.num_timesteps, steps)
+    if init is not None:
+        init = init[None].astype(np.float32, copy=False)  # [1, C, H, W], broadcast over the images
+    denoise = PatchDenoiser(net, spec, patch_batch, None if keep is None else (keep, init))
+    project = None
+    if init is not None:
+        timesteps = edit_timesteps(timesteps, strength)
+        if len(timesteps) == 0:
+            return np.repeat(init, num_images, axis=0)
+        eps0 = x
+        abar = float(denoise.alphas_cumprod[timesteps[0]])
+        x = math.sqrt(abar) * init + math.sqrt(1 - abar) * eps0
+        if keep is not None:
+            project = known_pixels(init, eps0, keep)
+    if on_x0 is not None:
+        step_done = callback
+
+        def callback(i, t):
+            if step_done is not None:
+                step_done(i, t)
+            on_x0(i, denoise.x0_prev)
     if sampler == "ddpm":
-        return sample_ddpm(denoise, x, timesteps, denoise.alphas_cumprod, rngs, callback=callback)
+        return sample_ddpm(denoise, x, timesteps, denoise.alphas_cumprod, rngs, callback=callback, project=project,
+                           jumps=jumps)
     if sampler == "dpm++":
-        return sample_dpmpp_2m(denoise, x, timesteps, denoise.alphas_cumprod, rngs, callback=callback)
-    return sample_ddim(denoise, x, timesteps, denoise.alphas_cumprod, rngs, eta=eta or 0.0, callback=callback)
+        return sample_dpmpp_2m(denoise, x, timesteps, denoise.alphas_cumprod, rngs, callback=callback,
+                               project=project)
+    return sample_ddim(denoise, x, timesteps, denoise.alphas_cumprod, rngs, eta=eta or 0.0, callback=callback,
+                       project=project, jumps=jumps)

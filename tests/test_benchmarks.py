@@ -24,6 +24,7 @@ TINY = {
     "vs_pytorch.py": ["--image-size", "16", "--grids", "2", "--steps", "1", "--repeats", "1", "--halo", "2"],
     "budget_speed.py": ["--models", "faces64_2x2", "--no-edge", "--no-quick-start", "--rounds", "1", "--steps", "1",
                         "--num-images", "1"],
+    "editing.py": ["--models", "faces64_2x2", "--rounds", "1", "--steps", "1", "--num-images", "1"],
     "threads.py": ["--image-size", "16", "--grids", "2", "--steps", "1", "--repeats", "1", "--threads", "1"],
     "precision.py": ["--edge-size", "16", "--edge-grid", "2", "--rounds", "1", "--steps", "1", "--threads", "1"],
     "train_throughput.py": ["--image-size", "16", "--grids", "1,2", "--steps", "1", "--warmup", "0", "--batch-size", "2",

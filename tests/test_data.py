@@ -10,7 +10,7 @@ import pytest
 import PIL
 from PIL import Image, ImageCms, ImageFile
 
-import patchgen.models.data as data_module
+import patchgen.runtime.decode as decode_module
 import tinyfont
 from patchgen.models.cache import Decoding
 from patchgen.models.data import (NOTO_FONT_ENV, DataSource, holdout_split, image_suffixes, load_data, load_emoji,
@@ -381,14 +381,14 @@ def test_an_image_too_large_to_decode_is_skipped_from_its_header(tmp_path, decod
 
 
 def test_the_decode_bound_grows_with_the_image_side():
-    assert max_decode_pixels(16) == data_module.MIN_DECODE_PIXELS == 2**24  # small sides: the floor
-    assert max_decode_pixels(1024) == (data_module.MAX_DECODE_SCALE * 1024) ** 2 > 2**24
+    assert max_decode_pixels(16) == decode_module.MIN_DECODE_PIXELS == 2**24  # small sides: the floor
+    assert max_decode_pixels(1024) == (decode_module.MAX_DECODE_SCALE * 1024) ** 2 > 2**24
 
 
 def test_draft_brings_a_large_jpeg_under_the_bound(tmp_path, monkeypatch, decoded_sizes):
     """A JPEG over the bound is decoded at 1/8 scale, under it, and used; a PNG of the same size (no reduced
     decoding) is skipped."""
-    monkeypatch.setattr(data_module, "MIN_DECODE_PIXELS", 0)  # the bound at SIZE: (16 * SIZE)**2, 256 x 256
+    monkeypatch.setattr(decode_module, "MIN_DECODE_PIXELS", 0)  # the bound at SIZE: (16 * SIZE)**2, 256 x 256
     big = np.kron(QUAD, np.ones((64, 64, 1), np.uint8))  # 1024 x 1024
     Image.fromarray(big).save(tmp_path / "a.jpg", quality=95)
     Image.fromarray(big).save(tmp_path / "b.png")

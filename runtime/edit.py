@@ -1,0 +1,224 @@
+"""Editing inputs: the image an img2img, inpainting or outpainting run starts from, and which pixels it keeps.
+
+`make_edit` turns what a user gives (paths or arrays, a strength, a mask, an outpaint shift) into an `Edit`
+at the model's size, or one PatchgenError line. The sampling itself is `loop.sample_images(init=, keep=,
+strength=)`.
+"""
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from . import memory
+from .decode import DECODE_ERRORS, UnfaithfulImage, max_decode_pixels, prepare_image
+from .errors import PatchgenError
+from .spec import ModelSpec
+
+IMG2IMG_STRENGTH = 0.75  # img2img's default, as stable-diffusion.cpp's --strength and diffusers' pipeline
+# What decoding holds per pixel of the image as decoded (after JPEG draft): Pillow's 8-bit RGBA copies, about
+# 20 bytes, and 36 for 16-bit and float images, which pass through numpy float64 (models/data.py measured it).
+DECODE_BYTES_PER_PIXEL = 36
+OUTPAINT_SIDES = ("left", "right", "up", "down")
+
+ImageInput = Union[str, Path, np.ndarray]
+
+
+@dataclass(frozen=True, eq=False)
+class Edit:
+    """What an edited run starts from. init: float32 [C, H, W] in [-1, 1] at the model's size; keep: bool [H, W],
+    True where the input's pixel is kept (None: img2img, nothing kept); strength in (0, 1]: the share of the
+    sampler's steps run (`loop.edit_timesteps`); outpaint: the shift that made keep, as given ("right:1");
+    jumps: RePaint's resamplings per step (`samplers.sample_ddim`), with keep only."""
+    init: np.ndarray
+    keep: Optional[np.ndarray] = None
+    strength: float = 1.0
+    outpaint: Optional[str] = None
+    jumps: int = 0
+
+    @property
+    def kind(self) -> str:
+        return "img2img" if self.keep is None else "outpainting" if self.outpaint else "inpainting"
+
+    def masked_patches(self, grid: int) -> int:
+        """Patches of one image with at least one pixel to make: the network calls per image and step."""
+        if self.keep is None:
+            return grid * grid
+        h, w = self.keep.shape
+        blocks = self.keep.reshape(grid, h // grid, grid, w // grid)
+        return int((~blocks.all(axis=(1, 3))).sum())
+
+
+def _open(source: ImageInput, what: str, size: int, budget: Optional[int]) -> Image.Image:
+    """Open an image file lazily, refusing one whose decoding could not fit before any pixel is decoded."""
+    try:
+        with warnings.catch_warnings():  # Pillow's bomb warning: such images are over our bound anyway
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(source)
+        img.draft("RGB", (size, size))  # JPEG: decoded at 1/2, 1/4 or 1/8 scale, each side still >= size
+    except FileNotFoundError:
+        raise PatchgenError(f"{what} {source}: no such file") from None
+    except IsADirectoryError:
+        raise PatchgenError(f"{what} {source} is a folder; give an image file") from None
+    except Image.DecompressionBombError:
+        raise PatchgenError(f"{what} {source} has more pixels than Pillow will decode ({2 * Image.MAX_IMAGE_PIXELS}, "
+                            f"its decompression-bomb bound); resize it first") from None
+    except DECODE_ERRORS as e:
+        raise PatchgenError(f"cannot read {what} {source} ({e}); give a PNG or JPEG image") from None
+    pixels = img.width * img.height
+    if pixels > max_decode_pixels(size):
+        img.close()
+        raise PatchgenError(f"{what} {source} is {img.width}x{img.height}, over the {max_decode_pixels(size)} "
+                            f"pixels this {size}x{size} model decodes; resize it first")
+    resident, need = memory.current_rss(), pixels * DECODE_BYTES_PER_PIXEL
+    why = f"decoding {what} {source} ({img.width}x{img.height}) needs about {memory.format_size(need)} beside the " \
+          f"{memory.format_size(resident)} this process holds"
+    if budget is not None and resident + need > budget:
+        img.close()
+        least = math.ceil((resident + need + memory.RERUN_MARGIN) / memory.MIB)
+        raise memory.BudgetTooSmall(f"memory budget {memory.format_size(budget)} is below this run's minimum ({why});"
+                                    f" pass --memory-budget {least}M or more, or resize the image", least * memory.MIB)
+    limit, limited_by = memory.available_memory(resident)
+    if budget is None and limit is not None and resident + need > limit:
+        img.close()
+        raise PatchgenError(f"{why}, but this process can have only {memory.format_size(limit)} ({limited_by}); "
+                            "resize the image first")
+    return img
+
+
+def read_image(source: ImageInput, spec: ModelSpec, what: str = "--init-img",
+               budget: Optional[int] = None) -> tuple[np.ndarray, Optional[tuple[int, int]]]:
+    """(uint8 [H, W, C] at the model's size, the file's (width, height) when it was cropped or resized, else
+    None). A file is decoded as training decodes images (`decode.prepare_image`: as a viewer shows it, centre-
+    cropped to a square, resized with Lanczos); an array must already be uint8 [H, W, C] at the model's size."""
+    size, c = spec.image_size, spec.channels
+    if isinstance(source, np.ndarray):
+        image = source[:, :, None] if source.ndim == 2 else source
+        if image.dtype != np.uint8 or image.shape != (size, size, c):
+            raise PatchgenError(f"{what} must be uint8 [{size}, {size}, {c}] for this model, got {source.dtype} "
+                                f"{list(source.shape)}")
+        return image, None
+    if c not in (1, 3):
+        raise PatchgenError(f"this model has {c} channels; images can be edited with 1 (grey) or 3 (RGB) only")
+    img = _open(source, what, size, budget)
+    try:
+        with img:
+            image = prepare_image(img, size)
+            original = img.size
+    except (UnfaithfulImage, *DECODE_ERRORS) as e:
+        raise PatchgenError(f"cannot read {what} {source} ({e}); give a PNG or JPEG image") from None
+    if c == 1:
+        image = np.asarray(Image.fromarray(image).convert("L"))[:, :, None]
+    return image, None if original == (size, size) else original
+
+
+def read_mask(source: ImageInput, size: int, budget: Optional[int] = None) -> np.ndarray:
+    """bool [size, size], True where the pixel is to be made (white), False where it is kept (black).
+
+    A file in any mode Pillow opens, turned by its EXIF orientation, as grey levels thresholded at half of
+    white; centre-cropped to a square and resized with nearest, as the image is. An array: bool, or numbers
+    thresholded at half of white (128 for uint8, 0.5 for floats), at the model's size."""
+    if isinstance(source, np.ndarray):
+        if source.shape[:2] != (size, size) or source.ndim not in (2, 3):
+            raise PatchgenError(f"--mask must be [{size}, {size}] for this model, got {list(source.shape)}")
+        level = source if source.ndim == 2 else source.max(axis=2)
+        if level.dtype == bool:
+            return level.copy()
+        return level >= (128 if level.dtype == np.uint8 else 0.5)
+    img = _open(source, "--mask", size, budget)
+    try:
+        with img:
+            img = ImageOps.exif_transpose(img)
+            w, h = img.size
+            side = min(w, h)
+            img = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+            if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+                full = 1.0 if img.mode == "F" else 65535.0 if img.mode.startswith("I;16") else 2.0**31 - 1
+                level = np.asarray(img.resize((size, size), Image.Resampling.NEAREST), np.float64) / full
+            else:
+                level = np.asarray(img.convert("L").resize((size, size), Image.Resampling.NEAREST)) / 255.0
+    except DECODE_ERRORS as e:
+        raise PatchgenError(f"cannot read --mask {source} ({e}); give a PNG image, white where to paint") from None
+    return level >= 0.5
+
+
+def outpaint_shift(text: str, grid: int) -> tuple[str, int]:
+    """("right", K) from "right:K": the side where K new columns (or rows) of patches appear, 1 <= K < grid."""
+    m = re.fullmatch(r"\s*(left|right|up|down)\s*:\s*(\d+)\s*", text or "")
+    if not m:
+        raise PatchgenError(f"cannot read --outpaint {text!r}; write it as SIDE:K, SIDE one of "
+                            f"{', '.join(OUTPAINT_SIDES)} and K the patches to add, e.g. right:1")
+    side, k = m.group(1), int(m.group(2))
+    if not 1 <= k < grid:
+        if grid == 1:
+            raise PatchgenError("--outpaint needs a model of 2x2 patches or more: a 1x1 model has no patch to keep; "
+                                "use --init-img with --strength for img2img")
+        allowed = "1" if grid == 2 else f"1 to {grid - 1}"
+        raise PatchgenError(f"--outpaint {side}:{k} would shift the image off this {grid}x{grid} grid; K must be "
+                            f"{allowed}")
+    return side, k
+
+
+def shifted(image: np.ndarray, side: str, k: int, patch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image [H, W, C] moved away from `side` by k patches, the freed pixels 0; keep bool [H, W], False on
+    the freed ones): outpainting as inpainting of the freed border."""
+    out = np.zeros_like(image)
+    keep = np.zeros(image.shape[:2], bool)
+    d = k * patch_size
+    if side == "right":  # the picture moves left; new pixels on the right
+        out[:, :-d], keep[:, :-d] = image[:, d:], True
+    elif side == "left":
+        out[:, d:], keep[:, d:] = image[:, :-d], True
+    elif side == "down":
+        out[:-d], keep[:-d] = image[d:], True
+    else:  # up
+        out[d:], keep[d:] = image[:-d], True
+    return out, keep
+
+
+def make_edit(spec: ModelSpec, init_image: Optional[ImageInput] = None, mask: Optional[ImageInput] = None,
+              strength: Optional[float] = None, outpaint: Optional[str] = None, jumps: int = 0,
+              budget: Optional[int] = None) -> tuple[Optional[Edit], tuple[str, ...]]:
+    """(the Edit, notes for the user), or (None, ()) when nothing is edited. Refuses in one PatchgenError
+    line: a mask, strength, outpaint or jumps without an image; jumps without a mask or outpaint, or below 0; a
+    strength outside (0, 1]; a mask and an outpaint
+    together; a mask that keeps every pixel; an outpaint of the whole grid; a file that cannot be read, or
+    whose decoding would not fit `budget` (bytes; None: the memory this process can have).
+
+    strength defaults to IMG2IMG_STRENGTH for img2img and to 1 (every step) for inpainting and outpainting."""
+    if init_image is None:
+        for name, given in (("--mask", mask), ("--strength", strength), ("--outpaint", outpaint),
+                            ("--repaint-jumps", jumps or None)):
+            if given is not None:
+                raise PatchgenError(f"{name} needs --init-img, the image to edit")
+        return None, ()
+    if jumps and mask is None and outpaint is None:
+        raise PatchgenError("--repaint-jumps resamples around kept pixels: it needs --mask or --outpaint")
+    if jumps < 0:
+        raise PatchgenError(f"--repaint-jumps must be 0 or more, got {jumps}")
+    if strength is not None and not 0 < strength <= 1:  # NaN fails too
+        raise PatchgenError(f"--strength must be above 0 and at most 1, got {strength}")
+    if mask is not None and outpaint is not None:
+        raise PatchgenError("give --mask or --outpaint, not both: --outpaint makes its own mask")
+    shift = outpaint_shift(outpaint, spec.grid) if outpaint is not None else None  # before decoding anything
+    image, original = read_image(init_image, spec, budget=budget)
+    notes = (f"--init-img {init_image} is {original[0]}x{original[1]}: centre-cropped and resized to "
+             f"{spec.image_size}x{spec.image_size}",) if original else ()
+    keep = None
+    if mask is not None:
+        keep = ~read_mask(mask, spec.image_size, budget)
+        if keep.all():
+            name = "the mask" if isinstance(mask, np.ndarray) else f"--mask {mask}"
+            raise PatchgenError(f"{name} keeps every pixel (none is white): nothing to paint; make the area to "
+                                "paint white")
+    elif shift is not None:
+        image, keep = shifted(image, *shift, spec.patch_size)
+    init = image.transpose(2, 0, 1).astype(np.float32) / np.float32(127.5) - np.float32(1)
+    default = IMG2IMG_STRENGTH if keep is None else 1.0
+    return Edit(init, keep, default if strength is None else float(strength), outpaint, int(jumps)), notes
