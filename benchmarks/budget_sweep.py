@@ -49,13 +49,14 @@ def sweep(model: str, tmp: Path, num_images: int, steps: int, threads: int, poin
         ok = all(r["returncode"] == 0 and r["peak_mib"] <= budget for r in runs)
         failed = next((r for r in runs if r["returncode"] != 0), None)
         row = {"model": name, "budget_mib": round(budget, 1), "runs": repeats,
-               "patch_batch": "/".join(sorted({str(r["patch_batch"]) for r in runs})),
+               "patch_batch": "/".join(sorted({str(r["patch_batch"]) for r in runs}, key=int)),
+               "allocation": "/".join(sorted({str(r["allocation"]) for r in runs})),
                "predicted_mib": max(r["predicted_mib"] or 0 for r in runs), "peak_mib": max(peaks),
                "spread_mib": max(peaks) - min(peaks), "headroom_mib": budget - max(peaks),
                "s_per_image": min(r["s_per_image"] or float("inf") for r in runs),
                "within": "yes" if ok else "NO" + (f" (exit {failed['returncode']}: {failed['stderr'].strip()[-90:]})"
                                                   if failed else "")}
-        click.echo(f"{name} budget {budget:.1f} MiB: batch {row['patch_batch']}, predicted {row['predicted_mib']:.1f}, "
+        click.echo(f"{name} budget {budget:.1f} MiB: batch {row['patch_batch']} {row['allocation']}, predicted {row['predicted_mib']:.1f}, "
                    f"peak {min(peaks):.1f} .. {max(peaks):.1f} MiB, within: {row['within']}")
         rows.append(row)
     rows.append({"model": name, "budget_mib": f"none (--patch-batch {num_images * g2})", "runs": 1,
@@ -93,11 +94,13 @@ def main(models, randoms, image_size, grid, base_width, num_images, steps, point
     write_results(out, f"Memory budget sweep: {num_images} images, {steps} DDIM steps, {threads} thread(s), "
                        f"{repeats} fresh runs per budget",
                   [("model", "model"), ("budget_mib", "budget (MiB)"), ("patch_batch", "patch batch"),
-                   ("predicted_mib", "predicted (MiB)"), ("peak_mib", "peak RSS, max (MiB)"),
+                   ("allocation", "allocation"), ("predicted_mib", "predicted (MiB)"), ("peak_mib", "peak RSS, max (MiB)"),
                    ("spread_mib", "peak spread (MiB)"), ("headroom_mib", "budget - peak (MiB)"),
                    ("within", "peak <= budget"), ("s_per_image", "s/image")], rows,
                   "Each run is a fresh `patchgen-sample` process; peak RSS is the kernel's ru_maxrss. The first row "
-                  "of a model is a 1 MiB budget; the next is the smallest minimum those refusals reported. "
+                  "of a model is a 1 MiB budget; the next is the smallest minimum those refusals reported. The planner "
+                  "chooses the allocation (lean: memory-first; arena: onnxruntime's) and the patch batch by measured "
+                  "speed within the budget; the threads are fixed. "
                   "random_SIZE_GxG_wW: random weights, base width W (benchlib.random_model).")
     swept = [r for r in rows if isinstance(r["budget_mib"], float) and r["budget_mib"] > 1]
 

@@ -8,7 +8,7 @@ import signal
 import click
 
 from patchgen.runtime.errors import PatchgenError
-from patchgen.runtime.files import os_error
+from patchgen.runtime.files import as_utf8, os_error
 
 
 class CliError(click.ClickException):
@@ -27,6 +27,12 @@ def user_errors(fn):
         except OSError as e:
             raise CliError(str(os_error(e))) from None
     return wrapper
+
+
+def one_line(message: str) -> str:
+    """A message as one printable line: control characters (a newline in a file name) as escapes, and the bytes
+    of a name that is not UTF-8 as \\xNN (`files.as_utf8`), not as surrogates the terminal cannot show."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in as_utf8(message))
 
 
 class Terminated(KeyboardInterrupt):
@@ -49,7 +55,7 @@ class Command(click.Command):
         try:
             return super().main(args, prog_name, standalone_mode=False, **extra)
         except click.ClickException as e:
-            click.echo(f"Error: {e.format_message()}", err=True)
+            click.echo(f"Error: {one_line(e.format_message())}", err=True)
             raise SystemExit(e.exit_code) from None
         except (click.Abort, KeyboardInterrupt) as e:  # click turns Ctrl-C into Abort; SIGTERM is Terminated
             terminated = any(isinstance(x, Terminated) for x in (e, e.__cause__, e.__context__))

@@ -16,11 +16,11 @@ from patchgen.runtime.limits import available_cpus
 from patchgen.runtime.loop import DEFAULT_STEPS, SAMPLERS
 from patchgen.runtime.memory import DEFAULT_BUDGET_SHARE
 from patchgen.runtime.model import default_threads
-from patchgen.runtime.edit import IMG2IMG_STRENGTH
+from patchgen.runtime.edit import IMG2IMG_STRENGTH, MAX_JUMPS
 from patchgen.runtime.pretrained import DEFAULT_MODEL, shipped_models
 from patchgen.runtime.session import DEFAULT_PROVIDER, available_providers
 
-from .common import CliError, Command, user_errors
+from .common import CliError, Command, one_line, user_errors
 
 EXAMPLE = """
 \b
@@ -90,7 +90,7 @@ def check_output_folder(folder: Path) -> None:
 @click.option("--outpaint", default=None, metavar="SIDE:K",
               help="With --init-img: move the image K patches away from SIDE (left, right, up, down) and paint "
                    "the freed patches, e.g. right:1.")
-@click.option("--repaint-jumps", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--repaint-jumps", type=click.IntRange(0, MAX_JUMPS), default=0, show_default=True,
               help="With --mask or --outpaint (ddim, ddpm): RePaint's resampling, each step taken N + 1 times so "
                    "the painted pixels fit the kept ones better, at N + 1 times the cost.")
 @click.option("--preview", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -119,15 +119,23 @@ def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_
     if grid_image is not None and preview is not None and os.path.realpath(grid_image) == os.path.realpath(preview):
         raise CliError(f"--preview {preview} is the --grid-image too; choose another name for one of them")
     model = load_model(model_path, threads, provider, memory_budget)
+    # No output may replace an input: the model (and its weights), --init-img, --mask.
+    inputs = [(option, path) for option, path in (("--init-img", init_img), ("--mask", mask)) if path is not None]
     for option, path in (("--grid-image", grid_image), ("--preview", preview)):
-        if path is not None and _is_input(path, model.path):
+        if path is None:
+            continue
+        if _is_input(path, model.path):
             raise CliError(f"{option} {path} is the model file (or its weights); choose another path")
-        if path is not None and _is_sample(path, out_dir, seed, num_images):
+        if _is_sample(path, out_dir, seed, num_images):
             raise CliError(f"{option} {path} is one of this run's own PNGs, which would overwrite it or it "
                            "them; choose another name")
-        if path is not None and init_img is not None and path.exists() and init_img.exists() \
-                and path.samefile(init_img):
-            raise CliError(f"{option} {path} is the --init-img; choose another path")
+        for name, source in inputs:
+            if _same_file(path, source):
+                raise CliError(f"{option} {path} is the {name}, which it would overwrite; choose another path")
+    for name, source in inputs:
+        if _is_sample(source, out_dir, seed, num_images):
+            raise CliError(f"{name} {source} is one of the PNGs this run writes, which would overwrite it; "
+                           "choose another --out or --seed, or copy it first")
     edit, edit_notes = make_edit(model.spec, init_img, mask, strength, outpaint, repaint_jumps,
                                  _budget_bytes(memory_budget))
     c, h, w = model.spec.image_shape
@@ -182,6 +190,14 @@ def _is_input(path: Path, model_path: Path) -> bool:
     return path.exists() and any(p.exists() and path.samefile(p) for p in inputs)
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether paths a and b name one existing file (by inode: links and relative paths included)."""
+    try:
+        return a.exists() and b.exists() and a.samefile(b)
+    except OSError:
+        return False
+
+
 def _is_sample(path: Path, out_dir: Path, seed: int, num_images: int) -> bool:
     """Whether `path` is where this run writes one of its images (seed<S>_<index>.png in out_dir)."""
     if os.path.realpath(path.parent) != os.path.realpath(out_dir):
@@ -195,6 +211,7 @@ def _sample(model, plan, seed, num_images, out_dir, grid_image, preview=None, pr
     from patchgen.runtime.files import remove_stale_temporaries
     from patchgen.runtime.generate import iter_samples, png_text
     from patchgen.runtime.images import make_grid, new_grid, paste_into_grid, save_png, to_uint8
+    from patchgen.runtime.errors import PatchgenError
     from patchgen.runtime.memory import format_size, peak_rss
 
     remove_stale_temporaries(out_dir, "seed*_*.png")  # left by a killed run
@@ -228,16 +245,21 @@ def _sample(model, plan, seed, num_images, out_dir, grid_image, preview=None, pr
     live = new_grid(num_images, h, w, c) if grid is not None and preview is not None else None
     steps_run = request.steps_run
 
+    failed = []  # a preview that could not be written: said once, then no more tried
+
     def show(first, i, x0):  # the preview: the run's x0_hat, in the grid's cells with --grid-image
-        if (i + 1) % preview_every and i + 1 != steps_run:
+        if failed or (i + 1) % preview_every and i + 1 != steps_run:
             return
         images = to_uint8(x0)
-        if live is None:
-            save_png(preview, make_grid(images), {"patchgen:step": str(i + 1), "Software": "patchgen"})
-            return
-        for k, image in enumerate(images):
-            paste_into_grid(live, first + k, image)
-        save_png(preview, live, {"patchgen:step": str(i + 1), "Software": "patchgen"})
+        if live is not None:
+            for k, image in enumerate(images):
+                paste_into_grid(live, first + k, image)
+        try:  # a side output: a full disk there must not cost the run its images
+            save_png(preview, make_grid(images) if live is None else live,
+                     {"patchgen:step": str(i + 1), "Software": "patchgen"})
+        except (PatchgenError, OSError) as e:
+            failed.append(e)
+            click.echo(f"\nnote: no more previews: {one_line(str(e))}", err=True)
 
     t0 = time.perf_counter()
     with click.progressbar(length=runs * steps_run, label="sampling", file=sys.stderr) as bar:

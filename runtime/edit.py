@@ -7,6 +7,7 @@ strength=)`.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import warnings
 from dataclasses import dataclass
@@ -14,10 +15,10 @@ from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from . import memory
-from .decode import DECODE_ERRORS, UnfaithfulImage, max_decode_pixels, prepare_image
+from .decode import DECODE_ERRORS, UnfaithfulImage, display_rgb, max_decode_pixels
 from .errors import PatchgenError
 from .spec import ModelSpec
 
@@ -26,8 +27,9 @@ IMG2IMG_STRENGTH = 0.75  # img2img's default, as stable-diffusion.cpp's --streng
 # 20 bytes, and 36 for 16-bit and float images, which pass through numpy float64 (models/data.py measured it).
 DECODE_BYTES_PER_PIXEL = 36
 OUTPAINT_SIDES = ("left", "right", "up", "down")
+MAX_JUMPS = 100  # RePaint's resamplings per step (its paper uses 10): each one costs a whole step's calls
 
-ImageInput = Union[str, Path, np.ndarray]
+ImageInput = Union[str, Path, Image.Image, np.ndarray]
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,102 +57,134 @@ class Edit:
         return int((~blocks.all(axis=(1, 3))).sum())
 
 
-def _open(source: ImageInput, what: str, size: int, budget: Optional[int]) -> Image.Image:
-    """Open an image file lazily, refusing one whose decoding could not fit before any pixel is decoded."""
-    try:
-        with warnings.catch_warnings():  # Pillow's bomb warning: such images are over our bound anyway
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(source)
-        img.draft("RGB", (size, size))  # JPEG: decoded at 1/2, 1/4 or 1/8 scale, each side still >= size
-    except FileNotFoundError:
-        raise PatchgenError(f"{what} {source}: no such file") from None
-    except IsADirectoryError:
-        raise PatchgenError(f"{what} {source} is a folder; give an image file") from None
-    except Image.DecompressionBombError:
-        raise PatchgenError(f"{what} {source} has more pixels than Pillow will decode ({2 * Image.MAX_IMAGE_PIXELS}, "
-                            f"its decompression-bomb bound); resize it first") from None
-    except DECODE_ERRORS as e:
-        raise PatchgenError(f"cannot read {what} {source} ({e}); give a PNG or JPEG image") from None
+def _open(source, what: str, size: int, budget: Optional[int]) -> Image.Image:
+    """Open an image file lazily (or take an open PIL image), refusing one whose decoding could not fit before
+    any pixel is decoded."""
+    if isinstance(source, Image.Image):
+        img = source
+    elif isinstance(source, (str, Path)):
+        try:
+            with warnings.catch_warnings():  # Pillow's bomb warning: such images are over our bound anyway
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(source)
+        except FileNotFoundError:
+            raise PatchgenError(f"{what} {source}: no such file") from None
+        except IsADirectoryError:
+            raise PatchgenError(f"{what} {source} is a folder; give an image file") from None
+        except Image.DecompressionBombError:
+            raise PatchgenError(f"{what} {source} has more pixels than Pillow will decode "
+                                f"({2 * Image.MAX_IMAGE_PIXELS}, its decompression-bomb bound); resize it first") from None
+        except DECODE_ERRORS as e:
+            raise PatchgenError(f"cannot read {what} {source} ({e}); give a PNG or JPEG image") from None
+    else:
+        raise PatchgenError(f"{what} must be a file's path, a PIL image or a uint8 array, not {type(source).__name__}")
+    img.draft("RGB", (size, size))  # JPEG: decoded at 1/2, 1/4 or 1/8 scale, each side still >= size
     pixels = img.width * img.height
     if pixels > max_decode_pixels(size):
-        img.close()
         raise PatchgenError(f"{what} {source} is {img.width}x{img.height}, over the {max_decode_pixels(size)} "
                             f"pixels this {size}x{size} model decodes; resize it first")
     resident, need = memory.current_rss(), pixels * DECODE_BYTES_PER_PIXEL
     why = f"decoding {what} {source} ({img.width}x{img.height}) needs about {memory.format_size(need)} beside the " \
           f"{memory.format_size(resident)} this process holds"
     if budget is not None and resident + need > budget:
-        img.close()
         least = math.ceil((resident + need + memory.RERUN_MARGIN) / memory.MIB)
         raise memory.BudgetTooSmall(f"memory budget {memory.format_size(budget)} is below this run's minimum ({why});"
                                     f" pass --memory-budget {least}M or more, or resize the image", least * memory.MIB)
     limit, limited_by = memory.available_memory(resident)
     if budget is None and limit is not None and resident + need > limit:
-        img.close()
         raise PatchgenError(f"{why}, but this process can have only {memory.format_size(limit)} ({limited_by}); "
                             "resize the image first")
     return img
 
 
+def _decoded(source, what: str, size: int, budget: Optional[int]) -> Image.Image:
+    """The image as a viewer shows it, 8-bit RGB (`decode.display_rgb`), from a path or a PIL image."""
+    img = _open(source, what, size, budget)
+    try:
+        try:
+            return display_rgb(img)
+        finally:
+            if img is not source:
+                img.close()
+    except UnfaithfulImage as e:
+        raise PatchgenError(f"cannot use {what} {source} ({e}); save it as an 8-bit PNG or JPEG") from None
+    except DECODE_ERRORS as e:
+        raise PatchgenError(f"cannot read {what} {source} ({e}); give a PNG or JPEG image") from None
+
+
+def _square(img: Image.Image, size: int, resample) -> Image.Image:
+    """Centre-cropped to a square, resized to size x size (as training prepares its images)."""
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return img.crop((left, top, left + side, top + side)).resize((size, size), resample)
+
+
 def read_image(source: ImageInput, spec: ModelSpec, what: str = "--init-img",
-               budget: Optional[int] = None) -> tuple[np.ndarray, Optional[tuple[int, int]]]:
-    """(uint8 [H, W, C] at the model's size, the file's (width, height) when it was cropped or resized, else
-    None). A file is decoded as training decodes images (`decode.prepare_image`: as a viewer shows it, centre-
-    cropped to a square, resized with Lanczos); an array must already be uint8 [H, W, C] at the model's size."""
+               budget: Optional[int] = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """(uint8 [H, W, C] at the model's size, the (width, height) it was shown at before cropping and resizing).
+
+    A file or PIL image is decoded as training decodes images (`decode.display_rgb`: as a viewer shows it),
+    centre-cropped to a square and resized with Lanczos (`decode.prepare_image`); an array must already be
+    uint8 [H, W, C] at the model's size."""
     size, c = spec.image_size, spec.channels
     if isinstance(source, np.ndarray):
         image = source[:, :, None] if source.ndim == 2 else source
         if image.dtype != np.uint8 or image.shape != (size, size, c):
             raise PatchgenError(f"{what} must be uint8 [{size}, {size}, {c}] for this model, got {source.dtype} "
                                 f"{list(source.shape)}")
-        return image, None
+        return image, (size, size)
     if c not in (1, 3):
         raise PatchgenError(f"this model has {c} channels; images can be edited with 1 (grey) or 3 (RGB) only")
-    img = _open(source, what, size, budget)
-    try:
-        with img:
-            image = prepare_image(img, size)
-            original = img.size
-    except (UnfaithfulImage, *DECODE_ERRORS) as e:
-        raise PatchgenError(f"cannot read {what} {source} ({e}); give a PNG or JPEG image") from None
+    shown = _decoded(source, what, size, budget)
+    image = np.asarray(_square(shown, size, Image.Resampling.LANCZOS), dtype=np.uint8)
     if c == 1:
         image = np.asarray(Image.fromarray(image).convert("L"))[:, :, None]
-    return image, None if original == (size, size) else original
+    return image, shown.size
 
 
-def read_mask(source: ImageInput, size: int, budget: Optional[int] = None) -> np.ndarray:
-    """bool [size, size], True where the pixel is to be made (white), False where it is kept (black).
+# Grey level of an RGB(A) mask array: ITU-R 601 luma, the weights of Pillow's convert("L") for mask files.
+LUMA = np.array([0.299, 0.587, 0.114])
 
-    A file in any mode Pillow opens, turned by its EXIF orientation, as grey levels thresholded at half of
-    white; centre-cropped to a square and resized with nearest, as the image is. An array: bool, or numbers
-    thresholded at half of white (128 for uint8, 0.5 for floats), at the model's size."""
+
+def read_mask(source: ImageInput, size: int, image_size: tuple[int, int],
+              budget: Optional[int] = None) -> np.ndarray:
+    """bool [size, size], True where the pixel is to be painted (white), False where it is kept (black).
+
+    A file or PIL image as a viewer shows it (`decode.display_rgb`: transparency on white), its grey level
+    (luma) thresholded at half of white. It must have the input image's size as shown (`image_size`: it is
+    then cropped as the image is) or be square; it is resized to the model's with nearest. An array: at the
+    model's size, [H, W] or [H, W, C], bool or numbers on its dtype's scale (uint8 to 255, other integers to
+    their maximum, floats to 1), the same luma for 3 or 4 channels."""
     if isinstance(source, np.ndarray):
-        if source.shape[:2] != (size, size) or source.ndim not in (2, 3):
-            raise PatchgenError(f"--mask must be [{size}, {size}] for this model, got {list(source.shape)}")
-        level = source if source.ndim == 2 else source.max(axis=2)
-        if level.dtype == bool:
-            return level.copy()
-        return level >= (128 if level.dtype == np.uint8 else 0.5)
-    img = _open(source, "--mask", size, budget)
-    try:
-        with img:
-            img = ImageOps.exif_transpose(img)
-            w, h = img.size
-            side = min(w, h)
-            img = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
-            if img.mode in ("I", "F") or img.mode.startswith("I;16"):
-                full = 1.0 if img.mode == "F" else 65535.0 if img.mode.startswith("I;16") else 2.0**31 - 1
-                level = np.asarray(img.resize((size, size), Image.Resampling.NEAREST), np.float64) / full
-            else:
-                level = np.asarray(img.convert("L").resize((size, size), Image.Resampling.NEAREST)) / 255.0
-    except DECODE_ERRORS as e:
-        raise PatchgenError(f"cannot read --mask {source} ({e}); give a PNG image, white where to paint") from None
-    return level >= 0.5
+        if source.ndim not in (2, 3) or source.shape[:2] != (size, size) or \
+                (source.ndim == 3 and not 1 <= source.shape[2] <= 4):
+            raise PatchgenError(f"--mask must be [{size}, {size}] or [{size}, {size}, 1 to 4] for this model, got "
+                                f"{list(source.shape)}")
+        if source.dtype == bool:
+            level = source.astype(np.float64)
+        elif np.issubdtype(source.dtype, np.integer):
+            level = source / np.iinfo(source.dtype).max
+        elif np.issubdtype(source.dtype, np.floating):
+            level = source.astype(np.float64)
+        else:
+            raise PatchgenError(f"--mask must hold bool or numbers, not {source.dtype}")
+        if level.ndim == 3:
+            level = level[:, :, :3] @ LUMA if level.shape[2] >= 3 else level[:, :, 0]
+        return level >= 0.5
+    shown = _decoded(source, "--mask", size, budget)
+    if shown.size != image_size and shown.width != shown.height:
+        raise PatchgenError(f"--mask {source} is {shown.width}x{shown.height}: give it the --init-img's size "
+                            f"({image_size[0]}x{image_size[1]}) or a square one, resized to the model's "
+                            f"{size}x{size}")
+    return np.asarray(_square(shown.convert("L"), size, Image.Resampling.NEAREST)) >= 128
 
 
 def outpaint_shift(text: str, grid: int) -> tuple[str, int]:
     """("right", K) from "right:K": the side where K new columns (or rows) of patches appear, 1 <= K < grid."""
-    m = re.fullmatch(r"\s*(left|right|up|down)\s*:\s*(\d+)\s*", text or "")
+    if not isinstance(text, str):
+        raise PatchgenError(f"--outpaint must be text such as right:1, not {type(text).__name__}")
+    m = re.fullmatch(r" *(left|right|up|down) *: *([0-9]+) *", text)
     if not m:
         raise PatchgenError(f"cannot read --outpaint {text!r}; write it as SIDE:K, SIDE one of "
                             f"{', '.join(OUTPAINT_SIDES)} and K the patches to add, e.g. right:1")
@@ -186,10 +220,11 @@ def make_edit(spec: ModelSpec, init_image: Optional[ImageInput] = None, mask: Op
               strength: Optional[float] = None, outpaint: Optional[str] = None, jumps: int = 0,
               budget: Optional[int] = None) -> tuple[Optional[Edit], tuple[str, ...]]:
     """(the Edit, notes for the user), or (None, ()) when nothing is edited. Refuses in one PatchgenError
-    line: a mask, strength, outpaint or jumps without an image; jumps without a mask or outpaint, or below 0; a
-    strength outside (0, 1]; a mask and an outpaint
-    together; a mask that keeps every pixel; an outpaint of the whole grid; a file that cannot be read, or
-    whose decoding would not fit `budget` (bytes; None: the memory this process can have).
+    line: a mask, strength, outpaint or jumps without an image; jumps without a mask or outpaint, or outside
+    0 .. MAX_JUMPS; a strength outside (0, 1], or below 1 with an outpaint (the freed patches have nothing to
+    start from); a mask and an outpaint together; a mask that keeps every pixel; an outpaint of the whole
+    grid; a value of the wrong type; a file that cannot be read, or whose decoding would not fit `budget`
+    (bytes; None: the memory this process can have).
 
     strength defaults to IMG2IMG_STRENGTH for img2img and to 1 (every step) for inpainting and outpainting."""
     if init_image is None:
@@ -198,21 +233,30 @@ def make_edit(spec: ModelSpec, init_image: Optional[ImageInput] = None, mask: Op
             if given is not None:
                 raise PatchgenError(f"{name} needs --init-img, the image to edit")
         return None, ()
+    if not isinstance(jumps, numbers.Integral) or isinstance(jumps, bool):
+        raise PatchgenError(f"--repaint-jumps must be a whole number, not {jumps!r}")
     if jumps and mask is None and outpaint is None:
         raise PatchgenError("--repaint-jumps resamples around kept pixels: it needs --mask or --outpaint")
-    if jumps < 0:
-        raise PatchgenError(f"--repaint-jumps must be 0 or more, got {jumps}")
-    if strength is not None and not 0 < strength <= 1:  # NaN fails too
-        raise PatchgenError(f"--strength must be above 0 and at most 1, got {strength}")
+    if not 0 <= jumps <= MAX_JUMPS:
+        raise PatchgenError(f"--repaint-jumps must be 0 to {MAX_JUMPS}, got {jumps}")
+    if strength is not None:
+        if not isinstance(strength, numbers.Real) or isinstance(strength, bool):
+            raise PatchgenError(f"--strength must be a number, not {strength!r}")
+        if not 0 < strength <= 1:  # NaN fails too
+            raise PatchgenError(f"--strength must be above 0 and at most 1, got {strength}")
     if mask is not None and outpaint is not None:
         raise PatchgenError("give --mask or --outpaint, not both: --outpaint makes its own mask")
     shift = outpaint_shift(outpaint, spec.grid) if outpaint is not None else None  # before decoding anything
-    image, original = read_image(init_image, spec, budget=budget)
-    notes = (f"--init-img {init_image} is {original[0]}x{original[1]}: centre-cropped and resized to "
-             f"{spec.image_size}x{spec.image_size}",) if original else ()
+    if shift is not None and strength is not None and strength < 1:
+        raise PatchgenError(f"--outpaint paints patches that start from nothing, so it runs every step: drop "
+                            f"--strength {strength:g}")
+    image, shown = read_image(init_image, spec, budget=budget)
+    size = spec.image_size
+    notes = (f"--init-img {init_image} is {shown[0]}x{shown[1]}: centre-cropped and resized to {size}x{size}",) \
+        if shown != (size, size) else ()
     keep = None
     if mask is not None:
-        keep = ~read_mask(mask, spec.image_size, budget)
+        keep = ~read_mask(mask, size, shown, budget)
         if keep.all():
             name = "the mask" if isinstance(mask, np.ndarray) else f"--mask {mask}"
             raise PatchgenError(f"{name} keeps every pixel (none is white): nothing to paint; make the area to "
@@ -221,4 +265,5 @@ def make_edit(spec: ModelSpec, init_image: Optional[ImageInput] = None, mask: Op
         image, keep = shifted(image, *shift, spec.patch_size)
     init = image.transpose(2, 0, 1).astype(np.float32) / np.float32(127.5) - np.float32(1)
     default = IMG2IMG_STRENGTH if keep is None else 1.0
+    outpaint = None if shift is None else f"{shift[0]}:{shift[1]}"  # as read: what the PNG's text records
     return Edit(init, keep, default if strength is None else float(strength), outpaint, int(jumps)), notes

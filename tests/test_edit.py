@@ -2,6 +2,7 @@
 preview, the `parameters` text and the pinned noise stream. Torch-free, like the runtime it tests."""
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,6 +192,8 @@ def edit_files(tmp_path):
     (tmp_path / "truncated.png").write_bytes((tmp_path / "face.png").read_bytes()[:200])  # a header that lies
     Image.new("L", (30000, 30000)).save(tmp_path / "huge.png")  # 900 MP of zeros: a few KiB on disk
     Image.new("L", (5000, 5000)).save(tmp_path / "large.png")  # 25 MP: over what a 64x64 model decodes
+    Image.fromarray(mask[:, :48]).save(tmp_path / "narrow_mask.png")  # neither the image's size nor square
+    (tmp_path / "new\nline.png").write_bytes((tmp_path / "face.png").read_bytes()[:200])
     return tmp_path, image, mask > 127
 
 
@@ -258,6 +261,18 @@ def test_cli_img2img_notes_the_resize(edit_files):
     (("--init-img", "{tmp}/face.png", "--mask", "{tmp}/mask.png", "--repaint-jumps", "2", "--sampler", "dpm++"),
      "--repaint-jumps needs the ddim or ddpm sampler"),
     (("--preview-every", "2"), "--preview-every needs --preview"),
+    (("--init-img", "{tmp}/face.png", "--mask", "{tmp}/mask.png", "--preview", "{tmp}/mask.png"),
+     "--preview {tmp}/mask.png is the --mask, which it would overwrite"),
+    (("--init-img", "{tmp}/face.png", "--mask", "{tmp}/mask.png", "--grid-image", "{tmp}/mask.png"),
+     "--grid-image {tmp}/mask.png is the --mask, which it would overwrite"),
+    (("--init-img", "{tmp}/out/seed0_00000.png"), "--init-img {tmp}/out/seed0_00000.png is one of the PNGs this run"),
+    (("--init-img", "{tmp}/face.png", "--outpaint", "left:1", "--strength", "0.5"),
+     "--outpaint paints patches that start from nothing, so it runs every step: drop --strength 0.5"),
+    (("--init-img", "{tmp}/face.png", "--mask", "{tmp}/narrow_mask.png"),
+     "--mask {tmp}/narrow_mask.png is 48x64: give it the --init-img's size (64x64) or a square one"),
+    (("--init-img", "{tmp}/new\nline.png"), "cannot read --init-img {tmp}/new\\nline.png"),
+    (("--init-img", "{tmp}/face.png", "--mask", "{tmp}/mask.png", "--repaint-jumps", "101"),
+     "Invalid value for '--repaint-jumps': 101 is not in the range 0<=x<=100"),
     (("--init-img", "{tmp}/face.png", "--preview", "{tmp}/face.png"), "--preview {tmp}/face.png is the --init-img"),
 ])
 def test_bad_edit_input_is_one_line_and_creates_nothing(edit_files, args, message):
@@ -270,9 +285,68 @@ def test_bad_edit_input_is_one_line_and_creates_nothing(edit_files, args, messag
     assert not (tmp / "out").exists()
 
 
-def test_api_refuses_a_bad_mask_array():
-    with pytest.raises(PatchgenError, match=r"--mask must be \[64, 64\]"):
-        generate("faces64_2x2", init_image=np.zeros((64, 64, 3), np.uint8), mask=np.ones((32, 32), bool))
+@pytest.mark.parametrize("kwargs,message", [
+    ({"mask": np.ones((32, 32), bool)}, r"--mask must be \[64, 64\] or \[64, 64, 1 to 4\]"),
+    ({"mask": np.ones((64, 64, 0), bool)}, r"--mask must be \[64, 64\] or \[64, 64, 1 to 4\]"),
+    ({"mask": np.full((64, 64), "a")}, r"--mask must hold bool or numbers, not <U1"),
+    ({"strength": "0.5"}, r"--strength must be a number, not '0.5'"),
+    ({"outpaint": 1}, r"--outpaint must be text such as right:1, not int"),
+    ({"outpaint": "right:1", "repaint_jumps": 1.5}, r"--repaint-jumps must be a whole number, not 1.5"),
+    ({"init_image": [1, 2]}, r"--init-img must be a file's path, a PIL image or a uint8 array, not list"),
+])
+def test_api_refuses_bad_edit_arguments(kwargs, message):
+    kwargs = {"init_image": np.zeros((64, 64, 3), np.uint8), **kwargs}
+    with pytest.raises(PatchgenError, match=message):
+        generate("faces64_2x2", steps=1, memory_budget="min", **kwargs)
+
+
+def test_mask_arrays_read_as_mask_files_do(edit_files):
+    """One threshold for arrays and files: half of the dtype's white, luma for colour (not the brightest
+    channel), so pure red (luma 0.3) is kept in both."""
+    from patchgen.runtime.edit import read_mask
+
+    tmp, _, paint = edit_files
+    red = np.zeros((64, 64, 3), np.uint8)
+    red[paint] = (200, 0, 0)
+    red[:8, :8] = 255
+    Image.fromarray(red).save(tmp / "red.png")
+    from_file = read_mask(str(tmp / "red.png"), 64, (64, 64))
+    assert from_file.sum() == 64 and (read_mask(red, 64, (64, 64)) == from_file).all()
+    grey16 = np.where(paint, 65535, 1000).astype(np.uint16)
+    grey32 = np.where(paint, 255, 100).astype(np.int32)
+    assert (read_mask(grey16, 64, (64, 64)) == paint).all()
+    assert not read_mask(grey32, 64, (64, 64)).any()  # int32's white is 2^31 - 1
+    assert (read_mask(paint.astype(np.float32), 64, (64, 64)) == paint).all()
+
+
+def test_api_takes_a_pil_image(edit_files):
+    tmp, image, paint = edit_files
+    with Image.open(tmp / "face.png") as img:
+        out = generate("faces64_2x2", 1, steps=2, memory_budget="min", init_image=img, mask=paint)[0]
+    assert (out[~paint] == image[~paint]).all()
+
+
+def test_a_preview_that_cannot_be_written_costs_no_image(edit_files, monkeypatch):
+    """A full disk where the preview goes: one note, previews stop, the images are written."""
+    from click.testing import CliRunner
+
+    import patchgen.runtime.images as images
+    from patchgen.cli.sample import main
+
+    tmp, _, _ = edit_files
+    real = images.save_png
+
+    def save_png(path, image, text=None):
+        if Path(path).name == "live.png":
+            raise OSError(28, "No space left on device", str(path))
+        real(path, image, text)
+
+    monkeypatch.setattr(images, "save_png", save_png)
+    r = CliRunner().invoke(main, ["--init-img", str(tmp / "face.png"), "--strength", "0.5", "-n", "2", "--steps", "4",
+                                  "--memory-budget", "min", "--out", str(tmp / "o"), "--preview", str(tmp / "live.png")])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("note: no more previews:") == 1 and "No space left on device" in r.output
+    assert len(list((tmp / "o").glob("*.png"))) == 2 and not (tmp / "live.png").exists()
 
 
 def test_inpainting_keeps_its_budget_in_a_fresh_process(edit_files):
