@@ -78,7 +78,7 @@ def patch_counts(grid: int) -> list[int]:
     return counts + [grid * grid]
 
 
-@click.command()
+@click.command(epilog="Example: python benchmarks/editing.py --models faces64_2x2 --rounds 1 --steps 2 --out /tmp/e")
 @click.option("--models", default="faces64_2x2,noto128_4x4", show_default=True, help="Shipped names or .onnx paths.")
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--sampler", default="dpm++", show_default=True)
@@ -90,6 +90,7 @@ def patch_counts(grid: int) -> list[int]:
 @click.option("--figure/--no-figure", default=True, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "editing", show_default=True)
 def main(models, rounds, sampler, steps, num_images, memory_budget, jumps, figure, out):
+    """s/image of inpainting against the patches painted, next to plain sampling, and a figure of the edits."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
