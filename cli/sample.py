@@ -104,6 +104,7 @@ def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_
     """Generate images with a patch-based diffusion model: the U-Net denoises one patch per call,
     so peak memory follows the patch batch, not the image size."""
     from patchgen.runtime.edit import make_edit
+    from patchgen.runtime.memory import given_budget
     from patchgen.runtime.files import check_writable_folder, made_folder, remove_if_empty
     from patchgen.runtime.generate import make_plan
     from patchgen.runtime.images import grid_memory
@@ -137,7 +138,7 @@ def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_
             raise CliError(f"{name} {source} is one of the PNGs this run writes, which would overwrite it; "
                            "choose another --out or --seed, or copy it first")
     edit, edit_notes = make_edit(model.spec, init_img, mask, strength, outpaint, repaint_jumps,
-                                 _budget_bytes(memory_budget))
+                                 given_budget(memory_budget))
     c, h, w = model.spec.image_shape
     held = grid_memory(num_images, h, w, c) if grid_image else 0
     preview_held, preview_per_image = _preview_memory(preview, grid_image, num_images, model.spec.image_shape)
@@ -156,13 +157,6 @@ def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_
     except BaseException:
         remove_if_empty(made)  # a run that wrote no image leaves no folder behind
         raise
-
-
-def _budget_bytes(memory_budget):
-    """The budget in bytes when a size was given (what decoding an input image must fit), else None."""
-    from patchgen.runtime.memory import parse_size, wants_minimum
-
-    return None if memory_budget is None or wants_minimum(memory_budget) else parse_size(memory_budget)
 
 
 def _preview_memory(preview, grid_image, num_images, image_shape) -> tuple[int, int]:

@@ -21,7 +21,7 @@ from .edit import Edit, ImageInput, make_edit
 from .loop import SAMPLERS, default_steps, edit_timesteps, sample_images
 from . import memory
 from .memory import (ARENA_PRIOR, DEFAULT_BUDGET_SHARE, MIB, RERUN_MARGIN, BudgetTooSmall, calibrate,
-                     calibrate_arena, checked_budget, fastest_fit, format_size, parse_size, plan_patch_batch)
+                     calibrate_arena, checked_budget, fastest_fit, format_size, plan_patch_batch)
 from .limits import available_cpus
 from .model import OnnxModel, default_threads, load_model, thread_candidates
 from .session import DEFAULT_PROVIDER
@@ -223,7 +223,7 @@ def make_plan(model: OnnxModel, num_images: int = 1, seed: int = 0, sampler: str
         if budget is None:  # nothing known about the machine's memory: plan for speed alone
             budget = UNLIMITED
     else:
-        asked = parse_size(memory_budget) if isinstance(memory_budget, str) else int(memory_budget)
+        asked = memory.given_budget(memory_budget)
         budget, limited_by = checked_budget(asked, model.weights_bytes, model.resident_before)
         notes = (f"memory budget {format_size(asked)} is more than this process can have ({format_size(budget)}, "
                  f"{limited_by}); planning for {format_size(budget)}",) if limited_by else ()
@@ -350,9 +350,8 @@ def generate(model: Union[str, OnnxModel, None] = None, num_images: int = 1, see
     PatchgenError for input that cannot be used."""
     if not isinstance(model, OnnxModel):
         model = load_model(model, threads, provider, memory_budget)
-    budget = None if memory_budget is None or memory.wants_minimum(memory_budget) else \
-        parse_size(memory_budget) if isinstance(memory_budget, str) else int(memory_budget)
-    edit, _ = make_edit(model.spec, init_image, mask, strength, outpaint, repaint_jumps, budget)
+    edit, _ = make_edit(model.spec, init_image, mask, strength, outpaint, repaint_jumps,
+                        memory.given_budget(memory_budget))
     plan = make_plan(model, num_images, seed, sampler, steps, eta, memory_budget=memory_budget,
                      patch_batch=patch_batch, edit=edit)
     return np.stack([img for _, img in iter_samples(model, plan)])

@@ -47,7 +47,7 @@ class PatchDenoiser:
         self.known = known
         self.active = np.ones(spec.grid**2, bool) if known is None else \
             ~patch_view(known[0][None], spec.grid).all(axis=(-3, -2, -1)).reshape(-1)  # [G*G]: a pixel to make
-        self.calls = 0  # network calls made, for tests and benchmarks
+        self.todo: Optional[np.ndarray] = None  # the patches that make calls (flat indices), set on the first step
         self.positions: Optional[np.ndarray] = None  # one call's one-hot rows [patch_batch, G*G], refilled per call
         self.x0_prev: Optional[np.ndarray] = None  # self-conditioning state
         # padded x_t (halo > 0), one call's windows, the eps image
@@ -75,13 +75,14 @@ class PatchDenoiser:
             eps = np.empty_like(x) if self.active.all() else np.zeros_like(x)  # skipped patches: eps 0, x0 kept
             self.buffers = (padded, np.empty((calls, spec.channels, w, w), np.float32), eps)
             self.positions = np.zeros((calls, g2), np.float32) if spec.use_position else None
+            # the patches that make calls, as flat indices image * G^2 + position, the same every step
+            self.todo = (np.arange(n)[:, None] * g2 + np.flatnonzero(self.active)[None, :]).reshape(-1)
         padded, inputs, eps = self.buffers
         gcc = self.gcc(x)
         windows = window_view(pad_image(x, halo, out=padded) if halo else x, grid, halo)  # [N, G, G, C, W, W]
         eps_patches = patch_view(eps, grid)  # [N, G, G, C, P, P], writes land in eps
-        todo = (np.arange(n)[:, None] * g2 + np.flatnonzero(self.active)[None, :]).reshape(-1)  # image * G^2 + pos
-        for start in range(0, len(todo), self.patch_batch):
-            index = todo[start:start + self.patch_batch]
+        for start in range(0, len(self.todo), self.patch_batch):
+            index = self.todo[start:start + self.patch_batch]
             image, i, j = index // g2, index % g2 // grid, index % grid
             for row, (b, r, c) in enumerate(zip(image, i, j)):  # this call's windows into the input buffer
                 inputs[row] = windows[b, r, c]
@@ -91,7 +92,6 @@ class PatchDenoiser:
                 position_onehot(grid, index % g2, out=self.positions) if spec.use_position else None,
                 gcc[image] if gcc is not None else None,
             )
-            self.calls += 1
         # x0_hat = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t), clipped to the data range as in the paper
         abar = float(self.alphas_cumprod[t])
         x0 = np.multiply(eps, -math.sqrt(1 - abar))  # a fresh array: samplers may keep x0 across steps

@@ -130,6 +130,14 @@ def wants_minimum(memory_budget) -> bool:
     return isinstance(memory_budget, str) and memory_budget.strip().lower() == MIN_BUDGET
 
 
+def given_budget(memory_budget) -> Optional[int]:
+    """The budget in bytes when one was given as a size (bytes or text parse_size reads); None for no budget
+    and for "min" (`wants_minimum`)."""
+    if memory_budget is None or wants_minimum(memory_budget):
+        return None
+    return parse_size(memory_budget) if isinstance(memory_budget, str) else int(memory_budget)
+
+
 def default_budget(resident: int) -> tuple[Optional[int], str]:
     """(the budget of a run given none: DEFAULT_BUDGET_SHARE of what a process holding `resident` bytes can
     reach, what limits that), or (None, "") where nothing is known (no /proc/meminfo, no cgroup)."""
