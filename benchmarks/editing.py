@@ -13,6 +13,7 @@ input, mask, inpainted, and img2img at strength 0.3, 0.6 and 0.9.
 """
 from __future__ import annotations
 
+import math
 import statistics
 import tempfile
 from pathlib import Path
@@ -20,17 +21,20 @@ from pathlib import Path
 import click
 
 from benchlib import RESULTS, python, run_fresh, sample_cli, write_results
+from patchgen.runtime.memory import MIB, parse_size  # plain Python: the driver stays lean
 
 INPUTS_CHILD = r"""
 import sys, numpy as np
 from patchgen.runtime.generate import generate
 from patchgen.runtime.images import save_png
 from patchgen.runtime.model import load_model
-model_name, folder, counts = sys.argv[1], sys.argv[2], [int(k) for k in sys.argv[3].split(",")]
+model_name, folder = sys.argv[1], sys.argv[2]
 model = load_model(model_name)
 image = generate(model, 1, seed=7, sampler="dpm++", steps=20, memory_budget="min")[0]
 save_png(f"{folder}/input.png", image)
 g, p = model.spec.grid, model.spec.patch_size
+counts = [2**e for e in range(2 * (g - 1).bit_length()) if 2**e < g * g] + [g * g]  # 1, 2, 4, ... all
+print(",".join(map(str, counts)))
 for k in counts:  # the first k patches, row-major, white
     mask = np.zeros((g * p, g * p, 1), np.uint8)
     for index in range(k):
@@ -69,15 +73,6 @@ save_png(out, np.concatenate(rows, axis=0), {"columns": "input, mask (grey: pain
 """
 
 
-def patch_counts(grid: int) -> list[int]:
-    """1, 2, 4, ... patches painted, up to all of the grid's."""
-    counts, k = [], 1
-    while k < grid * grid:
-        counts.append(k)
-        k *= 2
-    return counts + [grid * grid]
-
-
 @click.command(epilog="Example: python benchmarks/editing.py --models faces64_2x2 --rounds 1 --steps 2 --out /tmp/e")
 @click.option("--models", default="faces64_2x2,noto128_4x4", show_default=True, help="Shipped names or .onnx paths.")
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
@@ -98,11 +93,11 @@ def main(models, rounds, sampler, steps, num_images, memory_budget, jumps, figur
         for name in models.split(","):
             folder = tmp / Path(name).stem
             folder.mkdir()
-            grid = 4 if "4x4" in name else 2
-            counts = patch_counts(grid)
-            made = run_fresh(python("-c", INPUTS_CHILD, name, str(folder), ",".join(map(str, counts))))
+            made = run_fresh(python("-c", INPUTS_CHILD, name, str(folder)))
             if made["returncode"]:
                 raise click.ClickException(made["stderr"])
+            counts = [int(k) for k in made["stdout"].split(",")]  # painted patches: 1, 2, 4, ... all
+            grid = math.isqrt(counts[-1])
             settings = {"plain sampling": []}
             for k in counts:
                 settings[f"inpaint {k}/{grid * grid}"] = ["--init-img", str(folder / "input.png"),
@@ -135,7 +130,7 @@ def main(models, rounds, sampler, steps, num_images, memory_budget, jumps, figur
                              "vs_plain": statistics.median(ratios),
                              "range": f"{min(ratios):.3f}-{max(ratios):.3f}",
                              "peak_mib": max(x["peak_mib"] for x in rs),
-                             "within": all(x["peak_mib"] * 2**20 <= _bytes(memory_budget) for x in rs)})
+                             "within": all(x["peak_mib"] * MIB <= parse_size(memory_budget) for x in rs)})
     write_results(out, f"What editing costs: s/image against the patches painted ({sampler} {steps} steps, "
                        f"{num_images} images, --memory-budget {memory_budget})",
                   [("model", "model"), ("setting", "setting"), ("patch_batch", "patches/call"),
@@ -153,11 +148,6 @@ def main(models, rounds, sampler, steps, num_images, memory_budget, jumps, figur
                                 *models.split(",")))
         if made["returncode"]:
             raise click.ClickException(made["stderr"])
-
-
-def _bytes(size: str) -> float:
-    units = {"K": 2**10, "M": 2**20, "G": 2**30}
-    return float(size[:-1]) * units[size[-1].upper()] if size[-1].upper() in units else float(size)
 
 
 if __name__ == "__main__":

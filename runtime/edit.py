@@ -78,6 +78,17 @@ def _open(source, what: str, size: int, budget: Optional[int]) -> Image.Image:
             raise PatchgenError(f"cannot read {what} {source} ({e}); give a PNG or JPEG image") from None
     else:
         raise PatchgenError(f"{what} must be a file's path, a PIL image or a uint8 array, not {type(source).__name__}")
+    try:
+        _check_decoding(img, source, what, size, budget)
+    except PatchgenError:
+        if img is not source:
+            img.close()
+        raise
+    return img
+
+
+def _check_decoding(img: Image.Image, source, what: str, size: int, budget: Optional[int]) -> None:
+    """Refuse an opened image whose decoding could not fit: over the decode bound, the budget or the memory."""
     img.draft("RGB", (size, size))  # JPEG: decoded at 1/2, 1/4 or 1/8 scale, each side still >= size
     pixels = img.width * img.height
     if pixels > max_decode_pixels(size):
@@ -94,7 +105,6 @@ def _open(source, what: str, size: int, budget: Optional[int]) -> Image.Image:
     if budget is None and limit is not None and resident + need > limit:
         raise PatchgenError(f"{why}, but this process can have only {memory.format_size(limit)} ({limited_by}); "
                             "resize the image first")
-    return img
 
 
 def _decoded(source, what: str, size: int, budget: Optional[int]) -> Image.Image:
