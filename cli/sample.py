@@ -20,7 +20,7 @@ from patchgen.runtime.edit import IMG2IMG_STRENGTH, MAX_JUMPS
 from patchgen.runtime.pretrained import DEFAULT_MODEL, shipped_models
 from patchgen.runtime.session import DEFAULT_PROVIDER, available_providers
 
-from .common import CliError, Command, one_line, user_errors
+from .common import CliError, Command, one_line, progress, user_errors
 
 EXAMPLE = """
 \b
@@ -98,9 +98,11 @@ def check_output_folder(folder: Path) -> None:
                    "they form, atomically; the final images are unchanged by it.")
 @click.option("--preview-every", type=click.IntRange(min=1), default=1, show_default=True,
               help="Steps between --preview writes.")
+@click.option("--force", is_flag=True, help="Replace images that an earlier run wrote under the same names "
+              "(without it, such a run is refused before any work).")
 @user_errors
 def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_budget, threads, provider, out_dir,
-         grid_image, init_img, strength, mask, outpaint, repaint_jumps, preview, preview_every):
+         grid_image, init_img, strength, mask, outpaint, repaint_jumps, preview, preview_every, force):
     """Generate images with a patch-based diffusion model: the U-Net denoises one patch per call,
     so peak memory follows the patch batch, not the image size."""
     from patchgen.runtime.edit import make_edit
@@ -109,6 +111,7 @@ def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_
     from patchgen.runtime.generate import make_plan
     from patchgen.runtime.images import grid_memory
     from patchgen.runtime.model import load_model
+    from patchgen.runtime.pretrained import resolve_model
 
     # Everything is checked, and memory planned, before the first folder or file is created.
     check_output_folder(out_dir)
@@ -119,13 +122,13 @@ def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_
             check_writable_folder(path.parent)
     if grid_image is not None and preview is not None and os.path.realpath(grid_image) == os.path.realpath(preview):
         raise CliError(f"--preview {preview} is the --grid-image too; choose another name for one of them")
-    model = load_model(model_path, threads, provider, memory_budget)
-    # No output may replace an input: the model (and its weights), --init-img, --mask.
+    model_file = resolve_model(model_path)
+    # No output may replace an input: the model (and its weights), --init-img, --mask; not even with --force.
     inputs = [(option, path) for option, path in (("--init-img", init_img), ("--mask", mask)) if path is not None]
     for option, path in (("--grid-image", grid_image), ("--preview", preview)):
         if path is None:
             continue
-        if _is_input(path, model.path):
+        if _is_input(path, model_file):
             raise CliError(f"{option} {path} is the model file (or its weights); choose another path")
         if _is_sample(path, out_dir, seed, num_images):
             raise CliError(f"{option} {path} is one of this run's own PNGs, which would overwrite it or it "
@@ -137,6 +140,9 @@ def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_
         if _is_sample(source, out_dir, seed, num_images):
             raise CliError(f"{name} {source} is one of the PNGs this run writes, which would overwrite it; "
                            "choose another --out or --seed, or copy it first")
+    if not force:  # nor, without --force, an earlier run's output
+        check_no_overwrite(out_dir, seed, num_images, grid_image, preview)
+    model = load_model(model_file, threads, provider, memory_budget)
     edit, edit_notes = make_edit(model.spec, init_img, mask, strength, outpaint, repaint_jumps,
                                  given_budget(memory_budget))
     c, h, w = model.spec.image_shape
@@ -151,12 +157,42 @@ def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_
     for note in model.notes + edit_notes + plan.notes:
         click.echo(f"note: {note}", err=True)
     out_dir, made = made_folder(out_dir)
+    written = []  # the indices of the images on disk
     try:
         check_writable_folder(out_dir)
-        _sample(model, plan, seed, num_images, out_dir, grid_image, preview, preview_every)
+        _sample(model, plan, seed, num_images, out_dir, grid_image, preview, preview_every, written)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (common.Terminated): say what is on disk, then stop as usual
+        remove_if_empty(made)
+        report = _stopped_report(written, num_images, seed, out_dir, grid_image)
+        click.echo(("\n" if sys.stderr.isatty() else "") + report, err=True)  # below a terminal's bar
+        raise
     except BaseException:
         remove_if_empty(made)  # a run that wrote no image leaves no folder behind
         raise
+
+
+def existing_outputs(out_dir: Path, seed: int, num_images: int, *paths) -> list[Path]:
+    """The files this run would replace: its images seed<S>_<i>.png in out_dir (one listing of the folder, not
+    one lookup per image), and any of `paths` (the grid, the preview; None skipped) that exists."""
+    found = []
+    try:
+        with os.scandir(out_dir) as entries:
+            names = [e.name for e in entries]
+    except (FileNotFoundError, NotADirectoryError):
+        names = []
+    for name in sorted(names):
+        if _is_sample(out_dir / name, out_dir, seed, num_images):
+            found.append(out_dir / name)
+    return found + [p for p in paths if p is not None and os.path.lexists(p)]
+
+
+def check_no_overwrite(out_dir: Path, seed: int, num_images: int, grid_image, preview) -> None:
+    """One CliError line, before any work, when the run would replace files an earlier run wrote."""
+    found = existing_outputs(out_dir, seed, num_images, grid_image, preview)
+    if found:
+        which = f"{found[0]} already exists" if len(found) == 1 else f"{found[0]} and {len(found) - 1} more exist"
+        raise CliError(f"{which} (an earlier run's?) and this run would replace them: pass --force to replace "
+                       "them, or choose another --out or --seed")
 
 
 def _preview_memory(preview, grid_image, num_images, image_shape) -> tuple[int, int]:
@@ -200,14 +236,16 @@ def _is_sample(path: Path, out_dir: Path, seed: int, num_images: int) -> bool:
     return path.name == f"seed{seed}_{index}.png" and index.isdigit() and len(index) == 5 and int(index) < num_images
 
 
-def _sample(model, plan, seed, num_images, out_dir, grid_image, preview=None, preview_every=1):
-    """Sample the plan's images into out_dir (and the grid), with a progress bar and a closing report."""
+def _sample(model, plan, seed, num_images, out_dir, grid_image, preview=None, preview_every=1, written=None):
+    """Sample the plan's images into out_dir (and the grid), with a progress bar and a closing report; the index
+    of each image on disk is appended to `written` as it is written."""
     from patchgen.runtime.files import remove_stale_temporaries
     from patchgen.runtime.generate import iter_samples, png_text
     from patchgen.runtime.images import make_grid, new_grid, paste_into_grid, save_png, to_uint8
     from patchgen.runtime.errors import PatchgenError
     from patchgen.runtime.memory import format_size, peak_rss
 
+    written = [] if written is None else written
     remove_stale_temporaries(out_dir, "seed*_*.png")  # left by a killed run
     for path in (grid_image, preview):
         if path is not None:
@@ -256,10 +294,11 @@ def _sample(model, plan, seed, num_images, out_dir, grid_image, preview=None, pr
             click.echo(f"\nnote: no more previews: {one_line(str(e))}", err=True)
 
     t0 = time.perf_counter()
-    with click.progressbar(length=runs * steps_run, label="sampling", file=sys.stderr) as bar:
+    with progress(runs * steps_run, "sampling", unit="steps") as bar:
         for index, image in iter_samples(model, plan, callback=lambda i, t: bar.update(1),
                                          on_x0=show if preview is not None else None):
             save_png(out_dir / f"seed{seed}_{index:05d}.png", image, png_text(model, request, index))
+            written.append(index)
             if grid is not None:
                 paste_into_grid(grid, index, image)
             if live is not None:
@@ -269,6 +308,17 @@ def _sample(model, plan, seed, num_images, out_dir, grid_image, preview=None, pr
         save_png(grid_image, grid, png_text(model, request, -1))
     click.echo(f"wrote {num_images} image(s) to {out_dir}" + (f" and {grid_image}" if grid_image else "")
                + f"; {elapsed / num_images:.3g} s/image, peak RSS {format_size(peak_rss())}", err=True)
+
+
+def _stopped_report(written: list[int], num_images: int, seed: int, out_dir: Path, grid_image) -> str:
+    """What an interrupted run leaves: how many images, where, which, and how to finish (image i depends only on
+    (seed, i), so a rerun writes the same ones again)."""
+    if not written:
+        return f"stopped before the first of {num_images} image(s) was written"
+    first, last = min(written), max(written)
+    names = f"seed{seed}_{first:05d}.png" + (f" to seed{seed}_{last:05d}.png" if last != first else "")
+    return (f"stopped: {len(written)} of {num_images} image(s) written to {out_dir} ({names})"
+            + (f", no {grid_image}" if grid_image else "") + "; the same command with --force makes them all")
 
 
 if __name__ == "__main__":

@@ -11,21 +11,23 @@ import click
 from click.core import ParameterSource
 
 from patchgen.models.cache import CACHE_ENV  # plain constants: no torch import
-from patchgen.models.config import (LOSS_WEIGHTINGS, LOSSES, MAX_BASE_WIDTH, MAX_BATCH_SIZE, MAX_LR, MAX_RES_BLOCKS,
-                                    ModelConfig, TrainConfig)
+from patchgen.models.config import (DEFAULT_RECIPE, LOSS_WEIGHTINGS, LOSSES, MAX_BASE_WIDTH, MAX_BATCH_SIZE, MAX_LR,
+                                    MAX_RES_BLOCKS, RECIPE_LR, RECIPES, ModelConfig, TrainConfig, recipe_settings)
 from patchgen.runtime.limits import available_cpus
 from patchgen.runtime.schedule import MAX_TIMESTEPS, SCHEDULE_KINDS, min_timesteps
 from patchgen.runtime.spec import GCC_SOURCES, MAX_IMAGE_SIZE, PREDICTIONS
 
-from .common import CliError, Command, user_errors
+from .common import CliError, Command, progress, user_errors
 
 EXIT_GRACE_S = 5.0  # how long the other ranks of a stopped run wait for rank 0 to exit first
 
 EXAMPLE = """
 \b
-Example (a 2x2-grid model on the built-in Twemoji images, 32x32, patches seeing 4 px of their neighbours):
-  patchgen-train --data emoji --image-size 32 --grid 2 --halo 4 --max-steps 200 --out runs/emoji32
-  patchgen-train --out runs/emoji32 --resume --max-steps 400   # continue it
+Examples (the default recipe: x0-prediction, a global context vector, a halo of about a quarter patch):
+  patchgen-train --data my_images/ --image-size 64 --max-steps 2000 --out runs/mine   # your own folder
+  patchgen-train --out runs/mine --resume --max-steps 4000                            # continue it
+  patchgen-train --data emoji-faces --image-size 32 --grid 2 --max-steps 200 --out runs/faces32
+  patchgen-train --data emoji-faces --recipe paper --out runs/paper   # Arakawa et al.'s model, as published
 \b
 Data-parallel on 2 processes (the same run, --batch-size split between them; README: "Training on several
 processes"):
@@ -34,7 +36,7 @@ processes"):
 
 
 # What defines a run: a resumed run keeps its checkpoint's, so these are refused with --resume.
-NEW_RUN_OPTIONS = ("data", "image_size", "grid", "no_gcc", "no_position", "batch_size", "base_width", "channel_mults",
+NEW_RUN_OPTIONS = ("recipe", "data", "image_size", "grid", "no_gcc", "no_position", "batch_size", "base_width", "channel_mults",
                    "num_res_blocks", "attention_resolutions", "dropout", "prediction", "gcc_source", "global_context",
                    "halo", "edge_mask",
                    "schedule", "timesteps", "loss", "loss_weighting", "patches_per_image", "lr", "warmup_steps",
@@ -70,12 +72,20 @@ def _csv_ints(_ctx, _param, value):
 @click.option("--num-res-blocks", type=click.IntRange(1, MAX_RES_BLOCKS), default=2, show_default=True)
 @click.option("--attention-resolutions", default="8", show_default=True, callback=_csv_ints, help="Feature-map sizes with self-attention.")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
-@click.option("--prediction", type=click.Choice(PREDICTIONS), default="eps", show_default=True, help="Network target (the ONNX graph always outputs eps).")
+@click.option("--recipe", type=click.Choice(RECIPES), default=DEFAULT_RECIPE, show_default=True,
+              help="The defaults of --prediction, --global-context, --halo and --lr. patchgen: x0, 4x4 cells, about "
+                   "P/4, 5e-4 (the shipped models' recipe; benchmarks/results/recipe.md). paper: Arakawa et al. "
+                   "2023's model: eps, none, 0, 2e-4.")
+@click.option("--prediction", type=click.Choice(PREDICTIONS), default=None,
+              help="Network target (the ONNX graph always outputs eps) [default: the recipe's, x0 or eps].")
 @click.option("--gcc-source", type=click.Choice(GCC_SOURCES), default="xt", show_default=True, help="Pool x_t (paper) or the previous x0 estimate (self-conditioning).")
-@click.option("--global-context", type=click.IntRange(min=0), default=0, show_default=True, help="Cells per side of a global context vector from GCC (0 = off).")
-@click.option("--halo", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--global-context", type=click.IntRange(min=0), default=None,
+              help="Cells per side of a global context vector from GCC, 0 = off [default: the recipe's, 4 (or the "
+                   "largest divisor of P below it) or 0].")
+@click.option("--halo", type=click.IntRange(min=0), default=None,
               help="M: each patch also sees M pixels of its neighbours per side ((P+2M)^2 window, zero-padded at "
-                   "the image's edge) and predicts its own P x P; P and P+2M must divide by 2^(levels-1). 0 = the paper.")
+                   "the image's edge) and predicts its own P x P; P and P+2M must divide by 2^(levels-1) "
+                   "[default: the recipe's: the multiple of 2^(levels-2) nearest P/4, or 0 (the paper)].")
 @click.option("--edge-mask", is_flag=True, help="One more input channel marking the image against the padding "
               "beyond its edge; needs --halo and position conditioning.")
 @click.option("--schedule", type=click.Choice(SCHEDULE_KINDS), default="cosine", show_default=True)
@@ -85,7 +95,9 @@ def _csv_ints(_ctx, _param, value):
 @click.option("--loss", type=click.Choice(LOSSES), default="l1", show_default=True)
 @click.option("--loss-weighting", type=click.Choice(LOSS_WEIGHTINGS), default="none", show_default=True)
 @click.option("--patches-per-image", type=click.IntRange(min=0), default=0, show_default=True, help="Random patches per image per step (0 = all).")
-@click.option("--lr", type=click.FloatRange(0, MAX_LR, min_open=True), default=2e-4, show_default=True)
+@click.option("--lr", type=click.FloatRange(0, MAX_LR, min_open=True), default=None,
+              help=f"AdamW's learning rate after the warm-up [default: the recipe's, {RECIPE_LR['patchgen']:g} or "
+                   f"{RECIPE_LR['paper']:g}].")
 @click.option("--warmup-steps", type=click.IntRange(min=0), default=200, show_default=True)
 @click.option("--ema-decay", type=click.FloatRange(0, 1), default=0.999, show_default=True)
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
@@ -106,7 +118,7 @@ def _csv_ints(_ctx, _param, value):
               help="torch CPU threads, at most the CPUs this process may use [default: torch's choice].")
 @click.option("--bf16", is_flag=True, help="Mixed precision (bfloat16 autocast): faster on CPUs with AVX512-BF16/AMX and on GPUs.")
 @user_errors
-def main(data, image_size, grid, no_gcc, no_position, max_steps, batch_size, out, resume, accept_changed_data,
+def main(recipe, data, image_size, grid, no_gcc, no_position, max_steps, batch_size, out, resume, accept_changed_data,
          base_width, channel_mults, num_res_blocks, attention_resolutions, dropout, prediction, gcc_source, global_context,
          halo, edge_mask, schedule, timesteps, loss, loss_weighting, patches_per_image, lr, warmup_steps, ema_decay, seed,
          no_skin_tones, holdout, checkpoint_every, preview_every, device, cache_dir, no_cache, decode_workers, threads,
@@ -132,10 +144,10 @@ def main(data, image_size, grid, no_gcc, no_position, max_steps, batch_size, out
         torch.set_num_threads(threads)
     new_run = None
     if not resume:
-        config, tc = _new_run_settings(image_size, grid, no_gcc, no_position, batch_size, base_width, channel_mults,
-                                       num_res_blocks, attention_resolutions, dropout, prediction, gcc_source,
-                                       global_context, halo, edge_mask, schedule, timesteps, loss, loss_weighting,
-                                       patches_per_image, lr, warmup_steps, ema_decay, seed)
+        config, tc = _new_run_settings(recipe, image_size, grid, no_gcc, no_position, batch_size, base_width,
+                                       channel_mults, num_res_blocks, attention_resolutions, dropout, prediction,
+                                       gcc_source, global_context, halo, edge_mask, schedule, timesteps, loss,
+                                       loss_weighting, patches_per_image, lr, warmup_steps, ema_decay, seed)
         new_run = NewRun(config, tc, data, not no_skin_tones, holdout)
     world = distributed.World()
     if distributed.launched_by_torchrun():
@@ -168,13 +180,17 @@ class NewRun:
     holdout: float
 
 
-def _new_run_settings(image_size, grid, no_gcc, no_position, batch_size, base_width, channel_mults, num_res_blocks,
-                      attention_resolutions, dropout, prediction, gcc_source, global_context, halo, edge_mask,
-                      schedule, timesteps, loss, loss_weighting, patches_per_image, lr, warmup_steps, ema_decay,
-                      seed):
-    """(ModelConfig, TrainConfig) of a new run; an invalid combination is one CliError line."""
+def _new_run_settings(recipe, image_size, grid, no_gcc, no_position, batch_size, base_width, channel_mults,
+                      num_res_blocks, attention_resolutions, dropout, prediction, gcc_source, global_context, halo,
+                      edge_mask, schedule, timesteps, loss, loss_weighting, patches_per_image, lr, warmup_steps,
+                      ema_decay, seed):
+    """(ModelConfig, TrainConfig) of a new run: the recipe's settings where an option was not given; an invalid
+    combination is one CliError line."""
     from patchgen.runtime.schedule import Schedule
 
+    chosen = recipe_settings(recipe, image_size, grid, max(len(channel_mults), 1), use_gcc=not no_gcc)
+    given = {"prediction": prediction, "global_context": global_context, "halo": halo, "lr": lr}
+    prediction, global_context, halo, lr = (chosen[k] if v is None else v for k, v in given.items())
     try:
         config = ModelConfig(
             image_size=image_size, grid=grid, base_width=base_width, channel_mults=channel_mults,
@@ -184,7 +200,7 @@ def _new_run_settings(image_size, grid, no_gcc, no_position, batch_size, base_wi
             halo=halo, edge_mask=edge_mask)
         tc = TrainConfig(batch_size=batch_size, patches_per_image=patches_per_image, lr=lr,
                          warmup_steps=warmup_steps, ema_decay=ema_decay, loss=loss,
-                         loss_weighting=loss_weighting, seed=seed)
+                         loss_weighting=loss_weighting, seed=seed, recipe=recipe)
     except ValueError as e:
         raise CliError(str(e)) from None
     return config, tc
@@ -197,14 +213,14 @@ def _decoding(world, cache_dir, no_cache, workers):
     from patchgen.models.cache import Decoding, default_cache_dir
     from patchgen.models.distributed import local_world_size
 
-    bar = None
+    bar = reporter = None
 
-    def progress(done, total):
-        nonlocal bar
+    def report(done, total):
+        nonlocal bar, reporter
         if bar is None:
-            bar = click.progressbar(length=total, label="decoding images", show_pos=True, file=sys.stderr)
-            bar.__enter__()
-        bar.update(done - bar.pos)
+            bar = progress(total, "decoding images", "images", show_pos=True)
+            reporter = bar.__enter__()
+        reporter.update(done - reporter.pos)
         if done == total:
             bar.__exit__(None, None, None)
             bar = None
@@ -213,7 +229,7 @@ def _decoding(world, cache_dir, no_cache, workers):
         click.echo(message, err=True)
     talk = world.writer
     return Decoding(None if no_cache else (cache_dir or default_cache_dir()),
-                    workers or max(1, available_cpus() // local_world_size()), progress if talk else None,
+                    workers or max(1, available_cpus() // local_world_size()), report if talk else None,
                     note if talk else None)
 
 
@@ -264,15 +280,19 @@ def _train(world, out, resume, max_steps, new_run, decoding, **options):
     with contextlib.ExitStack() as stack:
         bar = None
 
-        def progress(step, loss_value, speed):
+        def report(step, loss_value, speed):
             nonlocal bar
             if bar is None:  # shown from the first step on: an error before it comes without a stray label
-                bar = stack.enter_context(click.progressbar(length=max_steps, label="training", show_pos=True,
-                                                            file=sys.stderr, item_show_func=lambda s: s))
+                bar = stack.enter_context(progress(max_steps, "training", "steps", show_pos=True, info=True,
+                                                   start=step - 1))
             bar.update(step - bar.pos, f"loss {loss_value:.4f}  {speed:.1f} img/s")
 
         t0 = time.perf_counter()
-        result = train(out, max_steps, resume=resume, progress=progress, load_data=load_for, **options, **kwargs)
+        def on_preview(line):  # below a terminal's bar, which redraws itself at the next step
+            say(("\n" if bar is not None and sys.stderr.isatty() else "") + line)
+
+        result = train(out, max_steps, resume=resume, progress=report, load_data=load_for, on_preview=on_preview,
+                       **options, **kwargs)
     done = len(result.losses)
     if done == 0 and result.interrupted_by is None:
         say(f"nothing to do: the checkpoint in {out} is at step {result.step} and --max-steps is {max_steps}; "

@@ -181,6 +181,9 @@ def metadata(ckpt: dict, ema: bool, weights: str = "fp32") -> dict[str, str]:
         "patchgen.version": patchgen_version(),
         "patchgen.global_context": str(config.global_context),
         "patchgen.model_config": json.dumps(config.to_dict(), sort_keys=True),
+        # how it was trained: lr, loss, batch, and the --recipe the run started from ("" before recipes)
+        **({"patchgen.train_config": json.dumps(ckpt["train_config"].to_dict(), sort_keys=True),
+            "patchgen.training.recipe": ckpt["train_config"].recipe} if ckpt.get("train_config") else {}),
         "patchgen.weights": "ema" if ema else "raw",
         "patchgen.weights_dtype": weights,  # fp32, fp16 or int8 (export/quantize.py); inputs stay float32
         "patchgen.training.steps": str(ckpt.get("step", 0)),

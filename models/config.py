@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from patchgen.runtime.checks import Problems, is_int, shown
 from patchgen.runtime.schedule import Schedule
 from patchgen.runtime.spec import MAX_IMAGE_SIZE, ModelSpec, spec_problems
 
+RECIPES = ("patchgen", "paper")  # patchgen-train --recipe; the first is the default
+DEFAULT_RECIPE = RECIPES[0]
+RECIPE_LR = {"patchgen": 5e-4, "paper": 2e-4}  # AdamW's learning rate after warm-up
+GLOBAL_CONTEXT_CELLS = 4  # the patchgen recipe's global vector: GCC pooled to 4 x 4 cells (fewer where 4 ∤ P)
 LOSSES = ("l1", "l2")
 LOSS_WEIGHTINGS = ("none", "min_snr")
 
@@ -182,6 +187,7 @@ class TrainConfig:
     loss_weighting: str = "none"  # "none" or "min_snr" (Hang et al. 2023)
     min_snr_gamma: float = 5.0
     seed: int = 0
+    recipe: str = ""  # the patchgen-train --recipe the run started from ("" before recipes, or through the API)
 
     def __post_init__(self):
         problems = Problems()
@@ -196,6 +202,8 @@ class TrainConfig:
         problems.choice("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
         problems.real("min_snr_gamma", self.min_snr_gamma, 0.0, low_open=True)
         problems.integer("seed", self.seed, 0, 2**32 - 1)
+        if self.recipe != "":
+            problems.choice("recipe", self.recipe, RECIPES)
         if problems:
             raise ValueError(problems.message())
 
@@ -206,3 +214,34 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         """The config `to_dict` wrote; unknown keys or out-of-range values are a ValueError naming them."""
         return _built(cls, _checked_dict(cls, d, "train_config"), "train_config")
+
+
+def recipe_halo(patch_size: int, levels: int) -> int:
+    """The patchgen recipe's halo M: the multiple of 2^(levels-1) / 2 nearest P / 4 (at least one such step),
+    so that the window P + 2M divides by 2^(levels-1) as the U-Net's levels need whenever P does. P / 4 is
+    the halo that met the seam target in benchmarks/results/halo.md (8 px on the shipped 32 px patches)."""
+    step = max(1, 2 ** (levels - 1) // 2)
+    return max(step, math.floor(patch_size / 4 / step + 0.5) * step)
+
+
+def recipe_settings(recipe: str, image_size: int, grid: int, levels: int, use_gcc: bool = True) -> dict:
+    """The settings a training recipe chooses: prediction, global_context and halo (ModelConfig) and lr
+    (TrainConfig). Every other setting is the same in both; each of these can still be set on its own.
+
+    - "patchgen" (patchgen-train's default): x0-prediction, a global context vector of GCC pooled to 4 x 4
+      cells (the largest divisor of P up to 4), a halo of about P / 4 (`recipe_halo`; neither on a 1 x 1 grid)
+      and lr 5e-4: what the shipped models were trained with (models/pretrained/README.md), and what
+      benchmarks/results/recipe.md measures against the paper's on two data sets.
+    - "paper": Arakawa et al. 2023's model: eps-prediction, position one-hot and GCC from x_t only (no
+      global vector, no halo), lr 2e-4. These are also ModelConfig's and TrainConfig's own defaults, the
+      values a checkpoint written before the recipes existed was trained with where it lacks a field.
+    """
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {shown(recipe)}")
+    if recipe == "paper":
+        return {"prediction": "eps", "global_context": 0, "halo": 0, "lr": RECIPE_LR["paper"]}
+    patch_size = image_size // grid
+    patched = grid > 1  # a 1 x 1 model's GCC is its whole x_t again: no global vector, and no neighbours
+    cells = math.gcd(patch_size, GLOBAL_CONTEXT_CELLS) if use_gcc and patched else 0
+    return {"prediction": "x0", "global_context": cells,
+            "halo": recipe_halo(patch_size, levels) if patched else 0, "lr": RECIPE_LR["patchgen"]}

@@ -1,27 +1,37 @@
-"""What a training run measures at each preview: a grid of samples, its seam score beside the real images',
-and whether the network uses its Global Content Conditioning (the GCC-swap probe). One row of eval_log.csv."""
+"""What a training run measures at each preview: a grid of samples, its local seam score beside the real images',
+its KID against them, whether the network uses its Global Content Conditioning (the GCC-swap probe), and
+whether those numbers still improve. One row of eval_log.csv and one line for the log."""
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
+from patchgen.runtime.files import atomic_output
 from patchgen.runtime.images import make_grid, save_png, to_uint8
 from patchgen.runtime.layout import pool_gcc
 
 from .data import to_model_range
 from .diffusion import predict_full, q_sample, schedule_coefficients, x0_from_prediction
-from .metrics import seam_grid, seam_score
+from .features import effnet_features, features_available
+from .metrics import kid, local_seam_score, seam_grid, seam_score
 from .sample import sample_torch
 from .unet import PatchUNet
 
 NOISE_BANDS = ((0, 300), (300, 700), (700, 1000))  # t in per mille of T: the same bands, and names, for any T
-EVAL_COLUMNS = ["step", "seam", "seam_real", *(f"swap_increase_{lo}_{hi}" for lo, hi in NOISE_BANDS),
-                "mse_true_gcc_{}_{}".format(*NOISE_BANDS[-1])]
-
-
+EVAL_COLUMNS = ["step", "seam", "seam_real", "kid_x1000", "loss", "seam_global", "seam_global_real",
+                *(f"swap_increase_{lo}_{hi}" for lo, hi in NOISE_BANDS), "mse_true_gcc_{}_{}".format(*NOISE_BANDS[-1])]
+# Logs written before the local seam score: their "seam" columns held the global score.
+RENAMED_COLUMNS = {"seam": "seam_global", "seam_real": "seam_global_real"}
+# By how much a number must beat its best at an earlier preview to count as a new best (the verdict line): KID
+# x1000 and the local seam's distance from the real images' in their own units, the loss as a fraction of it.
+IMPROVEMENT = {"kid_x1000": 2.0, "seam_gap": 0.02, "loss": 0.01}
+PATIENCE = 3  # previews without a new best before the verdict says the run no longer improves
 def write_preview(path: Path, net: PatchUNet, count: int, steps: int, seed: int, data_name: str) -> np.ndarray:
     """A grid of `count` samples, patch by patch through the runtime's sampling loop (DDIM, eta = 0), saved
     as a PNG at `path`; returns the samples, uint8 [count, H, W, C]."""
@@ -31,13 +41,16 @@ def write_preview(path: Path, net: PatchUNet, count: int, steps: int, seed: int,
 
 
 def evaluate(run_dir: Path, step: int, ema: PatchUNet, probe_images: np.ndarray, seed: int, data_name: str,
-             count: int, steps: int) -> dict:
-    """preview_<step>.png, its seam score next to the real `probe_images`' (uint8 [N, H, W, C]), and the
-    GCC probe per noise band, appended as one row of eval_log.csv; returns the row."""
-    grid = ema.config.grid
+             count: int, steps: int, loss: Optional[float] = None) -> dict:
+    """preview_<step>.png, its local seam score next to the real `probe_images`' (uint8 [N, H, W, C]), its KID
+    against them (x 1000; where the feature network is installed), the mean training `loss` since the last
+    preview, the global seam score, and the GCC probe per noise band, appended as one row of eval_log.csv;
+    returns the row."""
+    grid = seam_grid(ema.config.grid)
     samples = write_preview(run_dir / f"preview_{step:07d}.png", ema, count, steps, seed, data_name)
-    row = {"step": step, "seam": seam_score(samples, seam_grid(grid)),
-           "seam_real": seam_score(probe_images, seam_grid(grid))}
+    row = {"step": step, "seam": local_seam_score(samples, grid), "seam_real": local_seam_score(probe_images, grid),
+           "kid_x1000": preview_kid(samples, probe_images), "loss": loss,
+           "seam_global": seam_score(samples, grid), "seam_global_real": seam_score(probe_images, grid)}
     device = next(ema.parameters()).device
     probe = gcc_probe(ema, torch.from_numpy(to_model_range(probe_images)).to(device))
     for (lo, hi), band in zip(NOISE_BANDS, probe):
@@ -45,13 +58,108 @@ def evaluate(run_dir: Path, step: int, ema: PatchUNet, probe_images: np.ndarray,
     if probe:
         row["mse_true_gcc_{}_{}".format(*NOISE_BANDS[-1])] = probe[-1]["mse_true_gcc"]
     path = run_dir / "eval_log.csv"
+    upgrade_log(path)
     new = not path.exists()
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, EVAL_COLUMNS, extrasaction="ignore")
         if new:
             writer.writeheader()
-        writer.writerow({k: (f"{v:.5g}" if isinstance(v, float) else v) for k, v in row.items()})
+        writer.writerow({k: (f"{v:.5g}" if isinstance(v, float) else ("" if v is None else v))
+                         for k, v in row.items()})
     return row
+
+
+def upgrade_log(path: Path) -> None:
+    """Rewrite an eval_log.csv of an older patchgen (atomically) under today's EVAL_COLUMNS, so that a resumed
+    run appends rows that match its header: old columns renamed (RENAMED_COLUMNS), new ones left empty."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or rows[0] == EVAL_COLUMNS:
+        return
+    header = [RENAMED_COLUMNS.get(name, name) for name in rows[0]]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, EVAL_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(dict(zip(header, r)) for r in rows[1:] if len(r) == len(header))
+    with atomic_output(path) as f:
+        f.write(text.getvalue().encode())
+
+
+_real_features: dict[str, np.ndarray] = {}  # per set of real images (by content): computed once per process
+
+
+def preview_kid(samples: np.ndarray, real: np.ndarray) -> Optional[float]:
+    """KID x 1000 of a preview's samples against the real images (both uint8 [N, H, W, 3]) on EfficientNet-Lite0
+    features, as benchmarks/quality.py measures it; None without the feature network or with fewer than 2
+    images on a side. With 16 samples it is noisy (its spread across seeds is of the order of its value late in
+    a run), but every preview of a run draws the same noise, so its trend is what to read."""
+    if len(samples) < 2 or len(real) < 2 or samples.shape[-1] != 3 or not features_available():
+        return None
+    key = hashlib.sha256(np.ascontiguousarray(real).tobytes()).hexdigest()
+    if key not in _real_features:
+        _real_features.clear()
+        _real_features[key] = effnet_features(real)
+    return 1000 * kid(effnet_features(samples), _real_features[key])
+
+
+def read_log(path: Path) -> list[dict]:
+    """The rows of an eval_log.csv as dicts of floats (None where empty), oldest first."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def verdict(rows: list[dict]) -> str:
+    """Whether a run's numbers still improve, from its eval rows so far (newest last): KID, the local seam's
+    distance from the real images', and the training loss, each against its best at an earlier preview
+    (better by more than IMPROVEMENT). One phrase for the preview's log line."""
+    def values(name):
+        if name == "seam_gap":
+            return [abs(r["seam"] - r["seam_real"]) if r.get("seam") is not None and r.get("seam_real") is not None
+                    else None for r in rows]
+        return [r.get(name) for r in rows]
+
+    if len(rows) < 2:
+        return "first preview: nothing to compare with yet"
+    labels = {"kid_x1000": "KID", "seam_gap": "seam", "loss": "loss"}
+    last_best = {}  # the index of each number's latest new best
+    for name in IMPROVEMENT:
+        best, at = None, None
+        for i, v in enumerate(values(name)):
+            if v is not None and (best is None or _better(name, v, best)):
+                best, at = v, i
+        if at is not None:
+            last_best[name] = at
+    now = len(rows) - 1
+    improved = [labels[n] for n, i in last_best.items() if i == now]
+    if improved:
+        return f"still improving ({', '.join(improved)} at a new best)"
+    since = now - max(last_best.values(), default=0)
+    if since >= PATIENCE:
+        return (f"no longer improving: no new best of KID, seam or loss in the last {since} previews (since step "
+                f"{int(rows[now - since]['step'])}); more steps may not help")
+    return f"no new best at this preview ({since} in a row; after {PATIENCE}, the run counts as no longer improving)"
+
+
+def _better(name: str, value: float, best: float) -> bool:
+    """Whether `value` beats `best` by the margin IMPROVEMENT gives `name` (the loss's relative, the others'
+    absolute): steady gains below it add up until they pass it."""
+    margin = IMPROVEMENT[name] * (abs(best) if name == "loss" else 1)
+    return value < best - margin
+
+
+def preview_line(rows: list[dict]) -> str:
+    """The log line of the newest preview: its numbers beside the real images' and the verdict."""
+    r = rows[-1]
+    parts = [f"seam {r['seam']:.2f} (real {r['seam_real']:.2f})"]
+    if r.get("kid_x1000") is not None:
+        parts.append(f"KID x1000 {r['kid_x1000']:.1f}")
+    if r.get("loss") is not None:
+        parts.append(f"loss {r['loss']:.4f}")
+    return f"preview at step {int(r['step'])}: {', '.join(parts)}; {verdict(rows)}"
 
 
 @torch.no_grad()

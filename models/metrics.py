@@ -1,4 +1,5 @@
-"""Evaluation numbers that need no torch: how visible patch borders are."""
+"""Evaluation numbers that need no torch: how visible patch borders are, and the distances between feature sets
+(KID, FD) that sample quality is measured with."""
 from __future__ import annotations
 
 import numpy as np
@@ -25,8 +26,37 @@ def _steps(images: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray]:
     return border, inside
 
 
+LOCAL_SEAM_REACH = 3  # the local seam score compares a border with the lines 1..3 px beside it
+
+
+def local_seam_score(images: np.ndarray, grid: int) -> float:
+    """Mean |intensity step| across the patch borders / mean |step| across the lines 1 to LOCAL_SEAM_REACH
+    pixels beside them (on both sides, the same direction; lines that are borders themselves left out).
+
+    images: uint8 or float [N, H, W, C]. About 1.0 where a border looks like its own neighbourhood, what real
+    images score; a quilt of independent patches scores far above 1. Unlike `seam_score`, which divides by
+    the step everywhere else, a model that paints smooth insides (a low denominator far from the borders)
+    is not counted as seamy: only the neighbourhood of each border is compared.
+    """
+    x = np.asarray(images, dtype=np.float64)
+    n, h, w, c = x.shape
+    border, beside = [], []
+    for axis, size in ((2, w), (1, h)):  # steps between columns, then between rows
+        steps = np.abs(np.diff(x, axis=axis)).mean(axis=(0, 3))  # [H, W-1] or [H-1, W]: mean over images, channels
+        lines = steps if axis == 2 else steps.T  # [other side, line]: line j is the step from j to j + 1
+        borders = [k * size // grid - 1 for k in range(1, grid)]
+        for j in borders:
+            border.append(lines[:, j].mean())
+            near = [j + d for d in range(-LOCAL_SEAM_REACH, LOCAL_SEAM_REACH + 1)
+                    if d and 0 <= j + d < size - 1 and j + d not in borders]
+            beside.append(lines[:, near].mean())
+    return float(np.mean(border) / max(np.mean(beside), 1e-12))
+
+
 def seam_score(images: np.ndarray, grid: int) -> float:
-    """Mean |intensity step| across patch borders / mean |step| between other neighbouring pixels.
+    """Mean |intensity step| across patch borders / mean |step| between other neighbouring pixels: the global
+    seam score, kept beside `local_seam_score` (which the training logs report) for comparison with earlier
+    results.
 
     images: uint8 or float [N, H, W, C]. 1.0 means borders look like any other pixel pair; a quilt
     of independent patches scores far above 1. Compare with real images' score at the same positions.
@@ -42,3 +72,26 @@ def border_step(images: np.ndarray, grid: int) -> float:
     inflate the ratio, so this absolute number goes beside it.
     """
     return float(_steps(images, grid)[0].mean())
+
+
+def kid(a: np.ndarray, b: np.ndarray) -> float:
+    """Kernel Inception Distance (Binkowski et al. 2018) between feature sets a [m, d] and b [n, d]: the unbiased
+    MMD^2 with the polynomial kernel k(x, y) = (x.y / d + 1)^3, the mean kernel within each set over pairs
+    i != j minus twice the mean across the sets. Needs m, n >= 2; may come out slightly negative."""
+    d = a.shape[1]
+    k_aa, k_bb, k_ab = ((a @ a.T) / d + 1) ** 3, ((b @ b.T) / d + 1) ** 3, ((a @ b.T) / d + 1) ** 3
+    m, n = len(a), len(b)
+    return float((k_aa.sum() - k_aa.trace()) / (m * (m - 1)) + (k_bb.sum() - k_bb.trace()) / (n * (n - 1))
+                 - 2 * k_ab.mean())
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to feature sets a [N, d], b [M, d] (sample covariances):
+    ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), the trace of the root from eigenvalues (FID's
+    formula, Heusel et al. 2017). On EfficientNet-Lite0 features this is the FD-EffNet of the tables."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, v = np.linalg.eigh(s_a)
+    root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    cross = np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ s_b @ root_a), 0, None)).sum()  # Tr (S_a^1/2 S_b S_a^1/2)^1/2
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2 * cross)

@@ -27,7 +27,7 @@ from .config import ModelConfig, TrainConfig
 from . import distributed
 from .data import DataSource, ImageSet, ImageSubset, holdout_split, load_named, to_model_range
 from .diffusion import Coefficients, diffusion_loss, draw_batch, schedule_coefficients
-from .evaluation import evaluate
+from .evaluation import evaluate, preview_line, read_log
 from .unet import PatchUNet
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -408,23 +408,30 @@ class _TrainLog:
 
 
 def run_loop(run: Run, max_steps: int, bf16: bool = False, progress: Optional[Callable] = None,
-             preview_count: int = 16, preview_steps: int = 50) -> RunResult:
+             preview_count: int = 16, preview_steps: int = 50,
+             on_preview: Optional[Callable[[str], None]] = None) -> RunResult:
     """Train `run` up to `max_steps`: one train_log.csv row per step, a preview (evaluation.evaluate) every
     preview_every steps and at the end, a checkpoint every checkpoint_every steps and at the end. SIGINT or
     SIGTERM (to any rank) stops every rank after the current step, checkpointed. progress(step, loss,
     images_per_s) if given, on rank 0. Every rank calls it; rank 0 alone writes.
     At a step that both previews and checkpoints, the preview comes first: a kill between the two leaves an
-    eval row past the checkpoint, which the resume drops and writes again, never a checkpoint without its row."""
+    eval row past the checkpoint, which the resume drops and writes again, never a checkpoint without its row.
+    on_preview(line), on rank 0: each preview's numbers and whether they still improve (`preview_line`)."""
     state, every, writer = run.state, run.cadence, distributed.world().writer
+    losses, stopping = [], 0  # the signal (any rank's) that stops the run after this step
+    since = [0]  # index into losses of the first step since the last preview
 
     def preview():
         if writer:
+            recent = losses[since[0]:]
             try:
                 evaluate(run.dir, state.step, state.ema, run.probe_images, run.tc.seed, run.source.name,
-                         preview_count, preview_steps)
+                         preview_count, preview_steps, loss=sum(recent) / len(recent) if recent else None)
             except OSError as e:
                 raise write_error(e, run.dir, ELSEWHERE) from None
-    losses, stopping = [], 0  # the signal (any rank's) that stops the run after this step
+            if on_preview is not None:
+                on_preview(preview_line(read_log(run.dir / LOG_NAMES[1])))
+        since[0] = len(losses)
     with _StopFlag() as stop, _TrainLog(run.dir / LOG_NAMES[0], writer) as log:
         while state.step < max_steps and not stopping:
             t0 = time.perf_counter()
@@ -452,14 +459,15 @@ def train(run_dir, max_steps: int, *, data: Optional[ImageSet] = None, config: O
           preview_steps: int = 50, device: str = "cpu", bf16: bool = False,
           progress: Optional[Callable[[int, float, float], None]] = None,
           load_data: Callable[[DataSource], ImageSet] = default_loader,
-          accept_changed_data: bool = False) -> RunResult:
+          accept_changed_data: bool = False, on_preview: Optional[Callable[[str], None]] = None) -> RunResult:
     """Train (or resume) a run in `run_dir` up to `max_steps` steps; checkpoint.pt and preview PNGs go there.
 
     A new run needs data, config and tc. A resumed run reads its configs and data source from the checkpoint
     (its images are `data`, or `load_data(source)`) and continues exactly: its losses equal those of an
     uninterrupted run, and its logs hold each step once. A resume already at `max_steps` returns at once and
     changes nothing. checkpoint_every / preview_every (steps; 0 = no previews): None keeps the resumed run's
-    own, or DEFAULT_CADENCE for a new run. `device` and `bf16` (see `train_step`) are how this session
+    own, or DEFAULT_CADENCE for a new run. on_preview(line): each preview's numbers, said (`run_loop`).
+    `device` and `bf16` (see `train_step`) are how this session
     computes, not part of the run: they may change between sessions. The run holds `run_dir` for its
     lifetime (`run_folder`): a second run into it is refused. A resume refuses images that are not the
     run's own (`same_data`) unless `accept_changed_data`.
@@ -480,4 +488,4 @@ def train(run_dir, max_steps: int, *, data: Optional[ImageSet] = None, config: O
         if run.cadence["checkpoint_every"] < 1 or run.cadence["preview_every"] < 0:
             raise ValueError(f"checkpoint_every must be >= 1 and preview_every >= 0, got {run.cadence}")
         prepare_folder(run, resume)
-        return run_loop(run, max_steps, bf16, progress, preview_count, preview_steps)
+        return run_loop(run, max_steps, bf16, progress, preview_count, preview_steps, on_preview)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from patchgen.models.data import DataSource
+from patchgen.models.metrics import frechet_distance, kid
 
 BENCH = Path(__file__).parent.parent / "benchmarks"
 
@@ -29,6 +30,8 @@ TINY = {
     "precision.py": ["--edge-size", "16", "--edge-grid", "2", "--rounds", "1", "--steps", "1", "--threads", "1"],
     "train_throughput.py": ["--image-size", "16", "--grids", "1,2", "--steps", "1", "--warmup", "0", "--batch-size", "2",
                             "--precisions", "fp32,bf16"],
+    "train_threads.py": ["--image-size", "16", "--steps", "2", "--warmup", "0", "--rounds", "1", "--load-procs", "1"],
+    "recipe.py": ["--runs", "runs", "--image-size", "16", "--steps", "2", "--preview-every", "2", "--num-samples", "4"],
 }
 
 
@@ -122,17 +125,17 @@ def exact_gaussian_set(mean, cov, n=16):
     return mean + z @ np.linalg.cholesky(cov).T
 
 
-def test_frechet_distance_of_a_set_to_itself_is_zero(quality):
+def test_frechet_distance_of_a_set_to_itself_is_zero():
     rng = np.random.default_rng(0)
     a = rng.standard_normal((300, 32)) * rng.uniform(0.1, 3, 32) + rng.normal(0, 5, 32)
-    assert abs(quality.frechet_distance(a, a)) < 1e-9
+    assert abs(frechet_distance(a, a)) < 1e-9
     # Fewer samples than dimensions, as in the benchmark (1000 x 1280): the square roots of the rounding-level
     # eigenvalues of the null space leave ~1e-8 of the total variance.
     a = rng.standard_normal((50, 64)) * rng.uniform(0.1, 3, 64) + rng.normal(0, 5, 64)
-    assert abs(quality.frechet_distance(a, a)) < 1e-6 * np.trace(np.cov(a, rowvar=False))
+    assert abs(frechet_distance(a, a)) < 1e-6 * np.trace(np.cov(a, rowvar=False))
 
 
-def test_frechet_distance_of_diagonal_gaussians(quality):
+def test_frechet_distance_of_diagonal_gaussians():
     """Diagonal covariances: ||mu_a - mu_b||^2 + sum_i (sqrt(s_a,i) - sqrt(s_b,i))^2; a rotation of both sets
     (non-diagonal covariances) leaves it unchanged."""
     rng = np.random.default_rng(1)
@@ -141,12 +144,12 @@ def test_frechet_distance_of_diagonal_gaussians(quality):
     s_a, s_b = rng.uniform(0.2, 4, d), rng.uniform(0.2, 4, d)
     a, b = exact_gaussian_set(mu_a, np.diag(s_a)), exact_gaussian_set(mu_b, np.diag(s_b))
     expected = ((mu_a - mu_b) ** 2).sum() + ((np.sqrt(s_a) - np.sqrt(s_b)) ** 2).sum()
-    assert quality.frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
     q, _ = np.linalg.qr(rng.standard_normal((d, d)))
-    assert quality.frechet_distance(a @ q, b @ q) == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance(a @ q, b @ q) == pytest.approx(expected, rel=1e-6)
 
 
-def test_frechet_distance_of_non_commuting_2d_gaussians(quality):
+def test_frechet_distance_of_non_commuting_2d_gaussians():
     """In 2-D, Tr M^(1/2) = sqrt(Tr M + 2 sqrt(det M)) for M = S_a S_b (positive eigenvalues), so the
     distance has a closed form even when S_a S_b != S_b S_a."""
     s_a, s_b = np.array([[2.0, 0.6], [0.6, 1.0]]), np.array([[0.5, -0.3], [-0.3, 3.0]])
@@ -155,20 +158,20 @@ def test_frechet_distance_of_non_commuting_2d_gaussians(quality):
     expected = (((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b)
                 - 2 * np.sqrt(np.trace(m) + 2 * np.sqrt(np.linalg.det(m))))
     a, b = exact_gaussian_set(mu_a, s_a), exact_gaussian_set(mu_b, s_b)
-    assert quality.frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
 
 
-def test_kid_known_answers(quality):
+def test_kid_known_answers():
     # d = 1, k(x, y) = (x y + 1)^3: within a {0, 1}: k(0, 1) = 1; within b {1, 2}: k(1, 2) = 27;
     # across: k(0, 1), k(0, 2), k(1, 1), k(1, 2) = 1, 1, 8, 27, mean 9.25. MMD^2 = 1 + 27 - 2 * 9.25.
-    assert quality.kid(np.array([[0.0], [1.0]]), np.array([[1.0], [2.0]])) == pytest.approx(9.5, rel=1e-12)
+    assert kid(np.array([[0.0], [1.0]]), np.array([[1.0], [2.0]])) == pytest.approx(9.5, rel=1e-12)
     # A set against itself: the unbiased estimate is -(2/m) (mean k(x_i, x_i) - mean_{i != j} k(x_i, x_j)),
     # small and negative, not exactly 0.
     a = np.random.default_rng(2).standard_normal((40, 8))
     k = (a @ a.T / 8 + 1) ** 3
     off = (k.sum() - k.trace()) / (40 * 39)
-    assert quality.kid(a, a) == pytest.approx(-(2 / 40) * (k.trace() / 40 - off), rel=1e-9)
-    assert quality.kid(a, a + 3) > 0 and quality.kid(a + 3, a) == pytest.approx(quality.kid(a, a + 3), rel=1e-12)
+    assert kid(a, a) == pytest.approx(-(2 / 40) * (k.trace() / 40 - off), rel=1e-9)
+    assert kid(a, a + 3) > 0 and kid(a + 3, a) == pytest.approx(kid(a, a + 3), rel=1e-12)
 
 
 def test_levers_table(tmp_path):

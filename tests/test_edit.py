@@ -227,7 +227,7 @@ def test_cli_inpaint_preview_and_parameters_without_torch(edit_files):
 def test_cli_img2img_notes_the_resize(edit_files):
     tmp, _, _ = edit_files
     r = sample_cli("--init-img", tmp / "face_wide.jpg", "--strength", "0.5", "-n", "1", "--steps", "4",
-                   "--memory-budget", "min", "--out", tmp / "o", "--preview", tmp / "p.png")
+                   "--memory-budget", "min", "--out", tmp / "o", "--preview", tmp / "p_resize.png")
     assert r.returncode == 0, r.stderr
     assert "note: --init-img" in r.stderr and "is 100x80: centre-cropped and resized to 64x64" in r.stderr
     assert "img2img at strength 0.5: 2 of 4 steps" in r.stderr
@@ -354,7 +354,7 @@ def test_inpainting_keeps_its_budget_in_a_fresh_process(edit_files):
     stays within the budget."""
     tmp, _, _ = edit_files
     args = ("--init-img", tmp / "face.png", "--mask", tmp / "mask.png", "-n", "2", "--steps", "3",
-            "--grid-image", tmp / "g.png", "--preview", tmp / "p.png")
+            "--grid-image", tmp / "g.png", "--preview", tmp / "p.png", "--force")  # the budgets below take turns
     budget, refusals = "1M", []
     while True:  # each refusal names a budget to try: the weights, decoding the input, then the run's calls
         r, _ = sample_peak(*args, "--memory-budget", budget, "--out", tmp / "x")

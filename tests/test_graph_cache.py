@@ -210,7 +210,7 @@ def test_a_weighty_models_peak_is_its_weights_once(cache, tmp_path):
     its first run (which builds the cached graph) and a later one."""
     small = write_weighty(tmp_path / "small.onnx", width=8, depth=1)
     large = write_weighty(tmp_path / "large.onnx", width=384, depth=12)
-    args = ("-n", "1", "--steps", "1", "--threads", "1", "--out", tmp_path / "out", "--memory-budget", "min")
+    args = ("-n", "1", "--steps", "1", "--threads", "1", "--out", tmp_path / "out", "--memory-budget", "min", "--force")
     _, floor = sample_peak("--model", small, *args)
     first, first_peak = sample_peak("--model", large, *args)
     later, later_peak = sample_peak("--model", large, *args)

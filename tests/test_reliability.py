@@ -500,3 +500,98 @@ def test_a_model_that_predicts_nan_is_one_line(tmp_path):
     r = sample_cli("--model", tmp_path / "nan.onnx", "-n", 1, "--steps", 2, "--out", tmp_path / "out")
     one_line(r, "predicts NaN or infinite noise", "re-export it")
     assert not (tmp_path / "out").exists()
+
+
+# ---- The first hour: no silent overwrite, an interruption that says what it left, progress off a terminal.
+
+def test_sampling_again_into_the_same_names_is_refused_without_force(onnx_model, tmp_path):
+    args = ("--model", onnx_model, "-n", 2, "--steps", 1, "--out", tmp_path / "out")
+    assert sample_cli(*args).returncode == 0
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+    r = sample_cli(*args)
+    one_line(r, "seed0_00000.png and 1 more exist", "--force")
+    assert len(r.stderr.strip().splitlines()) == 1  # refused before the model was opened (no notes, no header)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()} == before
+    # another seed, or fewer images than an earlier run's, or a grid image alone: each what it would replace
+    assert sample_cli(*args[:-2], "--seed", 1, "--out", tmp_path / "out").returncode == 0
+    one_line(sample_cli("--model", onnx_model, "-n", 1, "--steps", 1, "--out", tmp_path / "out"),
+             "seed0_00000.png already exists")
+    (tmp_path / "grid.png").write_bytes(b"mine")
+    one_line(sample_cli("--model", onnx_model, "-n", 1, "--steps", 1, "--out", tmp_path / "other", "--grid-image",
+                        tmp_path / "grid.png"), "grid.png already exists")
+    assert not (tmp_path / "other").exists() and (tmp_path / "grid.png").read_bytes() == b"mine"
+    r = sample_cli(*args, "--force")
+    assert r.returncode == 0, r.stderr
+    assert all(p.stat().st_mtime_ns > before[p.name] for p in (tmp_path / "out").iterdir() if p.name in before)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_a_signal_while_sampling_says_what_was_written(onnx_model, tmp_path, sig):
+    """Ctrl-C or SIGTERM of a real sampler: the images written so far are whole and named, exit 128 + signal,
+    no temporary left; stopped before its first image, no folder it created is left either."""
+    out = tmp_path / "out"
+    proc = start("sample", "--model", onnx_model, "-n", 5000, "--steps", 50, "--memory-budget", "min",
+                 "--threads", 1, "--out", out)
+    wait_for(lambda: proc.poll() is not None or (out / "seed0_00001.png").exists(), timeout=240,
+             what="the second image")
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err[-2000:]
+    found = re.search(r"stopped: (\d+) of 5000 image\(s\) written to (\S+) \(seed0_00000.png to (seed0_\d+.png)\)",
+                      err)
+    assert found and "Traceback" not in err, err[-2000:]
+    names = sorted(p.name for p in out.iterdir())
+    assert len(names) == int(found.group(1)) and names[-1] == found.group(3) and found.group(2) == str(out)
+    assert err.strip().splitlines()[-1] == ("Aborted." if sig == signal.SIGINT else "Terminated.")
+
+    # before the first image: nothing on disk, and the folder this run made is gone
+    empty = tmp_path / "new" / "folder"
+    proc = start("sample", "--model", onnx_model, "-n", 1, "--steps", 1000, "--sampler", "ddpm",
+                 "--memory-budget", "min", "--threads", 1, "--out", empty)
+    header = ""
+    while "on cpu:" not in header and proc.poll() is None:  # the line printed as sampling starts
+        header = proc.stderr.readline()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig and "stopped before the first of 1 image(s) was written" in err, err
+    assert not (tmp_path / "new").exists()
+
+
+def test_progress_lines_when_stderr_is_a_file(onnx_model, tmp_path, image_folder):
+    """Off a terminal (nohup, CI) the sampler and the trainer print a line per tenth of the work, with an ETA."""
+    with open(tmp_path / "sample.log", "w") as log:
+        r = subprocess.run([sys.executable, "-m", "patchgen.cli.sample", "--model", onnx_model, "-n", "2", "--steps",
+                            "20", "--memory-budget", "min", "--out", tmp_path / "out"], stderr=log, timeout=300)
+    text = (tmp_path / "sample.log").read_text()
+    assert r.returncode == 0, text
+    lines = [line for line in text.splitlines() if line.startswith("sampling: ")]
+    assert len(lines) == 10 and lines[-1].startswith("sampling: 40/40 steps (100%)"), text
+    assert "ETA" in lines[0] and "\r" not in text
+    with open(tmp_path / "train.log", "w") as log:
+        r = subprocess.run([sys.executable, "-m", "patchgen.cli.train", "--data", image_folder, *TRAIN,
+                            "--max-steps", "10", "--out", tmp_path / "run"], stderr=log, timeout=300)
+    text = (tmp_path / "train.log").read_text()
+    assert r.returncode == 0, text
+    lines = [line for line in text.splitlines() if line.startswith("training: ")]
+    assert len(lines) == 10 and lines[-1].startswith("training: 10/10 steps (100%)") and "loss" in lines[-1], text
+
+
+def test_line_progress_every_tenth_or_every_30_s():
+    """LineProgress on a fake clock: a line at each tenth of the work, and one after 30 s without one; the
+    ETA from the pace since the start (a resumed job's pace from where it resumed)."""
+    import io
+
+    from patchgen.cli.common import LineProgress
+
+    now = [0.0]
+    out = io.StringIO()
+    bar = LineProgress(1000, "training", "steps", out, clock=lambda: now[0], start=500)
+    for _ in range(10):  # 10 s a step: a line every 30 s (3 steps), none of them at a tenth
+        now[0] += 10
+        bar.update(1, "loss 0.1")
+    lines = out.getvalue().splitlines()
+    assert lines == ["training: 503/1000 steps (50%), 30 s, ETA 1 h 22 min; loss 0.1",
+                     "training: 506/1000 steps (51%), 1 min 0 s, ETA 1 h 22 min; loss 0.1",
+                     "training: 509/1000 steps (51%), 1 min 30 s, ETA 1 h 21 min; loss 0.1"]
+    bar.update(90)  # reaches 60%: a line at once
+    assert out.getvalue().splitlines()[-1].startswith("training: 600/1000 steps (60%)")

@@ -23,7 +23,7 @@ from patchgen.runtime.limits import available_cpus
 from patchgen.runtime.schedule import Schedule
 
 import tinyfont
-from conftest import tiny_config
+from conftest import blob_folder, tiny_config
 
 NO_PREVIEW = dict(preview_every=0, checkpoint_every=1000)
 
@@ -127,7 +127,7 @@ def run_cli(*args, cwd=None, env=None):
                       "use halo 2 or 4"),
     (["--image-size", "32", "--halo", "1", "--channel-mults", "1,2,2,2"], "use halo 0 or 4"),
     (["--grid", "1", "--halo", "2"], "no neighbouring patches"),
-    (["--edge-mask"], "needs a halo"),
+    (["--edge-mask", "--halo", "0"], "needs a halo"),
     (["--no-cache", "--cache-dir", "somewhere"], "--cache-dir and --no-cache contradict each other"),
     (["--accept-changed-data"], "--accept-changed-data applies to --resume only"),
     (["--dropout", "1"], "--dropout"),
@@ -337,11 +337,96 @@ def test_seam_score_and_border_step():
     assert border_step(quilt, 2) > 3 * 8
 
 
+def _waves(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """n smooth uint8 images [n, size, size, 3]: sums of random plane waves, nothing aligned with any grid."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] / size
+    out = np.zeros((n, size, size, 3))
+    for i, c, _ in np.ndindex(n, 3, 4):
+        fx, fy, phase = *rng.uniform(0.5, 4, 2), rng.uniform(0, 2 * np.pi)
+        out[i, :, :, c] += np.sin(2 * np.pi * (fx * xx + fy * yy) + phase)
+    return ((out - out.min()) / np.ptp(out) * 255).astype(np.uint8)
+
+
+def test_local_seam_score():
+    """About 1 with no border, far above 1 for a pasted quilt; a smooth painter (flat insides, no seam) is not
+    counted seamy as the global score counts it; the real images' values pinned."""
+    from patchgen.models.data import load_named
+    from patchgen.models.metrics import local_seam_score, seam_score
+
+    smooth = _waves(16, 64)
+    assert local_seam_score(smooth, 2) == pytest.approx(1.0, abs=0.01)
+    assert local_seam_score(smooth, 4) == pytest.approx(1.0, abs=0.01)
+    quilt = smooth.copy()
+    for k, (rows, cols) in enumerate([(slice(0, 32), slice(32, 64)), (slice(32, 64), slice(0, 32)),
+                                      (slice(32, 64), slice(32, 64))]):
+        quilt[:, rows, cols] = np.roll(smooth, k + 1, axis=0)[:, rows, cols]  # each quadrant another image's
+    assert local_seam_score(quilt, 2) > 4
+    # flat insides, a gentle ramp at the borders' neighbourhoods: the global score calls it seamy, the local not
+    painter = smooth.astype(np.float64)
+    painter[:, 8:24, :], painter[:, 40:56, :] = painter[:, 8:24, :].mean(), painter[:, 40:56, :].mean()
+    assert seam_score(painter, 2) > 1.2 and local_seam_score(painter, 2) == pytest.approx(1.0, abs=0.05)
+    # the built-in images, pinned (a change here changes every eval_log.csv's "seam_real")
+    faces = load_named("twemoji-faces", 64).images
+    assert local_seam_score(faces, 2) == pytest.approx(0.9671, abs=1e-4)
+    assert local_seam_score(faces, 4) == pytest.approx(1.0194, abs=1e-4)
+    assert local_seam_score(load_named("twemoji", 64).images, 2) == pytest.approx(0.9132, abs=1e-4)
+
+
 def test_evaluation_log(tmp_path, blobs16, tiny_train_config):
+    """Each preview: the local seam beside the real images', KID, the loss since the last preview, the global
+    seam in a column of its own, and a line saying whether the numbers still improve."""
+    from patchgen.models.evaluation import EVAL_COLUMNS, read_log
+
+    lines = []
+    train(tmp_path, 4, data=blobs16, config=tiny_config(), tc=tiny_train_config, preview_every=2,
+          preview_count=4, preview_steps=2, on_preview=lines.append)
+    rows = (tmp_path / "eval_log.csv").read_text().splitlines()
+    assert rows[0].startswith("step,seam,seam_real,kid_x1000,loss,seam_global,seam_global_real,swap_increase_0_300")
+    first, second = read_log(tmp_path / "eval_log.csv")
+    assert (first["step"], second["step"]) == (2, 4) and rows[0].split(",") == EVAL_COLUMNS
+    assert first["kid_x1000"] is not None and first["loss"] > 0 and first["seam_global"] > 0
+    assert len(lines) == 2 and lines[0].startswith("preview at step 2: seam ") and "(real " in lines[0]
+    assert "first preview" in lines[0] and ("improving" in lines[1] or "no new best" in lines[1]), lines
+
+
+def test_an_old_evaluation_log_is_upgraded_on_resume(tmp_path, blobs16, tiny_train_config):
+    """A run from before the local seam score: its eval_log's "seam" columns (the global score) are renamed, and
+    the resumed run's rows match the header."""
     train(tmp_path, 2, data=blobs16, config=tiny_config(), tc=tiny_train_config, preview_every=2,
           preview_count=4, preview_steps=2)
-    rows = (tmp_path / "eval_log.csv").read_text().splitlines()
-    assert rows[0].startswith("step,seam,seam_real,swap_increase_0_300") and rows[1].startswith("2,")
+    (tmp_path / "eval_log.csv").write_text("step,seam,seam_real,swap_increase_0_300,swap_increase_300_700,"
+                                           "swap_increase_700_1000,mse_true_gcc_700_1000\n"
+                                           "2,2.5,0.8,0.03,0.02,0.004,0.48\n")
+    train(tmp_path, 4, data=blobs16, resume=True)
+    with open(tmp_path / "eval_log.csv", newline="") as f:
+        old, new = list(csv.DictReader(f))
+    assert (old["seam_global"], old["seam_global_real"], old["seam"]) == ("2.5", "0.8", "")
+    assert old["swap_increase_0_300"] == "0.03"
+    assert new["step"] == "4" and float(new["seam"]) > 0 and float(new["seam_global"]) > 0
+
+
+def test_the_verdict_says_whether_numbers_still_improve():
+    from patchgen.models.evaluation import PATIENCE, verdict
+
+    def row(step, kid, seam, loss):
+        return {"step": step, "kid_x1000": kid, "seam": seam, "seam_real": 1.0, "loss": loss}
+
+    rows = [row(500, 80, 1.5, 0.1)]
+    assert "first preview" in verdict(rows)
+    rows.append(row(1000, 60, 1.5, 0.1))
+    assert verdict(rows) == "still improving (KID at a new best)"
+    rows.append(row(1500, 59, 1.49, 0.0995))  # within every margin: not a new best
+    assert verdict(rows).startswith("no new best at this preview (1 in a row")
+    rows.append(row(2000, 59, 1.49, 0.0985))  # small gains add up: the loss is now 1.5% below its best
+    assert verdict(rows) == "still improving (loss at a new best)"
+    rows += [row(2500 + 500 * i, 61, 1.3 + 0.2 * (i % 2), 0.099) for i in range(PATIENCE)]
+    assert verdict(rows[:-PATIENCE + 1]) == "still improving (seam at a new best)"
+    assert verdict(rows).startswith(f"no new best at this preview ({PATIENCE - 1} in a row")
+    rows.append(row(4500, 70, 1.4, 0.1))
+    assert verdict(rows).startswith("no longer improving") and "since step 2500" in verdict(rows)
+    # numbers missing (no feature network: no KID) are left out, not counted as worse
+    assert verdict([row(1, None, 2.0, 0.5), row(2, None, 1.5, 0.5)]) == "still improving (seam at a new best)"
 
 
 def test_resume_refuses_options_of_a_new_run(tmp_path, blobs16, tiny_train_config):
@@ -393,3 +478,64 @@ def test_cli_cuda_without_a_gpu_is_one_clear_error(tmp_path):
         "Error: --device cuda: this torch build or machine has no CUDA GPU; use --device cpu, or install a CUDA "
         "build of torch"]
     assert not (tmp_path / "run").exists()
+
+
+# ---- The recipe that works is the default; the paper's is one flag away; old runs resume as they were.
+
+def _cli_settings(*args):
+    """(ModelConfig, TrainConfig) that `patchgen-train ARGS` would start a new run with (nothing is trained)."""
+    from patchgen.cli.train import _new_run_settings, main
+
+    params = main.make_context("patchgen-train", ["--out", "unused", *map(str, args)]).params
+    names = _new_run_settings.__code__.co_varnames[:_new_run_settings.__code__.co_argcount]
+    return _new_run_settings(**{name: params[name] for name in names})
+
+
+def test_the_default_config_is_the_recipe_and_paper_is_the_papers():
+    from patchgen.models.config import ModelConfig, recipe_settings
+
+    config, tc = _cli_settings()  # 64x64, 2x2 patches of 32 px, 3 levels: the shipped faces64_2x2's recipe
+    assert (config.prediction, config.global_context, config.halo, tc.lr, tc.recipe) == ("x0", 4, 8, 5e-4, "patchgen")
+    assert config == dataclasses.replace(ModelConfig(), prediction="x0", global_context=4, halo=8)
+    assert tc == dataclasses.replace(TrainConfig(), lr=5e-4, recipe="patchgen")
+    config, tc = _cli_settings("--recipe", "paper")  # Arakawa et al.: eps, one-hot position + GCC of x_t, no halo
+    assert config == ModelConfig() and tc == dataclasses.replace(TrainConfig(), recipe="paper")
+    # the halo follows the patch and the levels, so the default always builds; a 1x1 model gets neither lever
+    for size, grid, mults in [(32, 2, "1,2"), (64, 4, "1,2,2"), (128, 4, "1,2,2,2"), (96, 2, "1,2,2,2"),
+                              (24, 2, "1,2"), (16, 4, "1"), (64, 1, "1,2,2")]:
+        config, _ = _cli_settings("--image-size", size, "--grid", grid, "--channel-mults", mults,
+                                  "--attention-resolutions", "")
+        p, levels = size // grid, len(mults.split(","))
+        assert config.halo == recipe_settings("patchgen", size, grid, levels)["halo"]
+        assert (config.halo == 0) == (grid == 1) and (config.global_context == 0) == (grid == 1)
+        if grid > 1:
+            assert abs(config.halo - p / 4) <= 2 ** (levels - 1) / 2 and p % config.global_context == 0
+    # every lever still settable on its own
+    config, tc = _cli_settings("--halo", 0, "--prediction", "v", "--lr", "1e-4", "--global-context", 2)
+    assert (config.halo, config.prediction, tc.lr, config.global_context) == (0, "v", 1e-4, 2)
+    assert _cli_settings("--no-gcc")[0].global_context == 0
+
+
+def test_a_checkpoint_from_before_the_recipes_resumes_as_it_was_trained(tmp_path):
+    """A run started under the old defaults (eps, no halo, no global vector, lr 2e-4), saved without the
+    fields added since (recipe, halo, global_context, edge_mask), resumes with exactly its own settings."""
+    from patchgen.models.checkpoint import save_checkpoint
+
+    config = tiny_config(prediction="eps")
+    (tmp_path / "images").mkdir()
+    images = load_folder(blob_folder(tmp_path / "images", 8), config.image_size)
+    train(tmp_path / "run", 2, data=images, config=config, tc=TrainConfig(batch_size=4), **NO_PREVIEW)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    for key in ("halo", "global_context", "edge_mask"):
+        del ckpt["model_config"][key]
+    del ckpt["train_config"]["recipe"]
+    save_checkpoint(tmp_path / "run" / "checkpoint.pt", {k: v for k, v in ckpt.items()
+                                                         if k not in ("format", "version")})
+    before = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    r = subprocess.run([sys.executable, "-m", "patchgen.cli.train", "--resume", "--max-steps", "3", "--out",
+                        tmp_path / "run", "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    after = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert after["step"] == 3 and after["model_config"] == before["model_config"] == config
+    assert after["train_config"] == before["train_config"] and after["train_config"].recipe == ""
+    assert (config.prediction, config.halo, config.global_context, after["train_config"].lr) == ("eps", 0, 0, 2e-4)
