@@ -26,6 +26,8 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except KeyboardInterrupt as e:  # past every `finally` of the command: stop as Command.main says
+            raise Interrupted(isinstance(e, Terminated)) from None
         except PatchgenError as e:
             raise CliError(str(e)) from None
         except OSError as e:
@@ -42,6 +44,15 @@ def one_line(message: str) -> str:
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the program is, so that every `finally` and `with` on the way out runs (a
     process killed by the default handler would leave its temporaries)."""
+
+
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM that ended a command's work, on its way to Command.main. Not a KeyboardInterrupt, so
+    click does not print a blank line and an `Aborted!` of its own on the way."""
+
+    def __init__(self, terminated: bool):
+        super().__init__()
+        self.terminated = terminated
 
 
 def _terminate(signum, frame):
@@ -61,8 +72,9 @@ class Command(click.Command):
         except click.ClickException as e:
             click.echo(f"Error: {one_line(e.format_message())}", err=True)
             raise SystemExit(e.exit_code) from None
-        except (click.Abort, KeyboardInterrupt) as e:  # click turns Ctrl-C into Abort; SIGTERM is Terminated
-            terminated = any(isinstance(x, Terminated) for x in (e, e.__cause__, e.__context__))
+        except (Interrupted, click.Abort, KeyboardInterrupt) as e:  # click turns a Ctrl-C of its own into Abort
+            terminated = (e.terminated if isinstance(e, Interrupted)
+                          else any(isinstance(x, Terminated) for x in (e, e.__cause__, e.__context__)))
             click.echo("Terminated." if terminated else "Aborted.", err=True)
             # the shell's convention for a process a signal ended: 128 + the signal's number
             raise SystemExit(128 + (signal.SIGTERM if terminated else signal.SIGINT)) from None

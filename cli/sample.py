@@ -118,8 +118,12 @@ def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_
     if preview_every != 1 and preview is None:
         raise CliError("--preview-every needs --preview, the file to write")
     for option, path in (("--grid-image", grid_image), ("--preview", preview)):
-        if path is not None:
-            check_writable_folder(path.parent)
+        if path is None or os.path.realpath(path.parent) == os.path.realpath(out_dir):
+            continue  # none, or in --out, which the run creates
+        if not path.parent.is_dir():
+            raise CliError(f"{option} {path}: its folder {path.parent} does not exist; create it, or put the file "
+                           "in --out")
+        check_writable_folder(path.parent)
     if grid_image is not None and preview is not None and os.path.realpath(grid_image) == os.path.realpath(preview):
         raise CliError(f"--preview {preview} is the --grid-image too; choose another name for one of them")
     model_file = resolve_model(model_path)
@@ -140,8 +144,7 @@ def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_
         if _is_sample(source, out_dir, seed, num_images):
             raise CliError(f"{name} {source} is one of the PNGs this run writes, which would overwrite it; "
                            "choose another --out or --seed, or copy it first")
-    if not force:  # nor, without --force, an earlier run's output
-        check_no_overwrite(out_dir, seed, num_images, grid_image, preview)
+    check_outputs(out_dir, seed, num_images, grid_image, preview, force)  # nor an earlier run's, without --force
     model = load_model(model_file, threads, provider, memory_budget)
     edit, edit_notes = make_edit(model.spec, init_img, mask, strength, outpaint, repaint_jumps,
                                  given_budget(memory_budget))
@@ -181,18 +184,33 @@ def existing_outputs(out_dir: Path, seed: int, num_images: int, *paths) -> list[
     except (FileNotFoundError, NotADirectoryError):
         names = []
     for name in sorted(names):
-        if _is_sample(out_dir / name, out_dir, seed, num_images):
+        if _sample_name(name, seed, num_images):  # the name itself: a link there would be replaced, not followed
             found.append(out_dir / name)
     return found + [p for p in paths if p is not None and os.path.lexists(p)]
 
 
-def check_no_overwrite(out_dir: Path, seed: int, num_images: int, grid_image, preview) -> None:
-    """One CliError line, before any work, when the run would replace files an earlier run wrote."""
+def check_outputs(out_dir: Path, seed: int, num_images: int, grid_image, preview, force: bool) -> None:
+    """One CliError line, before any work, where an output's name is taken: by a folder (even with --force), or
+    by a file an earlier run wrote (without --force). The advice names the option that chooses that name."""
     found = existing_outputs(out_dir, seed, num_images, grid_image, preview)
-    if found:
-        which = f"{found[0]} already exists" if len(found) == 1 else f"{found[0]} and {len(found) - 1} more exist"
-        raise CliError(f"{which} (an earlier run's?) and this run would replace them: pass --force to replace "
-                       "them, or choose another --out or --seed")
+    folders = [p for p in found if p.is_dir() and not p.is_symlink()]
+    if folders:
+        raise CliError(f"{folders[0]} is a folder, where this run writes a file; move it or choose another "
+                       f"{_naming_option(folders[0], grid_image, preview)}")
+    if found and not force:
+        which = (f"{found[0]} already exists and this run would replace it" if len(found) == 1
+                 else f"{found[0]} and {len(found) - 1} more exist and this run would replace them")
+        raise CliError(f"{which}: pass --force to replace, or choose another "
+                       f"{_naming_option(found[0], grid_image, preview)}")
+
+
+def _naming_option(path: Path, grid_image, preview) -> str:
+    """The option(s) that would give `path`, one of the run's outputs, another name."""
+    if path == grid_image:
+        return "--grid-image"
+    if path == preview:
+        return "--preview"
+    return "--out or --seed"
 
 
 def _preview_memory(preview, grid_image, num_images, image_shape) -> tuple[int, int]:
@@ -229,11 +247,16 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def _is_sample(path: Path, out_dir: Path, seed: int, num_images: int) -> bool:
-    """Whether `path` is where this run writes one of its images (seed<S>_<index>.png in out_dir)."""
-    if os.path.realpath(path.parent) != os.path.realpath(out_dir):
-        return False
-    index = path.name.removeprefix(f"seed{seed}_").removesuffix(".png")
-    return path.name == f"seed{seed}_{index}.png" and index.isdigit() and len(index) == 5 and int(index) < num_images
+    """Whether `path`, or the file it links to, is where this run writes one of its images (seed<S>_<index>.png
+    in out_dir)."""
+    path = Path(os.path.realpath(path))
+    return path.parent == Path(os.path.realpath(out_dir)) and _sample_name(path.name, seed, num_images)
+
+
+def _sample_name(name: str, seed: int, num_images: int) -> bool:
+    """Whether `name` is one of this run's image names, seed<S>_<index>.png with index < num_images."""
+    index = name.removeprefix(f"seed{seed}_").removesuffix(".png")
+    return name == f"seed{seed}_{index}.png" and index.isdigit() and len(index) == 5 and int(index) < num_images
 
 
 def _sample(model, plan, seed, num_images, out_dir, grid_image, preview=None, preview_every=1, written=None):
@@ -294,7 +317,8 @@ def _sample(model, plan, seed, num_images, out_dir, grid_image, preview=None, pr
             click.echo(f"\nnote: no more previews: {one_line(str(e))}", err=True)
 
     t0 = time.perf_counter()
-    with progress(runs * steps_run, "sampling", unit="steps") as bar:
+    label = "sampling" if runs == 1 else f"sampling ({runs} runs of {steps_run} steps)"  # the total is theirs
+    with progress(runs * steps_run, label, unit="steps") as bar:
         for index, image in iter_samples(model, plan, callback=lambda i, t: bar.update(1),
                                          on_x0=show if preview is not None else None):
             save_png(out_dir / f"seed{seed}_{index:05d}.png", image, png_text(model, request, index))

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -62,7 +64,7 @@ def _csv_ints(_ctx, _param, value):
 @click.option("--batch-size", type=click.IntRange(1, MAX_BATCH_SIZE), default=16, show_default=True,
               help="Images per step, over all ranks: under torchrun each of N ranks computes batch/N of them (a "
                    "multiple of N).")
-@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder: checkpoint.pt, previews, train_log.csv.")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Run folder: checkpoint.pt, preview PNGs, train_log.csv, eval_log.csv.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its checkpoint (its configs and data are reused).")
 @click.option("--accept-changed-data", is_flag=True,
               help="With --resume: train on from the data as it is now, though images were added, removed or "
@@ -73,9 +75,9 @@ def _csv_ints(_ctx, _param, value):
 @click.option("--attention-resolutions", default="8", show_default=True, callback=_csv_ints, help="Feature-map sizes with self-attention.")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
 @click.option("--recipe", type=click.Choice(RECIPES), default=DEFAULT_RECIPE, show_default=True,
-              help="The defaults of --prediction, --global-context, --halo and --lr. patchgen: x0, 4x4 cells, about "
-                   "P/4, 5e-4 (the shipped models' recipe; benchmarks/results/recipe.md). paper: Arakawa et al. "
-                   "2023's model: eps, none, 0, 2e-4.")
+              help="The defaults of --prediction, --global-context, --halo and --lr. patchgen: x0, a global vector of "
+                   "4x4 cells, a halo of about P/4 (P = image size / grid), 5e-4: the shipped models' recipe "
+                   "(benchmarks/results/recipe.md). paper: Arakawa et al. 2023's model: eps, none, 0, 2e-4.")
 @click.option("--prediction", type=click.Choice(PREDICTIONS), default=None,
               help="Network target (the ONNX graph always outputs eps) [default: the recipe's, x0 or eps].")
 @click.option("--gcc-source", type=click.Choice(GCC_SOURCES), default="xt", show_default=True, help="Pool x_t (paper) or the previous x0 estimate (self-conditioning).")
@@ -134,7 +136,7 @@ def main(recipe, data, image_size, grid, no_gcc, no_position, max_steps, batch_s
              if click.get_current_context().get_parameter_source(name) is not ParameterSource.DEFAULT]
     if resume and given:
         raise CliError(f"{', '.join('--' + n.replace('_', '-') for n in given)}: only for a new run; --resume "
-                       f"continues with its checkpoint's configuration and data, so drop them (or start a new "
+                       f"continues with its checkpoint's configuration and data, so drop {'them' if len(given) > 1 else 'it'} (or start a new "
                        f"run in another --out)")
     if no_cache and cache_dir is not None:
         raise CliError("--cache-dir and --no-cache contradict each other: pass one of them")
@@ -202,8 +204,23 @@ def _new_run_settings(recipe, image_size, grid, no_gcc, no_position, batch_size,
                          warmup_steps=warmup_steps, ema_decay=ema_decay, loss=loss,
                          loss_weighting=loss_weighting, seed=seed, recipe=recipe)
     except ValueError as e:
-        raise CliError(str(e)) from None
+        raise CliError(_in_option_names(str(e))) from None
     return config, tc
+
+
+# A config field's name in an error, as the option that sets it (the others: the same with dashes).
+FIELD_OPTIONS = {"use_gcc": "GCC (on unless --no-gcc)", "use_position": "position conditioning (--no-position)",
+                 "num_timesteps": "--timesteps"}
+
+
+def _in_option_names(message: str) -> str:
+    """A ModelConfig/TrainConfig error with each field name that is an identifier (global_context, channel_mults)
+    written as the option that sets it; single words (halo, grid, lr) read as they are."""
+    fields = [f.name for cls in (ModelConfig, TrainConfig) for f in dataclasses.fields(cls) if "_" in f.name]
+    options = {name: FIELD_OPTIONS.get(name, f"--{name.replace('_', '-')}") for name in [*fields, *FIELD_OPTIONS]
+               if name in FIELD_OPTIONS or name in NEW_RUN_OPTIONS}
+    return re.sub(r"\b(" + "|".join(sorted(options, key=len, reverse=True)) + r")\b",
+                  lambda m: options[m.group(1)], message)
 
 
 def _decoding(world, cache_dir, no_cache, workers):

@@ -105,11 +105,19 @@ def preview_kid(samples: np.ndarray, real: np.ndarray) -> Optional[float]:
 
 
 def read_log(path: Path) -> list[dict]:
-    """The rows of an eval_log.csv as dicts of floats (None where empty), oldest first."""
+    """The rows of an eval_log.csv as dicts of floats, oldest first; None where a cell is empty or not a number
+    (the file is the user's to edit: a bad cell costs that number, never the run)."""
     if not path.exists():
         return []
     with open(path, newline="") as f:
-        return [{k: (float(v) if v not in ("", None) else None) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _number(text) -> Optional[float]:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
 
 
 def verdict(rows: list[dict]) -> str:
@@ -122,18 +130,21 @@ def verdict(rows: list[dict]) -> str:
                     else None for r in rows]
         return [r.get(name) for r in rows]
 
-    if len(rows) < 2:
-        return "first preview: nothing to compare with yet"
     labels = {"kid_x1000": "KID", "seam_gap": "seam", "loss": "loss"}
-    last_best = {}  # the index of each number's latest new best
-    for name in IMPROVEMENT:
-        best, at = None, None
-        for i, v in enumerate(values(name)):
-            if v is not None and (best is None or _better(name, v, best)):
-                best, at = v, i
-        if at is not None:
-            last_best[name] = at
     now = len(rows) - 1
+    last_best = {}  # per number with a value before this preview (a log from before KID has none): its last record
+    for name in IMPROVEMENT:
+        series = values(name)
+        first = first_index(series)
+        if first is None or first == now:
+            continue
+        best, at = series[first], first
+        for i in range(first + 1, now + 1):
+            if series[i] is not None and _better(name, series[i], best):
+                best, at = series[i], i
+        last_best[name] = at
+    if not last_best:
+        return "first preview: nothing to compare with yet"
     improved = [labels[n] for n, i in last_best.items() if i == now]
     if improved:
         return f"still improving ({', '.join(improved)} at a new best)"
@@ -142,6 +153,11 @@ def verdict(rows: list[dict]) -> str:
         return (f"no longer improving: no new best of KID, seam or loss in the last {since} previews (since step "
                 f"{int(rows[now - since]['step'])}); more steps may not help")
     return f"no new best at this preview ({since} in a row; after {PATIENCE}, the run counts as no longer improving)"
+
+
+def first_index(values: list) -> Optional[int]:
+    """The index of the first value that is not None, or None."""
+    return next((i for i, v in enumerate(values) if v is not None), None)
 
 
 def _better(name: str, value: float, best: float) -> bool:

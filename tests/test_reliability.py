@@ -523,6 +523,31 @@ def test_sampling_again_into_the_same_names_is_refused_without_force(onnx_model,
     r = sample_cli(*args, "--force")
     assert r.returncode == 0, r.stderr
     assert all(p.stat().st_mtime_ns > before[p.name] for p in (tmp_path / "out").iterdir() if p.name in before)
+    # the advice names the option that gives the taken name
+    one_line(sample_cli("--model", onnx_model, "-n", 1, "--steps", 1, "--out", tmp_path / "third", "--grid-image",
+                        tmp_path / "grid.png"), "choose another --grid-image")
+
+
+def test_force_never_replaces_an_input_nor_a_folder(onnx_model, tmp_path):
+    """--force replaces an earlier run's files, never an input: not through a link to it either; a folder where
+    an image goes is refused before any work; a --grid-image inside a new --out is fine."""
+    out = tmp_path / "out"
+    assert sample_cli("--model", onnx_model, "-n", 1, "--steps", 1, "--out", out).returncode == 0
+    link = tmp_path / "link.png"
+    link.symlink_to(out / "seed0_00000.png")
+    before = (out / "seed0_00000.png").read_bytes()
+    one_line(sample_cli("--model", onnx_model, "-n", 1, "--steps", 1, "--out", out, "--init-img", link, "--force"),
+             "is one of the PNGs this run writes")
+    assert (out / "seed0_00000.png").read_bytes() == before
+    (tmp_path / "taken" / "seed0_00001.png").mkdir(parents=True)
+    r = sample_cli("--model", onnx_model, "-n", 2, "--steps", 1, "--out", tmp_path / "taken", "--force")
+    one_line(r, "seed0_00001.png is a folder", "choose another --out or --seed")
+    assert "sampling" not in r.stderr.replace(str(tmp_path), "")
+    r = sample_cli("--model", onnx_model, "-n", 1, "--steps", 1, "--out", tmp_path / "new",
+                   "--grid-image", tmp_path / "new" / "grid.png")
+    assert r.returncode == 0 and (tmp_path / "new" / "grid.png").exists(), r.stderr
+    one_line(sample_cli("--model", onnx_model, "-n", 1, "--steps", 1, "--out", tmp_path / "o2", "--grid-image",
+                        tmp_path / "nowhere" / "grid.png"), "--grid-image", "its folder", "does not exist")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
@@ -543,6 +568,7 @@ def test_a_signal_while_sampling_says_what_was_written(onnx_model, tmp_path, sig
     names = sorted(p.name for p in out.iterdir())
     assert len(names) == int(found.group(1)) and names[-1] == found.group(3) and found.group(2) == str(out)
     assert err.strip().splitlines()[-1] == ("Aborted." if sig == signal.SIGINT else "Terminated.")
+    assert err.strip().splitlines()[-2].startswith("stopped: ")  # no blank line, no second message
 
     # before the first image: nothing on disk, and the folder this run made is gone
     empty = tmp_path / "new" / "folder"
@@ -564,8 +590,8 @@ def test_progress_lines_when_stderr_is_a_file(onnx_model, tmp_path, image_folder
                             "20", "--memory-budget", "min", "--out", tmp_path / "out"], stderr=log, timeout=300)
     text = (tmp_path / "sample.log").read_text()
     assert r.returncode == 0, text
-    lines = [line for line in text.splitlines() if line.startswith("sampling: ")]
-    assert len(lines) == 10 and lines[-1].startswith("sampling: 40/40 steps (100%)"), text
+    lines = [line for line in text.splitlines() if line.startswith("sampling (2 runs of 20 steps): ")]
+    assert len(lines) == 10 and lines[-1].startswith("sampling (2 runs of 20 steps): 40/40 steps (100%)"), text
     assert "ETA" in lines[0] and "\r" not in text
     with open(tmp_path / "train.log", "w") as log:
         r = subprocess.run([sys.executable, "-m", "patchgen.cli.train", "--data", image_folder, *TRAIN,

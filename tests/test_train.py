@@ -128,6 +128,8 @@ def run_cli(*args, cwd=None, env=None):
     (["--image-size", "32", "--halo", "1", "--channel-mults", "1,2,2,2"], "use halo 0 or 4"),
     (["--grid", "1", "--halo", "2"], "no neighbouring patches"),
     (["--edge-mask", "--halo", "0"], "needs a halo"),
+    (["--no-gcc", "--global-context", "4"], "--global-context is computed from the GCC input"),  # option names
+    (["--image-size", "20", "--channel-mults", "1,2,2"], "use fewer --channel-mults"),
     (["--no-cache", "--cache-dir", "somewhere"], "--cache-dir and --no-cache contradict each other"),
     (["--accept-changed-data"], "--accept-changed-data applies to --resume only"),
     (["--dropout", "1"], "--dropout"),
@@ -425,8 +427,19 @@ def test_the_verdict_says_whether_numbers_still_improve():
     assert verdict(rows).startswith(f"no new best at this preview ({PATIENCE - 1} in a row")
     rows.append(row(4500, 70, 1.4, 0.1))
     assert verdict(rows).startswith("no longer improving") and "since step 2500" in verdict(rows)
-    # numbers missing (no feature network: no KID) are left out, not counted as worse
+    # numbers missing (no feature network: no KID) are left out, not counted as worse; a number's first value
+    # (a log upgraded from before KID and the local seam) is not a new best: it had nothing to beat
     assert verdict([row(1, None, 2.0, 0.5), row(2, None, 1.5, 0.5)]) == "still improving (seam at a new best)"
+    assert verdict([row(1, None, None, 0.2), row(2, 50, 1.2, 0.1)]) == "still improving (loss at a new best)"
+    assert "first preview" in verdict([row(1, None, None, None), row(2, 50, 1.2, 0.1)])
+
+
+def test_a_bad_cell_in_the_evaluation_log_costs_that_number_not_the_run(tmp_path):
+    from patchgen.models.evaluation import read_log
+
+    (tmp_path / "eval_log.csv").write_text("step,seam,seam_real,kid_x1000,loss\n3,n/a,0.69,,0.5\n")
+    assert read_log(tmp_path / "eval_log.csv") == [{"step": 3, "seam": None, "seam_real": 0.69, "kid_x1000": None,
+                                                    "loss": 0.5}]
 
 
 def test_resume_refuses_options_of_a_new_run(tmp_path, blobs16, tiny_train_config):
