@@ -419,11 +419,12 @@ def run_loop(run: Run, max_steps: int, bf16: bool = False, progress: Optional[Ca
     on_preview(line), on rank 0: each preview's numbers and whether they still improve (`preview_line`)."""
     state, every, writer = run.state, run.cadence, distributed.world().writer
     losses, stopping = [], 0  # the signal (any rank's) that stops the run after this step
-    since = [0]  # index into losses of the first step since the last preview
+    since = 0  # index into losses of the first step since the last preview
 
     def preview():
+        nonlocal since
         if writer:
-            recent = losses[since[0]:]
+            recent = losses[since:]
             try:
                 evaluate(run.dir, state.step, state.ema, run.probe_images, run.tc.seed, run.source.name,
                          preview_count, preview_steps, loss=sum(recent) / len(recent) if recent else None)
@@ -431,7 +432,7 @@ def run_loop(run: Run, max_steps: int, bf16: bool = False, progress: Optional[Ca
                 raise write_error(e, run.dir, ELSEWHERE) from None
             if on_preview is not None:
                 on_preview(preview_line(read_log(run.dir / LOG_NAMES[1])))
-        since[0] = len(losses)
+        since = len(losses)
     with _StopFlag() as stop, _TrainLog(run.dir / LOG_NAMES[0], writer) as log:
         while state.step < max_steps and not stopping:
             t0 = time.perf_counter()
