@@ -13,6 +13,7 @@ a browser does to a training run on a shared board.
 from __future__ import annotations
 
 import csv
+import os
 import statistics
 import subprocess
 import sys
@@ -24,7 +25,14 @@ import click
 
 from benchlib import RESULTS, write_results
 
-SPIN = "while True: pass"
+# Spins until stopped, or until the benchmark that started it (its argument) is gone: a benchmark killed
+# mid-run leaves no load behind.
+SPIN = """
+import os, sys
+while os.getppid() == int(sys.argv[1]):
+    for _ in range(10**6):
+        pass
+"""
 BATCH = 16  # patchgen-train's default --batch-size
 
 
@@ -48,7 +56,7 @@ def train_speed(threads: int | None, steps: int, warmup: int, tmp: Path, image_s
 
 def with_load(procs: int, fn):
     """fn() while `procs` CPU-spinning processes run."""
-    spinners = [subprocess.Popen([sys.executable, "-c", SPIN]) for _ in range(procs)]
+    spinners = [subprocess.Popen([sys.executable, "-c", SPIN, str(os.getpid())]) for _ in range(procs)]
     try:
         time.sleep(0.5 if procs else 0)
         return fn()
