@@ -8,9 +8,9 @@ triangles on pale backgrounds, the kind of small set a new user brings. Each run
 budget can be spread over sessions. Then, per run: the exported model's KID (x1000, against all real images
 of its set) and local and global seam scores on --num-samples samples (DPM++ 20, via quality.py), and the
 run's own preview numbers over its steps (eval_log.csv: local seam, the 16-sample preview KID). A PNG shows 8
-samples per run, the real images under each data set's pair.
+samples per run, the real images under each data set's pair; another, each run's previews over its steps.
 
-    python benchmarks/recipe.py                                  # 32x32, 2x2, 1500 steps x 16 images
+    python benchmarks/recipe.py --shapes-steps 750               # 32x32, 2x2, 1500 (shapes: 750) steps x 16 images
     python benchmarks/recipe.py --steps 3000 --runs runs/recipe  # train on (resumes), then measure again
 """
 from __future__ import annotations
@@ -82,33 +82,58 @@ def preview_history(run: Path) -> list[dict]:
                 for row in csv.DictReader(f)]
 
 
+def preview_sheet(runs: list[Path], path: Path) -> None:
+    """One PNG: per run a row of its training previews (preview_NNNNNNN.png, 16 samples each), labelled with the
+    run and each preview's step, so the steps a data set needs can be seen, not only read from a number."""
+    from PIL import Image, ImageDraw
+
+    rows = [(run.name, sorted(run.glob("preview_*.png"))) for run in runs]
+    cell = max(Image.open(p).size[0] for _, previews in rows for p in previews)
+    label_w, head, gap = 150, 14, 6
+    sheet = Image.new("RGB", (label_w + max(len(p) for _, p in rows) * (cell + gap), len(rows) * (cell + head + gap)),
+                      "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (name, previews) in enumerate(rows):
+        y = r * (cell + head + gap)
+        draw.text((4, y + head + cell // 2 - 6), name, fill="black")
+        for c, preview in enumerate(previews):
+            x = label_w + c * (cell + gap)
+            draw.text((x, y), f"step {int(preview.stem.split('_')[1])}", fill="black")
+            sheet.paste(Image.open(preview).convert("RGB"), (x, y + head))
+    sheet.quantize(256).save(path, optimize=True)  # a palette: the noisy quilts would weigh 0.6 MB as RGB
+
+
 @click.command(epilog="Example: python benchmarks/recipe.py --steps 1500 --num-samples 200")
 @click.option("--runs", type=click.Path(file_okay=False, path_type=Path), default=REPO / "runs" / "recipe",
               show_default=True, help="Where the runs (and the generated shapes) live; rerunning resumes them.")
 @click.option("--image-size", type=int, default=32, show_default=True)
 @click.option("--grid", type=int, default=2, show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=1500, show_default=True,
-              help="Training steps of 16 images, every run.")
+              help="Training steps of 16 images, every run of the built-in set.")
+@click.option("--shapes-steps", type=click.IntRange(min=1), default=None,
+              help="Training steps of 16 images on the generated shapes (40 images); default: --steps.")
 @click.option("--preview-every", type=click.IntRange(min=1), default=250, show_default=True)
 @click.option("--num-samples", type=click.IntRange(min=2), default=200, show_default=True,
               help="Samples per model for KID and the seam scores.")
 @click.option("--parallel", type=click.IntRange(1, 4), default=2, show_default=True,
               help="Training processes at once (one torch thread each).")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "recipe", show_default=True)
-def main(runs, image_size, grid, steps, preview_every, num_samples, parallel, out):
+def main(runs, image_size, grid, steps, shapes_steps, preview_every, num_samples, parallel, out):
     """patchgen's default recipe against the paper's, at equal budget, on a built-in set and a generated folder."""
     shapes = make_shapes(runs / "shapes")
     datasets = {"emoji-faces": "emoji-faces", "shapes": str(shapes)}
-    jobs = [(runs / f"{name}_{recipe}", data, recipe) for name, data in datasets.items() for recipe in RECIPES]
-    for run, _, _ in jobs:
+    budget = {"emoji-faces": steps, "shapes": shapes_steps or steps}
+    jobs = [(runs / f"{name}_{recipe}", data, recipe, budget[name]) for name, data in datasets.items()
+            for recipe in RECIPES]
+    for run, *_ in jobs:
         run.parent.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(parallel) as pool:
-        list(pool.map(lambda job: train(job[0], job[1], job[2], image_size, grid, steps, preview_every), jobs))
-    models = [export(run) for run, _, _ in jobs]
+        list(pool.map(lambda job: train(job[0], job[1], job[2], image_size, grid, job[3], preview_every), jobs))
+    models = [export(run) for run, *_ in jobs]
     (runs / "quality_cache").mkdir(exist_ok=True)
     rows, shown = measure(models, [SAMPLER], num_samples, seed=0, chunk=50, cache=runs / "quality_cache",
                           real_set="all", repeats=1, workers=2)
-    for row, (run, _, recipe) in zip(rows, jobs):
+    for row, (run, _, recipe, _) in zip(rows, jobs):
         row.update(run=run.name, data=run.name.rsplit("_", 1)[0], recipe=recipe, history=preview_history(run))
     panel = []
     for i, (name, images, real) in enumerate(shown):
@@ -121,10 +146,11 @@ def main(runs, image_size, grid, steps, preview_every, num_samples, parallel, ou
 
     save_png(out.with_name(out.name + "_samples.png"), np.asarray(labelled_panel(panel, 3)),
              {"rows": ", ".join(label for label, _ in panel)})
+    preview_sheet([run for run, *_ in jobs], out.with_name(out.name + "_previews.png"))
     history = [{"run": r["run"], **h} for r in rows for h in r["history"]]
     for r in rows:
         del r["history"]
-    write_results(out, f"Recipes at equal budget: {steps} steps x 16 images, {image_size}x{image_size}, "
+    write_results(out, f"Recipes at equal budget per data set (steps x 16 images), {image_size}x{image_size}, "
                        f"{grid}x{grid} patches ({num_samples} samples each, {SAMPLER[0]} {SAMPLER[1]})",
                   [("data", "data"), ("recipe", "recipe"), ("halo", "halo"), ("steps_trained", "steps"),
                    ("kid_x1000", "KID x1000"), ("seam_local", "local seam"), ("seam_local_real", "local seam, real"),
