@@ -88,6 +88,8 @@ def preview_sheet(runs: list[Path], path: Path) -> None:
     from PIL import Image, ImageDraw
 
     rows = [(run.name, sorted(run.glob("preview_*.png"))) for run in runs]
+    if not any(previews for _, previews in rows):
+        return  # --preview-every beyond --steps: no preview to show
     cell = max(Image.open(p).size[0] for _, previews in rows for p in previews)
     label_w, head, gap = 150, 14, 6
     sheet = Image.new("RGB", (label_w + max(len(p) for _, p in rows) * (cell + gap), len(rows) * (cell + head + gap)),
