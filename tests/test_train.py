@@ -497,11 +497,11 @@ def test_cli_cuda_without_a_gpu_is_one_clear_error(tmp_path):
 
 def _cli_settings(*args):
     """(ModelConfig, TrainConfig) that `patchgen-train ARGS` would start a new run with (nothing is trained)."""
-    from patchgen.cli.train import _new_run_settings, main
+    from patchgen.cli.train import SETTINGS, _new_run, main
 
     params = main.make_context("patchgen-train", ["--out", "unused", *map(str, args)]).params
-    names = _new_run_settings.__code__.co_varnames[:_new_run_settings.__code__.co_argcount]
-    return _new_run_settings(**{name: params[name] for name in names})
+    run = _new_run({s.param: params[s.param] for s in SETTINGS})
+    return run.config, run.train_config
 
 
 def test_the_default_config_is_the_recipe_and_paper_is_the_papers():
