@@ -243,7 +243,7 @@ def export_onnx(checkpoint_path, output_path, *, ema: bool = True, simplify_grap
     weights: "fp32", or "fp16" / "int8" for a smaller file under the same contract (export/quantize.py);
     the float32 graph is verified first, then the reduced one on held-out realistic windows against
     quantize.PARITY_RMS_TOLERANCE. calibration_data: the images for int8's calibration and that check (a
-    load_data spec: a built-in data set or a folder) instead of the checkpoint's own data set. int8_activations:
+    load_data name: a built-in data set or a folder) instead of the checkpoint's own data set. int8_activations:
     "uint8" (U8S8, fastest on x86) or "int8" (S8S8), see quantize.py."""
     from . import quantize
 

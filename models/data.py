@@ -287,14 +287,14 @@ def load_noto(size: int, skin_tones: bool = True, subset: str = "all", decoding:
                                        num_images=len(images), skipped=skipped, identity=_portable(identity)))
 
 
-def load_data(spec: str, size: int, skin_tones: bool = True, decoding: Decoding = Decoding()) -> ImageSet:
-    """`spec` is "emoji", "emoji-<subset>" (Twemoji, e.g. emoji-faces), "noto-emoji", "noto-emoji-<subset>"
+def load_data(data_name: str, size: int, skin_tones: bool = True, decoding: Decoding = Decoding()) -> ImageSet:
+    """`data_name` is "emoji", "emoji-<subset>" (Twemoji, e.g. emoji-faces), "noto-emoji", "noto-emoji-<subset>"
     (Noto Color Emoji, native 128x128) or a folder path. `decoding`: the image cache and workers."""
     for prefix, loader in (("emoji", load_emoji), ("noto-emoji", load_noto)):
         subsets = {prefix: "all", **{f"{prefix}-{s}": s for s in EMOJI_SUBSETS[1:]}}
-        if spec in subsets:
-            return loader(size, skin_tones, subsets[spec], decoding)
-    return load_folder(spec, size, decoding)
+        if data_name in subsets:
+            return loader(size, skin_tones, subsets[data_name], decoding)
+    return load_folder(data_name, size, decoding)
 
 
 def load_named(name: str, size: int, decoding: Decoding = Decoding()) -> ImageSet:

@@ -275,13 +275,13 @@ def tiny_noto(tmp_path, monkeypatch):
     return path
 
 
-@pytest.mark.parametrize("spec, skin_tones, colours", [
+@pytest.mark.parametrize("data_name, skin_tones, colours", [
     ("noto-emoji", True, [tinyfont.FACE, tinyfont.THUMBS, tinyfont.TONE, tinyfont.THUMBS_TONE]),
     ("noto-emoji", False, [tinyfont.FACE, tinyfont.THUMBS]),  # the modifier and the ligature through it left out
     ("noto-emoji-faces", True, [tinyfont.FACE]),
     ("noto-emoji-faces", False, [tinyfont.FACE])])
-def test_noto_emoji_from_the_fonts_bitmaps(tiny_noto, spec, skin_tones, colours):
-    data = load_data(spec, 8, skin_tones=skin_tones)
+def test_noto_emoji_from_the_fonts_bitmaps(tiny_noto, data_name, skin_tones, colours):
+    data = load_data(data_name, 8, skin_tones=skin_tones)
     assert data.images.shape == (len(colours), 8, 8, 3) and data.images.dtype == np.uint8
     expected = np.broadcast_to(np.array(colours, np.uint8)[:, None, None], data.images.shape)
     np.testing.assert_array_equal(data.images, expected)
