@@ -81,7 +81,9 @@ class Option:
     high_open: bool = False
     default: Any = ...  # the option's default: ... = the field's; None = the recipe's (`recipe_settings`)
     key: str = ""  # on a field that holds a dataclass (the schedule): which of its fields the option sets
-    resumable: bool = False  # --resume may change it (otherwise refused: a resumed run keeps its checkpoint's)
+    # --resume may change it; otherwise (every option so far) it is refused there: a resumed run keeps its
+    # checkpoint's configuration. A resumable option also needs the resume (models/train.py) to apply it.
+    resumable: bool = False
     named: str = ""  # how an error names the field where not as --name (a flag that turns it off)
 
 
