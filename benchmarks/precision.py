@@ -25,10 +25,12 @@ from benchlib import RESULTS, python, random_model, sample_run, write_results
 SETTINGS = {"fp32": [], "fp16": ["--precision", "fp16"], "int8": ["--quantize", "int8"],
             "int8-s8s8": ["--quantize", "int8", "--int8-activations", "int8"]}
 
-# How a sampling process allocates (benchlib.SAMPLE_CHILD options): patchgen's memory-first session settings
+# How a sampling process allocates (benchlib.sample_run's opts): patchgen's memory-first session settings
 # (runtime/session.py: arena off, mmap-backed blocks from 64 KiB, so each call maps fresh pages) or
 # onnxruntime's own defaults (arena and memory pattern on, glibc untuned), the fastest but not budgetable.
-ALLOCATIONS = {"patchgen": {}, "onnxruntime": {"arena": True, "pattern": True, "malloc_tuning": False}, "planner": {}}
+ALLOCATIONS = {"patchgen": {},
+               "onnxruntime": {"enable_cpu_mem_arena": True, "enable_mem_pattern": True, "malloc_tuning": False},
+               "planner": {}}
 PLANNED = ("planner",)  # the planner's choice under the default budget (patch batch 0 to benchlib.SAMPLE_CHILD)
 
 KERNELS_CHILD = r"""

@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import click
 
-from benchlib import MINIMUM, RESULTS, python, refused_minimum, run_fresh, sample_cli, write_results
+from benchlib import RESULTS, python, refusal_minimum, refused_minimum, run_fresh, sample_cli, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -151,7 +151,7 @@ def edge_runs(entries: list[tuple[Path, str, int]], tmp: Path, repeats: int, bud
                 row["minimum"] = minimum
             r = sample_cli(str(model), tmp / "edge", *args, "--memory-budget", f"{row['minimum']}M", num_images=4,
                            steps=steps, threads=2)
-            if r["returncode"] == 2 and MINIMUM.search(r["stderr"]):  # this process measured a higher minimum
+            if refusal_minimum(r) is not None:  # this process measured a higher minimum
                 row["refused"] += 1
                 continue
             row["budget_peaks"].append(check(r)["peak_mib"])

@@ -24,19 +24,24 @@ onnx.save_model(m, sys.argv[2], save_as_external_data=True, all_tensors_to_one_f
                 location=sys.argv[2].split("/")[-1] + ".data", size_threshold=1024)
 """
 
+# onnxruntime's names (runtime/session.py, apply_overrides): its CPU arena and memory pattern, and two session
+# config entries; "malloc_tuning" (patchgen's glibc settings) and "external" (this script's external-data copy
+# of the model) are this benchmark's own.
+ARENA, PATTERN = "enable_cpu_mem_arena", "enable_mem_pattern"
+NO_PREPACKING = {"session.disable_prepacking": "1"}
 VARIANTS = {  # every row names all its settings, so the table stays true when the runtime's defaults change
-    "arena off, pattern off, malloc tuned": {"arena": False, "pattern": False},
-    "arena off, pattern on, malloc tuned": {"arena": False, "pattern": True},
-    "arena on, pattern off, malloc tuned": {"arena": True, "pattern": False},
-    "arena on, pattern on, malloc tuned": {"arena": True, "pattern": True},
-    "arena off, pattern off, prepacking off": {"arena": False, "pattern": False, "prepack": False},
-    "arena off, pattern off, initializers via device allocator": {"arena": False, "pattern": False,
-                                                                  "init_device_alloc": True},
-    "arena off, pattern off, external data (mmap)": {"arena": False, "pattern": False, "external": True},
-    "arena off, pattern off, external data, prepacking off": {"arena": False, "pattern": False, "external": True,
-                                                              "prepack": False},
-    "arena off, pattern off, malloc untuned": {"arena": False, "pattern": False, "malloc_tuning": False},
-    "onnxruntime defaults (arena on, pattern on, malloc untuned)": {"arena": True, "pattern": True,
+    "arena off, pattern off, malloc tuned": {ARENA: False, PATTERN: False},
+    "arena off, pattern on, malloc tuned": {ARENA: False, PATTERN: True},
+    "arena on, pattern off, malloc tuned": {ARENA: True, PATTERN: False},
+    "arena on, pattern on, malloc tuned": {ARENA: True, PATTERN: True},
+    "arena off, pattern off, prepacking off": {ARENA: False, PATTERN: False, **NO_PREPACKING},
+    "arena off, pattern off, initializers via device allocator": {
+        ARENA: False, PATTERN: False, "session.use_device_allocator_for_initializers": "1"},
+    "arena off, pattern off, external data (mmap)": {ARENA: False, PATTERN: False, "external": True},
+    "arena off, pattern off, external data, prepacking off": {ARENA: False, PATTERN: False, "external": True,
+                                                              **NO_PREPACKING},
+    "arena off, pattern off, malloc untuned": {ARENA: False, PATTERN: False, "malloc_tuning": False},
+    "onnxruntime defaults (arena on, pattern on, malloc untuned)": {ARENA: True, PATTERN: True,
                                                                     "malloc_tuning": False},
 }
 
@@ -85,6 +90,7 @@ def main(image_size, grid, steps, threads, repeats, base_width, out):
         rows = []
         for name, opts in VARIANTS.items():
             path = external if opts.get("external") else model
+            opts = {k: v for k, v in opts.items() if k != "external"}
             one = measure(path, opts, 1, steps, threads, repeats)
             full = measure(path, opts, grid * grid, steps, threads, repeats)
             rows.append({"variant": name, "floor_mib": one["floor_mib"], "weights_mib": one["floor_mib"] - t["floor_mib"],
