@@ -39,6 +39,7 @@ Examples:
   patchgen-sample --init-img face.png --mask mask.png             # inpaint the mask's white pixels
   patchgen-sample --init-img face.png --outpaint right:1          # move left one patch, paint the right
   patchgen-sample -n 16 --grid-image grid.png --preview live.png  # watch x0 form in any image viewer
+  patchgen-sample -n 4 --report run.json                          # the run as JSON, for scripts
 """
 STEPS_HELP = ("Sampler steps [default: ddpm every timestep (the model's T), "
               + ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ", at most T].")
@@ -103,10 +104,10 @@ def check_output_folder(folder: Path) -> None:
               help="Steps between --preview writes.")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write a JSON record of the run to this file, for scripts: the model and its hash, the plan, "
-                   "the kernel's peak RSS, seconds, the files written, or what stopped it (schema: "
-                   "patchgen/cli/report.py). Written as the run ends, done or not; replaced only with --force.")
-@click.option("--force", is_flag=True, help="Replace images that an earlier run wrote under the same names "
-              "(without it, such a run is refused before any work).")
+                   "the kernel's peak RSS, seconds, the files written, or what stopped it (fields: "
+                   "the docstring of patchgen.cli.report). Written as the run ends, done or not; replaced only with --force.")
+@click.option("--force", is_flag=True, help="Replace files that an earlier run wrote under the same names: images, "
+              "--grid-image, --preview, --report (without it, such a run is refused before any work).")
 @user_errors
 def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_budget, threads, provider, out_dir,
          grid_image, init_img, strength, mask, outpaint, repaint_jumps, preview, preview_every, report, force):
