@@ -53,6 +53,22 @@ def measure(model: Path, opts: dict, patch_batch: int, steps: int, threads: int,
     return row
 
 
+def floor_breakdown(model: Path, tiny: Path, steps: int, threads: int) -> tuple[dict, list[dict]]:
+    """(the `tiny` model's measurement, the rows of where `model`'s peak goes): imports, session machinery (the
+    same graph at width 8), weights, the activations of one 1-patch call; runtime defaults."""
+    t = measure(tiny, {}, 1, 1, threads, 1)
+    d = measure(model, {}, 1, steps, threads, 1)
+    return t, [
+        {"part": "interpreter + numpy + onnxruntime + patchgen.runtime", "mib": t["imports_mib"]},
+        {"part": f"session machinery (same graph at width 8, {tiny.stat().st_size / 2**20:.1f} MiB file)",
+         "mib": t["floor_mib"] - t["imports_mib"]},
+        {"part": f"weights ({model.stat().st_size / 2**20:.1f} MiB in the file, less the width-8 copy)",
+         "mib": d["floor_mib"] - t["floor_mib"]},
+        {"part": "activations of one 1-patch call (peak - floor)", "mib": d["peak_mib"] - d["floor_mib"]},
+        {"part": "peak", "mib": d["peak_mib"]},
+    ]
+
+
 @click.command(epilog="Example: python benchmarks/session_options.py --image-size 256 --grid 4 --repeats 3")
 @click.option("--image-size", type=int, default=256, show_default=True)
 @click.option("--grid", type=int, default=4, show_default=True)
@@ -72,15 +88,7 @@ def main(image_size, grid, steps, threads, repeats, base_width, out):
         run_fresh(python("-c", EXTERNAL, str(model), str(external)))
         file_mib = model.stat().st_size / 2**20
 
-        t = measure(tiny, {}, 1, 1, threads, 1)
-        d = measure(model, {}, 1, steps, threads, 1)
-        breakdown = [
-            {"part": "interpreter + numpy + onnxruntime + patchgen.runtime", "mib": t["imports_mib"]},
-            {"part": f"session machinery (same graph at width 8, {tiny.stat().st_size / 2**20:.1f} MiB file)", "mib": t["floor_mib"] - t["imports_mib"]},
-            {"part": f"weights ({file_mib:.1f} MiB in the file, less the width-8 copy)", "mib": d["floor_mib"] - t["floor_mib"]},
-            {"part": "activations of one 1-patch call (peak - floor)", "mib": d["peak_mib"] - d["floor_mib"]},
-            {"part": "peak", "mib": d["peak_mib"]},
-        ]
+        t, breakdown = floor_breakdown(model, tiny, steps, threads)
         write_results(out.with_name(out.name + "_floor"), f"Where the peak goes: {image_size}x{image_size}, "
                       f"{grid}x{grid} grid, base width {base_width}, 1 patch per call, runtime defaults",
                       [("part", "part"), ("mib", "MiB")], breakdown)
