@@ -122,8 +122,8 @@ print(json.dumps({"imports_mib": imports, "floor_mib": floor, "peak_mib": status
 
 SAMPLE_CLI = ["-c", "from patchgen.cli.sample import main; main()"]
 MIB = 2**20
-# runtime/session.py's OVERRIDES_ENV and the switch tune_allocator reads: named here, since importing the runtime (onnxruntime)
-# would make this driver large, which its children would inherit (run_fresh)
+# runtime/session.py's OVERRIDES_ENV and the switch its tune_allocator reads: named here, since importing the
+# runtime (onnxruntime) would make this driver large, which its children would inherit (run_fresh)
 SESSION_OPTIONS_ENV, MALLOC_TUNING_ENV = "PATCHGEN_SESSION_OPTIONS", "PATCHGEN_MALLOC_TUNING"
 
 

@@ -24,7 +24,7 @@ its outputs were checked: done, refused or failed (error), or stopped by Ctrl-C 
 - `files`: the paths written, as given on the command line: the images in index order, then the preview and
   the grid image, each once written.
 - `error` (null when done): `message` (the line printed as `Error: ...`, or the exception's text), `stage`
-  ("checking", "loading", "editing", "planning", "sampling": what the run was doing), and
+  ("loading", "editing", "planning", "sampling": what the run was doing), and
   `minimum_budget_bytes` (a budget the run was refused as too small for: the minimum it named, else null; a
   refusal while loading is a bound from the weights alone, one while planning the measured minimum of one patch
   per call, which a fresh run accepts).
@@ -52,7 +52,7 @@ class RunRecord:
     sampler: str
     steps: Optional[int]
     eta: Optional[float]
-    stage: str = "checking"
+    stage: str = "loading"  # then "editing", "planning", "sampling": what the run is doing
     model: object = None  # the OnnxModel, once opened
     plan: object = None  # the Plan, once made
     images: list[int] = field(default_factory=list)  # the indices of the images on disk

@@ -104,8 +104,8 @@ def check_output_folder(folder: Path) -> None:
               help="Steps between --preview writes.")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write a JSON record of the run to this file, for scripts: the model and its hash, the plan, "
-                   "the kernel's peak RSS, seconds, the files written, or what stopped it (fields: "
-                   "the docstring of patchgen.cli.report). Written as the run ends, done or not; replaced only with --force.")
+                   "the kernel's peak RSS, seconds, the files written, or what stopped it (fields: the docstring of "
+                   "patchgen.cli.report). Written as the run ends, done or not; replaced only with --force.")
 @click.option("--force", is_flag=True, help="Replace files that an earlier run wrote under the same names: images, "
               "--grid-image, --preview, --report (without it, such a run is refused before any work).")
 @user_errors

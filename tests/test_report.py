@@ -46,7 +46,8 @@ def test_report_of_a_finished_run(onnx_model, tmp_path):
     r = json.loads(report.read_text())
     assert r["schema"] == SCHEMA == 1 and r["status"] == "done" and r["error"] is None
     assert r["model"]["path"] == str(onnx_model) and r["model"]["name"] == "m"
-    assert r["model"]["sha256"] == model_sha256(onnx_model) and (r["model"]["grid"], r["model"]["image_size"]) == (2, 16)
+    assert r["model"]["sha256"] == model_sha256(onnx_model)
+    assert (r["model"]["grid"], r["model"]["image_size"], r["model"]["channels"]) == (2, 16, 3)
     assert r["request"] == {"num_images": 2, "seed": 0, "sampler": "ddim", "steps": 2, "steps_run": 2, "eta": 0.0,
                             "edit": None}
     plan = r["plan"]
