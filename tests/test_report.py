@@ -38,7 +38,16 @@ def refused(r, *fragments):
     assert all(f in r.stderr for f in fragments), r.stderr
 
 
-def test_report_of_a_finished_run(onnx_model, tmp_path):
+def load_benchmark(name: str, monkeypatch):
+    """benchmarks/<name>.py as a module (it imports benchlib from its own folder)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_report_of_a_finished_run(onnx_model, tmp_path, monkeypatch):
     out, report = tmp_path / "out", tmp_path / "run.json"
     code, err = invoke("--model", onnx_model, "-n", 2, "--steps", 2, "--threads", 1, "--out", out,
                        "--grid-image", tmp_path / "grid.png", "--report", report)
@@ -59,6 +68,8 @@ def test_report_of_a_finished_run(onnx_model, tmp_path):
     assert r["files"] == [str(out / "seed0_00000.png"), str(out / "seed0_00001.png"), str(tmp_path / "grid.png")]
     assert all(Path(f).is_file() for f in r["files"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "out", "run.json"]  # no temporary left
+    arm64 = load_benchmark("arm64_compare", monkeypatch).cli_report(report)  # what the arm64 comparison reads
+    assert arm64 == {"s_per_image": s["per_image"], "peak_mib": r["peak_rss_bytes"] / 2**20}
 
 
 def test_report_of_a_refused_budget_names_the_minimum(onnx_model, tmp_path):
@@ -165,11 +176,7 @@ REWORDED = ["-c", "import click, patchgen.cli.sample as sample\n"
 
 @pytest.fixture
 def benchlib(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    spec = importlib.util.spec_from_file_location("benchlib", BENCH / "benchlib.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("benchlib", monkeypatch)
 
 
 def test_benchmarks_read_the_report_not_the_wording(onnx_model, tmp_path, benchlib, monkeypatch):
