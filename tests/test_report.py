@@ -202,3 +202,20 @@ def test_no_benchmark_reads_sampler_prose_with_a_regex():
                     and isinstance(node.func.value, ast.Name) and node.func.value.id == "re"):
                 text = ast.unparse(node)
                 assert "stderr" not in text and ".log" not in text, (path.name, text)
+
+
+def test_the_session_settings_a_benchmark_varies_are_a_parameter(monkeypatch):
+    """session_options(overrides=...), or $PATCHGEN_SESSION_OPTIONS in a fresh process (benchlib.sample_run):
+    onnxruntime's own names laid over patchgen's; anything else is one PatchgenError line."""
+    from patchgen.runtime.errors import PatchgenError
+    from patchgen.runtime.session import OVERRIDES_ENV, session_options
+
+    assert not session_options().enable_mem_pattern and not session_options().enable_cpu_mem_arena
+    so = session_options(overrides={"enable_mem_pattern": True, "session.disable_prepacking": "1"})
+    assert so.enable_mem_pattern and so.get_session_config_entry("session.disable_prepacking") == "1"
+    monkeypatch.setenv(OVERRIDES_ENV, json.dumps({"enable_cpu_mem_arena": True}))
+    assert session_options().enable_cpu_mem_arena and not session_options(overrides={}).enable_cpu_mem_arena
+    for text in ("[1]", "{", json.dumps({"no_such_option": 1})):
+        monkeypatch.setenv(OVERRIDES_ENV, text)
+        with pytest.raises(PatchgenError, match=OVERRIDES_ENV):
+            session_options()
