@@ -97,8 +97,8 @@ OUT=$CACHE/out
 rm -rf "$OUT" && mkdir -p "$OUT"
 # The default model, 1 image, 2 DDIM steps: emulation is about 100x slower than this CPU
 SAMPLE="-m patchgen.cli.sample -n 1 --steps 2 --threads 1 --out"
-x86_py $SAMPLE "$OUT/x86" 2> "$OUT/x86.log"
-arm_py $SAMPLE "$OUT/arm64" 2> "$OUT/arm64.log"
+x86_py $SAMPLE "$OUT/x86" --report "$OUT/x86_report.json" 2> "$OUT/x86.log"
+arm_py $SAMPLE "$OUT/arm64" --report "$OUT/arm64_report.json" 2> "$OUT/arm64.log"
 cat > "$OUT/sample_floats.py" <<'PY'
 import json, platform, sys
 import numpy as np, onnxruntime, PIL
