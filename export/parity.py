@@ -15,6 +15,7 @@ import torch
 
 from patchgen.models.diffusion import EpsDenoiser
 from patchgen.models.unet import PatchUNet
+from patchgen.runtime.errors import ArgumentError
 from patchgen.runtime.schedule import Schedule, alphas_cumprod
 from patchgen.runtime.session import open_session
 from patchgen.runtime.spec import example_feeds
@@ -112,3 +113,26 @@ def parity_rms(net: PatchUNet, model_path, feeds: list[dict]) -> float:
         total += float(np.sum(err.astype(np.float64) ** 2))
         count += err.size
     return float(np.sqrt(total / count))
+
+
+def checked_max_error(net: PatchUNet, model_path) -> float:
+    """`max_parity_error` of the float32 graph at `model_path`; an ArgumentError above PARITY_TOLERANCE (or NaN)."""
+    error = max_parity_error(net, model_path)
+    if not error <= PARITY_TOLERANCE:  # also catches NaN
+        raise _failed(f"parity check failed: max error in the model's own parametrisation ({net.config.prediction}) "
+                      f"= {error:.3g} > {PARITY_TOLERANCE:g}; ")
+    return error
+
+
+def checked_rms(net: PatchUNet, model_path, weights: str, feeds: list[dict]) -> float:
+    """`parity_rms` of the `weights` ("fp16", "int8") file at `model_path` on `feeds`; an ArgumentError above
+    PARITY_RMS_TOLERANCE[weights] (or NaN)."""
+    error, limit = parity_rms(net, model_path, feeds), PARITY_RMS_TOLERANCE[weights]
+    if not error <= limit:
+        raise _failed(f"{weights} parity check failed: RMS error in the model's own parametrisation "
+                      f"({net.config.prediction}) = {error:.3g} > {limit:g}; ")
+    return error
+
+
+def _failed(problem: str) -> ArgumentError:
+    return ArgumentError(problem, "no file written ({check} writes it anyway)", check=False)
