@@ -24,7 +24,7 @@ class CliError(click.ClickException):
 # by name=value for a flag that sets that value.
 OPTIONS = {"held_bytes": "--grid-image", "output_path": "-o", "run_dir": "--out", "check=False": "--skip-check",
            "simplify_graph=False": "--no-simplify", "cache_dir": "patchgen-train --cache-dir",
-           "decode_workers": "patchgen-train --decode-workers"}
+           "workers": "patchgen-train --decode-workers"}
 
 
 def as_option(name: str, value: Optional[object] = None) -> str:
