@@ -71,8 +71,10 @@ def calibration_images(data: DataSource, image_size: int, calibration_data: Opti
                 train, _ = holdout_split(len(images), data.holdout_fraction, data.holdout_seed)
                 images = images[train]
     except (PatchgenError, OSError, ValueError) as e:
-        raise ArgumentError(f"cannot load calibration images ({e}); ", "pass {calibration_data} with one of "
-                            f"{', '.join(DATA_SETS)} or a folder of images", calibration_data=None) from None
+        why = e if isinstance(e, ArgumentError) else ArgumentError(str(e), "")  # its arguments stay arguments
+        raise ArgumentError(f"cannot load calibration images ({why.problem}", why.fix + "); pass {calibration_data} "
+                            f"with one of {', '.join(DATA_SETS)} or a folder of images", **why.arguments,
+                            calibration_data=None) from None
     if len(images) == 0:
         raise ArgumentError("no calibration images; ", "pass {calibration_data} with a folder of images",
                             calibration_data=None)
