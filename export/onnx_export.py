@@ -165,7 +165,8 @@ def check_output_path(path: Path, force: bool, checkpoint=None) -> None:
     """Refuse, before any work, an output that exists (without force), that is the input checkpoint
     itself (even with force), or whose folder cannot be written."""
     if checkpoint is not None and path.exists() and Path(checkpoint).exists() and path.samefile(checkpoint):
-        raise ArgumentError(f"{path} is the checkpoint being exported; ", "choose another {output_path}", output_path=None)
+        raise ArgumentError(f"{path} is the checkpoint being exported; ", "choose another {output_path}",
+                            output_path=None)
     check_openable(path)  # the written file is checked by opening it in onnxruntime
     if path.exists() and not force:
         raise ArgumentError(f"{path} exists; ", "pass {force} to overwrite it", force=True)
