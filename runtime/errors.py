@@ -6,10 +6,7 @@ that a CLI words the same error in its options (`worded`, cli/common.py).
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional
-
-MIB = 2**20
 
 # How a caller sets an argument: (argument name, the value to give it, or None for the argument itself) -> words.
 Naming = Callable[[str, Optional[object]], str]
@@ -41,15 +38,3 @@ class ArgumentError(PatchgenError):
 
     def worded(self, naming: Naming) -> str:
         return self.problem + self.fix.format_map({name: naming(name, value) for name, value in self.arguments.items()})
-
-
-class BudgetTooSmall(ArgumentError):
-    """The memory budget cannot hold the run, not even at one patch per call. problem: why; `minimum`
-    (bytes): a budget a fresh run accepts, asked for in whole MiB; alternative: another fix ("resize the
-    image")."""
-
-    def __init__(self, problem: str, minimum: float, alternative: str = ""):
-        self.minimum = minimum
-        other = ", or " + alternative.replace("{", "{{").replace("}", "}}") if alternative else ""
-        super().__init__(f"{problem}; ", "pass {memory_budget} or more" + other,
-                         memory_budget=f"{math.ceil(minimum / MIB)}M")

@@ -15,13 +15,13 @@ from typing import Iterator, Optional, Union
 
 import numpy as np
 
-from .errors import ArgumentError, BudgetTooSmall, PatchgenError
+from .errors import ArgumentError, PatchgenError
 from .images import to_uint8, write_png
 from .edit import Edit, ImageInput, make_edit
 from .loop import SAMPLERS, default_steps, edit_timesteps, sample_images
 from . import memory
-from .memory import (ARENA_PRIOR, DEFAULT_BUDGET_SHARE, MIB, calibrate, calibrate_arena, checked_budget, fastest_fit,
-                     format_size, fresh_minimum, plan_patch_batch)
+from .memory import (ARENA_PRIOR, DEFAULT_BUDGET_SHARE, MIB, BudgetTooSmall, calibrate, calibrate_arena,
+                     checked_budget, fastest_fit, format_size, fresh_minimum, plan_patch_batch)
 from .limits import available_cpus
 from .model import OnnxModel, default_threads, load_model, thread_candidates
 from .session import DEFAULT_PROVIDER

@@ -63,7 +63,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-from .errors import BudgetTooSmall, PatchgenError
+from .errors import ArgumentError, PatchgenError
 from .limits import available_memory
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20, "MIB": 2**20,
@@ -155,6 +155,18 @@ def cap_to_available(budget: int) -> tuple[int, str]:
     if limit is not None and budget > limit:
         return limit, what
     return budget, ""
+
+
+class BudgetTooSmall(ArgumentError):
+    """The memory budget cannot hold the run, not even at one patch per call. problem: why; `minimum`
+    (bytes): a budget a fresh run accepts, asked for in whole MiB; alternative: another fix ("resize the
+    image")."""
+
+    def __init__(self, problem: str, minimum: float, alternative: str = ""):
+        self.minimum = minimum
+        other = ", or " + alternative.replace("{", "{{").replace("}", "}}") if alternative else ""
+        super().__init__(f"{problem}; ", "pass {memory_budget} or more" + other,
+                         memory_budget=f"{math.ceil(minimum / MIB)}M")
 
 
 SAFETY = 1.10  # bytes extrapolated beyond the largest measured call are charged 10 % more
