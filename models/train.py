@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 
-from patchgen.runtime.errors import PatchgenError
+from patchgen.runtime.errors import ArgumentError, PatchgenError
 from patchgen.runtime.files import (atomic_output, check_free_space, check_writable_folder, claim, made_folder,
                                     remove_if_empty, remove_stale_temporaries, write_error)
 
@@ -186,10 +186,11 @@ def check_run_folder(run_dir, resume: bool) -> Path:
     must not overwrite one. Cheap and writes nothing, so callers can fail before loading any data."""
     ckpt_path = Path(run_dir) / CHECKPOINT_NAME
     if resume and not ckpt_path.is_file():
-        raise PatchgenError(f"checkpoint {ckpt_path} does not exist: nothing to resume; "
-                            "leave out --resume to start a new run there")
+        raise ArgumentError(f"checkpoint {ckpt_path} does not exist: nothing to resume; ",
+                            "leave out {resume} to start a new run there", resume=True)
     if not resume and ckpt_path.exists():
-        raise PatchgenError(f"{ckpt_path} already exists: pass --resume to continue it or choose a new --out")
+        raise ArgumentError(f"{ckpt_path} already exists: ", "pass {resume} to continue it or choose a new {run_dir}",
+                            resume=True, run_dir=None)
     return ckpt_path
 
 

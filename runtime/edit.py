@@ -99,8 +99,8 @@ def _check_decoding(img: Image.Image, source, what: str, size: int, budget: Opti
           f"{memory.format_size(resident)} this process holds"
     if budget is not None and resident + need > budget:
         least = math.ceil((resident + need + memory.RERUN_MARGIN) / memory.MIB)
-        raise memory.BudgetTooSmall(f"memory budget {memory.format_size(budget)} is below this run's minimum ({why});"
-                                    f" pass --memory-budget {least}M or more, or resize the image", least * memory.MIB)
+        raise memory.BudgetTooSmall(f"memory budget {memory.format_size(budget)} is below this run's minimum ({why})",
+                                    least * memory.MIB, "resize the image")
     limit, limited_by = memory.available_memory(resident)
     if budget is None and limit is not None and resident + need > limit:
         raise PatchgenError(f"{why}, but this process can have only {memory.format_size(limit)} ({limited_by}); "

@@ -37,7 +37,7 @@ from typing import Optional
 
 import onnxruntime as ort
 
-from .errors import PatchgenError
+from .errors import ArgumentError, PatchgenError
 
 SUFFIX = "ExecutionProvider"
 DEFAULT_PROVIDER = "cpu"
@@ -175,7 +175,7 @@ def open_session(path, threads: int = 1, provider: str = DEFAULT_PROVIDER, optim
         warnings.simplefilter("ignore", UserWarning)
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     if chosen not in session.get_providers():  # onnxruntime falls back to the CPU with only a log line
-        raise PatchgenError(f"onnxruntime could not start the {short_name(chosen)} provider (missing driver or "
-                            f"libraries?); the session runs only on {', '.join(map(short_name, session.get_providers()))}. "
-                            f"Pass --provider cpu to run on the CPU")
+        raise ArgumentError(f"onnxruntime could not start the {short_name(chosen)} provider (missing driver or "
+                            f"libraries?); the session runs only on {', '.join(map(short_name, session.get_providers()))}. ",
+                            "Pass {provider} to run on the CPU", provider=DEFAULT_PROVIDER)
     return session

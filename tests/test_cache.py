@@ -129,7 +129,7 @@ def test_killed_build_leaves_nothing_behind(tmp_path, counted):
 def test_unusable_cache_folder_is_one_clear_error(tmp_path):
     folder = write_folder(tmp_path / "images", 2)
     (tmp_path / "file").write_text("")
-    with pytest.raises(PatchgenError, match=f"cannot create the image cache folder .*--cache-dir, or \\${CACHE_ENV}"):
+    with pytest.raises(PatchgenError, match=f"cannot create the image cache folder .*cache_dir, or \\${CACHE_ENV}"):
         load_folder(folder, 8, Decoding(tmp_path / "file" / "cache"))
 
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from patchgen.export.onnx_export import (PARITY_TOLERANCE, eps_gain, example_inputs, export_onnx, max_parity_error,
-                                         parity_scale, parity_timesteps)
+from patchgen.export.onnx_export import example_inputs, export_onnx
+from patchgen.export.parity import (PARITY_TIMESTEPS, PARITY_TOLERANCE, eps_gain, max_parity_error, parity_scale,
+                                    spread_timesteps)
 from patchgen.models.checkpoint import load_checkpoint, model_from_checkpoint
 from patchgen.models.config import ModelConfig
 from patchgen.models.diffusion import EpsDenoiser, eps_from_prediction, schedule_coefficients
@@ -141,11 +142,11 @@ def test_x0_gain_at_t0_for_the_default_cosine_schedule():
 
 @pytest.mark.parametrize("num_timesteps", [2, 3, 10, 1000, 4000])
 def test_parity_timesteps_are_fixed_and_span_the_schedule(num_timesteps):
-    ts = parity_timesteps(num_timesteps)
+    ts = spread_timesteps(num_timesteps, PARITY_TIMESTEPS)
     assert ts.dtype == np.int64 and ts[0] == 0 and ts[-1] == num_timesteps - 1
     assert np.all(np.diff(ts) > 0) and len(ts) == min(9, num_timesteps)
     assert np.diff(ts).max() - np.diff(ts).min() <= 1  # evenly spread
-    np.testing.assert_array_equal(ts, parity_timesteps(num_timesteps))
+    np.testing.assert_array_equal(ts, spread_timesteps(num_timesteps, PARITY_TIMESTEPS))
 
 
 def test_x0_model_passes_a_deterministic_check_that_includes_t0(exported):
@@ -267,17 +268,17 @@ def test_cli_bad_input(tmp_path, checkpoint, output, message):
 def test_parity_check_runs_every_patch_position(exported, monkeypatch):
     """The export's parity check feeds every one-hot position at least once (16 on a 4x4 grid), not just the
     first few: a wrong position path (the edge mask is built from pos) cannot pass unseen."""
-    import patchgen.export.onnx_export as onnx_export
+    import patchgen.export.parity as parity
 
     config, ckpt, path = exported("g4-halo-mask-x0")
     seen = []
-    original = onnx_export.example_inputs
+    original = parity.example_feeds
 
     def recording(*args, **kwargs):
         feeds = original(*args, **kwargs)
         seen.extend(np.argmax(feeds["pos"], axis=1).tolist())
         return feeds
-    monkeypatch.setattr(onnx_export, "example_inputs", recording)
+    monkeypatch.setattr(parity, "example_feeds", recording)
     assert max_parity_error(model_from_checkpoint(load_checkpoint(ckpt)), path) <= PARITY_TOLERANCE
     assert set(seen) == set(range(config.grid**2))
 
@@ -318,7 +319,7 @@ def test_re_export_replaces_the_data_file_and_a_killed_exports_leftovers_go(tmp_
     old = export_onnx(first, out / "m.onnx").data_path
     (out / "m.onnx.0123456789ab.data").write_bytes(b"a killed export's data, never committed")
     (out / ".m.onnx.p999999999.abc123.tmp").write_bytes(b"a killed export's graph")
-    with pytest.raises(PatchgenError, match="exists; pass --force"):
+    with pytest.raises(PatchgenError, match="exists; pass force=True"):
         export_onnx(second, out / "m.onnx")
     new = export_onnx(second, out / "m.onnx", force=True).data_path
     assert new != old and sorted(p.name for p in out.iterdir()) == sorted(["m.onnx", new.name])
@@ -326,9 +327,10 @@ def test_re_export_replaces_the_data_file_and_a_killed_exports_leftovers_go(tmp_
 
 def test_a_failed_check_leaves_no_external_data(tmp_path, external_from_1_kib, monkeypatch):
     import patchgen.export.onnx_export as ex
+    import patchgen.export.parity as parity
 
     ckpt = write_checkpoint(tmp_path / "c.pt", tiny_config())
-    monkeypatch.setattr(ex, "PARITY_TOLERANCE", -1.0)
+    monkeypatch.setattr(parity, "PARITY_TOLERANCE", -1.0)
     with pytest.raises(PatchgenError, match="parity check failed"):
         ex.export_onnx(ckpt, tmp_path / "m.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]

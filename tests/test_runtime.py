@@ -101,7 +101,7 @@ def test_peak_memory_does_not_grow_with_image_count(models, tmp_path):
 def test_budget_plans_and_minimum(models):
     _, onnx_path = models["g2"]
     model = load_model(onnx_path)
-    with pytest.raises(PatchgenError, match=r"below this model's minimum of \d+\.\dM .*--memory-budget \d+M"):
+    with pytest.raises(PatchgenError, match=r"below this model's minimum of \d+\.\dM .*memory_budget='\d+M'"):
         make_plan(model, 1, memory_budget="10M")
     # The default budget (75% of this machine's memory): everything fits, the fastest batch measured runs. (A
     # tight budget in a process whose mark is far above its RSS, as a test process's is, charges the hidden
@@ -326,7 +326,7 @@ def test_provider_selection(models, monkeypatch):
     real = ort.get_available_providers()
     if "CUDAExecutionProvider" not in real:  # pretend the build has it, as a GPU wheel without its drivers would
         monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *real])
-        with pytest.raises(PatchgenError, match="could not start the cuda provider.*--provider cpu"):
+        with pytest.raises(PatchgenError, match="could not start the cuda provider.*provider='cpu'"):
             open_session(str(models["g2"][1]), provider="cuda")
 
 

@@ -89,7 +89,7 @@ def test_preview_is_written(tmp_path, blobs16, tiny_train_config):
 
 def test_new_run_refuses_existing_checkpoint(tmp_path, blobs16, tiny_train_config):
     train(tmp_path, 1, data=blobs16, config=tiny_config(), tc=tiny_train_config, **NO_PREVIEW)
-    with pytest.raises(PatchgenError, match="--resume"):
+    with pytest.raises(PatchgenError, match="pass resume=True"):
         train(tmp_path, 1, data=blobs16, config=tiny_config(), tc=tiny_train_config, **NO_PREVIEW)
 
 
