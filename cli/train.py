@@ -127,7 +127,7 @@ def main(recipe, data, image_size, grid, no_gcc, no_position, max_steps, batch_s
          bf16):
     """Train a patch-based diffusion U-Net (Arakawa et al. 2023) and write checkpoints to --out."""
     from patchgen.models import distributed
-    from patchgen.models.train import check_run_folder, run_folder
+    from patchgen.models.run_folder import check_run_folder, run_folder
 
     check_run_folder(out, resume)  # before any data is loaded
     if accept_changed_data and not resume:
