@@ -227,7 +227,8 @@ def _decoding(world, cache_dir, no_cache, workers):
     """How this rank decodes images: into the cache (default folder unless --cache-dir), or into memory
     (--no-cache); in `workers` processes (default: one per CPU of this rank's share of the machine), with a
     progress bar. Only rank 0 talks."""
-    from patchgen.models.cache import Decoding, default_cache_dir
+    from patchgen.models.cache import default_cache_dir
+    from patchgen.models.decoding import Decoding
     from patchgen.models.distributed import local_world_size
 
     bar = reporter = None

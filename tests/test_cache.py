@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 
 import patchgen.models.data as data
-from patchgen.models.cache import CACHE_ENV, MIN_PARALLEL, Decoding, default_cache_dir
+from patchgen.models.cache import CACHE_ENV, MIN_PARALLEL, default_cache_dir
 from patchgen.models.data import ImageSubset, load_folder
+from patchgen.models.decoding import Decoding
 from patchgen.runtime.errors import PatchgenError
 
 from conftest import blob_images
@@ -33,7 +34,7 @@ def write_folder(folder, n, size=8, broken=()):
 
 @pytest.fixture
 def counted(monkeypatch):
-    """How many images data.decode_one decodes in this process."""
+    """How many images decode_one (decoding.py, as data.py calls it) decodes in this process."""
     calls = []
     real = data.decode_one
 
@@ -167,8 +168,8 @@ LINUX_PROC = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="fi
 # A process that decodes a folder into the cache in two worker processes, as patchgen-train does.
 DECODE_FOLDER = """
 import sys
-from patchgen.models.cache import Decoding
 from patchgen.models.data import load_folder
+from patchgen.models.decoding import Decoding
 load_folder(sys.argv[1], 8, Decoding(cache_dir=sys.argv[2], workers=2))
 """
 

@@ -12,9 +12,10 @@ from PIL import Image, ImageCms, ImageFile
 
 import patchgen.runtime.decode as decode_module
 import tinyfont
-from patchgen.models.cache import Decoding
-from patchgen.models.data import (NOTO_FONT_ENV, DataSource, holdout_split, image_suffixes, load_data, load_emoji,
-                                  load_folder, load_named, max_decode_pixels, prepare_image)
+from patchgen.models.data import (NOTO_FONT_ENV, DataSource, holdout_split, load_data, load_emoji, load_folder,
+                                  load_named)
+from patchgen.models.decoding import Decoding, image_suffixes
+from patchgen.runtime.decode import max_decode_pixels, prepare_image
 from patchgen.runtime.errors import PatchgenError
 
 SIZE = 16  # the files are SIZE x SIZE and load at SIZE: no resampling, so pixels compare one to one
