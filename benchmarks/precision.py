@@ -53,6 +53,14 @@ def export(checkpoint: Path, out: Path, weights: str, calibration_data: str | No
     click.echo(f"{out.name}: {' / '.join(parity)}")
 
 
+def weight_settings(ctx, param, value: str) -> list[str]:
+    """--weights: names of SETTINGS, comma-separated; fp32, the reference of every ratio, among them."""
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if "fp32" not in names or any(n not in SETTINGS for n in names):
+        raise click.BadParameter(f"names from {','.join(SETTINGS)}, fp32 among them; got {value!r}")
+    return names
+
+
 def cpu_flags() -> str:
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
@@ -68,6 +76,8 @@ def cpu_flags() -> str:
 @click.option("--edge/--no-edge", default=True, show_default=True, help="Also the random-weight edge model.")
 @click.option("--edge-size", type=int, default=256, show_default=True, help="The edge model's image size.")
 @click.option("--edge-grid", type=int, default=4, show_default=True, help="The edge model's grid.")
+@click.option("--weights", "settings", default=",".join(SETTINGS), show_default=True, callback=weight_settings,
+              help="The files to compare (fewer: a quicker run).")
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--steps", type=int, default=4, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
@@ -79,8 +89,8 @@ def cpu_flags() -> str:
 @click.option("--models-dir", type=click.Path(path_type=Path), default=None,
               help="Keep the exported files here (for benchmarks/quality.py) [default: a temporary folder].")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "precision", show_default=True)
-def main(checkpoints, edge, edge_size, edge_grid, rounds, steps, threads, patch_batch, allocations, models_dir,
-         out):
+def main(checkpoints, edge, edge_size, edge_grid, settings, rounds, steps, threads, patch_batch, allocations,
+         models_dir, out):
     """File size, peak RSS and s/step of fp32, fp16 and int8 exports, timed interleaved."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = models_dir or Path(tmp)
@@ -93,7 +103,7 @@ def main(checkpoints, edge, edge_size, edge_grid, rounds, steps, threads, patch_
         files = {}
         for name, ckpt, calibration in sources:
             stem = name.split()[0]
-            for w in SETTINGS:
+            for w in settings:
                 files[name, w] = folder / f"{stem}_{w}.onnx"
                 export(ckpt, files[name, w], w, calibration)
         cells = [(name, w, a) for a in allocations for name, w in files]
