@@ -119,10 +119,12 @@ def test_budget_plans_and_minimum(models):
         make_plan(model, 1, memory_budget="1G", patch_batch=2)
 
 
+@pytest.mark.quick
 def test_thread_candidates():
     assert [thread_candidates(n) for n in (1, 2, 4, 6, 8)] == [[1], [1, 2], [1, 2, 4], [1, 2, 4, 6], [1, 2, 4, 8]]
 
 
+@pytest.mark.quick
 def test_plan_arithmetic():
     mem = MemoryModel(reached=110, floor=100, calls=((1, 5), (2, 10), (4, 22)))  # bytes; calls: (batch, added)
     batches, no_extra = [1, 2, 3, 4, 8], lambda b: 0
@@ -132,12 +134,14 @@ def test_plan_arithmetic():
         plan_patch_batch(mem, 109, batches, no_extra)  # below the high-water mark already reached
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("text,expected", [("200M", 200 * 2**20), ("1.5G", int(1.5 * 2**30)), ("512MiB", 512 * 2**20),
                                            ("1000", 1000), ("64k", 64 * 1024)])
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
 
+@pytest.mark.quick
 def test_parse_size_rejects():
     with pytest.raises(PatchgenError, match="like 200M"):
         parse_size("lots")
@@ -192,6 +196,7 @@ def test_sample_bad_input(models, tmp_path, args, message):
     assert not list(tmp_path.rglob("*.png")) and not (tmp_path / "out").exists()  # refused before creating anything
 
 
+@pytest.mark.quick
 def test_no_default_model_message(tmp_path, monkeypatch, capsys):
     import patchgen.cli.sample as cli
     import patchgen.runtime.pretrained as pretrained
