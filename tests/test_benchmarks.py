@@ -162,6 +162,7 @@ def test_frechet_distance_of_non_commuting_2d_gaussians():
     assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.quick
 def test_kid_known_answers():
     # d = 1, k(x, y) = (x y + 1)^3: within a {0, 1}: k(0, 1) = 1; within b {1, 2}: k(1, 2) = 27;
     # across: k(0, 1), k(0, 2), k(1, 1), k(1, 2) = 1, 1, 8, 27, mean 9.25. MMD^2 = 1 + 27 - 2 * 9.25.

@@ -45,6 +45,7 @@ def counted(monkeypatch):
     return calls
 
 
+@pytest.mark.quick
 def test_built_once_then_mapped(tmp_path, counted):
     folder = write_folder(tmp_path / "images", 6, broken=(2,))
     notes = []
@@ -149,6 +150,7 @@ def test_built_in_sets_go_through_the_cache(tmp_path):
     np.testing.assert_array_equal(faces.images, data.load_data("emoji-faces", 8).images)
 
 
+@pytest.mark.quick
 def test_image_subset_gathers_rows():
     images = np.arange(5 * 2 * 2 * 3, dtype=np.uint8).reshape(5, 2, 2, 3)
     subset = ImageSubset(images, np.array([4, 1, 3]))

@@ -35,11 +35,13 @@ def fingerprint(images: np.ndarray) -> float:
     return float(((x - x.mean()) * weights).sum() / np.sqrt(x.size))
 
 
+@pytest.mark.quick
 def test_shipped_files_fit_the_size_limit():
     sizes = {name: (PRETRAINED / name).stat().st_size for name in SHIPPED}
     assert sum(sizes.values()) <= 30e6, sizes
 
 
+@pytest.mark.quick
 def test_every_shipped_file_is_tested_and_the_default_is_shipped():
     assert sorted(p.name for p in PRETRAINED.glob("*.onnx")) == sorted(SHIPPED) == sorted(GOLDEN)
     assert f"{DEFAULT_MODEL}.onnx" in SHIPPED
