@@ -55,6 +55,14 @@ def export(checkpoint: Path, out: Path, weights: str, calibration_data: str | No
     click.echo(f"{out.name}: {' / '.join(parity)}")
 
 
+def weight_settings(ctx, param, value: str) -> list[str]:
+    """--weights: names of SETTINGS, comma-separated; fp32, the reference of every ratio, among them."""
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if "fp32" not in names or any(n not in SETTINGS for n in names):
+        raise click.BadParameter(f"names from {','.join(SETTINGS)}, fp32 among them; got {value!r}")
+    return names
+
+
 def cpu_flags() -> str:
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
@@ -64,13 +72,13 @@ def cpu_flags() -> str:
     return ", ".join(have) or "none of avx2/avx512/vnni"
 
 
-def export_all(sources: list[tuple[str, Path, str | None]], folder: Path) -> dict:
-    """(name, weights) -> the file of each (name, checkpoint, calibration data) source exported at every setting
-    of SETTINGS into `folder`."""
+def export_all(sources: list[tuple[str, Path, str | None]], settings: list[str], folder: Path) -> dict:
+    """(name, weights) -> the file of each (name, checkpoint, calibration data) source exported at each of
+    `settings` (names of SETTINGS) into `folder`."""
     files = {}
     for name, ckpt, calibration in sources:
         stem = name.split()[0]
-        for w in SETTINGS:
+        for w in settings:
             files[name, w] = folder / f"{stem}_{w}.onnx"
             export(ckpt, files[name, w], w, calibration)
     return files
@@ -124,6 +132,8 @@ def precision_row(files: dict, cell: tuple[str, str, str], times: dict, peaks: d
 @click.option("--edge/--no-edge", default=True, show_default=True, help="Also the random-weight edge model.")
 @click.option("--edge-size", type=int, default=256, show_default=True, help="The edge model's image size.")
 @click.option("--edge-grid", type=int, default=4, show_default=True, help="The edge model's grid.")
+@click.option("--weights", "settings", default=",".join(SETTINGS), show_default=True, callback=weight_settings,
+              help="The files to compare (fewer: a quicker run).")
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--steps", type=int, default=4, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
@@ -135,8 +145,8 @@ def precision_row(files: dict, cell: tuple[str, str, str], times: dict, peaks: d
 @click.option("--models-dir", type=click.Path(path_type=Path), default=None,
               help="Keep the exported files here (for benchmarks/quality.py) [default: a temporary folder].")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "precision", show_default=True)
-def main(checkpoints, edge, edge_size, edge_grid, rounds, steps, threads, patch_batch, allocations, models_dir,
-         out):
+def main(checkpoints, edge, edge_size, edge_grid, settings, rounds, steps, threads, patch_batch, allocations,
+         models_dir, out):
     """File size, peak RSS and s/step of fp32, fp16 and int8 exports, timed interleaved."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = models_dir or Path(tmp)
@@ -146,7 +156,7 @@ def main(checkpoints, edge, edge_size, edge_grid, rounds, steps, threads, patch_
             stem = f"edge{edge_size}_{edge_grid}x{edge_grid}"
             model = random_model(Path(tmp) / f"{stem}.onnx", edge_size, edge_grid, keep_checkpoint=True)
             sources.append((f"{stem} (random weights)", model.with_suffix(".pt"), "emoji-faces"))
-        files = export_all(sources, folder)
+        files = export_all(sources, settings, folder)
         cells, times, peaks, plans = timed_rounds(files, allocations, rounds, steps, threads, patch_batch)
         rows = [precision_row(files, cell, times, peaks, plans) for cell in cells]
     notes = (f"{rounds} rounds, interleaved; each cell a fresh `patchgen-sample`-like process (1 image, {steps} DDIM "

@@ -158,7 +158,7 @@ def main(out, max_steps, resume, accept_changed_data, checkpoint_every, preview_
          decode_workers, threads, bf16, **settings):
     """Train a patch-based diffusion U-Net (Arakawa et al. 2023) and write checkpoints to --out."""
     from patchgen.models import distributed
-    from patchgen.models.train import check_run_folder, run_folder
+    from patchgen.models.run_folder import check_run_folder, run_folder
 
     check_run_folder(out, resume)  # before any data is loaded
     _refuse_contradictions(resume, accept_changed_data, cache_dir, no_cache)
@@ -238,7 +238,8 @@ def _decoding(world, cache_dir, no_cache, workers):
     """How this rank decodes images: into the cache (default folder unless --cache-dir), or into memory
     (--no-cache); in `workers` processes (default: one per CPU of this rank's share of the machine), with a
     progress bar. Only rank 0 talks."""
-    from patchgen.models.cache import Decoding, default_cache_dir
+    from patchgen.models.cache import default_cache_dir
+    from patchgen.models.decoding import Decoding
     from patchgen.models.distributed import local_world_size
 
     bar = reporter = None

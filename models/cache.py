@@ -28,7 +28,6 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -38,6 +37,8 @@ import PIL
 from patchgen.runtime.errors import ArgumentError
 from patchgen.runtime.files import (CACHE_ENV, atomic_output, cache_root, check_free_space,
                                     remove_stale_temporaries, write_error)
+
+from .decoding import Decoding
 
 # How to put the cache elsewhere: named as Decoding's cache_dir (errors.ArgumentError) where this module words
 # the error itself; as the option in ELSEWHERE, for the helpers of runtime/files.py, which take the fix as text.
@@ -54,25 +55,6 @@ def default_cache_dir() -> Path:
     """images/ in patchgen's cache root: $PATCHGEN_CACHE_DIR, else $XDG_CACHE_HOME/patchgen, else ~/.cache/patchgen
     (the sampler's graph cache is graphs/ beside it)."""
     return cache_root() / "images"
-
-
-@dataclass(frozen=True)
-class Decoding:
-    """How a data set's sources become images.
-
-    cache_dir: the image cache's folder (created when missing), or None to decode into memory every time.
-    workers: decoder processes (1: decode in this process). They are spawned, so a script that asks for
-    more than one must guard its top level with `if __name__ == "__main__":`, as multiprocessing requires.
-    progress: called as progress(done, total) while decoding; note: called with one-line messages (cache
-    built, reused, rebuilt)."""
-    cache_dir: Optional[Path] = None
-    workers: int = 1
-    progress: Optional[Callable[[int, int], None]] = None
-    note: Optional[Callable[[str], None]] = None
-
-    def say(self, message: str) -> None:
-        if self.note is not None:
-            self.note(message)
 
 
 # decode_one(source, size) -> uint8 [size, size, 3], or None for a source that cannot be used.

@@ -119,6 +119,7 @@ def test_raw_weights_differ_from_ema(tmp_path):
     assert np.abs(raw - ema).max() > 1e-3
 
 
+@pytest.mark.quick
 def test_eps_gain_is_the_derivative_of_the_conversion():
     """d eps / d pred of the graph's own conversion, by autograd, at low, mid and high t."""
     schedule = Schedule()
@@ -132,6 +133,7 @@ def test_eps_gain_is_the_derivative_of_the_conversion():
         np.testing.assert_allclose(grad, eps_gain(kind, schedule)[t.numpy()], rtol=1e-5)
 
 
+@pytest.mark.quick
 def test_x0_gain_at_t0_for_the_default_cosine_schedule():
     gain = eps_gain("x0", Schedule())
     assert gain[0] == pytest.approx(155.63, abs=0.01) and gain.argmax() == 0  # sqrt(abar_0 / (1 - abar_0))
@@ -140,6 +142,7 @@ def test_x0_gain_at_t0_for_the_default_cosine_schedule():
     assert np.all(parity_scale("v", Schedule()) == 1)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("num_timesteps", [2, 3, 10, 1000, 4000])
 def test_parity_timesteps_are_fixed_and_span_the_schedule(num_timesteps):
     ts = spread_timesteps(num_timesteps, PARITY_TIMESTEPS)
@@ -291,6 +294,25 @@ def external_from_1_kib(monkeypatch):
     monkeypatch.setattr(onnx_file, "EXTERNAL_DATA_FROM", 1)
     monkeypatch.setattr(onnx_file, "EXTERNAL_TENSOR_FROM", 1024)
     return onnx_file
+
+
+@pytest.mark.quick
+def test_a_staged_model_is_committed_whole_or_left_nowhere(tmp_path, external_from_1_kib):
+    """onnx_file.staged on a hand-made graph (no export): a model not committed leaves nothing; a committed
+    one is the .onnx plus its external data, and loads with the same weights."""
+    weights = np.arange(1024, dtype=np.float32).reshape(1, 1024)  # 4 KiB: external data
+    graph = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                                   [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 1024])],
+                                   [onnx.numpy_helper.from_array(weights, "w")])
+    model, out = onnx.helper.make_model(graph), tmp_path / "m.onnx"
+    with external_from_1_kib.staged(model, out) as stage:
+        assert stage.data is not None and stage.onnx.exists()
+    assert list(tmp_path.iterdir()) == []
+    with external_from_1_kib.staged(model, out) as stage:
+        stage.commit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", stage.data.name]
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(onnx.load(out).graph.initializer[0]), weights)
 
 
 def test_a_large_model_keeps_its_weights_as_aligned_external_data(exported, tmp_path, external_from_1_kib):

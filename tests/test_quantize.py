@@ -109,6 +109,7 @@ def test_smaller_weights(exports):
     assert sizes["fp16"] <= 0.55 * sizes["fp32"] and sizes["int8"] <= 0.4 * sizes["fp32"], sizes  # tiny: 0.35
 
 
+@pytest.mark.quick
 def test_calibration_windows_cover_the_schedule_and_positions(folder, tmp_path):
     ckpt = write_checkpoint(tmp_path / "c.pt", tiny_config(**CONFIGS["g4-halo-mask-x0"]))
     net = model_from_checkpoint(load_checkpoint(ckpt))
@@ -164,6 +165,7 @@ def test_signed_int8_activations(tmp_path, folder):
     assert not (tmp_path / "n.onnx").exists()
 
 
+@pytest.mark.quick
 def test_unknown_weights_in_the_api(tmp_path):
     with pytest.raises(PatchgenError, match="weights must be one of fp32, fp16, int8"):
         export_onnx(write_checkpoint(tmp_path / "c.pt", tiny_config()), tmp_path / "m.onnx", weights="int4")

@@ -80,6 +80,7 @@ def test_resume_equals_uninterrupted(tmp_path, blobs16):
         assert torch.equal(a["ema"][key], b["ema"][key]), key
 
 
+@pytest.mark.quick
 def test_preview_is_written(tmp_path, blobs16, tiny_train_config):
     train(tmp_path, 2, data=blobs16, config=tiny_config(), tc=tiny_train_config, preview_every=2,
           preview_count=4, preview_steps=3)
@@ -326,6 +327,7 @@ def test_sigterm_checkpoints_then_resumes(tmp_path, blobs16):
     assert load_checkpoint(run / "checkpoint.pt")["step"] == step + 2
 
 
+@pytest.mark.quick
 def test_seam_score_and_border_step():
     from patchgen.models.metrics import border_step, seam_score
 
@@ -408,6 +410,7 @@ def test_an_old_evaluation_log_is_upgraded_on_resume(tmp_path, blobs16, tiny_tra
     assert new["step"] == "4" and float(new["seam"]) > 0 and float(new["seam_global"]) > 0
 
 
+@pytest.mark.quick
 def test_the_verdict_says_whether_numbers_still_improve():
     from patchgen.models.evaluation import PATIENCE, verdict
 
@@ -477,6 +480,7 @@ def test_api_resume_without_a_data_hook_reloads_the_named_data(tmp_path, blobs16
         data.source, holdout_fraction=0.1, holdout_seed=0, image_size=16, num_train=18)
 
 
+@pytest.mark.quick
 def test_data_source_round_trips_through_a_checkpoint_dict():
     source = DataSource("noto-emoji-faces", "Noto", "Apache-2.0 AND OFL-1.1", 120, 0, 128, 0.1, 0, 108)
     assert DataSource.from_dict(source.to_dict()) == source
