@@ -90,6 +90,10 @@ arm_py() {  # the emulated python; the bind mount exists only inside this privat
     "$CACHE/cpuinfo" "$QEMU_CPU" "$SYSROOT" "$@"
 }
 x86_py() { (cd /tmp && env -u PYTHONPATH "$X86_PY" "$@"); }
+# patchgen's distribution metadata beside the symlinks, as an install has it: the PNGs record the version
+VERSION=$(x86_py -c 'import importlib.metadata as m; print(m.version("patchgen"))')
+rm -rf "$PKGROOT"/patchgen-*.dist-info && mkdir -p "$PKGROOT/patchgen-$VERSION.dist-info"
+printf 'Metadata-Version: 2.1\nName: patchgen\nVersion: %s\n' "$VERSION" > "$PKGROOT/patchgen-$VERSION.dist-info/METADATA"
 
 if [ "${1:-}" = py ]; then shift; arm_py "$@"; exit; fi
 
