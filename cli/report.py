@@ -87,8 +87,13 @@ def _minimum(error: BaseException) -> Optional[int]:
 
 def _message(error: BaseException) -> str:
     """The line the command prints for `error` (without "Error: "), or the exception's own text."""
+    from patchgen.runtime.errors import PatchgenError
     from patchgen.runtime.files import os_error
 
+    from .common import as_option
+
+    if isinstance(error, PatchgenError):
+        return error.worded(as_option)  # as cli.common.user_errors words it: in the command's options
     if isinstance(error, OSError):
         error = os_error(error)
     return str(getattr(error, "message", None) or error) or type(error).__name__
