@@ -7,7 +7,6 @@ float images differ by more than TOLERANCE or the CLI's PNGs cannot be compared.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -21,15 +20,17 @@ from patchgen.runtime.images import to_uint8
 TOLERANCE = 1e-4
 
 
-def cli_line(log: Path) -> dict:
-    """s/image and peak RSS from patchgen-sample's last line."""
-    m = re.search(r"([\d.]+) s/image, peak RSS ([\d.]+)M", log.read_text())
-    return {"s_per_image": float(m[1]), "peak_mib": float(m[2])} if m else {}
+def cli_report(path: Path) -> dict:
+    """s/image and peak RSS (MiB) from patchgen-sample's --report (cli/report.py); {} where it wrote none."""
+    if not path.is_file():
+        return {}
+    report = json.loads(path.read_text())
+    return {"s_per_image": report["seconds"]["per_image"], "peak_mib": report["peak_rss_bytes"] / 2**20}
 
 
 def main(out: Path, qemu_cpu: str, stem: Path | None) -> int:
     envs = {a: json.loads((out / f"{a}.json").read_text()) for a in ("x86", "arm64")}
-    cli = {a: cli_line(out / f"{a}.log") for a in ("x86", "arm64")}
+    cli = {a: cli_report(out / f"{a}_report.json") for a in ("x86", "arm64")}
     x86_png, arm_png = out / "x86" / "seed0_00000.png", out / "arm64" / "seed0_00000.png"
     same_png = x86_png.is_file() and arm_png.is_file() and x86_png.read_bytes() == arm_png.read_bytes()
     a, b = np.load(out / "x86.npz"), np.load(out / "arm64.npz")

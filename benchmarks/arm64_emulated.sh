@@ -90,6 +90,10 @@ arm_py() {  # the emulated python; the bind mount exists only inside this privat
     "$CACHE/cpuinfo" "$QEMU_CPU" "$SYSROOT" "$@"
 }
 x86_py() { (cd /tmp && env -u PYTHONPATH "$X86_PY" "$@"); }
+# patchgen's distribution metadata beside the symlinks, as an install has it: the PNGs record the version
+VERSION=$(x86_py -c 'import importlib.metadata as m; print(m.version("patchgen"))')
+rm -rf "$PKGROOT"/patchgen-*.dist-info && mkdir -p "$PKGROOT/patchgen-$VERSION.dist-info"
+printf 'Metadata-Version: 2.1\nName: patchgen\nVersion: %s\n' "$VERSION" > "$PKGROOT/patchgen-$VERSION.dist-info/METADATA"
 
 if [ "${1:-}" = py ]; then shift; arm_py "$@"; exit; fi
 
@@ -97,8 +101,8 @@ OUT=$CACHE/out
 rm -rf "$OUT" && mkdir -p "$OUT"
 # The default model, 1 image, 2 DDIM steps: emulation is about 100x slower than this CPU
 SAMPLE="-m patchgen.cli.sample -n 1 --steps 2 --threads 1 --out"
-x86_py $SAMPLE "$OUT/x86" 2> "$OUT/x86.log"
-arm_py $SAMPLE "$OUT/arm64" 2> "$OUT/arm64.log"
+x86_py $SAMPLE "$OUT/x86" --report "$OUT/x86_report.json" 2> "$OUT/x86.log"
+arm_py $SAMPLE "$OUT/arm64" --report "$OUT/arm64_report.json" 2> "$OUT/arm64.log"
 cat > "$OUT/sample_floats.py" <<'PY'
 import json, platform, sys
 import numpy as np, onnxruntime, PIL

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -86,31 +85,17 @@ def random_model(path: Path, image_size: int, grid: int, keep_checkpoint: bool =
 
 # One sampling process, patchgen's runtime: prints imports / floor / peak (MiB), seconds per step, the resident
 # set at the end split into anonymous and file-backed pages (mapped weights), and how the graph was opened.
-# argv: model, options JSON (onnxruntime / malloc overrides, {} for the defaults), patch batch (0: the planner
-# under the default budget, its choice reported), steps, threads.
+# argv: model, patch batch (0: the planner under the default budget, its choice reported), steps, threads. The
+# onnxruntime and malloc settings come from the environment (`sample_run`).
 SAMPLE_CHILD = r"""
-import json, os, sys, time
+import json, sys, time
 from pathlib import Path
 def status(field):
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-model_path, opts, patch_batch, steps, threads = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-if not opts.get("malloc_tuning", True):
-    os.environ["PATCHGEN_MALLOC_TUNING"] = "0"
-import numpy as np, onnxruntime as ort
-import patchgen.runtime.session as session
-base = session.session_options
-def options(threads=1, optimization="all", allocation="lean"):
-    so = base(threads, optimization, allocation)
-    so.enable_cpu_mem_arena = opts.get("arena", so.enable_cpu_mem_arena)
-    so.enable_mem_pattern = opts.get("pattern", so.enable_mem_pattern)
-    if not opts.get("prepack", True):
-        so.add_session_config_entry("session.disable_prepacking", "1")
-    if opts.get("init_device_alloc", False):
-        so.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
-    return so
-session.session_options = options
+model_path, patch_batch, steps, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+import numpy as np, onnxruntime
 from patchgen.runtime.model import load_model
 from patchgen.runtime.generate import make_plan, iter_samples
 imports = status("VmRSS")
@@ -136,57 +121,73 @@ print(json.dumps({"imports_mib": imports, "floor_mib": floor, "peak_mib": status
 
 
 SAMPLE_CLI = ["-c", "from patchgen.cli.sample import main; main()"]
-MINIMUM = re.compile(r"minimum of ([\d.]+)M( at least)?")  # in patchgen-sample's refusal of a budget below it
+MIB = 2**20
+# runtime/session.py's OVERRIDES_ENV and the switch its tune_allocator reads: named here, since importing the
+# runtime (onnxruntime) would make this driver large, which its children would inherit (run_fresh)
+SESSION_OPTIONS_ENV, MALLOC_TUNING_ENV = "PATCHGEN_SESSION_OPTIONS", "PATCHGEN_MALLOC_TUNING"
 
 
 def sample_cli(model: str, out: Path, *extra: str, num_images: int = 2, steps: int = 2, threads: int | None = 1,
                preexec=None) -> dict:
-    """`patchgen-sample` in a fresh process (`run_fresh`), with what its stderr reports parsed: the patch
-    batch and allocation it chose, its predicted peak (MiB) and s/image (None where not reported), and
-    whether --out was created."""
+    """`patchgen-sample` in a fresh process (`run_fresh`), with what its --report says (cli/report.py; the
+    lines on stderr are for people and are never read): the patch batch, allocation and threads it ran with,
+    its predicted peak (MiB) and s/image (None where it has none), and whether --out was created. "report" is
+    the whole record (None when the run wrote none, as when its options were refused)."""
     threading = ["--threads", str(threads)] if threads else []  # 0/None: the planner's (or the default) count
-    # --force: a benchmark's runs take turns writing into the same scratch folder
-    r = run_fresh(python(*SAMPLE_CLI, "--model", model, "-n", str(num_images), "--steps", str(steps), *threading,
-                         "--out", str(out), "--force", *extra), preexec=preexec)
-    batch = re.search(r"(\d+) patch\(es\) per call", r["stderr"])
-    predicted = re.search(r"predicted peak ([\d.]+)M", r["stderr"])
-    speed = re.search(r"([\d.]+) s/image", r["stderr"])
-    threads_used = re.search(r"(\d+) thread\(s\)", r["stderr"])
-    allocation = re.search(r"(\w+) allocation", r["stderr"])
-    return {**r, "patch_batch": int(batch.group(1)) if batch else None,
-            "allocation": allocation.group(1) if allocation else None,
-            "threads": int(threads_used.group(1)) if threads_used else None,
-            "predicted_mib": float(predicted.group(1)) if predicted else None,
-            "s_per_image": float(speed.group(1)) if speed else None, "created_out": out.exists()}
+    with tempfile.TemporaryDirectory(prefix="patchgen-bench-") as folder:
+        report = Path(folder) / "report.json"
+        # --force: a benchmark's runs take turns writing into the same scratch folder
+        r = run_fresh(python(*SAMPLE_CLI, "--model", model, "-n", str(num_images), "--steps", str(steps),
+                             *threading, "--out", str(out), "--force", "--report", str(report), *extra),
+                      preexec=preexec)
+        record = json.loads(report.read_text()) if report.exists() else None
+    plan = (record or {}).get("plan") or {}
+    predicted = plan.get("predicted_peak_bytes")
+    per_image = ((record or {}).get("seconds") or {}).get("per_image")
+    return {**r, "report": record, "patch_batch": plan.get("patch_batch"), "allocation": plan.get("allocation"),
+            "threads": plan.get("threads"), "predicted_mib": predicted / MIB if predicted else None,
+            "s_per_image": per_image, "created_out": out.exists()}
+
+
+def refusal_minimum(run: dict) -> float | None:
+    """The minimum budget (MiB) that a `sample_cli` run refused for too small a budget named, else None."""
+    error = (run["report"] or {}).get("error") or {}
+    minimum = error.get("minimum_budget_bytes")
+    return None if run["returncode"] != 2 or minimum is None else minimum / MIB
 
 
 def refused_minimum(model: str, out: Path, *extra: str, num_images: int = 2, steps: int = 2, threads: int = 1,
                     preexec=None) -> tuple[float | None, list[dict]]:
-    """(the minimum budget patchgen-sample names when refusing a 1 MiB budget, its refusals): a budget below the
-    weights is refused before the model opens, with a lower bound ("at least"); that bound is then asked for,
-    and its refusal names the measured minimum. None when a run was not refused with a minimum (exit 2)."""
+    """(the minimum budget (MiB) patchgen-sample names when refusing a 1 MiB budget, its refusals): a budget below
+    the weights is refused while the model loads, with a bound from the weights alone (the report's error stage
+    "loading"); that bound is then asked for, and the planner's refusal names the measured minimum. None when a
+    run was not refused with a minimum (exit 2)."""
     budget, runs = "1M", []
     for _ in range(2):
         r = sample_cli(model, out, *extra, "--memory-budget", budget, num_images=num_images, steps=steps,
                        threads=threads, preexec=preexec)
         runs.append(r)
-        found = MINIMUM.search(r["stderr"])
-        if r["returncode"] != 2 or not found:
+        minimum = refusal_minimum(r)
+        if minimum is None:
             return None, runs
-        if not found.group(2):
-            return float(found.group(1)), runs
-        budget = f"{found.group(1)}M"  # the bound holds a fresh run's weights (it carries a margin)
+        if r["report"]["error"]["stage"] != "loading":
+            return minimum, runs
+        budget = f"{minimum}M"  # the bound holds a fresh run's weights (it carries a margin)
     return None, runs
 
 
 def sample_run(model: Path, patch_batch: int, steps: int, threads: int, opts: dict | None = None,
                repeats: int = 1) -> dict:
     """SAMPLE_CHILD in fresh processes; memory from the kernel, time the fastest of `repeats`.
-    On failure the row holds the error instead."""
+    opts: onnxruntime settings laid over patchgen's in every session (runtime/session.py, `apply_overrides`:
+    SessionOptions attributes such as enable_mem_pattern, config entries such as session.disable_prepacking),
+    and "malloc_tuning": False to leave glibc's allocator as it is. On failure the row holds the error instead."""
+    settings = {k: v for k, v in (opts or {}).items() if k != "malloc_tuning"}
+    env = {SESSION_OPTIONS_ENV: json.dumps(settings), **({} if (opts or {}).get("malloc_tuning", True)
+                                                         else {MALLOC_TUNING_ENV: "0"})}
     best = None
     for _ in range(repeats):
-        r = run_fresh(python("-c", SAMPLE_CHILD, str(model), json.dumps(opts or {}), str(patch_batch), str(steps),
-                             str(threads)))
+        r = run_fresh(python("-c", SAMPLE_CHILD, str(model), str(patch_batch), str(steps), str(threads)), env=env)
         if r["returncode"] != 0:
             return {"error": (r["stderr"].strip().splitlines() or ["?"])[-1][:120], "kernel_peak_mib": r["peak_mib"]}
         row = {**json.loads(r["stdout"]), "kernel_peak_mib": r["peak_mib"]}

@@ -10,7 +10,6 @@ kernel's (ru_maxrss, seen from this lean driver); a budget is met when every rep
 """
 from __future__ import annotations
 
-import re
 import tempfile
 from pathlib import Path
 
@@ -36,7 +35,7 @@ def sweep(model: str, tmp: Path, num_images: int, steps: int, threads: int, poin
              "peak_mib": max(r["peak_mib"] for r in refused),
              "within": f"refused, exit 2, no output; minimum {min(minima):.1f} .. {max(minima):.1f} MiB"}]
     all_at_once = sample(model, tmp / "all", num_images, steps, threads, "--patch-batch", "1000000")
-    g2 = int(re.search(r"(\d+)x\d+ patches", all_at_once["stderr"]).group(1)) ** 2
+    g2 = all_at_once["report"]["model"]["grid"] ** 2
     low, top = min(minima), all_at_once["peak_mib"] * 1.1
     budgets = [low, low + 2, low + 8][:points]
     more = points - len(budgets)

@@ -25,10 +25,12 @@ from benchlib import RESULTS, python, random_model, sample_run, write_results
 SETTINGS = {"fp32": [], "fp16": ["--precision", "fp16"], "int8": ["--quantize", "int8"],
             "int8-s8s8": ["--quantize", "int8", "--int8-activations", "int8"]}
 
-# How a sampling process allocates (benchlib.SAMPLE_CHILD options): patchgen's memory-first session settings
+# How a sampling process allocates (benchlib.sample_run's opts): patchgen's memory-first session settings
 # (runtime/session.py: arena off, mmap-backed blocks from 64 KiB, so each call maps fresh pages) or
 # onnxruntime's own defaults (arena and memory pattern on, glibc untuned), the fastest but not budgetable.
-ALLOCATIONS = {"patchgen": {}, "onnxruntime": {"arena": True, "pattern": True, "malloc_tuning": False}, "planner": {}}
+ALLOCATIONS = {"patchgen": {},
+               "onnxruntime": {"enable_cpu_mem_arena": True, "enable_mem_pattern": True, "malloc_tuning": False},
+               "planner": {}}
 PLANNED = ("planner",)  # the planner's choice under the default budget (patch batch 0 to benchlib.SAMPLE_CHILD)
 
 KERNELS_CHILD = r"""
@@ -53,6 +55,14 @@ def export(checkpoint: Path, out: Path, weights: str, calibration_data: str | No
     click.echo(f"{out.name}: {' / '.join(parity)}")
 
 
+def weight_settings(ctx, param, value: str) -> list[str]:
+    """--weights: names of SETTINGS, comma-separated; fp32, the reference of every ratio, among them."""
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if "fp32" not in names or any(n not in SETTINGS for n in names):
+        raise click.BadParameter(f"names from {','.join(SETTINGS)}, fp32 among them; got {value!r}")
+    return names
+
+
 def cpu_flags() -> str:
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
@@ -62,12 +72,68 @@ def cpu_flags() -> str:
     return ", ".join(have) or "none of avx2/avx512/vnni"
 
 
+def export_all(sources: list[tuple[str, Path, str | None]], settings: list[str], folder: Path) -> dict:
+    """(name, weights) -> the file of each (name, checkpoint, calibration data) source exported at each of
+    `settings` (names of SETTINGS) into `folder`."""
+    files = {}
+    for name, ckpt, calibration in sources:
+        stem = name.split()[0]
+        for w in settings:
+            files[name, w] = folder / f"{stem}_{w}.onnx"
+            export(ckpt, files[name, w], w, calibration)
+    return files
+
+
+def timed_rounds(files: dict, allocations: list[str], rounds: int, steps: int, threads: int,
+                 patch_batch: int) -> tuple[list, dict, dict, dict]:
+    """(the cells (name, weights, allocation); per cell, its s/step and peak RSS of every round, and the plans
+    the planner chose): every cell once per round, interleaved, each a fresh process (benchlib.sample_run)."""
+    cells = [(name, w, a) for a in allocations for name, w in files]
+    times: dict = {key: [] for key in cells}
+    peaks: dict = {key: [] for key in cells}
+    plans: dict = {key: set() for key in cells}
+    for r in range(rounds):
+        for key in cells:  # interleaved: every setting once per round
+            row = sample_run(files[key[:2]], 0 if key[2] in PLANNED else patch_batch, steps, threads,
+                             ALLOCATIONS[key[2]])
+            if "error" in row:
+                raise click.ClickException(f"{files[key[:2]].name}: {row['error']}")
+            times[key].append(row["s_per_step"])
+            if key[2] in PLANNED:
+                plans[key].add(f"{row['allocation']} x{row['patch_batch']}")
+            peaks[key].append(row["kernel_peak_mib"])
+        click.echo(f"round {r + 1}/{rounds}: "
+                   + ", ".join(f"{files[k[:2]].stem} ({k[2]}) {times[k][-1]:.3f}" for k in cells))
+    return cells, times, peaks, plans
+
+
+def precision_row(files: dict, cell: tuple[str, str, str], times: dict, peaks: dict, plans: dict) -> dict:
+    """The table's row of one cell: file size, peak RSS, s/step, the speed-up against fp32 in the same rounds,
+    and the kernels in onnxruntime's optimised graph."""
+    name, w, a = cell
+    path = files[name, w]
+    ratios = [f / x for f, x in zip(times[name, "fp32", a], times[cell])]  # > 1: faster than fp32
+    kernels = json.loads(subprocess.run(python("-c", KERNELS_CHILD, str(path)), capture_output=True,
+                                        text=True, check=True).stdout)
+    return {"model": name, "weights": w, "allocation": a, "plan": "/".join(sorted(plans[cell])),
+            "file_mb": path.stat().st_size / 1e6,
+            "size_vs_fp32": path.stat().st_size / files[name, "fp32"].stat().st_size,
+            "peak_mib": max(peaks[cell]), "s_per_step": statistics.median(times[cell]),
+            "speedup": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
+            "kernels": ", ".join(f"{k} {v}" for k, v in kernels.items()
+                                 if k in ("Conv", "QLinearConv", "ConvInteger", "MatMul", "QLinearMatMul",
+                                          "MatMulInteger", "Cast", "QuantizeLinear", "DequantizeLinear",
+                                          "FusedConv", "NhwcFusedConv", "QGemm"))}
+
+
 @click.command(epilog="Example: python benchmarks/precision.py --checkpoint runs/faces64h8/g2/checkpoint.pt")
 @click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(exists=True, path_type=Path),
               help="A trained checkpoint (repeatable); its own training images calibrate int8.")
 @click.option("--edge/--no-edge", default=True, show_default=True, help="Also the random-weight edge model.")
 @click.option("--edge-size", type=int, default=256, show_default=True, help="The edge model's image size.")
 @click.option("--edge-grid", type=int, default=4, show_default=True, help="The edge model's grid.")
+@click.option("--weights", "settings", default=",".join(SETTINGS), show_default=True, callback=weight_settings,
+              help="The files to compare (fewer: a quicker run).")
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--steps", type=int, default=4, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
@@ -79,8 +145,8 @@ def cpu_flags() -> str:
 @click.option("--models-dir", type=click.Path(path_type=Path), default=None,
               help="Keep the exported files here (for benchmarks/quality.py) [default: a temporary folder].")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "precision", show_default=True)
-def main(checkpoints, edge, edge_size, edge_grid, rounds, steps, threads, patch_batch, allocations, models_dir,
-         out):
+def main(checkpoints, edge, edge_size, edge_grid, settings, rounds, steps, threads, patch_batch, allocations,
+         models_dir, out):
     """File size, peak RSS and s/step of fp32, fp16 and int8 exports, timed interleaved."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = models_dir or Path(tmp)
@@ -90,43 +156,9 @@ def main(checkpoints, edge, edge_size, edge_grid, rounds, steps, threads, patch_
             stem = f"edge{edge_size}_{edge_grid}x{edge_grid}"
             model = random_model(Path(tmp) / f"{stem}.onnx", edge_size, edge_grid, keep_checkpoint=True)
             sources.append((f"{stem} (random weights)", model.with_suffix(".pt"), "emoji-faces"))
-        files = {}
-        for name, ckpt, calibration in sources:
-            stem = name.split()[0]
-            for w in SETTINGS:
-                files[name, w] = folder / f"{stem}_{w}.onnx"
-                export(ckpt, files[name, w], w, calibration)
-        cells = [(name, w, a) for a in allocations for name, w in files]
-        times: dict = {key: [] for key in cells}
-        peaks: dict = {key: [] for key in cells}
-        plans: dict = {key: set() for key in cells}
-        for r in range(rounds):
-            for key in cells:  # interleaved: every setting once per round
-                row = sample_run(files[key[:2]], 0 if key[2] in PLANNED else patch_batch, steps, threads,
-                                 ALLOCATIONS[key[2]])
-                if "error" in row:
-                    raise click.ClickException(f"{files[key[:2]].name}: {row['error']}")
-                times[key].append(row["s_per_step"])
-                if key[2] in PLANNED:
-                    plans[key].add(f"{row['allocation']} x{row['patch_batch']}")
-                peaks[key].append(row["kernel_peak_mib"])
-            click.echo(f"round {r + 1}/{rounds}: "
-                       + ", ".join(f"{files[k[:2]].stem} ({k[2]}) {times[k][-1]:.3f}" for k in cells))
-        rows = []
-        for name, w, a in cells:
-            path = files[name, w]
-            ratios = [f / x for f, x in zip(times[name, "fp32", a], times[name, w, a])]  # > 1: faster than fp32
-            kernels = json.loads(subprocess.run(python("-c", KERNELS_CHILD, str(path)), capture_output=True,
-                                                text=True, check=True).stdout)
-            rows.append({"model": name, "weights": w, "allocation": a, "plan": "/".join(sorted(plans[name, w, a])),
-                         "file_mb": path.stat().st_size / 1e6,
-                         "size_vs_fp32": path.stat().st_size / files[name, "fp32"].stat().st_size,
-                         "peak_mib": max(peaks[name, w, a]), "s_per_step": statistics.median(times[name, w, a]),
-                         "speedup": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
-                         "kernels": ", ".join(f"{k} {v}" for k, v in kernels.items()
-                                              if k in ("Conv", "QLinearConv", "ConvInteger", "MatMul", "QLinearMatMul",
-                                                       "MatMulInteger", "Cast", "QuantizeLinear", "DequantizeLinear",
-                                                       "FusedConv", "NhwcFusedConv", "QGemm"))})
+        files = export_all(sources, settings, folder)
+        cells, times, peaks, plans = timed_rounds(files, allocations, rounds, steps, threads, patch_batch)
+        rows = [precision_row(files, cell, times, peaks, plans) for cell in cells]
     notes = (f"{rounds} rounds, interleaved; each cell a fresh `patchgen-sample`-like process (1 image, {steps} DDIM "
              f"steps, patch batch {patch_batch} but the planner's own, {threads} threads), peak RSS from the kernel "
              f"(largest over rounds), "

@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import click
 
-from benchlib import MINIMUM, RESULTS, python, refused_minimum, run_fresh, sample_cli, write_results
+from benchlib import RESULTS, python, refusal_minimum, refused_minimum, run_fresh, sample_cli, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -151,7 +151,7 @@ def edge_runs(entries: list[tuple[Path, str, int]], tmp: Path, repeats: int, bud
                 row["minimum"] = minimum
             r = sample_cli(str(model), tmp / "edge", *args, "--memory-budget", f"{row['minimum']}M", num_images=4,
                            steps=steps, threads=2)
-            if r["returncode"] == 2 and MINIMUM.search(r["stderr"]):  # this process measured a higher minimum
+            if refusal_minimum(r) is not None:  # this process measured a higher minimum
                 row["refused"] += 1
                 continue
             row["budget_peaks"].append(check(r)["peak_mib"])
@@ -216,40 +216,56 @@ def measure(models: list[Path], plan: list[tuple[str, int]], num_samples: int, s
             memory_budget: str | None = None) -> tuple[list[dict], list]:
     """(one row per model x sampler, (model name, its first 8 samples of the first sampler, the first 8 real
     images it is compared with) per model). Samples and features are cached in `cache`; sampling and timing
-    run in fresh processes, all of them before this process imports numpy (see benchlib.run_fresh).
-    A 1x1 model's seam is scored at the largest grid among the models of its image size (2x2 at least), so
-    it is the baseline for those patch models' borders."""
-    shown, measured = [], []
+    run in fresh processes, all of them before this process imports numpy (see benchlib.run_fresh)."""
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        for model in models:
-            meta = metadata(model)
-            size, grid = int(meta["patchgen.image_size"]), int(meta["patchgen.grid"])
-            fraction = meta.get("patchgen.data.holdout_fraction") or "0.1"
-            hseed = meta.get("patchgen.data.holdout_seed") or "0"
-            data_name = meta.get("patchgen.data.name") or "twemoji"
-            real = cache / f"real_{file_part(data_name)}_{size}_{fraction}_{hseed}_{real_set}.npz"
-            if not real.exists():
-                check(run_fresh(python("-c", REAL_CHILD, data_name, str(size), fraction, hseed, real_set, str(real))))
-            sha = check(run_fresh(python("-c", "import sys; from patchgen.runtime.onnxfile import model_sha256; "
-                                         "print(model_sha256(sys.argv[1]))", str(model))))["stdout"].strip()
-            for sampler, steps in plan:
-                measured.append(Measured(model, data_name, size, grid, int(meta.get("patchgen.halo", 0)),
-                                         meta.get("patchgen.training.steps"), real, sha, sampler, steps,
-                                         chunk_plan(model, sha, sampler, steps, num_samples, seed, cache,
-                                                    chunk)))
+        measured = [m for model in models
+                    for m in entries(model, plan, num_samples, seed, chunk, cache, real_set)]
         make_chunks([c for m in measured for c in m.chunks], workers)
         click.echo(f"{num_samples} samples each of " + ", ".join(f"{m.model.name} {m.sampler}-{m.steps}"
                                                                  for m in measured))
-        edge = edge_runs([(m.model, m.sampler, m.steps) for m in measured], tmp, repeats, budget, memory_budget)
-    import numpy as np  # only now: the measured children above never inherit a large parent
+        edge = edge_runs([(m.model, m.sampler, m.steps) for m in measured], tmp=Path(tmp), repeats=repeats,
+                         budget=budget, memory_budget=memory_budget)
+    rows, shown = score(measured, edge, plan[0][0], seed, num_samples, cache)
+    peak_ratios(rows)
+    for row in rows:
+        del row["peaks"]
+    return rows, shown
+
+
+def entries(model: Path, plan: list[tuple[str, int]], num_samples: int, seed: int, chunk: int, cache: Path,
+            real_set: str) -> list[Measured]:
+    """One Measured per sampler of `plan` for `model`: its metadata, its real images (cached in `cache` on first
+    use) and its sample chunks, each read or made in a fresh process."""
+    meta = metadata(model)
+    size, grid = int(meta["patchgen.image_size"]), int(meta["patchgen.grid"])
+    fraction = meta.get("patchgen.data.holdout_fraction") or "0.1"
+    hseed = meta.get("patchgen.data.holdout_seed") or "0"
+    data_name = meta.get("patchgen.data.name") or "twemoji"
+    real = cache / f"real_{file_part(data_name)}_{size}_{fraction}_{hseed}_{real_set}.npz"
+    if not real.exists():
+        check(run_fresh(python("-c", REAL_CHILD, data_name, str(size), fraction, hseed, real_set, str(real))))
+    sha = check(run_fresh(python("-c", "import sys; from patchgen.runtime.onnxfile import model_sha256; "
+                                 "print(model_sha256(sys.argv[1]))", str(model))))["stdout"].strip()
+    return [Measured(model, data_name, size, grid, int(meta.get("patchgen.halo", 0)),
+                     meta.get("patchgen.training.steps"), real, sha, sampler, steps,
+                     chunk_plan(model, sha, sampler, steps, num_samples, seed, cache, chunk))
+            for sampler, steps in plan]
+
+
+def score(measured: list[Measured], edge: list[dict], shown_sampler: str, seed: int, num_samples: int,
+          cache: Path) -> tuple[list[dict], list]:
+    """(a row per Measured: KID, FD-EffNet, seams and border steps beside the real images', and its edge run;
+    (name, 8 samples, 8 real images) of each model's `shown_sampler`). A 1x1 model's seam is scored at the
+    largest grid among the models of its image size (2x2 at least), so it is the baseline for those patch
+    models' borders."""
+    import numpy as np  # only now: the measured children never inherit a large parent
 
     from patchgen.models.metrics import border_step, frechet_distance, kid, local_seam_score, seam_grid, seam_score
 
     largest = {}  # image size -> the largest grid of that size
     for m in measured:
         largest[m.size] = max(largest.get(m.size, 1), m.grid)
-    rows = []
+    rows, shown = [], []
     for m, e in zip(measured, edge):
         f_real = np.load(features([m.real], cache / f"feat_{m.real.stem}.npy"))
         fake_name = f"feat_{m.sha[:12]}_{m.sampler}{m.steps}_s{seed}_{num_samples}.npy"
@@ -264,16 +280,24 @@ def measure(models: list[Path], plan: list[tuple[str, int]], num_samples: int, s
                      "seam": seam_score(images, g), "seam_real": seam_score(real_images, g),
                      "seam_local": local_seam_score(images, g), "seam_local_real": local_seam_score(real_images, g),
                      "border": border_step(images, g), "border_real": border_step(real_images, g), **e})
-        if m.sampler == plan[0][0]:
+        if m.sampler == shown_sampler:
             shown.append((m.model.name, images[:8], real_images[:8]))
         click.echo(f"{m.model.name} {m.sampler}-{m.steps}: KID x1000 {rows[-1]['kid_x1000']:.2f}, "
                    f"FD-EffNet {rows[-1]['fd_effnet']:.1f}, "
                    f"seam {rows[-1]['seam']:.2f} (real {rows[-1]['seam_real']:.2f}); peak {e['peak_mib']:.1f} MiB, "
                    f"{e['s_per_image']} s/image")
-    peak_ratios(rows)
-    for row in rows:
-        del row["peaks"]
     return rows, shown
+
+
+def save_strip(path: Path, shown: list, real_kind: str) -> None:
+    """One PNG: a row of 8 samples per model (`shown`), then a row of the real images they are compared with."""
+    import numpy as np
+
+    from patchgen.runtime.images import make_grid, save_png
+
+    strip = np.concatenate([make_grid(imgs, ncols=8) for _, imgs, _ in shown] + [make_grid(shown[0][2], ncols=8)],
+                           axis=0)
+    save_png(path, strip, {"rows": ", ".join(name for name, _, _ in shown) + ", " + real_kind})
 
 
 @click.command(epilog="Example: python benchmarks/quality.py --models models/pretrained/faces64_2x2.onnx "
@@ -306,14 +330,7 @@ def main(models, samplers, num_samples, seed, chunk, cache, real_set, repeats, b
     rows, shown = measure([Path(m) for m in models.split(",")], plan, num_samples, seed, chunk, cache, real_set,
                           repeats, budget_minimum, workers, memory_budget)
     if shown:
-        import numpy as np
-
-        from patchgen.runtime.images import make_grid, save_png
-
-        strip = np.concatenate([make_grid(imgs, ncols=8) for _, imgs, _ in shown] + [make_grid(shown[0][2], ncols=8)],
-                               axis=0)
-        save_png(out.with_name(out.name + "_samples.png"), strip,
-                 {"rows": ", ".join(name for name, _, _ in shown) + ", " + real_kind})
+        save_strip(out.with_name(out.name + "_samples.png"), shown, real_kind)
     write_results(out, f"Sample quality vs {real_kind} ({num_samples} samples each; EfficientNet-Lite0 features)",
                   [("model", "model"), ("grid", "grid"), ("halo", "halo"), ("steps_trained", "training steps"),
                    ("sampler", "sampler"),

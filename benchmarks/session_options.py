@@ -24,19 +24,24 @@ onnx.save_model(m, sys.argv[2], save_as_external_data=True, all_tensors_to_one_f
                 location=sys.argv[2].split("/")[-1] + ".data", size_threshold=1024)
 """
 
+# onnxruntime's names (runtime/session.py, apply_overrides): its CPU arena and memory pattern, and two session
+# config entries; "malloc_tuning" (patchgen's glibc settings) and "external" (this script's external-data copy
+# of the model) are this benchmark's own.
+ARENA, PATTERN = "enable_cpu_mem_arena", "enable_mem_pattern"
+NO_PREPACKING = {"session.disable_prepacking": "1"}
 VARIANTS = {  # every row names all its settings, so the table stays true when the runtime's defaults change
-    "arena off, pattern off, malloc tuned": {"arena": False, "pattern": False},
-    "arena off, pattern on, malloc tuned": {"arena": False, "pattern": True},
-    "arena on, pattern off, malloc tuned": {"arena": True, "pattern": False},
-    "arena on, pattern on, malloc tuned": {"arena": True, "pattern": True},
-    "arena off, pattern off, prepacking off": {"arena": False, "pattern": False, "prepack": False},
-    "arena off, pattern off, initializers via device allocator": {"arena": False, "pattern": False,
-                                                                  "init_device_alloc": True},
-    "arena off, pattern off, external data (mmap)": {"arena": False, "pattern": False, "external": True},
-    "arena off, pattern off, external data, prepacking off": {"arena": False, "pattern": False, "external": True,
-                                                              "prepack": False},
-    "arena off, pattern off, malloc untuned": {"arena": False, "pattern": False, "malloc_tuning": False},
-    "onnxruntime defaults (arena on, pattern on, malloc untuned)": {"arena": True, "pattern": True,
+    "arena off, pattern off, malloc tuned": {ARENA: False, PATTERN: False},
+    "arena off, pattern on, malloc tuned": {ARENA: False, PATTERN: True},
+    "arena on, pattern off, malloc tuned": {ARENA: True, PATTERN: False},
+    "arena on, pattern on, malloc tuned": {ARENA: True, PATTERN: True},
+    "arena off, pattern off, prepacking off": {ARENA: False, PATTERN: False, **NO_PREPACKING},
+    "arena off, pattern off, initializers via device allocator": {
+        ARENA: False, PATTERN: False, "session.use_device_allocator_for_initializers": "1"},
+    "arena off, pattern off, external data (mmap)": {ARENA: False, PATTERN: False, "external": True},
+    "arena off, pattern off, external data, prepacking off": {ARENA: False, PATTERN: False, "external": True,
+                                                              **NO_PREPACKING},
+    "arena off, pattern off, malloc untuned": {ARENA: False, PATTERN: False, "malloc_tuning": False},
+    "onnxruntime defaults (arena on, pattern on, malloc untuned)": {ARENA: True, PATTERN: True,
                                                                     "malloc_tuning": False},
 }
 
@@ -46,6 +51,22 @@ def measure(model: Path, opts: dict, patch_batch: int, steps: int, threads: int,
     if "error" in row:
         raise click.ClickException(row["error"])
     return row
+
+
+def floor_breakdown(model: Path, tiny: Path, steps: int, threads: int) -> tuple[dict, list[dict]]:
+    """(the `tiny` model's measurement, the rows of where `model`'s peak goes): imports, session machinery (the
+    same graph at width 8), weights, the activations of one 1-patch call; runtime defaults."""
+    t = measure(tiny, {}, 1, 1, threads, 1)
+    d = measure(model, {}, 1, steps, threads, 1)
+    return t, [
+        {"part": "interpreter + numpy + onnxruntime + patchgen.runtime", "mib": t["imports_mib"]},
+        {"part": f"session machinery (same graph at width 8, {tiny.stat().st_size / 2**20:.1f} MiB file)",
+         "mib": t["floor_mib"] - t["imports_mib"]},
+        {"part": f"weights ({model.stat().st_size / 2**20:.1f} MiB in the file, less the width-8 copy)",
+         "mib": d["floor_mib"] - t["floor_mib"]},
+        {"part": "activations of one 1-patch call (peak - floor)", "mib": d["peak_mib"] - d["floor_mib"]},
+        {"part": "peak", "mib": d["peak_mib"]},
+    ]
 
 
 @click.command(epilog="Example: python benchmarks/session_options.py --image-size 256 --grid 4 --repeats 3")
@@ -67,15 +88,7 @@ def main(image_size, grid, steps, threads, repeats, base_width, out):
         run_fresh(python("-c", EXTERNAL, str(model), str(external)))
         file_mib = model.stat().st_size / 2**20
 
-        t = measure(tiny, {}, 1, 1, threads, 1)
-        d = measure(model, {}, 1, steps, threads, 1)
-        breakdown = [
-            {"part": "interpreter + numpy + onnxruntime + patchgen.runtime", "mib": t["imports_mib"]},
-            {"part": f"session machinery (same graph at width 8, {tiny.stat().st_size / 2**20:.1f} MiB file)", "mib": t["floor_mib"] - t["imports_mib"]},
-            {"part": f"weights ({file_mib:.1f} MiB in the file, less the width-8 copy)", "mib": d["floor_mib"] - t["floor_mib"]},
-            {"part": "activations of one 1-patch call (peak - floor)", "mib": d["peak_mib"] - d["floor_mib"]},
-            {"part": "peak", "mib": d["peak_mib"]},
-        ]
+        t, breakdown = floor_breakdown(model, tiny, steps, threads)
         write_results(out.with_name(out.name + "_floor"), f"Where the peak goes: {image_size}x{image_size}, "
                       f"{grid}x{grid} grid, base width {base_width}, 1 patch per call, runtime defaults",
                       [("part", "part"), ("mib", "MiB")], breakdown)
@@ -85,6 +98,7 @@ def main(image_size, grid, steps, threads, repeats, base_width, out):
         rows = []
         for name, opts in VARIANTS.items():
             path = external if opts.get("external") else model
+            opts = {k: v for k, v in opts.items() if k != "external"}
             one = measure(path, opts, 1, steps, threads, repeats)
             full = measure(path, opts, grid * grid, steps, threads, repeats)
             rows.append({"variant": name, "floor_mib": one["floor_mib"], "weights_mib": one["floor_mib"] - t["floor_mib"],

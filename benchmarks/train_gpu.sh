@@ -47,7 +47,7 @@ train() {
     --device $DEVICE $BF16 --out $WORK/$name "$@" > $WORK/$name.log 2>&1 || echo "$name: exit $?" >> $WORK/$name.log
 }
 # the image cache, once, before the two runs map it
-$PY -c "from patchgen.models.data import load_data; from patchgen.models.cache import Decoding
+$PY -c "from patchgen.models.data import load_data; from patchgen.models.decoding import Decoding
 import os; load_data('noto-emoji-faces', $SIZE, decoding=Decoding(os.environ['PATCHGEN_CACHE_DIR'], 4))"
 for r in $RUNS; do
   case $r in

@@ -43,7 +43,7 @@ def status(field):
             return int(line.split()[1]) / 1024
 folder, cache, steps, out, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5])
 import torch
-from patchgen.models.cache import Decoding
+from patchgen.models.decoding import Decoding
 from patchgen.models.config import ModelConfig, TrainConfig
 from patchgen.models.data import load_data
 from patchgen.models.train import train

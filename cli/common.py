@@ -1,5 +1,6 @@
 """Shared CLI plumbing: user errors (PatchgenError, click's usage errors, a failed read or write) become one
-line and exit code 2; SIGTERM unwinds like Ctrl-C, so a stopped command removes its temporaries."""
+line and exit code 2, the library's arguments named as the commands' options (`as_option`); SIGTERM unwinds
+like Ctrl-C, so a stopped command removes its temporaries."""
 from __future__ import annotations
 
 import contextlib
@@ -19,8 +20,25 @@ class CliError(click.ClickException):
     exit_code = 2
 
 
+# The library's arguments (errors.ArgumentError) whose option is not `--` + the name with dashes: by name, or
+# by name=value for a flag that sets that value.
+OPTIONS = {"held_bytes": "--grid-image", "output_path": "-o", "run_dir": "--out", "check=False": "--skip-check",
+           "simplify_graph=False": "--no-simplify", "cache_dir": "patchgen-train --cache-dir",
+           "workers": "patchgen-train --decode-workers"}
+
+
+def as_option(name: str, value: Optional[object] = None) -> str:
+    """A library argument as the commands spell it (an `errors.Naming`): memory_budget='94M' ->
+    --memory-budget 94M, force=True -> --force, check=False -> --skip-check, eta -> --eta."""
+    if f"{name}={value}" in OPTIONS:
+        return OPTIONS[f"{name}={value}"]
+    option = OPTIONS.get(name, "--" + name.replace("_", "-"))
+    return option if value is None or value is True else f"{option} {value}"
+
+
 def user_errors(fn):
-    """Turn PatchgenError (anything the user can fix) into `Error: <message>` and exit code 2; so too any
+    """Turn PatchgenError (anything the user can fix) into `Error: <message>` (naming options, not the library's
+    arguments) and exit code 2; so too any
     OSError no one worded (a full disk, a read-only or failing device), as a last resort."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -29,7 +47,7 @@ def user_errors(fn):
         except KeyboardInterrupt as e:  # past every `finally` of the command: stop as Command.main says
             raise Interrupted(isinstance(e, Terminated)) from None
         except PatchgenError as e:
-            raise CliError(str(e)) from None
+            raise CliError(e.worded(as_option)) from None
         except OSError as e:
             raise CliError(str(os_error(e))) from None
     return wrapper

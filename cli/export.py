@@ -37,8 +37,8 @@ def main(checkpoint, output, raw_weights, no_simplify, skip_check, quantize, int
          calibration_data, force):
     """Export CHECKPOINT (from patchgen-train) to a single-patch ONNX denoiser with inputs x, t, pos, gcc
     and output eps; the file carries its grid, schedule and conditioning as metadata."""
-    from patchgen.export.onnx_export import PARITY_TOLERANCE, export_onnx
-    from patchgen.export.quantize import PARITY_RMS_TOLERANCE
+    from patchgen.export.onnx_export import export_onnx
+    from patchgen.export.parity import PARITY_RMS_TOLERANCE, PARITY_TOLERANCE
 
     if quantize and precision != "fp32":
         raise CliError(f"--quantize int8 and --precision {precision} are exclusive: choose one")

@@ -4,10 +4,12 @@ Edge path: imports only numpy, onnxruntime, pillow and click (never torch).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Iterator, Optional
 
 import click
 
@@ -21,6 +23,7 @@ from patchgen.runtime.pretrained import DEFAULT_MODEL, shipped_models
 from patchgen.runtime.session import DEFAULT_PROVIDER, available_providers
 
 from .common import CliError, Command, one_line, progress, user_errors
+from .report import RunRecord, record, write_report
 
 EXAMPLE = """
 \b
@@ -36,6 +39,7 @@ Examples:
   patchgen-sample --init-img face.png --mask mask.png             # inpaint the mask's white pixels
   patchgen-sample --init-img face.png --outpaint right:1          # move left one patch, paint the right
   patchgen-sample -n 16 --grid-image grid.png --preview live.png  # watch x0 form in any image viewer
+  patchgen-sample -n 4 --report run.json                          # the run as JSON, for scripts
 """
 STEPS_HELP = ("Sampler steps [default: ddpm every timestep (the model's T), "
               + ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ", at most T].")
@@ -98,38 +102,60 @@ def check_output_folder(folder: Path) -> None:
                    "they form, atomically; the final images are unchanged by it.")
 @click.option("--preview-every", type=click.IntRange(min=1), default=1, show_default=True,
               help="Steps between --preview writes.")
-@click.option("--force", is_flag=True, help="Replace images that an earlier run wrote under the same names "
-              "(without it, such a run is refused before any work).")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write a JSON record of the run to this file, for scripts: the model and its hash, the plan, "
+                   "the kernel's peak RSS, seconds, the files written, or what stopped it (fields: the docstring of "
+                   "patchgen.cli.report). Written as the run ends, done or not; replaced only with --force.")
+@click.option("--force", is_flag=True, help="Replace files that an earlier run wrote under the same names: images, "
+              "--grid-image, --preview, --report (without it, such a run is refused before any work).")
 @user_errors
 def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_budget, threads, provider, out_dir,
-         grid_image, init_img, strength, mask, outpaint, repaint_jumps, preview, preview_every, force):
+         grid_image, init_img, strength, mask, outpaint, repaint_jumps, preview, preview_every, report, force):
     """Generate images with a patch-based diffusion model: the U-Net denoises one patch per call,
     so peak memory follows the patch batch, not the image size."""
-    from patchgen.runtime.edit import make_edit
-    from patchgen.runtime.memory import given_budget
-    from patchgen.runtime.files import check_writable_folder, made_folder, remove_if_empty
-    from patchgen.runtime.generate import make_plan
-    from patchgen.runtime.images import grid_memory
-    from patchgen.runtime.model import load_model
     from patchgen.runtime.pretrained import resolve_model
 
     # Everything is checked, and memory planned, before the first folder or file is created.
+    beside = {"--grid-image": grid_image, "--preview": preview, "--report": report}  # the files beside the images
     check_output_folder(out_dir)
     if preview_every != 1 and preview is None:
         raise CliError("--preview-every needs --preview, the file to write")
-    for option, path in (("--grid-image", grid_image), ("--preview", preview)):
-        if path is None or os.path.realpath(path.parent) == os.path.realpath(out_dir):
-            continue  # none, or in --out, which the run creates
+    check_beside(out_dir, beside)
+    model_file = resolve_model(model_path)
+    # No output may replace an input: the model (and its weights), --init-img, --mask; not even with --force.
+    check_inputs(model_file, {"--init-img": init_img, "--mask": mask}, beside, out_dir, seed, num_images)
+    check_outputs(out_dir, seed, num_images, beside, force)  # nor an earlier run's, without --force
+    run = RunRecord(model_file, out_dir, num_images, seed, sampler, steps, eta)
+    with reported(run, report):
+        model, plan = _plan(run, threads, provider, memory_budget, patch_batch, grid_image, preview,
+                            (init_img, mask, strength, outpaint, repaint_jumps))
+        _run(run, model, plan, grid_image, preview, preview_every)
+
+
+def check_beside(out_dir: Path, beside: dict) -> None:
+    """One CliError line, before any work, where a file beside the images (option -> path, None: not asked
+    for) has no folder to go to, or two of them share a path."""
+    from patchgen.runtime.files import check_writable_folder
+
+    given = [(option, path) for option, path in beside.items() if path is not None]
+    for option, path in given:
+        if os.path.realpath(path.parent) == os.path.realpath(out_dir):
+            continue  # in --out, which the run creates
         if not path.parent.is_dir():
             raise CliError(f"{option} {path}: its folder {path.parent} does not exist; create it, or put the file "
                            "in --out")
         check_writable_folder(path.parent)
-    if grid_image is not None and preview is not None and os.path.realpath(grid_image) == os.path.realpath(preview):
-        raise CliError(f"--preview {preview} is the --grid-image too; choose another name for one of them")
-    model_file = resolve_model(model_path)
-    # No output may replace an input: the model (and its weights), --init-img, --mask; not even with --force.
-    inputs = [(option, path) for option, path in (("--init-img", init_img), ("--mask", mask)) if path is not None]
-    for option, path in (("--grid-image", grid_image), ("--preview", preview)):
+    for k, (option, path) in enumerate(given):
+        for other, taken in given[:k]:
+            if os.path.realpath(path) == os.path.realpath(taken):
+                raise CliError(f"{option} {path} is the {other} too; choose another name for one of them")
+
+
+def check_inputs(model_file: Path, inputs: dict, beside: dict, out_dir: Path, seed: int, num_images: int) -> None:
+    """One CliError line where an output would replace an input (option -> path, None skipped): the model file
+    or its weights, --init-img or --mask, by a file beside the images or by one of the images."""
+    inputs = {option: path for option, path in inputs.items() if path is not None}
+    for option, path in beside.items():
         if path is None:
             continue
         if _is_input(path, model_file):
@@ -137,36 +163,84 @@ def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_
         if _is_sample(path, out_dir, seed, num_images):
             raise CliError(f"{option} {path} is one of this run's own PNGs, which would overwrite it or it "
                            "them; choose another name")
-        for name, source in inputs:
+        for name, source in inputs.items():
             if _same_file(path, source):
                 raise CliError(f"{option} {path} is the {name}, which it would overwrite; choose another path")
-    for name, source in inputs:
+    for name, source in inputs.items():
         if _is_sample(source, out_dir, seed, num_images):
             raise CliError(f"{name} {source} is one of the PNGs this run writes, which would overwrite it; "
                            "choose another --out or --seed, or copy it first")
-    check_outputs(out_dir, seed, num_images, grid_image, preview, force)  # nor an earlier run's, without --force
-    model = load_model(model_file, threads, provider, memory_budget)
-    edit, edit_notes = make_edit(model.spec, init_img, mask, strength, outpaint, repaint_jumps,
-                                 given_budget(memory_budget))
+
+
+@contextlib.contextmanager
+def reported(run: RunRecord, path: Optional[Path]) -> Iterator[None]:
+    """Write `run`'s --report to `path` (None: none) as the block ends: done, error or stopped. After an error
+    or a stop, a report that cannot be written is a note, and the run's own error stands."""
+    if path is None:
+        yield
+        return
+    try:
+        yield
+    except KeyboardInterrupt:
+        _report_anyway(path, record(run, "stopped"))
+        raise
+    except Exception as e:
+        _report_anyway(path, record(run, "error", e))
+        raise
+    write_report(path, record(run, "done"))
+
+
+def _report_anyway(path: Path, report: dict) -> None:
+    from patchgen.runtime.errors import PatchgenError
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # in an --out that the run did not get to make
+        write_report(path, report)
+    except (PatchgenError, OSError) as e:
+        click.echo(f"note: no report: {one_line(str(e))}", err=True)
+
+
+def _plan(run: RunRecord, threads, provider, memory_budget, patch_batch, grid_image, preview, edit_args):
+    """Open the model, read the edit's images and plan the run (each stage recorded in `run`, for its report);
+    say their notes. edit_args: make_edit's (init image, mask, strength, outpaint, repaint jumps)."""
+    from patchgen.runtime.edit import make_edit
+    from patchgen.runtime.generate import make_plan
+    from patchgen.runtime.images import grid_memory
+    from patchgen.runtime.memory import given_budget
+    from patchgen.runtime.model import load_model
+
+    run.stage = "loading"
+    model = run.model = load_model(run.model_file, threads, provider, memory_budget)
+    run.stage = "editing"
+    edit, edit_notes = make_edit(model.spec, *edit_args, given_budget(memory_budget))
     c, h, w = model.spec.image_shape
-    held = grid_memory(num_images, h, w, c) if grid_image else 0
-    preview_held, preview_per_image = _preview_memory(preview, grid_image, num_images, model.spec.image_shape)
-    plan = make_plan(model, num_images, seed, sampler, steps, eta, memory_budget=memory_budget,
-                     patch_batch=patch_batch, held_bytes=held + preview_held, held_per_image=preview_per_image,
-                     edit=edit)
+    held = grid_memory(run.num_images, h, w, c) if grid_image else 0
+    preview_held, preview_per_image = _preview_memory(preview, grid_image, run.num_images, model.spec.image_shape)
+    run.stage = "planning"
+    plan = run.plan = make_plan(model, run.num_images, run.seed, run.sampler, run.steps, run.eta,
+                                memory_budget=memory_budget, patch_batch=patch_batch,
+                                held_bytes=held + preview_held, held_per_image=preview_per_image, edit=edit)
     if edit is not None and plan.request.steps_run == 0:
         edit_notes += (f"--strength {edit.strength:g} of {plan.request.steps} steps runs none: the images are the "
                        "input",)
     for note in model.notes + edit_notes + plan.notes:
         click.echo(f"note: {note}", err=True)
-    out_dir, made = made_folder(out_dir)
-    written = []  # the indices of the images on disk
+    run.stage = "sampling"
+    return model, plan
+
+
+def _run(run: RunRecord, model, plan, grid_image, preview, preview_every) -> None:
+    """Make --out and sample into it. A run stopped or failed before its first image leaves no folder it made;
+    one stopped says what it wrote."""
+    from patchgen.runtime.files import check_writable_folder, made_folder, remove_if_empty
+
+    out_dir, made = made_folder(run.out_dir)
     try:
         check_writable_folder(out_dir)
-        _sample(model, plan, seed, num_images, out_dir, grid_image, preview, preview_every, written)
+        _sample(model, plan, run, grid_image, preview, preview_every)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (common.Terminated): say what is on disk, then stop as usual
         remove_if_empty(made)
-        report = _stopped_report(written, num_images, seed, out_dir, grid_image)
+        report = _stopped_report(run.images, run.num_images, run.seed, out_dir, grid_image)
         click.echo(("\n" if sys.stderr.isatty() else "") + report, err=True)  # below a terminal's bar
         raise
     except BaseException:
@@ -189,28 +263,25 @@ def existing_outputs(out_dir: Path, seed: int, num_images: int, *paths) -> list[
     return found + [p for p in paths if p is not None and os.path.lexists(p)]
 
 
-def check_outputs(out_dir: Path, seed: int, num_images: int, grid_image, preview, force: bool) -> None:
+def check_outputs(out_dir: Path, seed: int, num_images: int, beside: dict, force: bool) -> None:
     """One CliError line, before any work, where an output's name is taken: by a folder (even with --force), or
-    by a file an earlier run wrote (without --force). The advice names the option that chooses that name."""
-    found = existing_outputs(out_dir, seed, num_images, grid_image, preview)
+    by a file an earlier run wrote (without --force). beside: option -> path of the files beside the images
+    (None: not asked for). The advice names the option that chooses that name."""
+    found = existing_outputs(out_dir, seed, num_images, *beside.values())
     folders = [p for p in found if p.is_dir() and not p.is_symlink()]
     if folders:
         raise CliError(f"{folders[0]} is a folder, where this run writes a file; move it or choose another "
-                       f"{_naming_option(folders[0], grid_image, preview)}")
+                       f"{_naming_option(folders[0], beside)}")
     if found and not force:
         which = (f"{found[0]} already exists and this run would replace it" if len(found) == 1
                  else f"{found[0]} and {len(found) - 1} more exist and this run would replace them")
-        raise CliError(f"{which}: pass --force to replace, or choose another "
-                       f"{_naming_option(found[0], grid_image, preview)}")
+        raise CliError(f"{which}: pass --force to replace, or choose another {_naming_option(found[0], beside)}")
 
 
-def _naming_option(path: Path, grid_image, preview) -> str:
+def _naming_option(path: Path, beside: dict) -> str:
     """The option(s) that would give `path`, one of the run's outputs, another name."""
-    if path == grid_image:
-        return "--grid-image"
-    if path == preview:
-        return "--preview"
-    return "--out or --seed"
+    return next((option for option, given in beside.items() if given is not None and path == given),
+                "--out or --seed")
 
 
 def _preview_memory(preview, grid_image, num_images, image_shape) -> tuple[int, int]:
@@ -259,79 +330,104 @@ def _sample_name(name: str, seed: int, num_images: int) -> bool:
     return name == f"seed{seed}_{index}.png" and index.isdigit() and len(index) == 5 and int(index) < num_images
 
 
-def _sample(model, plan, seed, num_images, out_dir, grid_image, preview=None, preview_every=1, written=None):
-    """Sample the plan's images into out_dir (and the grid), with a progress bar and a closing report; the index
-    of each image on disk is appended to `written` as it is written."""
-    from patchgen.runtime.files import remove_stale_temporaries
+def _sample(model, plan, run: RunRecord, grid_image, preview=None, preview_every=1) -> None:
+    """Sample the plan's images into run.out_dir (and the grid), with a progress bar and a closing line; each
+    file is recorded in `run` as it is written, and the sampling time once done."""
     from patchgen.runtime.generate import iter_samples, png_text
-    from patchgen.runtime.images import make_grid, new_grid, paste_into_grid, save_png, to_uint8
-    from patchgen.runtime.errors import PatchgenError
+    from patchgen.runtime.images import new_grid, paste_into_grid, save_png
     from patchgen.runtime.memory import format_size, peak_rss
 
-    written = [] if written is None else written
-    remove_stale_temporaries(out_dir, "seed*_*.png")  # left by a killed run
-    for path in (grid_image, preview):
+    _remove_stale_temporaries(run.out_dir, grid_image, preview)
+    for line in _header(model, plan):
+        click.echo(line, err=True)
+    c, h, w = model.spec.image_shape
+    request, n = plan.request, run.num_images
+    grid = new_grid(n, h, w, c) if grid_image is not None else None  # filled as images arrive
+    live = new_grid(n, h, w, c) if grid is not None and preview is not None else None
+    show = None if preview is None else Preview(preview, live, preview_every, request.steps_run, run.beside)
+    runs = -(-n // plan.images_per_run)
+    t0 = time.perf_counter()
+    label = "sampling" if runs == 1 else f"sampling ({runs} runs of {request.steps_run} steps)"  # the total is theirs
+    with progress(runs * request.steps_run, label, unit="steps") as bar:
+        for index, image in iter_samples(model, plan, callback=lambda i, t: bar.update(1), on_x0=show):
+            save_png(run.image_path(index), image, png_text(model, request, index))
+            run.images.append(index)
+            for canvas in (grid, live):
+                if canvas is not None:
+                    paste_into_grid(canvas, index, image)
+    run.sampling_seconds = elapsed = time.perf_counter() - t0
+    if grid is not None:
+        save_png(grid_image, grid, png_text(model, request, -1))
+        run.beside.append(grid_image)
+    click.echo(f"wrote {n} image(s) to {run.out_dir}" + (f" and {grid_image}" if grid_image else "")
+               + f"; {elapsed / n:.3g} s/image, peak RSS {format_size(peak_rss())}", err=True)
+
+
+def _remove_stale_temporaries(out_dir: Path, *paths) -> None:
+    """Remove what killed runs left where this one writes: in out_dir and beside each of `paths` (None skipped)."""
+    from patchgen.runtime.files import remove_stale_temporaries
+
+    remove_stale_temporaries(out_dir, "seed*_*.png")
+    for path in paths:
         if path is not None:
             remove_stale_temporaries(path.parent, path.name)
 
+
+def _header(model, plan) -> list[str]:
+    """The lines that open a run on stderr, for people: the model and the plan, the edit, the model's data."""
+    from patchgen.runtime.memory import format_size
+
     spec, request = model.spec, plan.request
-    click.echo(f"{model.path.name} on {model.provider}: {spec.image_size}x{spec.image_size}, {spec.grid}x{spec.grid} patches of "
-               f"{spec.patch_size}px" + (f" seen through {spec.window_size}px windows (halo {spec.halo})"
-                                         if spec.halo else "") + f"; {request.sampler} {request.steps} steps"
-               + (f" (eta {request.eta:g})" if request.eta is not None else "") + f"; {plan.patch_batch} patch(es) per "
-               f"call, {plan.images_per_run} image(s) per run, {plan.allocation} allocation, {model.threads} thread(s)"
-               + (f"; predicted peak {format_size(plan.predicted_peak)} of the "
-                  + ("default " if plan.default_budget else "") + f"budget {format_size(plan.budget)}"
-                  if plan.predicted_peak else "")
-               + (f", {plan.seconds_per_step(spec.grid):.3g} s/step" if plan.seconds_per_patch else ""), err=True)
+    lines = [f"{model.path.name} on {model.provider}: {spec.image_size}x{spec.image_size}, {spec.grid}x{spec.grid} "
+             f"patches of {spec.patch_size}px" + (f" seen through {spec.window_size}px windows (halo {spec.halo})"
+                                                  if spec.halo else "")
+             + f"; {request.sampler} {request.steps} steps" + (f" (eta {request.eta:g})" if request.eta is not None
+                                                               else "")
+             + f"; {plan.patch_batch} patch(es) per call, {plan.images_per_run} image(s) per run, {plan.allocation} "
+             f"allocation, {model.threads} thread(s)"
+             + (f"; predicted peak {format_size(plan.predicted_peak)} of the "
+                + ("default " if plan.default_budget else "") + f"budget {format_size(plan.budget)}"
+                if plan.predicted_peak else "")
+             + (f", {plan.seconds_per_step(spec.grid):.3g} s/step" if plan.seconds_per_patch else "")]
     edit = request.edit
     if edit is not None:
-        click.echo(f"{edit.kind} at strength {edit.strength:g}: "
-                   f"{request.steps_run} of {request.steps} steps"
-                   + (f", {edit.masked_patches(spec.grid)} of {spec.grid**2} patches painted (the others make no "
-                      "call)" if edit.keep is not None else "")
-                   + (f", {edit.jumps} RePaint jump(s) per step" if edit.jumps else ""), err=True)
+        lines.append(f"{edit.kind} at strength {edit.strength:g}: {request.steps_run} of {request.steps} steps"
+                     + (f", {edit.masked_patches(spec.grid)} of {spec.grid**2} patches painted (the others make no "
+                        "call)" if edit.keep is not None else "")
+                     + (f", {edit.jumps} RePaint jump(s) per step" if edit.jumps else ""))
     if model.metadata.get("patchgen.data.attribution"):
-        click.echo(f"model trained on: {model.metadata['patchgen.data.attribution']}", err=True)
+        lines.append(f"model trained on: {model.metadata['patchgen.data.attribution']}")
+    return lines
 
-    c, h, w = spec.image_shape
-    runs = -(-num_images // plan.images_per_run)
-    grid = new_grid(num_images, h, w, c) if grid_image is not None else None  # filled as images arrive
-    live = new_grid(num_images, h, w, c) if grid is not None and preview is not None else None
-    steps_run = request.steps_run
 
-    failed = []  # a preview that could not be written: said once, then no more tried
+class Preview:
+    """iter_samples' on_x0: writes the run's x0_hat to `path` every `every` steps and at the last (in the grid's
+    cells with --grid-image: `live`), atomically. A write that fails is said once, then no more are tried; the
+    first that succeeds adds `path` to `written`."""
 
-    def show(first, i, x0):  # the preview: the run's x0_hat, in the grid's cells with --grid-image
-        if failed or (i + 1) % preview_every and i + 1 != steps_run:
+    def __init__(self, path: Path, live, every: int, steps_run: int, written: list):
+        self.path, self.live, self.every, self.steps_run, self.written = path, live, every, steps_run, written
+        self.failed = False
+
+    def __call__(self, first: int, i: int, x0) -> None:
+        from patchgen.runtime.errors import PatchgenError
+        from patchgen.runtime.images import make_grid, paste_into_grid, save_png, to_uint8
+
+        if self.failed or (i + 1) % self.every and i + 1 != self.steps_run:
             return
         images = to_uint8(x0)
-        if live is not None:
+        if self.live is not None:
             for k, image in enumerate(images):
-                paste_into_grid(live, first + k, image)
+                paste_into_grid(self.live, first + k, image)
         try:  # a side output: a full disk there must not cost the run its images
-            save_png(preview, make_grid(images) if live is None else live,
+            save_png(self.path, make_grid(images) if self.live is None else self.live,
                      {"patchgen:step": str(i + 1), "Software": "patchgen"})
         except (PatchgenError, OSError) as e:
-            failed.append(e)
+            self.failed = True
             click.echo(f"\nnote: no more previews: {one_line(str(e))}", err=True)
-
-    t0 = time.perf_counter()
-    label = "sampling" if runs == 1 else f"sampling ({runs} runs of {steps_run} steps)"  # the total is theirs
-    with progress(runs * steps_run, label, unit="steps") as bar:
-        for index, image in iter_samples(model, plan, callback=lambda i, t: bar.update(1),
-                                         on_x0=show if preview is not None else None):
-            save_png(out_dir / f"seed{seed}_{index:05d}.png", image, png_text(model, request, index))
-            written.append(index)
-            if grid is not None:
-                paste_into_grid(grid, index, image)
-            if live is not None:
-                paste_into_grid(live, index, image)
-    elapsed = time.perf_counter() - t0
-    if grid is not None:
-        save_png(grid_image, grid, png_text(model, request, -1))
-    click.echo(f"wrote {num_images} image(s) to {out_dir}" + (f" and {grid_image}" if grid_image else "")
-               + f"; {elapsed / num_images:.3g} s/image, peak RSS {format_size(peak_rss())}", err=True)
+            return
+        if self.path not in self.written:
+            self.written.append(self.path)
 
 
 def _stopped_report(written: list[int], num_images: int, seed: int, out_dir: Path, grid_image) -> str:

@@ -17,24 +17,22 @@ import onnx
 import torch
 
 from patchgen.models.checkpoint import load_checkpoint, model_from_checkpoint
+from patchgen.models.data import DataSource
 from patchgen.models.diffusion import EpsDenoiser
 from patchgen.models.unet import PatchUNet
-from patchgen.runtime.errors import PatchgenError
+from patchgen.runtime.errors import ArgumentError
 from patchgen.runtime.files import (as_utf8, check_free_space, check_writable_folder, claim, remove_stale_temporaries,
                                     temporary_prefix)
 from patchgen.runtime.metadata import spec_to_metadata
-from patchgen.runtime.schedule import Schedule, alphas_cumprod
-from patchgen.runtime.session import check_openable, open_session
+from patchgen.runtime.session import check_openable
 from patchgen.runtime.spec import example_feeds
 
-from .onnx_file import staged
+from . import parity, quantize
+from .onnx_file import Staged, staged
 
 # Opset 18: the lowest the torch.export-based exporter emits, and read by onnxruntime >= 1.14, which covers
 # the older builds shipped for Jetson and Raspberry Pi. GroupNorm lowers to InstanceNormalization + Reshape.
 OPSET = 18
-# Max fp32 error of the graph against torch, in the units of what the network predicts (see parity_scale).
-PARITY_TOLERANCE = 1e-4
-PARITY_TIMESTEPS = 9  # checked timesteps, evenly spread over [0, T) from 0 to T-1
 
 
 def patchgen_version() -> str:
@@ -102,69 +100,9 @@ def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
 
     simplified, ok = onnxsim.simplify(model)
     if not ok:
-        raise PatchgenError("onnxsim could not validate the simplified graph; export with --no-simplify")
+        raise ArgumentError("onnxsim could not validate the simplified graph; ", "export with {simplify_graph}",
+                            simplify_graph=False)
     return simplified
-
-
-def eps_gain(prediction: str, schedule: Schedule) -> np.ndarray:
-    """|d eps / d prediction| per timestep [T], float64: how much the graph's conversion to eps scales an
-    error in the network's own output (a = sqrt(abar_t), s = sqrt(1 - abar_t))."""
-    abar = alphas_cumprod(schedule)
-    if prediction == "x0":
-        # eps = (x_t - a x0) / s: gain a/s, largest at t = 0 (cosine, T = 1000: ~156).
-        return np.sqrt(abar) / np.sqrt(1 - abar)
-    if prediction == "v":
-        # eps = a v + s x_t: gain a <= 1.
-        return np.sqrt(abar)
-    return np.ones_like(abar)
-
-
-def parity_scale(prediction: str, schedule: Schedule) -> np.ndarray:
-    """max(eps_gain, 1) per timestep [T]: the divisor that turns |delta eps| into the parity error.
-
-    Gain > 1 (x0 at low t): the conversion multiplies the network's fp32 rounding by the gain (and that of
-    x_t - a x0 by 1/s), so dividing it out gives the error in the network's own units. Gain < 1 (v at all t,
-    x0 at high t): dividing would magnify the rounding of the conversion itself (s x_t, the 1/s), which is
-    no fault of the graph, so the error stays in eps units, what the sampler consumes. A wrong graph is
-    wrong at every t and shows at full size where the gain is about 1 (v at low t, x0 at mid t)."""
-    return np.maximum(eps_gain(prediction, schedule), 1.0)
-
-
-def parity_timesteps(num_timesteps: int, count: int = PARITY_TIMESTEPS) -> np.ndarray:
-    """The timesteps the parity check runs at: `count` evenly spread over [0, T), always 0 and T-1."""
-    # t_k = floor(k (T-1) / (count-1)), k = 0 .. count-1: exact integers, t_0 = 0, t_last = T-1.
-    k = np.arange(count, dtype=np.int64)
-    return np.unique(k * (num_timesteps - 1) // (count - 1))
-
-
-def max_parity_error(net: PatchUNet, model_path, batches=(1, 3), seed: int = 0) -> float:
-    """max over samples of |eps_onnxruntime - eps_torch| / parity_scale(t): the graph's error in the
-    model's own parametrisation. Every batch size runs every parity timestep (deterministic, t = 0 and
-    T-1 included), and every patch position is run at least once (positions in turn, then more batches of
-    random t until all G*G were seen); x and gcc are drawn from `seed`."""
-    c = net.config
-    session = open_session(model_path)
-    module = EpsDenoiser(net).eval()
-    scale = parity_scale(c.prediction, c.schedule)
-    rng = np.random.default_rng(seed)
-    errors, position = [], 0
-
-    def check(t: np.ndarray) -> None:
-        nonlocal position
-        feeds = example_inputs(net, len(t), rng, t=t, first_position=position)
-        position += len(t)
-        with torch.no_grad():
-            ref = module(**{k: torch.from_numpy(v) for k, v in feeds.items()}).numpy()
-        out = session.run(["eps"], feeds)[0]
-        errors.append(np.abs(out - ref).reshape(len(t), -1).max(axis=1) / scale[t])
-
-    ts = parity_timesteps(c.schedule.num_timesteps)
-    for b in batches:
-        for start in range(0, len(ts), b):
-            check(np.resize(ts[start:start + b], b))  # the last batch wraps around to stay b long
-    while position < c.grid**2:
-        check(rng.integers(0, c.schedule.num_timesteps, max(batches)))
-    return float(np.max(np.concatenate(errors)))  # NaN propagates, and fails the check
 
 
 def _text(value) -> str:
@@ -205,9 +143,9 @@ class ExportReport:
     parameters: int
     file_bytes: int  # the .onnx file and its external data
     prediction: str  # what the network predicts: "eps", "v" or "x0"
-    parity_error: Optional[float]  # max_parity_error (see parity_scale); None when the check was skipped
+    parity_error: Optional[float]  # parity.max_parity_error; None when the check was skipped
     weights: str = "fp32"  # fp32, fp16 or int8
-    reduced_parity: Optional[float] = None  # fp16/int8: quantize.parity_rms on fresh realistic windows
+    reduced_parity: Optional[float] = None  # fp16/int8: parity.parity_rms on fresh realistic windows
     data_path: Optional[Path] = None  # the external-data file beside `path` (a large model), else None
 
 
@@ -227,10 +165,11 @@ def check_output_path(path: Path, force: bool, checkpoint=None) -> None:
     """Refuse, before any work, an output that exists (without force), that is the input checkpoint
     itself (even with force), or whose folder cannot be written."""
     if checkpoint is not None and path.exists() and Path(checkpoint).exists() and path.samefile(checkpoint):
-        raise PatchgenError(f"{path} is the checkpoint being exported; choose another -o")
+        raise ArgumentError(f"{path} is the checkpoint being exported; ", "choose another {output_path}",
+                            output_path=None)
     check_openable(path)  # the written file is checked by opening it in onnxruntime
     if path.exists() and not force:
-        raise PatchgenError(f"{path} exists; pass --force to overwrite it")
+        raise ArgumentError(f"{path} exists; ", "pass {force} to overwrite it", force=True)
     check_writable_folder(path.parent)
 
 
@@ -240,18 +179,11 @@ def export_onnx(checkpoint_path, output_path, *, ema: bool = True, simplify_grap
     """Export, simplify, write beside the target, verify the written file against torch, then commit it in one
     rename (onnx_file.py: a large model's weights go to an external-data file). On failure no file is left.
 
-    weights: "fp32", or "fp16" / "int8" for a smaller file under the same contract (export/quantize.py);
-    the float32 graph is verified first, then the reduced one on held-out realistic windows against
-    quantize.PARITY_RMS_TOLERANCE. calibration_data: the images for int8's calibration and that check (a
-    load_data spec: a built-in data set or a folder) instead of the checkpoint's own data set. int8_activations:
-    "uint8" (U8S8, fastest on x86) or "int8" (S8S8), see quantize.py."""
-    from . import quantize
-
-    if weights not in quantize.WEIGHT_DTYPES:
-        raise PatchgenError(f"weights must be one of {', '.join(quantize.WEIGHT_DTYPES)}, got {weights!r}")
-    if int8_activations not in quantize.INT8_ACTIVATIONS:
-        raise PatchgenError(f"int8 activations must be one of {', '.join(quantize.INT8_ACTIVATIONS)}, "
-                            f"got {int8_activations!r}")
+    weights: "fp32", or "fp16" / "int8" for a smaller file under the same contract (export/quantize.py),
+    verified after the float32 graph on held-out realistic windows (parity.py). calibration_data: the images
+    for int8's calibration and that check (a load_data name: a built-in data set or a folder) instead of the
+    checkpoint's own. int8_activations: "uint8" (U8S8, fastest on x86) or "int8" (S8S8), see quantize.py."""
+    quantize.check_choices(weights, int8_activations)
     output_path = Path(output_path)
     check_output_path(output_path, force, checkpoint_path)
     folder = output_path.parent
@@ -262,56 +194,78 @@ def export_onnx(checkpoint_path, output_path, *, ema: bool = True, simplify_grap
             remove_stale_temporaries(folder, pattern)
         ckpt = load_checkpoint(checkpoint_path)
         net = model_from_checkpoint(ckpt, ema=ema)
-        config = net.config
         fp32_bytes = sum(p.numel() * 4 for p in net.parameters())
         check_free_space(folder, SCRATCH_FACTOR[weights] * fp32_bytes + 16 * 2**20, f"a {weights} export of this "
                          f"model", "choose another -o")
-        if weights != "fp32":  # the images are loaded first: a data set that cannot be found fails before any work
-            def images(seed: int, count: int) -> np.ndarray:
-                return quantize.calibration_images(ckpt["data"], config.image_size, calibration_data, count, seed)
-            calibration = images(0, quantize.CALIBRATION_IMAGES) if weights == "int8" else None
-            parity_images = images(1, quantize.PARITY_IMAGES) if check else None
+        images = _reduced_images(ckpt["data"], net.config.image_size, weights, calibration_data, check)
         model = to_onnx(net)
         if simplify_graph:
             model = simplify(model)
         onnx.helper.set_model_props(model, metadata(ckpt, ema))
         onnx.checker.check_model(model)
-        error = reduced = None
-        prediction = config.prediction
-        if weights == "fp32" or check:
-            with staged(model, output_path) as fp32:  # checked from a file, as the runtime opens it
-                if check:
-                    error = max_parity_error(net, fp32.onnx)
-                    if not error <= PARITY_TOLERANCE:  # also catches NaN
-                        raise PatchgenError(f"parity check failed: max error in the model's own parametrisation "
-                                            f"({prediction}) = {error:.3g} > {PARITY_TOLERANCE:g}; "
-                                            f"no file written (--skip-check writes it anyway)")
-                if weights == "fp32":
-                    fp32.commit()
-                    final = fp32
+        error, final = _write_fp32(net, model, output_path, check, commit=weights == "fp32")
+        reduced = None
         if weights != "fp32":
-            if weights == "fp16":
-                model = quantize.to_fp16(model)
-            else:
-                feeds = list(quantize.realistic_feeds(
-                    net, calibration, quantize.spread_timesteps(config.schedule.num_timesteps,
-                                                                quantize.CALIBRATION_TIMESTEPS), seed=0))
-                # in the output folder (not $TMPDIR), named as a temporary that the next export removes if killed
-                model = quantize.to_int8(model, feeds, int8_activations, work_dir=output_path.parent,
-                                         prefix=temporary_prefix(output_path.name))
+            model = _reduced(net, model, weights, images[0], int8_activations, output_path)
             onnx.helper.set_model_props(model, metadata(ckpt, ema, weights))
             onnx.checker.check_model(model)
-            with staged(model, output_path) as final:
-                if check:
-                    held_out = list(quantize.realistic_feeds(net, parity_images,
-                                                             parity_timesteps(config.schedule.num_timesteps), seed=1))
-                    reduced = quantize.parity_rms(net, final.onnx, held_out)
-                    limit = quantize.PARITY_RMS_TOLERANCE[weights]
-                    if not reduced <= limit:
-                        raise PatchgenError(f"{weights} parity check failed: RMS error in the model's own "
-                                            f"parametrisation ({prediction}) = {reduced:.3g} > {limit:g}; no file "
-                                            f"written (--skip-check writes it anyway)")
-                final.commit()
+            reduced, final = _write_reduced(net, model, output_path, weights, images[1])
         return ExportReport(output_path, describe(model.graph.input), describe(model.graph.output),
-                            sum(p.numel() for p in net.parameters()), final.file_bytes, prediction, error, weights,
-                            reduced, final.data)
+                            sum(p.numel() for p in net.parameters()), final.file_bytes, net.config.prediction, error,
+                            weights, reduced, final.data)
+
+
+def _reduced_images(data: DataSource, image_size: int, weights: str, calibration_data: Optional[str],
+                    check: bool) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    """fp16/int8: (int8's calibration images, the reduced file's parity-check images), each None where not
+    needed (`quantize.calibration_images`). Loaded first: a data set that cannot be found fails before any work."""
+    if weights == "fp32":
+        return None, None
+
+    def images(seed: int, count: int) -> np.ndarray:
+        return quantize.calibration_images(data, image_size, calibration_data, count, seed)
+    return (images(0, quantize.CALIBRATION_IMAGES) if weights == "int8" else None,
+            images(1, quantize.PARITY_IMAGES) if check else None)
+
+
+def _write_fp32(net: PatchUNet, model: onnx.ModelProto, output_path: Path, check: bool,
+                commit: bool) -> tuple[Optional[float], Optional[Staged]]:
+    """Stage the float32 graph beside `output_path`, check it against torch from the file, as the runtime opens
+    it (`check`: parity.checked_max_error), and commit it (`commit`). (Its parity error, None unchecked; the
+    committed Staged, None when not committed.)"""
+    error = None
+    if check or commit:
+        with staged(model, output_path) as fp32:
+            if check:
+                error = parity.checked_max_error(net, fp32.onnx)
+            if commit:
+                fp32.commit()
+                return error, fp32
+    return error, None
+
+
+def _reduced(net: PatchUNet, model: onnx.ModelProto, weights: str, calibration: Optional[np.ndarray],
+             int8_activations: str, output_path: Path) -> onnx.ModelProto:
+    """The float32 `model` with fp16 weights, or int8 calibrated on `calibration` images noised at timesteps
+    spread over the schedule, its scratch files in the output folder (not $TMPDIR), named as a temporary that
+    the next export removes if this one is killed."""
+    if weights == "fp16":
+        return quantize.to_fp16(model)
+    timesteps = parity.spread_timesteps(net.config.schedule.num_timesteps, quantize.CALIBRATION_TIMESTEPS)
+    feeds = list(quantize.realistic_feeds(net, calibration, timesteps, seed=0))
+    return quantize.to_int8(model, feeds, int8_activations, work_dir=output_path.parent,
+                            prefix=temporary_prefix(output_path.name))
+
+
+def _write_reduced(net: PatchUNet, model: onnx.ModelProto, output_path: Path, weights: str,
+                   held_out: Optional[np.ndarray]) -> tuple[Optional[float], Staged]:
+    """Stage the fp16/int8 `model`, check it against torch on realistic windows of the `held_out` images (None:
+    unchecked; parity.checked_rms), and commit it. (Its RMS parity error or None, the committed Staged.)"""
+    error = None
+    with staged(model, output_path) as final:
+        if held_out is not None:
+            timesteps = parity.spread_timesteps(net.config.schedule.num_timesteps, parity.PARITY_TIMESTEPS)
+            feeds = list(quantize.realistic_feeds(net, held_out, timesteps, seed=1))
+            error = parity.checked_rms(net, final.onnx, weights, feeds)
+        final.commit()
+    return error, final

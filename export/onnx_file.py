@@ -113,6 +113,27 @@ def _write_data(model: onnx.ModelProto, folder: Path, output: Path) -> tuple[Pat
         raise
 
 
+def _serialized(model: onnx.ModelProto, placed: list, data: Optional[Path]) -> bytes:
+    """The graph's bytes with each `placed` (tensor, offset) referring to its bytes in the data file `data`
+    by name, offset and length; the ModelProto is restored afterwards (left unchanged)."""
+    raws = [(tensor, tensor.raw_data) for tensor, _ in placed]
+    try:
+        for tensor, offset in placed:
+            length = len(tensor.raw_data)
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            del tensor.external_data[:]
+            for key, value in (("location", data.name), ("offset", offset), ("length", length)):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, str(value)
+        return model.SerializeToString()
+    finally:
+        for tensor, raw in raws:
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = raw
+
+
 @contextlib.contextmanager
 def staged(model: onnx.ModelProto, output: Path) -> Iterator[Staged]:
     """Write `model` (left unchanged) beside `output` under temporary names and yield them as a Staged; what
@@ -128,22 +149,7 @@ def staged(model: onnx.ModelProto, output: Path) -> Iterator[Staged]:
             data, data_is_new, placed = _write_data(model, folder, output)
         fd, tmp = tempfile.mkstemp(prefix=temporary_prefix(output.name), suffix=".tmp", dir=folder)
         stage = Staged(output, Path(tmp), data, data_is_new)
-        raws = [(tensor, tensor.raw_data) for tensor, _ in placed]
-        try:  # the graph refers to the data by name; the ModelProto is restored afterwards
-            for tensor, offset in placed:
-                length = len(tensor.raw_data)
-                tensor.ClearField("raw_data")
-                tensor.data_location = onnx.TensorProto.EXTERNAL
-                del tensor.external_data[:]
-                for key, value in (("location", data.name), ("offset", offset), ("length", length)):
-                    entry = tensor.external_data.add()
-                    entry.key, entry.value = key, str(value)
-            graph = model.SerializeToString()
-        finally:
-            for tensor, raw in raws:
-                del tensor.external_data[:]
-                tensor.data_location = onnx.TensorProto.DEFAULT
-                tensor.raw_data = raw
+        graph = _serialized(model, placed, data)
         with os.fdopen(fd, "wb") as f:
             f.write(graph)
             f.flush()
@@ -163,4 +169,3 @@ def staged(model: onnx.ModelProto, output: Path) -> Iterator[Staged]:
     finally:
         if not stage.committed:
             stage.drop()
-

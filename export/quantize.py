@@ -35,25 +35,26 @@ import torch
 from patchgen.models.data import DATA_SETS, DataSource, holdout_split, load_data, load_named, to_model_range
 from patchgen.models.diffusion import draw_self_condition, gcc_input, patch_inputs, q_sample, schedule_coefficients
 from patchgen.models.unet import PatchUNet
-from patchgen.runtime.errors import PatchgenError
-from patchgen.runtime.session import open_session
+from patchgen.runtime.errors import ArgumentError, PatchgenError
 
 WEIGHT_DTYPES = ("fp32", "fp16", "int8")
 INT8_ACTIVATIONS = ("uint8", "int8")  # U8S8 (default) or S8S8
 QUANTIZED_OPS = ["Conv", "MatMul", "Gemm"]
 CALIBRATION_IMAGES = 16  # training images; each is noised at every calibration timestep
-CALIBRATION_TIMESTEPS = 16  # evenly spread over [0, T)
+CALIBRATION_TIMESTEPS = 16  # parity.spread_timesteps over [0, T)
 CALIBRATION_POSITIONS = 4  # windows per (image, timestep), at random positions: 1024 windows in all
-PARITY_IMAGES = 8  # other training images (another seed), for the parity check of the reduced file
+PARITY_IMAGES = 8  # other training images (another seed), for the parity check of the reduced file (parity.py)
 CALIBRATION_BATCH = 16  # windows per calibration call (bounds the calibrator's memory)
-# Parity of a reduced-precision file against torch in float32, as the RMS over realistic windows of the error
-# in the model's own parametrisation (|delta eps| / parity_scale(t), see onnx_export.parity_scale). The
-# network's outputs are O(0.5) (x0 and v in [-1, 1], eps ~ N(0, 1)). fp16 rounds to 2^-11 relative; through
-# the U-Net that grows to 2.6e-4 (the shipped faces64_2x2) - 2.7e-4 (the 64x64 4x4 halo-study model): the
-# bound is about 20x that. int8 keeps 8 bits per tensor: 6.8e-3 and 5.6e-3 on the same two models; its bound
-# of 0.1 (about 15x) is there to catch a broken quantization, not a subtle loss: what int8 costs in sample
-# quality is measured by KID (benchmarks/quality.py).
-PARITY_RMS_TOLERANCE = {"fp16": 5e-3, "int8": 0.1}
+
+
+def check_choices(weights: str, int8_activations: str = "uint8") -> None:
+    """Refuse, with one PatchgenError line, `weights` not in WEIGHT_DTYPES or `int8_activations` not in
+    INT8_ACTIVATIONS."""
+    if weights not in WEIGHT_DTYPES:
+        raise PatchgenError(f"weights must be one of {', '.join(WEIGHT_DTYPES)}, got {weights!r}")
+    if int8_activations not in INT8_ACTIVATIONS:
+        raise PatchgenError(f"int8 activations must be one of {', '.join(INT8_ACTIVATIONS)}, "
+                            f"got {int8_activations!r}")
 
 
 def calibration_images(data: DataSource, image_size: int, calibration_data: Optional[str], count: int,
@@ -70,10 +71,13 @@ def calibration_images(data: DataSource, image_size: int, calibration_data: Opti
                 train, _ = holdout_split(len(images), data.holdout_fraction, data.holdout_seed)
                 images = images[train]
     except (PatchgenError, OSError, ValueError) as e:
-        raise PatchgenError(f"cannot load calibration images ({e}); pass --calibration-data with one "
-                            f"of {', '.join(DATA_SETS)} or a folder of images") from None
+        why = e if isinstance(e, ArgumentError) else ArgumentError(str(e), "")  # its arguments stay arguments
+        raise ArgumentError(f"cannot load calibration images ({why.problem}", why.fix + "); pass {calibration_data} "
+                            f"with one of {', '.join(DATA_SETS)} or a folder of images", **why.arguments,
+                            calibration_data=None) from None
     if len(images) == 0:
-        raise PatchgenError("no calibration images; pass --calibration-data with a folder of images")
+        raise ArgumentError("no calibration images; ", "pass {calibration_data} with a folder of images",
+                            calibration_data=None)
     pick = np.random.default_rng(seed).choice(len(images), min(count, len(images)), replace=False)
     return to_model_range(images[np.sort(pick)])
 
@@ -104,11 +108,6 @@ def realistic_feeds(net: PatchUNet, images: np.ndarray, timesteps: np.ndarray, s
                      "gcc": gcc_p[part] if gcc_p is not None else None}
             yield {k: v.numpy().astype(np.int64 if k == "t" else np.float32) for k, v in feeds.items()
                    if v is not None}
-
-
-def spread_timesteps(num_timesteps: int, count: int) -> np.ndarray:
-    """`count` timesteps evenly spread over [0, T), 0 and T-1 included."""
-    return np.unique(np.linspace(0, num_timesteps - 1, count).round().astype(np.int64))
 
 
 def timestep_nodes(model: onnx.ModelProto) -> list[str]:
@@ -161,8 +160,7 @@ def to_int8(model: onnx.ModelProto, feeds: list[dict], activations: str = "uint8
     """Static QDQ int8 (per-channel int8 weights, MinMax) of the weight-carrying ops, calibrated on `feeds`;
     `activations` "uint8" (U8S8) or "int8" (S8S8). Its intermediate files go to a temporary folder in
     `work_dir` (None: the system's), named `prefix`..."""
-    if activations not in INT8_ACTIVATIONS:
-        raise PatchgenError(f"int8 activations must be one of {', '.join(INT8_ACTIVATIONS)}, got {activations!r}")
+    check_choices("int8", activations)
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -178,21 +176,3 @@ def to_int8(model: onnx.ModelProto, feeds: list[dict], activations: str = "uint8
         # chunk without folding it into the ranges. MinMax keeps only per-tensor min/max per call, so all
         # 64 calls fit in memory anyway.
         return onnx.load(str(quantized))
-
-
-def parity_rms(net: PatchUNet, model_path, feeds: list[dict]) -> float:
-    """RMS over `feeds` of |eps_onnxruntime - eps_torch| / parity_scale(t): the error in the model's own units."""
-    from .onnx_export import parity_scale
-    from patchgen.models.diffusion import EpsDenoiser
-
-    session = open_session(model_path)
-    module = EpsDenoiser(net).eval()
-    scale = parity_scale(net.config.prediction, net.config.schedule)
-    total, count = 0.0, 0
-    for f in feeds:
-        with torch.no_grad():
-            ref = module(**{k: torch.from_numpy(v) for k, v in f.items()}).numpy()
-        err = (session.run(["eps"], f)[0] - ref) / scale[f["t"]].reshape(-1, 1, 1, 1)
-        total += float(np.sum(err.astype(np.float64) ** 2))
-        count += err.size
-    return float(np.sqrt(total / count))

@@ -28,17 +28,21 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import PIL
 
-from patchgen.runtime.errors import PatchgenError
+from patchgen.runtime.errors import ArgumentError
 from patchgen.runtime.files import (CACHE_ENV, atomic_output, cache_root, check_free_space,
                                     remove_stale_temporaries, write_error)
 
+from .decoding import Decoding
+
+# How to put the cache elsewhere: named as Decoding's cache_dir (errors.ArgumentError) where this module words
+# the error itself; as the option in ELSEWHERE, for the helpers of runtime/files.py, which take the fix as text.
+ELSEWHERE_FIX = "choose another cache folder ({cache_dir}, or $" + CACHE_ENV + ")"
 ELSEWHERE = f"choose another cache folder (patchgen-train --cache-dir, or ${CACHE_ENV})"
 FORMAT = 2  # bump when decoding changes the pixels a source gives (2: JPEGs decoded at a reduced scale)
 CHUNK = 64  # sources per task sent to a worker process
@@ -51,25 +55,6 @@ def default_cache_dir() -> Path:
     """images/ in patchgen's cache root: $PATCHGEN_CACHE_DIR, else $XDG_CACHE_HOME/patchgen, else ~/.cache/patchgen
     (the sampler's graph cache is graphs/ beside it)."""
     return cache_root() / "images"
-
-
-@dataclass(frozen=True)
-class Decoding:
-    """How a data set's sources become images.
-
-    cache_dir: the image cache's folder (created when missing), or None to decode into memory every time.
-    workers: decoder processes (1: decode in this process). They are spawned, so a script that asks for
-    more than one must guard its top level with `if __name__ == "__main__":`, as multiprocessing requires.
-    progress: called as progress(done, total) while decoding; note: called with one-line messages (cache
-    built, reused, rebuilt)."""
-    cache_dir: Optional[Path] = None
-    workers: int = 1
-    progress: Optional[Callable[[int, int], None]] = None
-    note: Optional[Callable[[str], None]] = None
-
-    def say(self, message: str) -> None:
-        if self.note is not None:
-            self.note(message)
 
 
 # decode_one(source, size) -> uint8 [size, size, 3], or None for a source that cannot be used.
@@ -103,8 +88,8 @@ def decode_images(sources: Sequence, size: int, decode_one: Decoder, decoding: D
         return np.zeros((0, size, size, 3), np.uint8), len(sources)
     cached = read_entry(folder, key, decoding)
     if cached is None:
-        raise PatchgenError(f"the image cache {folder / key}.npy cannot be read back right after writing it; "
-                            f"check the disk, or {ELSEWHERE}")
+        raise ArgumentError(f"the image cache {folder / key}.npy cannot be read back right after writing it; ",
+                            "check the disk, or " + ELSEWHERE_FIX, cache_dir=None)
     return cached
 
 
@@ -150,8 +135,8 @@ def build_entry(folder: Path, key: str, sources: Sequence, size: int, decode_one
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise PatchgenError(f"cannot create the image cache folder {folder}: {e.strerror}; "
-                            f"{ELSEWHERE}, a writable one") from None
+        raise ArgumentError(f"cannot create the image cache folder {folder}: {e.strerror}; ",
+                            ELSEWHERE_FIX + ", a writable one", cache_dir=None) from None
     for pattern in (f"{key}.npy", f"{key}.json"):
         remove_stale_temporaries(folder, pattern)
     shape = (len(sources), size, size, 3)
@@ -189,8 +174,8 @@ def _decoded(sources: Sequence, size: int, decode_one: Decoder, decoding: Decodi
         try:
             yield from _counted(pool.map(decode, sources, chunksize=CHUNK), total, decoding)
         except concurrent.futures.process.BrokenProcessPool:
-            raise PatchgenError(f"a decoder process died (out of memory?) while decoding {total} images; "
-                                "try again with fewer (patchgen-train --decode-workers)") from None
+            raise ArgumentError(f"a decoder process died (out of memory?) while decoding {total} images; ",
+                                "try again with fewer ({workers})", workers=None) from None
         finally:  # on Ctrl-C or an error, the chunks not yet started are dropped, not decoded
             pool.shutdown(cancel_futures=True)
     else:

@@ -4,10 +4,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any, Optional
 
 from patchgen.runtime.checks import Problems, is_int, shown
-from patchgen.runtime.schedule import Schedule
-from patchgen.runtime.spec import MAX_IMAGE_SIZE, ModelSpec, spec_problems
+from patchgen.runtime.schedule import MAX_TIMESTEPS, SCHEDULE_KINDS, Schedule, min_timesteps
+from patchgen.runtime.spec import (GCC_SOURCES, MAX_IMAGE_SIZE, PREDICTIONS, ModelSpec, fit_problems, spec_problems,
+                                   spec_values)
 
 RECIPES = ("patchgen", "paper")  # patchgen-train --recipe; the first is the default
 DEFAULT_RECIPE = RECIPES[0]
@@ -64,35 +66,102 @@ def _built(cls, d: dict, what: str):
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """Everything needed to build the patch U-Net and to sample from it."""
+class Option:
+    """How patchgen-train sets a config field, kept in the field's metadata (see `option`); cli/train.py makes
+    the click option from it. The values it takes: `choices`, or the range low .. high (open at an end where
+    asked) of an int or float field, or comma-separated integers for a tuple field; a bool field is a flag,
+    which turns the setting off where its name starts with "no-"."""
 
-    image_size: int = 64  # H = W of the whole image, pixels
+    help: str = ""
+    name: str = ""  # the option is --name; "" = the field's name with dashes
+    choices: tuple[str, ...] = ()
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+    default: Any = ...  # the option's default: ... = the field's; None = the recipe's (`recipe_settings`)
+    key: str = ""  # on a field that holds a dataclass (the schedule): which of its fields the option sets
+    # --resume may change it; otherwise (every option so far) it is refused there: a resumed run keeps its
+    # checkpoint's configuration. A resumable option also needs the resume (models/train.py) to apply it.
+    resumable: bool = False
+    named: str = ""  # how an error names the field where not as --name (a flag that turns it off)
+
+
+def option(help: str = "", **settings) -> dict:
+    """A field's metadata: the one patchgen-train option that sets it (`Option`'s fields)."""
+    return {"options": (Option(help, **settings),)}
+
+
+def field_options(cls) -> list[tuple[dataclasses.Field, Option]]:
+    """(field, option) for each patchgen-train option that sets a field of the dataclass `cls`, in field order."""
+    return [(f, o) for f in dataclasses.fields(cls) for o in f.metadata.get("options", ())]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to build the patch U-Net and to sample from it. It holds each of ModelSpec's fields
+    under the same name (`spec` is the runtime's part of it), with a new patchgen-train run's defaults."""
+
+    image_size: int = field(default=64, metadata=option("Image side in pixels.", low=4, high=MAX_IMAGE_SIZE))
     channels: int = 3
-    grid: int = 2  # G: the image is a G x G grid of patches
-    base_width: int = 32  # channels at the first U-Net level
-    channel_mults: tuple[int, ...] = (1, 2, 2)  # width multiplier per level; each level after the first halves P
-    num_res_blocks: int = 2  # ResNet blocks per level
+    grid: int = field(default=2, metadata=option("G: patches per side (1 = full-image DDPM).", low=1))
+    base_width: int = field(default=32, metadata=option(  # channels at the first U-Net level
+        "U-Net channels at the first level (multiple of 8).", low=8, high=MAX_BASE_WIDTH))
+    channel_mults: tuple[int, ...] = field(default=(1, 2, 2), metadata=option(  # each level after the first halves P
+        "Width multiplier per U-Net level."))
+    num_res_blocks: int = field(default=2, metadata=option(low=1, high=MAX_RES_BLOCKS))  # ResNet blocks per level
     # Levels with self-attention, named by the patch's size there (P / 2^level pixels): a halo widens the
     # feature maps but leaves attention at the same level.
-    attention_resolutions: tuple[int, ...] = (8,)
+    attention_resolutions: tuple[int, ...] = field(default=(8,), metadata=option(
+        "Feature-map sizes with self-attention."))
     attention_heads: int = 4
-    dropout: float = 0.0
-    use_position: bool = True  # one-hot patch position -> Linear -> GELU, joined to the time embedding
-    use_gcc: bool = True  # Global Content Conditioning: pooled image as extra input channels
-    global_context: int = 0  # > 0: GCC pooled to this many cells per side -> MLP -> added to the time embedding
-    gcc_source: str = "xt"  # "xt": pool x_t (the paper); "x0": pool the previous step's x0_hat (self-conditioning)
-    prediction: str = "eps"  # what the network regresses: "eps", "v" or "x0"; exported graphs always output eps
-    schedule: Schedule = field(default_factory=Schedule)
-    halo: int = 0  # M: the network reads the (P+2M)^2 window of x_t around its patch and predicts the centre P^2
-    edge_mask: bool = False  # with a halo: one more input channel, 1 on the image and 0 in the padding beyond it
+    dropout: float = field(default=0.0, metadata=option(low=0, high=1, high_open=True))
+    use_position: bool = field(default=True, metadata=option(  # one-hot position -> Linear -> GELU -> time embedding
+        "Ablation: no position conditioning.", name="no-position", named="position conditioning (--no-position)"))
+    use_gcc: bool = field(default=True, metadata=option(  # Global Content Conditioning: the pooled image as channels
+        "Ablation: no Global Content Conditioning.", name="no-gcc", named="GCC (on unless --no-gcc)"))
+    global_context: int = field(default=0, metadata=option(  # > 0: GCC pooled to N x N cells -> MLP -> time embedding
+        "Cells per side of a global context vector from GCC, 0 = off [default: the recipe's, 4 (or the largest "
+        "divisor of P below it) or 0].", low=0, default=None))
+    gcc_source: str = field(default="xt", metadata=option(  # "x0": the previous x0_hat (self-conditioning)
+        "Pool x_t (paper) or the previous x0 estimate (self-conditioning).", choices=GCC_SOURCES))
+    prediction: str = field(default="eps", metadata=option(  # exported graphs always output eps
+        "Network target (the ONNX graph always outputs eps) [default: the recipe's, x0 or eps].",
+        choices=PREDICTIONS, default=None))
+    schedule: Schedule = field(default_factory=Schedule, metadata={"options": (
+        Option(name="schedule", key="kind", choices=SCHEDULE_KINDS),
+        Option(f"T. Sampling starts from pure noise, which needs T >= {min_timesteps('cosine')} (cosine) or "
+               f">= {min_timesteps('linear')} (linear).", name="timesteps", key="num_timesteps", low=2,
+               high=MAX_TIMESTEPS))})
+    halo: int = field(default=0, metadata=option(  # M: the network reads (P+2M)^2 of x_t, predicts the centre P^2
+        "M: each patch also sees M pixels of its neighbours per side ((P+2M)^2 window, zero-padded at the image's "
+        "edge) and predicts its own P x P; P and P+2M must divide by 2^(levels-1) [default: the recipe's: the "
+        "multiple of 2^(levels-2) nearest P/4, or 0 (the paper)].", low=0, default=None))
+    edge_mask: bool = field(default=False, metadata=option(  # 1 on the image, 0 in the padding beyond it
+        "One more input channel marking the image against the padding beyond its edge; needs --halo and "
+        "position conditioning."))
 
     def __post_init__(self):
         # Each field on its own: types and ranges. Anything wrong here would break the checks after it.
-        problems = spec_problems(self.image_size, self.channels, self.grid, self.halo, self.use_position,
-                                 self.use_gcc, self.gcc_source, self.prediction)
-        if not isinstance(self.schedule, Schedule):
-            problems.add("schedule", f"must be a Schedule, got {shown(self.schedule)}")
+        problems = spec_problems(**spec_values(self))
+        problems.extend(self._network_problems())
+        if problems:
+            raise ValueError(problems.message())
+        # How the fields fit together.
+        problems = fit_problems(self.patch_size, self.grid, self.halo, len(self.channel_mults), self.use_position,
+                                self.use_gcc, self.global_context, self.edge_mask)
+        attended = {self.widths[-1]} | {w for level, w in enumerate(self.widths)  # the middle block, and levels
+                                        if self.patch_size >> level in self.attention_resolutions}
+        undivided = sorted(w for w in attended if w % self.attention_heads)
+        if undivided:
+            problems.add("attention_heads", f"{self.attention_heads} must divide the width of every level with "
+                                            f"attention; it does not divide {', '.join(map(str, undivided))}")
+        if problems:
+            raise ValueError(problems.message())
+
+    def _network_problems(self) -> Problems:
+        """The U-Net's own fields, each on its own (the lists become tuples)."""
+        problems = Problems()
         if problems.integer("base_width", self.base_width, 8, MAX_BASE_WIDTH) and self.base_width % 8:
             problems.add("base_width", f"must be a multiple of 8 (GroupNorm), got {self.base_width}")
         for name, low, high, max_len, min_len in (("channel_mults", 1, MAX_CHANNEL_MULT, MAX_LEVELS, 1),
@@ -105,40 +174,7 @@ class ModelConfig:
         problems.real("dropout", self.dropout, 0.0, 1.0, high_open=True)
         problems.integer("global_context", self.global_context, 0)
         problems.flag("edge_mask", self.edge_mask)
-        if problems:
-            raise ValueError(problems.message())
-        # How the fields fit together.
-        down = 2 ** (len(self.channel_mults) - 1)
-        if self.patch_size % down or self.window_size % down:
-            fits = [m for m in range(self.halo + down) if (self.patch_size + 2 * m) % down == 0]
-            below, above = [m for m in fits if m < self.halo], [m for m in fits if m > self.halo]
-            odd_patch = self.patch_size % down != 0  # the levels are named by the patch's size there
-            fix = (f"use halo {' or '.join(str(m) for m in [*below[-1:], *above[:1]])}"
-                   if self.halo and fits and not odd_patch else "use fewer channel_mults")
-            what = (f"window {self.window_size} (patch {self.patch_size} + 2 x halo {self.halo})"
-                    if self.halo and not odd_patch else f"patch size {self.patch_size}")
-            problems.add(what, f"is not divisible by {down}, which {len(self.channel_mults)} U-Net levels need; "
-                               f"{fix}")
-        if self.halo and self.grid == 1:
-            problems.add("halo", "must be 0 on a 1x1 grid: it has no neighbouring patches")
-        if self.edge_mask and not (self.halo and self.use_position):
-            problems.add("edge_mask", "marks a halo's padding by the patch position: it needs a halo (> 0) and "
-                                      "position conditioning")
-        if self.grid == 1 and self.use_position:
-            problems.add("use_position", "must be off on a 1x1 grid: it has a single position")
-        if self.global_context and self.patch_size % self.global_context:
-            problems.add("global_context", f"cells ({self.global_context}) must divide the patch size "
-                                           f"{self.patch_size}")
-        if self.global_context and not self.use_gcc:
-            problems.add("global_context", "is computed from the GCC input: it needs use_gcc")
-        attended = {self.widths[-1]} | {w for level, w in enumerate(self.widths)  # the middle block, and levels
-                                        if self.patch_size >> level in self.attention_resolutions}
-        undivided = sorted(w for w in attended if w % self.attention_heads)
-        if undivided:
-            problems.add("attention_heads", f"{self.attention_heads} must divide the width of every level with "
-                                            f"attention; it does not divide {', '.join(map(str, undivided))}")
-        if problems:
-            raise ValueError(problems.message())
+        return problems
 
     @property
     def widths(self) -> list[int]:
@@ -156,9 +192,8 @@ class ModelConfig:
 
     @property
     def spec(self) -> ModelSpec:
-        """The part of the config the runtime needs to sample."""
-        return ModelSpec(self.image_size, self.channels, self.grid, self.use_position, self.use_gcc,
-                         self.gcc_source, self.prediction, self.schedule, self.halo)
+        """The part of the config the runtime needs to sample: ModelSpec's fields, as this config holds them."""
+        return ModelSpec(**spec_values(self))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -176,18 +211,29 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation settings; saved with the checkpoint so a resumed run continues identically."""
 
-    batch_size: int = 16  # images per step
-    patches_per_image: int = 0  # 0: every patch of each image; k: a random subset of k patches per image
-    lr: float = 2e-4
+    batch_size: int = field(default=16, metadata=option(
+        "Images per step, over all ranks: under torchrun each of N ranks computes batch/N of them (a multiple of N).",
+        low=1, high=MAX_BATCH_SIZE))
+    patches_per_image: int = field(default=0, metadata=option(  # k: a random subset of k patches per image
+        "Random patches per image per step (0 = all).", low=0))
+    lr: float = field(default=2e-4, metadata=option(
+        f"AdamW's learning rate after the warm-up [default: the recipe's, {RECIPE_LR['patchgen']:g} or "
+        f"{RECIPE_LR['paper']:g}].", low=0, high=MAX_LR, low_open=True, default=None))
     weight_decay: float = 0.0
-    warmup_steps: int = 200  # linear LR warm-up
+    warmup_steps: int = field(default=200, metadata=option(low=0))  # linear LR warm-up
     grad_clip: float = 1.0  # max global gradient norm
-    ema_decay: float = 0.999
-    loss: str = "l1"  # "l1" as in the paper, or "l2"
-    loss_weighting: str = "none"  # "none" or "min_snr" (Hang et al. 2023)
+    ema_decay: float = field(default=0.999, metadata=option(low=0, high=1))
+    loss: str = field(default="l1", metadata=option(choices=LOSSES))  # "l1" as in the paper, or "l2"
+    loss_weighting: str = field(default="none", metadata=option(  # "min_snr": Hang et al. 2023
+        choices=LOSS_WEIGHTINGS))
     min_snr_gamma: float = 5.0
-    seed: int = 0
-    recipe: str = ""  # the patchgen-train --recipe the run started from ("" before recipes, or through the API)
+    seed: int = field(default=0, metadata=option(low=0, high=2**32 - 1))
+    # The patchgen-train --recipe the run started from ("" before recipes, or through the API).
+    recipe: str = field(default="", metadata=option(
+        "The defaults of --prediction, --global-context, --halo and --lr. patchgen: x0, a global vector of 4x4 "
+        "cells, a halo of about P/4 (P = image size / grid), 5e-4: the shipped models' recipe "
+        "(benchmarks/results/recipe.md). paper: Arakawa et al. 2023's model: eps, none, 0, 2e-4.",
+        choices=RECIPES, default=DEFAULT_RECIPE))
 
     def __post_init__(self):
         problems = Problems()

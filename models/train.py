@@ -1,26 +1,22 @@
 """DDPM training of the patch U-Net: one optimisation step, the run state that a new and a resumed run both
 start from (`start_run`, `resume_run`), and the resumable loop (`run_loop`), in one process or data-parallel
-over torchrun's ranks (distributed.py). The loss is in diffusion.py, the previews and probes in evaluation.py."""
+over torchrun's ranks (distributed.py). The loss is in diffusion.py, the previews and probes in evaluation.py,
+the run folder's files (its claim, logs and config.json) in run_folder.py."""
 from __future__ import annotations
 
-import contextlib
 import copy
-import csv
 import dataclasses
-import io
-import json
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from patchgen.runtime.errors import PatchgenError
-from patchgen.runtime.files import (atomic_output, check_free_space, check_writable_folder, claim, made_folder,
-                                    remove_if_empty, remove_stale_temporaries, write_error)
+from patchgen.runtime.files import check_free_space, write_error
 
 from .checkpoint import load_checkpoint, load_weights, save_checkpoint
 from .config import ModelConfig, TrainConfig
@@ -28,14 +24,9 @@ from . import distributed
 from .data import DataSource, ImageSet, ImageSubset, holdout_split, load_named, to_model_range
 from .diffusion import Coefficients, diffusion_loss, draw_batch, schedule_coefficients
 from .evaluation import evaluate, preview_line, read_log
+from .run_folder import CHECKPOINT_NAME, ELSEWHERE, LOG_NAMES, TrainLog, prepare_folder, run_folder
 from .unet import PatchUNet
 
-CHECKPOINT_NAME = "checkpoint.pt"
-RUN_LOCK = ".patchgen-train.lock"  # held (flock) by the run writing the folder, removed when it ends
-ELSEWHERE = "choose another --out"
-LOG_NAMES = ("train_log.csv", "eval_log.csv")  # one row per step / per preview step, up to the checkpoint's step
-# What a run writes atomically, as glob patterns: the temporaries a killed run left are removed at the next start.
-ATOMIC_OUTPUTS = (CHECKPOINT_NAME, "preview_*.png", "config.json", *LOG_NAMES)
 PROBE_IMAGES = 32  # held-out images for the GCC-use probe and the real seam score
 HOLDOUT_SEED = 0  # fixed: the held-out evaluation images are the same for every run
 
@@ -181,65 +172,11 @@ class RunResult:
     interrupted_by: Optional[int]  # the signal number that stopped the run early, if any
 
 
-def check_run_folder(run_dir, resume: bool) -> Path:
-    """The run's checkpoint path, once `run_dir` fits the request: a resume needs the checkpoint, a new run
-    must not overwrite one. Cheap and writes nothing, so callers can fail before loading any data."""
-    ckpt_path = Path(run_dir) / CHECKPOINT_NAME
-    if resume and not ckpt_path.is_file():
-        raise PatchgenError(f"checkpoint {ckpt_path} does not exist: nothing to resume; "
-                            "leave out --resume to start a new run there")
-    if not resume and ckpt_path.exists():
-        raise PatchgenError(f"{ckpt_path} already exists: pass --resume to continue it or choose a new --out")
-    return ckpt_path
-
-
-@contextlib.contextmanager
-def run_folder(run_dir, resume: bool) -> Iterator[Path]:
-    """Claim `run_dir` for this run, before any data is loaded: yields its checkpoint path.
-
-    Rank 0 creates the folder (a new run), claims it for the block (`files.claim`: a second run into it,
-    new or resumed, gets one line naming this one's pid), checks it again under the claim and checks that
-    files can be written there. A new run that fails before writing anything leaves no folder behind.
-    Re-entrant: `train` claims again inside the CLI's claim. The other ranks only check."""
-    ckpt_path = check_run_folder(run_dir, resume)
-    if not distributed.world().writer:
-        yield ckpt_path
-        return
-    folder, made = made_folder(run_dir)
-    try:
-        with claim(folder / RUN_LOCK, f"run folder {folder}",
-                   f"wait for that run to end, or {ELSEWHERE}"):
-            check_run_folder(folder, resume)  # again: another run may have written it before our claim
-            check_writable_folder(folder)
-            yield ckpt_path
-    finally:
-        remove_if_empty(made)  # a new run that wrote nothing: its folders go (a non-empty one stays)
-
-
 def checkpoint_bytes(state: TrainState) -> int:
     """About what a checkpoint of `state` takes on disk: the weights four times (raw, EMA, AdamW's two
     moments), plus 1 MiB for the rest."""
     params = sum(p.numel() * p.element_size() for p in state.net.parameters())
     return 4 * params + 2**20
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Keep a CSV log's header and its rows up to `step` (the checkpoint's), rewritten atomically.
-
-    A run killed after its last checkpoint has logged steps beyond it, which the resumed run logs again.
-    A row the kill cut short has fewer fields and goes too.
-    """
-    if not path.exists():
-        return
-    with open(path, newline="") as f:
-        header, *rows = list(csv.reader(f)) or [[]]
-    kept = [r for r in rows if len(r) == len(header) and r[0].isdigit() and int(r[0]) <= step]
-    if len(kept) == len(rows):
-        return
-    text = io.StringIO()
-    csv.writer(text).writerows([header, *kept])
-    with atomic_output(path) as f:
-        f.write(text.getvalue().encode())
 
 
 @dataclass
@@ -333,38 +270,6 @@ def resume_run(run_dir, device: str = "cpu", data: Optional[ImageSet] = None,
     return _run(run_dir, restore_state(ckpt, device), ckpt["train_config"], source, cadence, data, ckpt["step"])
 
 
-def prepare_folder(run: Run, resume: bool) -> None:
-    """Create the run folder; remove a killed run's temporaries; continue the logs from the checkpoint's step
-    (resume) or start them anew, with config.json (new run). Rank 0 does it; the other ranks wait for it."""
-    if distributed.world().writer:
-        _prepare_folder(run, resume)
-    distributed.barrier()
-
-
-def _prepare_folder(run: Run, resume: bool) -> None:
-    try:
-        run.dir.mkdir(parents=True, exist_ok=True)
-        # before the first write: the checkpoint must fit (a resumed run's next one is written beside the old)
-        check_free_space(run.dir, checkpoint_bytes(run.state), "a checkpoint of this model", ELSEWHERE)
-        _start_logs(run, resume)
-    except OSError as e:
-        raise write_error(e, run.dir, ELSEWHERE) from None
-
-
-def _start_logs(run: Run, resume: bool) -> None:
-    for pattern in ATOMIC_OUTPUTS:
-        remove_stale_temporaries(run.dir, pattern)
-    for name in LOG_NAMES:
-        if resume:
-            truncate_log(run.dir / name, run.state.step)
-        else:
-            (run.dir / name).unlink(missing_ok=True)
-    if not resume:
-        settings = {**run.config.to_dict(), **run.tc.to_dict(), "data": run.source.to_dict()}
-        with atomic_output(run.dir / "config.json") as f:
-            f.write((json.dumps(settings, indent=1, default=str) + "\n").encode())
-
-
 def checkpoint(run: Run) -> None:
     """Every rank calls it: rank 0 writes the checkpoint (with every rank's generator state) and the others
     wait until it is on disk."""
@@ -377,34 +282,16 @@ def checkpoint(run: Run) -> None:
     run.saved_step = run.state.step
 
 
-class _TrainLog:
-    """train_log.csv, appended to by rank 0 alone: one row per step."""
-
-    def __init__(self, path: Path, writer: bool):
-        self.path, self.writer, self.file = path, writer, None
-
-    def __enter__(self):
-        if self.writer:
-            try:
-                self.file = open(self.path, "a", newline="")
-                self.csv = csv.writer(self.file)
-                if self.file.tell() == 0:
-                    self.csv.writerow(["step", "loss", "lr", "images_per_s"])
-            except OSError as e:
-                raise write_error(e, self.path, ELSEWHERE) from None
-        return self
-
-    def row(self, step: int, loss: float, lr: float, speed: float) -> None:
-        if self.file is not None:
-            try:
-                self.csv.writerow([step, f"{loss:.6f}", f"{lr:.3e}", f"{speed:.2f}"])
-                self.file.flush()
-            except OSError as e:
-                raise write_error(e, self.path, ELSEWHERE) from None
-
-    def __exit__(self, *exc):
-        if self.file is not None:
-            self.file.close()
+def _preview(run: Run, recent: list, count: int, steps: int, on_preview: Optional[Callable[[str], None]]) -> None:
+    """Rank 0's preview at the run's step (`evaluation.evaluate`: `count` images in `steps` sampling steps),
+    logged with the mean loss of the `recent` steps; on_preview(line) gets its numbers (`preview_line`)."""
+    try:
+        evaluate(run.dir, run.state.step, run.state.ema, run.probe_images, run.tc.seed, run.source.name,
+                 count, steps, loss=sum(recent) / len(recent) if recent else None)
+    except OSError as e:
+        raise write_error(e, run.dir, ELSEWHERE) from None
+    if on_preview is not None:
+        on_preview(preview_line(read_log(run.dir / LOG_NAMES[1])))
 
 
 def run_loop(run: Run, max_steps: int, bf16: bool = False, progress: Optional[Callable] = None,
@@ -424,16 +311,9 @@ def run_loop(run: Run, max_steps: int, bf16: bool = False, progress: Optional[Ca
     def preview():
         nonlocal since
         if writer:
-            recent = losses[since:]
-            try:
-                evaluate(run.dir, state.step, state.ema, run.probe_images, run.tc.seed, run.source.name,
-                         preview_count, preview_steps, loss=sum(recent) / len(recent) if recent else None)
-            except OSError as e:
-                raise write_error(e, run.dir, ELSEWHERE) from None
-            if on_preview is not None:
-                on_preview(preview_line(read_log(run.dir / LOG_NAMES[1])))
+            _preview(run, losses[since:], preview_count, preview_steps, on_preview)
         since = len(losses)
-    with _StopFlag() as stop, _TrainLog(run.dir / LOG_NAMES[0], writer) as log:
+    with _StopFlag() as stop, TrainLog(run.dir / LOG_NAMES[0], writer) as log:
         while state.step < max_steps and not stopping:
             t0 = time.perf_counter()
             loss = train_step(state, run.images, run.tc, bf16, run.coefs, run.part)
@@ -488,5 +368,6 @@ def train(run_dir, max_steps: int, *, data: Optional[ImageSet] = None, config: O
         run.cadence.update({k: v for k, v in given if v is not None})
         if run.cadence["checkpoint_every"] < 1 or run.cadence["preview_every"] < 0:
             raise ValueError(f"checkpoint_every must be >= 1 and preview_every >= 0, got {run.cadence}")
-        prepare_folder(run, resume)
+        settings = {**run.config.to_dict(), **run.tc.to_dict(), "data": run.source.to_dict()}  # config.json
+        prepare_folder(run.dir, resume, run.state.step, checkpoint_bytes(run.state), settings)
         return run_loop(run, max_steps, bf16, progress, preview_count, preview_steps, on_preview)

@@ -1,6 +1,6 @@
 """Input images as a viewer shows them: EXIF orientation, high bit depths, ICC colour, transparency on white.
 
-Training (`patchgen.models.data`) and the runtime's image editing (`--init-img`, `--mask`) decode files through
+Training (`patchgen.models.decoding`) and the runtime's image editing (`--init-img`, `--mask`) decode files through
 these same functions, so an image means the same pixels to both.
 """
 from __future__ import annotations

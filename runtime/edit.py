@@ -99,8 +99,8 @@ def _check_decoding(img: Image.Image, source, what: str, size: int, budget: Opti
           f"{memory.format_size(resident)} this process holds"
     if budget is not None and resident + need > budget:
         least = math.ceil((resident + need + memory.RERUN_MARGIN) / memory.MIB)
-        raise memory.BudgetTooSmall(f"memory budget {memory.format_size(budget)} is below this run's minimum ({why});"
-                                    f" pass --memory-budget {least}M or more, or resize the image", least * memory.MIB)
+        raise memory.BudgetTooSmall(f"memory budget {memory.format_size(budget)} is below this run's minimum ({why})",
+                                    least * memory.MIB, "resize the image")
     limit, limited_by = memory.available_memory(resident)
     if budget is None and limit is not None and resident + need > limit:
         raise PatchgenError(f"{why}, but this process can have only {memory.format_size(limit)} ({limited_by}); "
@@ -243,6 +243,21 @@ def make_edit(spec: ModelSpec, init_image: Optional[ImageInput] = None, mask: Op
             if given is not None:
                 raise PatchgenError(f"{name} needs --init-img, the image to edit")
         return None, ()
+    shift = _checked_request(spec, mask, strength, outpaint, jumps)  # before decoding anything
+    image, shown = read_image(init_image, spec, budget=budget)
+    size = spec.image_size
+    notes = (f"--init-img {init_image} is {shown[0]}x{shown[1]}: centre-cropped and resized to {size}x{size}",) \
+        if shown != (size, size) else ()
+    image, keep = _kept_pixels(image, shown, spec, mask, shift, budget)
+    init = image.transpose(2, 0, 1).astype(np.float32) / np.float32(127.5) - np.float32(1)
+    default = IMG2IMG_STRENGTH if keep is None else 1.0
+    outpaint = None if shift is None else f"{shift[0]}:{shift[1]}"  # as read: what the PNG's text records
+    return Edit(init, keep, default if strength is None else float(strength), outpaint, int(jumps)), notes
+
+
+def _checked_request(spec: ModelSpec, mask, strength, outpaint, jumps) -> Optional[tuple[str, int]]:
+    """The outpaint's (side, patches) or None, once the edit's values are checked (make_edit's refusals, all
+    before any image is decoded)."""
     if not isinstance(jumps, numbers.Integral) or isinstance(jumps, bool):
         raise PatchgenError(f"--repaint-jumps must be a whole number, not {jumps!r}")
     if jumps and mask is None and outpaint is None:
@@ -256,14 +271,16 @@ def make_edit(spec: ModelSpec, init_image: Optional[ImageInput] = None, mask: Op
             raise PatchgenError(f"--strength must be above 0 and at most 1, got {strength}")
     if mask is not None and outpaint is not None:
         raise PatchgenError("give --mask or --outpaint, not both: --outpaint makes its own mask")
-    shift = outpaint_shift(outpaint, spec.grid) if outpaint is not None else None  # before decoding anything
+    shift = outpaint_shift(outpaint, spec.grid) if outpaint is not None else None
     if shift is not None and strength is not None and strength < 1:
         raise PatchgenError(f"--outpaint paints patches that start from nothing, so it runs every step: drop "
                             f"--strength {strength:g}")
-    image, shown = read_image(init_image, spec, budget=budget)
+    return shift
+
+
+def _kept_pixels(image: np.ndarray, shown: tuple[int, int], spec: ModelSpec, mask, shift, budget: Optional[int]):
+    """(the image, moved for an outpaint, and keep bool [H, W]: True = keep its pixel, or None for img2img)."""
     size = spec.image_size
-    notes = (f"--init-img {init_image} is {shown[0]}x{shown[1]}: centre-cropped and resized to {size}x{size}",) \
-        if shown != (size, size) else ()
     keep = None
     if mask is not None:
         keep = ~read_mask(mask, size, shown, budget)
@@ -273,7 +290,4 @@ def make_edit(spec: ModelSpec, init_image: Optional[ImageInput] = None, mask: Op
                                 "paint white")
     elif shift is not None:
         image, keep = shifted(image, *shift, spec.patch_size)
-    init = image.transpose(2, 0, 1).astype(np.float32) / np.float32(127.5) - np.float32(1)
-    default = IMG2IMG_STRENGTH if keep is None else 1.0
-    outpaint = None if shift is None else f"{shift[0]}:{shift[1]}"  # as read: what the PNG's text records
-    return Edit(init, keep, default if strength is None else float(strength), outpaint, int(jumps)), notes
+    return image, keep

@@ -15,13 +15,13 @@ from typing import Iterator, Optional, Union
 
 import numpy as np
 
-from .errors import PatchgenError
+from .errors import ArgumentError, PatchgenError
 from .images import to_uint8, write_png
 from .edit import Edit, ImageInput, make_edit
 from .loop import SAMPLERS, default_steps, edit_timesteps, sample_images
 from . import memory
-from .memory import (ARENA_PRIOR, DEFAULT_BUDGET_SHARE, MIB, RERUN_MARGIN, BudgetTooSmall, calibrate,
-                     calibrate_arena, checked_budget, fastest_fit, format_size, plan_patch_batch)
+from .memory import (ARENA_PRIOR, DEFAULT_BUDGET_SHARE, MIB, BudgetTooSmall, calibrate, calibrate_arena,
+                     checked_budget, fastest_fit, format_size, fresh_minimum, plan_patch_batch)
 from .limits import available_cpus
 from .model import OnnxModel, default_threads, load_model, thread_candidates
 from .session import DEFAULT_PROVIDER
@@ -74,15 +74,15 @@ def sampling_request(spec: ModelSpec, num_images: int = 1, seed: int = 0, sample
     if not 1 <= steps <= T:
         raise PatchgenError(f"steps must be between 1 and {T} (this model's T), got {steps}")
     if edit is not None and edit.jumps and sampler == "dpm++":
-        raise PatchgenError("--repaint-jumps needs the ddim or ddpm sampler: dpm++'s multistep update keeps the "
-                            "previous step, which a jump back would break")
+        raise ArgumentError("", "{repaint_jumps} needs the ddim or ddpm sampler: dpm++'s multistep update keeps the "
+                            "previous step, which a jump back would break", repaint_jumps=None)
     if sampler == "ddim":
         eta = 0.0 if eta is None else float(eta)
         if not 0.0 <= eta <= 1.0:  # also refuses NaN
             raise PatchgenError(f"eta must be between 0 and 1, got {eta}")
     elif eta is not None:
         what = "ancestral (its noise is fixed, eta = 1)" if sampler == "ddpm" else "deterministic"
-        raise PatchgenError(f"eta applies to the ddim sampler only; {sampler} is {what}: drop --eta")
+        raise ArgumentError(f"eta applies to the ddim sampler only; {sampler} is {what}: ", "drop {eta}", eta=None)
     return Request(num_images, seed, sampler, steps, eta, edit)
 
 
@@ -144,19 +144,20 @@ def check_fits(model: OnnxModel, images: int, patch_batch: int, held_bytes: int 
            f"{format_size(resident)} this process holds"
     if budget is not None:
         if need > budget:
-            minimum = math.ceil((need + RERUN_MARGIN) / MIB * 10) / 10
-            raise BudgetTooSmall(f"memory budget {format_size(budget)} is below this run's minimum of {minimum:.1f}M "
-                                 f"at least ({what}); pass --memory-budget {math.ceil(minimum)}M or more",
-                                 minimum * MIB)
+            minimum = fresh_minimum(need)
+            raise BudgetTooSmall(f"memory budget {format_size(budget)} is below this run's minimum of "
+                                 f"{minimum / MIB:.1f}M at least ({what})", minimum)
         return
     limit, limited_by = memory.available_memory(resident)
     if limit is not None and need > limit:
+        problem = (f"this run needs at least {format_size(need)} ({what}), but this process can have only "
+                   f"{format_size(limit)} ({limited_by}); ")
+        if held_bytes > need / 2:
+            raise ArgumentError(problem, "write fewer images per grid, or leave out {held_bytes}", held_bytes=None)
+        if images > 1:
+            raise ArgumentError(problem, "run fewer patches per call ({patch_batch})", patch_batch=None)
         size = model.spec.image_size
-        fix = ("write fewer images per grid, or leave out --grid-image" if held_bytes > need / 2
-               else f"this {size}x{size} model does not fit: free memory, or use a smaller model" if images == 1
-               else "run fewer patches per call (--patch-batch)")
-        raise PatchgenError(f"this run needs at least {format_size(need)} ({what}), but this process can have only "
-                            f"{format_size(limit)} ({limited_by}); {fix}")
+        raise PatchgenError(f"{problem}this {size}x{size} model does not fit: free memory, or use a smaller model")
 
 
 def probe(model: OnnxModel, request: Request):
@@ -182,107 +183,130 @@ def make_plan(model: OnnxModel, num_images: int = 1, seed: int = 0, sampler: str
               memory_budget: Union[None, int, str] = None, patch_batch: Optional[int] = None,
               held_bytes: int = 0, held_per_image: int = 0, edit: Optional[Edit] = None) -> Plan:
     """Check the request, then choose how to run it: the fastest configuration whose whole-run peak RSS,
-    calibration included, stays within the budget.
+    calibration included, stays within the budget, measured on real calls (`_calibrated`).
 
     memory_budget: bytes or a size ("500M"); one above what this process can have (MemAvailable, a cgroup
     limit) is capped to that, and the Plan says so. None: DEFAULT_BUDGET_SHARE of that memory (when this
     model does not fit it, the smallest peak, with a note). "min": the smallest peak, measured nothing:
     the lean allocation and one patch per call. patch_batch: exactly that many patches per call, lean
     allocation, nothing measured (with a budget: refused; the budget chooses the batch).
-    What the planner searches (`session.ALLOCATIONS`, the patch batch) is measured on real calls: one
-    lean call of one patch first, which refuses a budget below this model's minimum (BudgetTooSmall)
-    before any larger call; then, on the CPU provider, when the arena's one-patch call is predicted to fit
-    (ARENA_PRIOR times the lean call, its blocks kept), the session is reopened with the arena and its
-    batches probed (memory.calibrate_arena); else the lean batches (memory.calibrate). Of the batches
-    measured, the fastest per patch that fits is run (memory.fastest_fit), at the fastest thread count
-    measured (`_settle`; unless the model was opened with chosen threads). The arena is tried first and
-    alone because it was faster per patch at every batch measured (benchmarks/results/session_options.md,
-    budget_speed.md).
     held_bytes: memory the caller holds through the run beside sampling (a grid image being filled);
-    held_per_image: and per image in flight (a preview of them). edit: what an edited run starts from (its
-    arrays are charged per image, `image_bytes`)."""
+    held_per_image: and per image in flight (a preview). edit: what an edited run starts from (`image_bytes`)."""
     request = sampling_request(model.spec, num_images, seed, sampler, steps, eta, edit)
     g2 = patches_per_image(model.spec.grid, edit)  # the patches of an image that make calls
-    minimum = memory.wants_minimum(memory_budget)
     # Every plan starts from the lean session load_model opened (a model planned before may hold an arena,
     # which would hide what calls cost, and other threads).
     model.reopen("lean", model.threads if model.threads_chosen else default_threads())
     if patch_batch is not None and memory_budget is not None:
         raise PatchgenError("give either a memory budget or a patch batch, not both: the budget chooses the batch")
-    if minimum or patch_batch is not None:
-        pb = 1 if patch_batch is None else patch_batch
-        if pb < 1:
-            raise PatchgenError(f"patch batch must be >= 1, got {pb}")
-        pb = min(pb, num_images * g2)  # no call can hold more patches than the images have
-        ipr = images_per_run(pb, g2, num_images)
-        check_fits(model, ipr, pb, held_bytes + ipr * held_per_image, edit=edit)
-        return Plan(request, pb, ipr)
-    if memory_budget is None:
-        budget, limited_by = memory.default_budget(memory.current_rss())
-        notes: tuple[str, ...] = ()
-        if budget is None:  # nothing known about the machine's memory: plan for speed alone
-            budget = UNLIMITED
-    else:
-        asked = memory.given_budget(memory_budget)
-        budget, limited_by = checked_budget(asked, model.weights_bytes, model.resident_before)
-        notes = (f"memory budget {format_size(asked)} is more than this process can have ({format_size(budget)}, "
-                 f"{limited_by}); planning for {format_size(budget)}",) if limited_by else ()
-    # Batches worth running: up to one image's patches, then whole images (5 patches of a 2x2 grid run as 4).
-    batches = [b for b in range(1, num_images * g2 + 1) if b <= g2 or b % g2 == 0]
+    if memory.wants_minimum(memory_budget) or patch_batch is not None:
+        return _fixed_plan(model, request, g2, 1 if patch_batch is None else patch_batch, held_bytes, held_per_image)
+    budget, limited_by, notes = _planning_budget(model, memory_budget)
 
     def extra(pb: int) -> int:  # held beside a call: the buffers of the images that batch runs together
-        return OVERHEAD + held_bytes + images_per_run(pb, g2, num_images) * (image_bytes(model, edit)
-                                                                               + held_per_image)
+        return OVERHEAD + held_bytes + images_per_run(pb, g2, num_images) * (image_bytes(model, edit) + held_per_image)
 
     try:
         if call_input_bytes(model.spec, 1) > budget:  # a file claiming absurd inputs: no call is made
             check_fits(model, 1, 1, held_bytes + held_per_image, budget, edit)
-        warm_up, run = probe(model, request)
-        # One call first (its first-use allocations included), so that a budget below the warm-up (one image
-        # sampled for one step) is refused before the warm-up could overrun it. The warm-up is charged what
-        # calibration will then see: the call's high-water mark, what the warm-up leaves resident beyond it
-        # (WARM_UP_SETTLING) and its image arrays, beside what the plan holds; so a rerun at the minimum
-        # named here is accepted by the calibrated plan.
-        lean_call = memory.measure_call(run, 1)
-        need = memory.peak_rss() + WARM_UP_SETTLING + image_bytes(model) + extra(1)
-        if need > budget:
-            least = math.ceil((need + RERUN_MARGIN) / MIB * 10) / 10
-            raise BudgetTooSmall(f"memory budget {format_size(budget)} is below this model's minimum of "
-                                 f"{least:.1f}M (one patch per call); pass --memory-budget {math.ceil(least)}M "
-                                 "or more", least * MIB)
-        # The arena's first call keeps its blocks: charged ARENA_PRIOR times the lean call, on top of what the
-        # warm-up leaves resident.
-        arena_need = memory.current_rss() + WARM_UP_SETTLING + ARENA_PRIOR * lean_call + image_bytes(model) \
-            + extra(1)
-        if model.provider == "cpu" and max(need, arena_need) <= budget:
-            warm_up()
-            model.reopen("arena")
-            mem = calibrate_arena(run, budget, batches, extra)
-            pb = fastest_fit(mem, budget, extra)
-            if pb:
-                mem = _settle(model, run, mem, pb, budget, extra)
-            if pb == 0:  # the arena's one-patch call came out larger than charged: back to the lean session
-                model.reopen("lean")
-                mem = calibrate(None, run, budget, batches, extra, timed=True)
-                pb = plan_patch_batch(mem, budget, batches, extra)
-        else:
-            mem = calibrate(warm_up, run, budget, batches, extra, timed=True)
-            pb = plan_patch_batch(mem, budget, batches, extra)
+        mem, pb = _calibrated(model, request, budget, g2, extra)
     except BudgetTooSmall as e:
         if memory_budget is None:  # the default budget is a share of the memory: run at the smallest peak
-            note = (f"this model's minimum budget ({format_size(e.minimum)}) is above the default "
-                    f"({format_size(budget)}, {DEFAULT_BUDGET_SHARE:.0%} of what this process can have); running "
-                    "at the smallest peak, one patch per call")
-            model.reopen("lean")
-            check_fits(model, 1, 1, held_bytes + held_per_image, edit=edit)
-            return Plan(request, 1, 1, notes=(note,))
+            return _smallest_peak_plan(model, request, e.minimum, budget, held_bytes + held_per_image)
         if limited_by:  # asking for a larger budget cannot help
-            raise PatchgenError(f"this model needs a memory budget of at least {format_size(e.minimum)} (one patch "
-                                f"per call), but this process can have only {format_size(budget)} ({limited_by}): "
-                                f"free memory or raise the memory limit") from None
+            raise _beyond_reach(e.minimum, budget, limited_by) from None
         raise
     return Plan(request, pb, images_per_run(pb, g2, num_images), budget, mem.peak(pb, extra(pb)), notes,
                 mem.allocation, mem.seconds_per_patch(pb), memory_budget is None)
+
+
+def _fixed_plan(model: OnnxModel, request: Request, g2: int, patch_batch: int, held_bytes: int,
+                held_per_image: int) -> Plan:
+    """The plan of `patch_batch` patches per call, lean, nothing measured (`g2`: patches per image that make
+    calls); refused when its known buffers cannot fit (`check_fits`)."""
+    if patch_batch < 1:
+        raise PatchgenError(f"patch batch must be >= 1, got {patch_batch}")
+    pb = min(patch_batch, request.num_images * g2)  # no call can hold more patches than the images have
+    ipr = images_per_run(pb, g2, request.num_images)
+    check_fits(model, ipr, pb, held_bytes + ipr * held_per_image, edit=request.edit)
+    return Plan(request, pb, ipr)
+
+
+def _beyond_reach(minimum: float, budget: int, limited_by: str) -> PatchgenError:
+    """The refusal of a run whose `minimum` (bytes) is above the `budget` this process can have at most."""
+    return PatchgenError(f"this model needs a memory budget of at least {format_size(minimum)} (one patch per call), "
+                         f"but this process can have only {format_size(budget)} ({limited_by}): free memory or raise "
+                         f"the memory limit")
+
+
+def _smallest_peak_plan(model: OnnxModel, request: Request, minimum: float, budget: int, held_bytes: int) -> Plan:
+    """The default `budget` (bytes) is below this model's `minimum` (bytes): one patch per call, lean, with a note."""
+    note = (f"this model's minimum budget ({format_size(minimum)}) is above the default "
+            f"({format_size(budget)}, {DEFAULT_BUDGET_SHARE:.0%} of what this process can have); running "
+            "at the smallest peak, one patch per call")
+    model.reopen("lean")
+    check_fits(model, 1, 1, held_bytes, edit=request.edit)
+    return Plan(request, 1, 1, notes=(note,))
+
+
+def _planning_budget(model: OnnxModel, memory_budget: Union[None, int, str]) -> tuple[int, str, tuple[str, ...]]:
+    """(the budget to plan for in bytes, what capped it or "", notes for the run): `memory_budget` checked
+    against the model (`checked_budget`), or when None the default (`memory.default_budget`; UNLIMITED where
+    nothing is known about the machine's memory: planned for speed alone)."""
+    if memory_budget is None:
+        budget, limited_by = memory.default_budget(memory.current_rss())
+        return UNLIMITED if budget is None else budget, limited_by, ()
+    asked = memory.given_budget(memory_budget)
+    budget, limited_by = checked_budget(asked, model.weights_bytes, model.resident_before)
+    notes = (f"memory budget {format_size(asked)} is more than this process can have ({format_size(budget)}, "
+             f"{limited_by}); planning for {format_size(budget)}",) if limited_by else ()
+    return budget, limited_by, notes
+
+
+def _calibrated(model: OnnxModel, request: Request, budget: int, g2: int, extra) -> tuple[memory.MemoryModel, int]:
+    """(the memory model measured, the patch batch to run) within `budget`, `extra(b)` bytes held beside a call.
+
+    What the planner searches (`session.ALLOCATIONS`, the patch batch) is measured on real calls: one lean
+    call of one patch first (`_first_call`); then, on the CPU provider, when the arena's one-patch call is
+    predicted to fit, the session is reopened with the arena and its batches probed
+    (memory.calibrate_arena); else the lean batches (memory.calibrate). Of the batches measured, the fastest
+    per patch that fits is run (memory.fastest_fit), at the fastest thread count measured (`_settle`; unless
+    the model was opened with chosen threads). The arena is tried first and alone because it was faster per
+    patch at every batch measured (benchmarks/results/session_options.md, budget_speed.md)."""
+    # Batches worth running: up to one image's patches, then whole images (5 patches of a 2x2 grid run as 4).
+    batches = [b for b in range(1, request.num_images * g2 + 1) if b <= g2 or b % g2 == 0]
+    warm_up, run = probe(model, request)
+    arena_need = _first_call(model, run, budget, extra)
+    if model.provider == "cpu" and arena_need <= budget:
+        warm_up()
+        model.reopen("arena")
+        mem = calibrate_arena(run, budget, batches, extra)
+        pb = fastest_fit(mem, budget, extra)
+        if pb:
+            return _settle(model, run, mem, pb, budget, extra), pb
+        model.reopen("lean")  # the arena's one-patch call came out larger than charged: back to the lean session
+        mem = calibrate(None, run, budget, batches, extra, timed=True)
+    else:
+        mem = calibrate(warm_up, run, budget, batches, extra, timed=True)
+    return mem, plan_patch_batch(mem, budget, batches, extra)
+
+
+def _first_call(model: OnnxModel, run, budget: int, extra) -> float:
+    """Run one lean call of one patch (its first-use allocations included), so that a budget below the
+    warm-up (one image sampled for one step) is refused (BudgetTooSmall) before the warm-up could overrun
+    it. Returns the bytes the arena's calibration is predicted to need at least: what the lean one needs, or
+    more where the arena's first call, charged ARENA_PRIOR times the lean call (its blocks kept), costs more."""
+    lean_call = memory.measure_call(run, 1)
+    # The warm-up is charged what calibration will then see: the call's high-water mark, what the warm-up
+    # leaves resident beyond it (WARM_UP_SETTLING) and its image arrays, beside what the plan holds; so a
+    # rerun at the minimum named here is accepted by the calibrated plan.
+    need = memory.peak_rss() + WARM_UP_SETTLING + image_bytes(model) + extra(1)
+    if need > budget:
+        least = fresh_minimum(need)
+        raise BudgetTooSmall(f"memory budget {format_size(budget)} is below this model's minimum of "
+                             f"{least / MIB:.1f}M (one patch per call)", least)
+    arena = memory.current_rss() + WARM_UP_SETTLING + ARENA_PRIOR * lean_call + image_bytes(model) + extra(1)
+    return max(need, arena)
 
 
 THREAD_BYTES = MIB  # charged per intra-op thread beyond those calibrated, before one is tried (0.3-0.4 MiB measured)

@@ -216,8 +216,6 @@ def _open_cached(path: Path, threads: int, provider: str, build_limit: Optional[
     except (OSError, RuntimeError) as e:  # no home folder to put it in
         raise _NoCache(f"no cache folder: {_why(e)}; set ${CACHE_ENV}") from None
     folder = cache / _key(path, provider)
-    weights = weights_bytes(path)  # what its tensors use of the files
-    notes = []
     failed = _valid(folder, source)
     if failed is not None:
         try:
@@ -227,9 +225,25 @@ def _open_cached(path: Path, threads: int, provider: str, build_limit: Optional[
             raise
         except Exception:  # replaced under us, or damaged in a way the stats missed: rebuild below
             pass
+    record, built, notes = _built_entry(path, source, folder, failed, threads, provider, build_limit)
+    try:
+        session = open_session(folder / GRAPH, threads, provider, optimization="none")
+    except PatchgenError:
+        raise
+    except Exception as e:
+        raise _NoCache(f"onnxruntime cannot open the graph it optimised in {folder}: {_why(e)}") from None
+    return Opened(session, record["sha256"], built, notes, folder / GRAPH)
+
+
+def _built_entry(path: Path, source: list, folder: Path, failed: Optional[dict], threads: int, provider: str,
+                 build_limit: Optional[int]) -> tuple[dict, str, tuple[str, ...]]:
+    """(the valid record of `folder`, "built" or "cached", notes) once the entry is there: built under the
+    cache's lock, unless another process built it meanwhile (a record other than `failed`, the one that
+    would not open). Raises _NoCache when a build would not fit `build_limit` or the disk, or fails."""
+    cache = folder.parent
+    weights = weights_bytes(path)  # what its tensors use of the files
     if build_limit is not None:
-        kind = "external" if len(source) > 1 else "inline"
-        need = current_rss() + BUILD_FACTOR[kind] * weights
+        need = current_rss() + BUILD_FACTOR["external" if len(source) > 1 else "inline"] * weights
         if need > build_limit:
             raise _NoCache(f"building it would peak near {format_size(need)}, above the {format_size(build_limit)} "
                            f"this run may use")
@@ -240,15 +254,12 @@ def _open_cached(path: Path, threads: int, provider: str, build_limit: Optional[
             raise _NoCache(f"{format_size(free)} free in {cache}, and the optimised graph needs about {format_size(need)}")
         with _locked(cache):
             record = _valid(folder, source)  # another process may have built it while this one waited
-            if record is None or record == failed:
-                if folder.exists():
-                    notes.append(f"rebuilt the cached graph in {folder}: it did not match the model file or was "
-                                 f"damaged")
-                _build(path, source, folder, provider, threads)
-                record = _valid(folder, source)
-                built = "built"
-            else:
-                built = "cached"
+            if record is not None and record != failed:
+                return record, "cached", ()
+            notes = (f"rebuilt the cached graph in {folder}: it did not match the model file or was damaged",) \
+                if folder.exists() else ()
+            _build(path, source, folder, provider, threads)
+            record = _valid(folder, source)
     except (PatchgenError, _NoCache):
         raise
     except OSError as e:
@@ -258,13 +269,7 @@ def _open_cached(path: Path, threads: int, provider: str, build_limit: Optional[
                        f"{_why(e).split(' : ')[-1]}") from None
     if record is None:
         raise _NoCache(f"the graph built in {folder} does not verify")
-    try:
-        session = open_session(folder / GRAPH, threads, provider, optimization="none")
-    except PatchgenError:
-        raise
-    except Exception as e:
-        raise _NoCache(f"onnxruntime cannot open the graph it optimised in {folder}: {_why(e)}") from None
-    return Opened(session, record["sha256"], built, tuple(notes), folder / GRAPH)
+    return record, "built", notes
 
 
 def open_model_session(path: Path, threads: int, provider: str, build_limit: Optional[int] = None) -> Opened:

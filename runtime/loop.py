@@ -130,8 +130,51 @@ def sample_images(net: PatchNet, spec: ModelSpec, *, num_images: int, seed: int,
     eta: DDIM's noise (None = 0, deterministic); the other samplers have none and refuse one.
     callback(step index, t) after every step; on_x0(step index, x0_hat [N, C, H, W]) too, with the step's
     estimate of the clean images (read only; the preview).
+    Editing, from init [C, H, W] in [-1, 1] (every image starts from it, each with its own noise): img2img
+    with `strength`, inpainting with keep bool [H, W] (True = keep the init's pixel) and RePaint's `jumps`;
+    `_edit_start` gives the math.
+    """
+    _check_request(sampler, eta, init, keep, jumps)
+    rngs = image_rngs(seed, first_index, num_images)
+    x = normal_like(rngs, spec.image_shape)  # x_T ~ N(0, I); with init: eps of the image's forward process
+    timesteps = timestep_sequence(spec.schedule.num_timesteps, steps)
+    if init is not None:
+        init = init[None].astype(np.float32, copy=False)  # [1, C, H, W], broadcast over the images
+    denoise = PatchDenoiser(net, spec, patch_batch, None if keep is None else (keep, init))
+    project = None
+    if init is not None:
+        timesteps = edit_timesteps(timesteps, strength)
+        if len(timesteps) == 0:
+            return np.repeat(init, num_images, axis=0)
+        x, project = _edit_start(x, init, keep, float(denoise.alphas_cumprod[timesteps[0]]))
+    if on_x0 is not None:
+        callback = _with_estimates(callback, on_x0, denoise)
+    if sampler == "ddpm":
+        return sample_ddpm(denoise, x, timesteps, denoise.alphas_cumprod, rngs, callback=callback, project=project,
+                           jumps=jumps)
+    if sampler == "dpm++":
+        return sample_dpmpp_2m(denoise, x, timesteps, denoise.alphas_cumprod, rngs, callback=callback,
+                               project=project)
+    return sample_ddim(denoise, x, timesteps, denoise.alphas_cumprod, rngs, eta=eta or 0.0, callback=callback,
+                       project=project, jumps=jumps)
 
-    Editing, from init [C, H, W] in [-1, 1] (every image starts from it, each with its own noise):
+
+def _check_request(sampler: str, eta: Optional[float], init, keep, jumps: int) -> None:
+    """ValueError for a combination `sample_images` cannot run."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if eta is not None and sampler != "ddim":
+        raise ValueError(f"eta applies to the ddim sampler only, not {sampler}")
+    if keep is not None and init is None:
+        raise ValueError("keep (an inpainting mask) needs init, the image whose pixels it keeps")
+    if jumps and (keep is None or sampler == "dpm++"):
+        raise ValueError("jumps (RePaint's resampling) needs keep (inpainting) and the ddim or ddpm sampler")
+
+
+def _edit_start(eps0: np.ndarray, init: np.ndarray, keep: Optional[np.ndarray], abar: float):
+    """(x at the first timestep that runs, the projection of the kept pixels or None) for an edit of init
+    [1, C, H, W]; eps0 [N, C, H, W]: each image's own first draw, abar: alphas_cumprod at that timestep.
+
     - img2img (SDEdit, Meng et al. 2022): only the last floor(steps * strength) timesteps run
       (`edit_timesteps`), from x_t = sqrt(abar_t) init + sqrt(1 - abar_t) eps, eps the image's own first
       draw (as x_T is without init). No step to run returns init.
@@ -145,42 +188,14 @@ def sample_images(net: PatchNet, spec: ModelSpec, *, num_images: int, seed: int,
       pixels' mean falls short of the conditional's; jumps > 0 (ddim and ddpm) adds RePaint's resampling
       (`samplers.sample_ddim`), which brings it closer at jumps + 1 times the calls.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    if eta is not None and sampler != "ddim":
-        raise ValueError(f"eta applies to the ddim sampler only, not {sampler}")
-    if keep is not None and init is None:
-        raise ValueError("keep (an inpainting mask) needs init, the image whose pixels it keeps")
-    if jumps and (keep is None or sampler == "dpm++"):
-        raise ValueError("jumps (RePaint's resampling) needs keep (inpainting) and the ddim or ddpm sampler")
-    rngs = image_rngs(seed, first_index, num_images)
-    x = normal_like(rngs, spec.image_shape)  # x_T ~ N(0, I); with init: eps of the image's forward process
-    timesteps = timestep_sequence(spec.schedule.num_timesteps, steps)
-    if init is not None:
-        init = init[None].astype(np.float32, copy=False)  # [1, C, H, W], broadcast over the images
-    denoise = PatchDenoiser(net, spec, patch_batch, None if keep is None else (keep, init))
-    project = None
-    if init is not None:
-        timesteps = edit_timesteps(timesteps, strength)
-        if len(timesteps) == 0:
-            return np.repeat(init, num_images, axis=0)
-        eps0 = x
-        abar = float(denoise.alphas_cumprod[timesteps[0]])
-        x = math.sqrt(abar) * init + math.sqrt(1 - abar) * eps0
-        if keep is not None:
-            project = known_pixels(init, eps0, keep)
-    if on_x0 is not None:
-        step_done = callback
+    x = math.sqrt(abar) * init + math.sqrt(1 - abar) * eps0
+    return x, (None if keep is None else known_pixels(init, eps0, keep))
 
-        def callback(i, t):
-            if step_done is not None:
-                step_done(i, t)
-            on_x0(i, denoise.x0_prev)
-    if sampler == "ddpm":
-        return sample_ddpm(denoise, x, timesteps, denoise.alphas_cumprod, rngs, callback=callback, project=project,
-                           jumps=jumps)
-    if sampler == "dpm++":
-        return sample_dpmpp_2m(denoise, x, timesteps, denoise.alphas_cumprod, rngs, callback=callback,
-                               project=project)
-    return sample_ddim(denoise, x, timesteps, denoise.alphas_cumprod, rngs, eta=eta or 0.0, callback=callback,
-                       project=project, jumps=jumps)
+
+def _with_estimates(callback, on_x0, denoise: "PatchDenoiser"):
+    """The step callback that also hands on_x0 the step's x0_hat (the denoiser's last estimate)."""
+    def step_done(i, t):
+        if callback is not None:
+            callback(i, t)
+        on_x0(i, denoise.x0_prev)
+    return step_done

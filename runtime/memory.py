@@ -63,7 +63,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-from .errors import PatchgenError
+from .errors import ArgumentError, PatchgenError
 from .limits import available_memory
 
 _UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20, "MIB": 2**20,
@@ -157,16 +157,26 @@ def cap_to_available(budget: int) -> tuple[int, str]:
     return budget, ""
 
 
-class BudgetTooSmall(PatchgenError):
-    """Not even one patch per call fits the budget; `minimum` (bytes) is a budget a fresh run accepts."""
+class BudgetTooSmall(ArgumentError):
+    """The memory budget cannot hold the run, not even at one patch per call. problem: why; `minimum`
+    (bytes): a budget a fresh run accepts, asked for in whole MiB; alternative: another fix ("resize the
+    image")."""
 
-    def __init__(self, message: str, minimum: float):
-        super().__init__(message)
+    def __init__(self, problem: str, minimum: float, alternative: str = ""):
         self.minimum = minimum
+        other = ", or " + alternative.replace("{", "{{").replace("}", "}}") if alternative else ""
+        super().__init__(f"{problem}; ", "pass {memory_budget} or more" + other,
+                         memory_budget=f"{math.ceil(minimum / MIB)}M")
 
 
 SAFETY = 1.10  # bytes extrapolated beyond the largest measured call are charged 10 % more
 RERUN_MARGIN = 2 * MIB  # a refusal's minimum sits this far above this process's prediction (see above)
+
+
+def fresh_minimum(need: float) -> float:
+    """The minimum budget (bytes) a refusal names for a predicted peak of `need` bytes: RERUN_MARGIN above it
+    (a fresh process holds a little more or less), rounded up to 0.1 MiB."""
+    return math.ceil((need + RERUN_MARGIN) / MIB * 10) / 10 * MIB
 
 
 def checked_budget(memory_budget: Union[int, str], weights: int, resident: int) -> tuple[int, str]:
@@ -181,15 +191,14 @@ def checked_budget(memory_budget: Union[int, str], weights: int, resident: int) 
     budget, limited_by = cap_to_available(asked)
     need = resident + weights
     if budget < need:
-        minimum = math.ceil((need + RERUN_MARGIN) / MIB * 10) / 10  # a fresh process holds a little more or less
+        minimum = fresh_minimum(need)
         if limited_by:
-            raise PatchgenError(f"this model needs at least {minimum:.1f}M ({format_size(weights)} of weights on top "
-                                f"of the {format_size(resident)} this process holds), but this process can have only "
-                                f"{format_size(budget)} ({limited_by}): free memory or raise the memory limit")
-        raise BudgetTooSmall(f"memory budget {format_size(budget)} is below this model's minimum of {minimum:.1f}M "
-                             f"at least: {format_size(weights)} of weights on top of the {format_size(resident)} this "
-                             f"process holds, before any activations; pass --memory-budget {math.ceil(minimum)}M or "
-                             f"more", minimum * MIB)
+            raise PatchgenError(f"this model needs at least {minimum / MIB:.1f}M ({format_size(weights)} of weights on "
+                                f"top of the {format_size(resident)} this process holds), but this process can have "
+                                f"only {format_size(budget)} ({limited_by}): free memory or raise the memory limit")
+        raise BudgetTooSmall(f"memory budget {format_size(budget)} is below this model's minimum of "
+                             f"{minimum / MIB:.1f}M at least: {format_size(weights)} of weights on top of the "
+                             f"{format_size(resident)} this process holds, before any activations", minimum)
     return budget, limited_by
 
 
@@ -318,42 +327,47 @@ ARENA_PRIOR = 1.5
 ARENA_SAFETY = 1.25
 
 
+def _arena_probe(run: Callable[[int], None], b: int, base: int, base_file: int) -> tuple[int, float, tuple[int, int]]:
+    """One probe of an arena session: a call of `b` patches grows the arena, then `probe_call` times and
+    measures calls served from it. (bytes such a call adds, seconds per patch, (file, other) bytes over `base`
+    after the probe): footprint = max(RSS after, the mark when the probe moved it) - base, of which the file
+    pages (the mapped weights, faulted in by the first call, `base_file` before it) stay whatever the batch,
+    and the rest, the arena and its bookkeeping, grows with it."""
+    mark = peak_rss()
+    timed_call(run, b)  # grows the arena to this batch
+    added, per_patch = probe_call(run, b)
+    footprint = max(current_rss(), peak_rss() if peak_rss() > mark else 0) - base
+    in_files = min(max(file_rss() - base_file, 0), max(footprint, 0))
+    return added, per_patch, (in_files, max(footprint - in_files, 0))
+
+
 def calibrate_arena(run: Callable[[int], None], budget: int, batches: Sequence[int],
                     extra: Callable[[int], int]) -> MemoryModel:
     """Measure this process with an "arena" session (session.ALLOCATIONS) opened just now, before its first
     call, after a lean warm-up (what sampling loads on first use is already resident).
 
     An arena keeps a call's blocks for the next one, so what a batch costs shows in the resident size after
-    its call, not only in the high-water mark. Each probe of b patches first grows the arena with one call;
-    then `probe_call` times and measures calls served from it (what a call adds over the resident size
-    while sampling). footprint(b) = max(RSS after, the mark when the probe moved it) - base,
-    the RSS before the first call; of it, the file pages (the mapped weights, faulted in by the first call)
-    stay whatever the batch, and the rest, the arena and its bookkeeping, grows with it. A larger batch B is
-    probed only when base + file + ARENA_SAFETY * rest(L) * B / L + extra(B) fits `budget`, L the largest
-    batch measured, and while doubling gains speed (`worth_probing`). The first probe, one patch, is the
-    caller's to have checked (make_plan charges it from the lean call it measured).
+    its call, not only in the high-water mark (`_arena_probe`). A larger batch B is probed only when
+    base + file + ARENA_SAFETY * rest(L) * B / L + extra(B) fits `budget`, base the RSS before the first
+    call, file and rest what the probe of L, the largest batch measured, left; and while doubling gains
+    speed (`worth_probing`). The first probe, one patch, is the caller's to have checked (make_plan charges
+    it from the lean call it measured).
 
     The returned model: reached = the mark after calibration, floor = the RSS after it (the arena at its
     largest, held for the rest of the run), calls = each batch's second-call bytes, seconds per patch."""
     base, base_file = current_rss(), file_rss()
     calls: list[tuple[int, int]] = []
     seconds: list[float] = []
-    grown: dict[int, tuple[int, int]] = {}  # batch -> (file bytes, other bytes) over base after its probe
+    grown = (0, 0)  # (file bytes, other bytes) over base after the last probe, the largest batch's
 
     def probe(b: int) -> None:
-        mark = peak_rss()
-        timed_call(run, b)  # grows the arena to this batch
-        added, per_patch = probe_call(run, b)
-        footprint = max(current_rss(), peak_rss() if peak_rss() > mark else 0) - base
-        in_files = min(max(file_rss() - base_file, 0), max(footprint, 0))
-        grown[b] = (in_files, max(footprint - in_files, 0))
+        nonlocal grown
+        added, per_patch, grown = _arena_probe(run, b, base, base_file)
         calls.append((b, added))
         seconds.append(per_patch)
 
     def predicted(b: int) -> float:
-        largest = calls[-1][0]
-        in_files, rest = grown[largest]
-        return max(peak_rss(), base + in_files + ARENA_SAFETY * rest * b / largest + extra(b))
+        return max(peak_rss(), base + grown[0] + ARENA_SAFETY * grown[1] * b / calls[-1][0] + extra(b))
 
     probe(batches[0])
     while calls[-1][0] < batches[-1]:
@@ -385,8 +399,7 @@ def plan_patch_batch(model: MemoryModel, budget: int, batches: Sequence[int], ex
     pb = (fastest_fit(model, budget, extra) if model.seconds
           else largest_fit(model, budget, [b for b in batches if b <= model.largest], extra))
     if pb == 0:
-        minimum = math.ceil((model.peak(batches[0], extra(batches[0])) + RERUN_MARGIN) / MIB * 10) / 10  # MiB, up
+        minimum = fresh_minimum(model.peak(batches[0], extra(batches[0])))
         raise BudgetTooSmall(f"memory budget {format_size(budget)} is below this model's minimum of "
-                             f"{minimum:.1f}M (one patch per call); pass --memory-budget {math.ceil(minimum)}M "
-                             f"or more", minimum * MIB)
+                             f"{minimum / MIB:.1f}M (one patch per call)", minimum)
     return pb

@@ -9,8 +9,8 @@ from typing import Optional, Union
 import numpy as np
 import onnxruntime as ort
 
-from .errors import PatchgenError
-from .graph_cache import open_model_session, weights_bytes
+from .errors import ArgumentError, PatchgenError
+from .graph_cache import Opened, open_model_session, weights_bytes
 from .limits import available_cpus, available_memory
 from .memory import checked_budget, current_rss, format_size, wants_minimum
 from .metadata import spec_from_metadata
@@ -88,8 +88,9 @@ class OnnxModel:
         given = {"x": x, "t": t, "pos": pos, "gcc": gcc}
         eps = self.session.run(["eps"], {name: given[name] for name in self.input_names})[0]
         if not np.isfinite(eps).all():  # broken weights (an export with --skip-check): say so, not black PNGs
-            raise PatchgenError(f"{self.path.name} predicts NaN or infinite noise at timestep {int(t.max())}: its "
-                                "weights are broken; re-export it from a good checkpoint (without --skip-check)")
+            raise ArgumentError(f"{self.path.name} predicts NaN or infinite noise at timestep {int(t.max())}: its "
+                                "weights are broken; ", "re-export it from a good checkpoint (without {check})",
+                                check=False)
         return eps
 
 
@@ -107,12 +108,9 @@ def load_model(model: Union[str, Path, None] = None, threads: Optional[int] = No
     threads: onnxruntime intra-op threads, 1 .. the CPUs this process may use (None: `default_threads()`, and
     the planner may measure others: generate.make_plan).
     provider: an execution provider's short name (`session.available_providers()`), "cpu" by default.
-    memory_budget: the run's peak RSS budget (bytes, or a size such as "500M"; "min" counts as none here), when it has one: a budget
-    the weights alone do not fit is refused before anything is opened (BudgetTooSmall), and a graph cache
-    build that would not fit it is skipped (opened without the cache, with a note). Without one, a build
-    must fit the memory this process can have, and weights that do not fit it are refused. The metadata
-    (untrusted: spec_from_metadata's bounds) and the weights' size are read from the file before the
-    session opens.
+    memory_budget: the run's peak RSS budget (bytes, or a size such as "500M"; "min" counts as none here),
+    when it has one: see `_build_limit`. The metadata (untrusted: spec_from_metadata's bounds) and the
+    weights' size are read from the file before the session opens.
     Anything wrong (missing, corrupt, foreign, mismatched, too many threads, provider not available) is a
     PatchgenError."""
     path = resolve_model(model)
@@ -123,38 +121,53 @@ def load_model(model: Union[str, Path, None] = None, threads: Optional[int] = No
         raise PatchgenError(f"threads must be between 1 and {cpus} (the CPUs this process may use), got {threads}")
     if not path.is_file():
         raise PatchgenError(f"model {path} is not a file; pass an .onnx file written by patchgen-export")
-    # What can be checked before the session opens is: the metadata (untrusted: bounds) and the weights
-    # against the memory this process can have, read from the file without loading a weight.
     try:
         early = metadata_props(path)
     except (OSError, ValueError) as e:
         raise PatchgenError(f"{path} is not a readable ONNX model (corrupt or truncated?): {e}") from None
     spec_from_metadata(early, source=str(path))
-    resident = current_rss()
-    weights = weights_bytes(path)
-    if memory_budget is None or wants_minimum(memory_budget):
-        build_limit, limited_by = available_memory(resident)
-        if build_limit is not None and resident + weights > build_limit:
-            raise PatchgenError(f"{path.name} needs at least {format_size(resident + weights)} ({format_size(weights)} "
-                                f"of weights on top of the {format_size(resident)} this process holds), but this "
-                                f"process can have only {format_size(build_limit)} ({limited_by}): free memory or "
-                                "raise the memory limit")
-    else:
-        build_limit = checked_budget(memory_budget, weights, resident)[0]
+    resident, weights = current_rss(), weights_bytes(path)
+    opened = _open(path, threads, provider, _build_limit(path, weights, resident, memory_budget))
+    meta = dict(opened.session.get_modelmeta().custom_metadata_map)
+    spec = spec_from_metadata(meta, source=str(path))
+    inputs = _checked_graph(path, opened.session, spec)
+    return OnnxModel(path, opened.session, spec, meta, opened.sha256, inputs, weights, resident, opened.graph,
+                     opened.notes, threads, chosen, "lean", opened.opened, opened.optimization)
+
+
+def _build_limit(path: Path, weights: int, resident: int, memory_budget: Union[None, int, str]) -> Optional[int]:
+    """The peak RSS (bytes) a graph cache build may reach, checked before anything is opened against the
+    model's `weights` (bytes) on top of the `resident` bytes this process holds. With a budget: the budget,
+    and weights it cannot hold are refused (BudgetTooSmall; a build that would not fit it is skipped, with
+    a note). Without one: the memory this process can have, and weights that do not fit it are refused."""
+    if memory_budget is not None and not wants_minimum(memory_budget):
+        return checked_budget(memory_budget, weights, resident)[0]
+    limit, limited_by = available_memory(resident)
+    if limit is not None and resident + weights > limit:
+        raise PatchgenError(f"{path.name} needs at least {format_size(resident + weights)} ({format_size(weights)} "
+                            f"of weights on top of the {format_size(resident)} this process holds), but this "
+                            f"process can have only {format_size(limit)} ({limited_by}): free memory or "
+                            "raise the memory limit")
+    return limit
+
+
+def _open(path: Path, threads: int, provider: str, build_limit: Optional[int]) -> Opened:
+    """`graph_cache.open_model_session`, with onnxruntime's own errors for bad protobufs and graphs as one
+    PatchgenError line."""
     try:
-        opened = open_model_session(path, threads, provider, build_limit)
+        return open_model_session(path, threads, provider, build_limit)
     except PatchgenError:
         raise
     except Exception as e:  # onnxruntime raises its own types for bad protobufs and graphs
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise PatchgenError(f"{path} is not a readable ONNX model (corrupt or truncated?): {first[:160]}") from None
-    session = opened.session
-    meta = dict(session.get_modelmeta().custom_metadata_map)
-    spec = spec_from_metadata(meta, source=str(path))
+
+
+def _checked_graph(path: Path, session: ort.InferenceSession, spec: ModelSpec) -> tuple[str, ...]:
+    """The graph's input names, once its inputs and output are those its metadata promises (`graph_inputs`)."""
     have = {i.name: list(i.shape[1:]) for i in session.get_inputs()}
     want = expected_inputs(spec)
     if have != want or [o.name for o in session.get_outputs()] != ["eps"]:
         raise PatchgenError(f"{path}: graph inputs {have} do not match its metadata (expected {want} and output "
                             f"eps); re-export it with patchgen-export")
-    return OnnxModel(path, session, spec, meta, opened.sha256, tuple(want), weights, resident, opened.graph,
-                     opened.notes, threads, chosen, "lean", opened.opened, opened.optimization)
+    return tuple(want)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import json
 import os
 import warnings
 from pathlib import Path
@@ -36,7 +37,7 @@ from typing import Optional
 
 import onnxruntime as ort
 
-from .errors import PatchgenError
+from .errors import ArgumentError, PatchgenError
 
 SUFFIX = "ExecutionProvider"
 DEFAULT_PROVIDER = "cpu"
@@ -50,6 +51,10 @@ EXTERNAL_MIN_BYTES = 1024  # initializers from this size up go to an optimised g
 # off in both: it pre-plans one block per input shape, more memory for no measured speed
 # (benchmarks/results/session_options.md). The planner (generate.make_plan) chooses between them.
 ALLOCATIONS = ("lean", "arena")
+# Benchmarks only (benchmarks/session_options.py, precision.py): onnxruntime settings laid over patchgen's in every
+# session a process opens, a JSON object of SessionOptions attributes ({"enable_mem_pattern": true}) and session
+# config entries (keys with a dot: {"session.disable_prepacking": "1"}). A run with it set keeps no budget promise.
+OVERRIDES_ENV = "PATCHGEN_SESSION_OPTIONS"
 OPTIMIZATION = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
                 "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                 "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
@@ -68,9 +73,11 @@ def tune_allocator() -> bool:
     return bool(mallopt(M_ARENA_MAX, 1)) and bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
-def session_options(threads: int = 1, optimization: str = "all", allocation: str = "lean") -> ort.SessionOptions:
+def session_options(threads: int = 1, optimization: str = "all", allocation: str = "lean",
+                    overrides: Optional[dict] = None) -> ort.SessionOptions:
     """patchgen's session options. optimization: a key of OPTIMIZATION (graph optimisation level);
-    allocation: one of ALLOCATIONS ("lean": arena off, memory-first; "arena": onnxruntime's CPU arena on)."""
+    allocation: one of ALLOCATIONS ("lean": arena off, memory-first; "arena": onnxruntime's CPU arena on);
+    overrides: onnxruntime settings laid over these (`apply_overrides`; None: those of $PATCHGEN_SESSION_OPTIONS)."""
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     so = ort.SessionOptions()
@@ -81,6 +88,28 @@ def session_options(threads: int = 1, optimization: str = "all", allocation: str
     so.enable_cpu_mem_arena = allocation == "arena"
     so.enable_mem_pattern = False
     so.log_severity_level = 3  # errors only
+    return apply_overrides(so, overrides)
+
+
+def apply_overrides(so: ort.SessionOptions, overrides: Optional[dict] = None) -> ort.SessionOptions:
+    """`so` with `overrides` set on it: a key with a dot is a session config entry (its value as text), any other
+    a SessionOptions attribute. None: the JSON object in $PATCHGEN_SESSION_OPTIONS (OVERRIDES_ENV), if set.
+    PatchgenError for text that is not a JSON object, or a key that is neither."""
+    if overrides is None:
+        try:
+            overrides = json.loads(os.environ.get(OVERRIDES_ENV) or "{}")
+        except ValueError as e:
+            raise PatchgenError(f"{OVERRIDES_ENV} is not JSON: {e}") from None
+    if not isinstance(overrides, dict):
+        raise PatchgenError(f"{OVERRIDES_ENV} must be a JSON object of onnxruntime settings, got {overrides!r}")
+    for key, value in overrides.items():
+        if "." in key:
+            so.add_session_config_entry(key, str(value))
+        elif hasattr(so, key) and not key.startswith("_") and not callable(getattr(so, key)):
+            setattr(so, key, value)
+        else:
+            raise PatchgenError(f"{OVERRIDES_ENV}: {key!r} is neither an onnxruntime SessionOptions attribute nor a "
+                                "session config entry (a name with a dot)")
     return so
 
 
@@ -146,7 +175,7 @@ def open_session(path, threads: int = 1, provider: str = DEFAULT_PROVIDER, optim
         warnings.simplefilter("ignore", UserWarning)
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     if chosen not in session.get_providers():  # onnxruntime falls back to the CPU with only a log line
-        raise PatchgenError(f"onnxruntime could not start the {short_name(chosen)} provider (missing driver or "
-                            f"libraries?); the session runs only on {', '.join(map(short_name, session.get_providers()))}. "
-                            f"Pass --provider cpu to run on the CPU")
+        raise ArgumentError(f"onnxruntime could not start the {short_name(chosen)} provider (missing driver or "
+                            f"libraries?); the session runs only on {', '.join(map(short_name, session.get_providers()))}. ",
+                            "Pass {provider} to run on the CPU", provider=DEFAULT_PROVIDER)
     return session

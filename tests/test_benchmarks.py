@@ -27,7 +27,8 @@ TINY = {
                         "--num-images", "1"],
     "editing.py": ["--models", "faces64_2x2", "--rounds", "1", "--steps", "1", "--num-images", "1"],
     "threads.py": ["--image-size", "16", "--grids", "2", "--steps", "1", "--repeats", "1", "--threads", "1"],
-    "precision.py": ["--edge-size", "16", "--edge-grid", "2", "--rounds", "1", "--steps", "1", "--threads", "1"],
+    "precision.py": ["--edge-size", "16", "--edge-grid", "2", "--weights", "fp32,int8", "--rounds", "1", "--steps", "1",
+                     "--threads", "1"],
     "train_throughput.py": ["--image-size", "16", "--grids", "1,2", "--steps", "1", "--warmup", "0", "--batch-size", "2",
                             "--precisions", "fp32,bf16"],
     "train_threads.py": ["--image-size", "16", "--steps", "2", "--warmup", "0", "--rounds", "1", "--load-procs", "1"],
@@ -161,6 +162,7 @@ def test_frechet_distance_of_non_commuting_2d_gaussians():
     assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.quick
 def test_kid_known_answers():
     # d = 1, k(x, y) = (x y + 1)^3: within a {0, 1}: k(0, 1) = 1; within b {1, 2}: k(1, 2) = 27;
     # across: k(0, 1), k(0, 2), k(1, 1), k(1, 2) = 1, 1, 8, 27, mean 9.25. MMD^2 = 1 + 27 - 2 * 9.25.

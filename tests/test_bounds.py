@@ -95,6 +95,7 @@ BAD_METADATA = [  # (id, overrides, the key the error names, what it says)
 ]
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("overrides,key,text", [case[1:] for case in BAD_METADATA],
                          ids=[case[0] for case in BAD_METADATA])
 def test_spec_from_metadata_refuses(overrides, key, text):
@@ -104,6 +105,7 @@ def test_spec_from_metadata_refuses(overrides, key, text):
     assert message.startswith("m.onnx ") and key in message and text in message and len(message) < 300, message
 
 
+@pytest.mark.quick
 def test_spec_from_metadata_reads_what_it_wrote():
     spec = ModelSpec(image_size=64, channels=4, grid=4, use_position=True, use_gcc=False, halo=16,
                      schedule=Schedule(kind="linear", num_timesteps=MAX_TIMESTEPS))
@@ -118,6 +120,7 @@ def test_a_schedule_past_max_timesteps_is_refused_before_any_array():
     assert time.perf_counter() - t0 < 0.1
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("kwargs,message", [
     (dict(num_timesteps=1000.0), "num_timesteps must be an integer"),
     (dict(num_timesteps=True), "num_timesteps must be an integer"),
@@ -132,6 +135,7 @@ def test_schedule_refuses(kwargs, message):
         Schedule(**kwargs)
 
 
+@pytest.mark.quick
 def test_one_hot_positions_take_one_row_per_patch():
     """A 256x256 grid: the probe's pos rows are [b, 65536], never a 65536^2 identity (16 GiB)."""
     spec = ModelSpec(image_size=256, channels=1, grid=256, use_position=True, use_gcc=False)
@@ -281,12 +285,14 @@ def test_load_checkpoint_refuses(checkpoint_dict, tmp_path, edits, text):
     assert message.startswith(str(path)) and text in message and len(message) < 400, message
 
 
+@pytest.mark.quick
 def test_a_written_checkpoint_loads(checkpoint_dict, tmp_path):
     ckpt = load_checkpoint(edited(checkpoint_dict, tmp_path / "checkpoint.pt", []))
     assert ckpt["model_config"] == tiny_config() and ckpt["step"] == 0
     model_from_checkpoint(ckpt)
 
 
+@pytest.mark.quick
 def test_configs_accept_the_bounds_and_what_the_cli_accepts():
     """The extremes the bounds allow build; so do the CLI's own ranges (cli/train.py) within reason."""
     ModelConfig(image_size=MAX_IMAGE_SIZE, grid=256, base_width=MAX_BASE_WIDTH, channel_mults=(1, 16, 16),
@@ -300,6 +306,7 @@ def test_configs_accept_the_bounds_and_what_the_cli_accepts():
     assert TrainConfig.from_dict(TrainConfig().to_dict()) == TrainConfig()
 
 
+@pytest.mark.quick
 def test_load_weights_words_a_mismatch_as_one_line():
     net = PatchUNet(tiny_config())
     other = PatchUNet(tiny_config(base_width=16)).state_dict()

@@ -86,6 +86,7 @@ def test_calibration_and_plan_keep_every_budget(kind, monkeypatch):
     assert accepted > 10
 
 
+@pytest.mark.quick
 def test_capped_budget_plans_one_patch_when_only_one_fits(monkeypatch):
     """A budget capped to what the process can have (here a cgroup limit of 300 MiB) is planned for: one patch
     per call, no two-patch probe run, and a refusal under the cap says both."""
@@ -164,6 +165,7 @@ def test_arena_calibration_keeps_every_budget(weights, monkeypatch):
     assert model.largest == 64  # the largest budgets probe every doubling: each one gains speed here
 
 
+@pytest.mark.quick
 def test_fastest_fit_prefers_speed_then_less_memory():
     model = MemoryModel(reached=90 * MIB, floor=90 * MIB, calls=((1, MIB), (2, 2 * MIB), (4, 4 * MIB), (8, 8 * MIB)),
                         seconds=(0.010, 0.0060, 0.0059, 0.0050))
@@ -175,6 +177,7 @@ def test_fastest_fit_prefers_speed_then_less_memory():
     assert fastest_fit(model, 90.5 * MIB, none) == 0  # not even one patch per call
 
 
+@pytest.mark.quick
 def test_doubling_stops_after_a_probe_without_gain(monkeypatch):
     assert memory.worth_probing([0.010, 0.008, 0.0075])  # 0.008 gained 20 % on 0.010, 0.0075 6 % on it
     assert not memory.worth_probing([0.010, 0.0099])

@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 
 import patchgen.models.data as data
-from patchgen.models.cache import CACHE_ENV, MIN_PARALLEL, Decoding, default_cache_dir
+from patchgen.models.cache import CACHE_ENV, MIN_PARALLEL, default_cache_dir
 from patchgen.models.data import ImageSubset, load_folder
+from patchgen.models.decoding import Decoding
 from patchgen.runtime.errors import PatchgenError
 
 from conftest import blob_images
@@ -33,7 +34,7 @@ def write_folder(folder, n, size=8, broken=()):
 
 @pytest.fixture
 def counted(monkeypatch):
-    """How many images data.decode_one decodes in this process."""
+    """How many images decode_one (decoding.py, as data.py calls it) decodes in this process."""
     calls = []
     real = data.decode_one
 
@@ -44,6 +45,7 @@ def counted(monkeypatch):
     return calls
 
 
+@pytest.mark.quick
 def test_built_once_then_mapped(tmp_path, counted):
     folder = write_folder(tmp_path / "images", 6, broken=(2,))
     notes = []
@@ -129,7 +131,7 @@ def test_killed_build_leaves_nothing_behind(tmp_path, counted):
 def test_unusable_cache_folder_is_one_clear_error(tmp_path):
     folder = write_folder(tmp_path / "images", 2)
     (tmp_path / "file").write_text("")
-    with pytest.raises(PatchgenError, match=f"cannot create the image cache folder .*--cache-dir, or \\${CACHE_ENV}"):
+    with pytest.raises(PatchgenError, match=f"cannot create the image cache folder .*cache_dir, or \\${CACHE_ENV}"):
         load_folder(folder, 8, Decoding(tmp_path / "file" / "cache"))
 
 
@@ -148,6 +150,7 @@ def test_built_in_sets_go_through_the_cache(tmp_path):
     np.testing.assert_array_equal(faces.images, data.load_data("emoji-faces", 8).images)
 
 
+@pytest.mark.quick
 def test_image_subset_gathers_rows():
     images = np.arange(5 * 2 * 2 * 3, dtype=np.uint8).reshape(5, 2, 2, 3)
     subset = ImageSubset(images, np.array([4, 1, 3]))
@@ -167,8 +170,8 @@ LINUX_PROC = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="fi
 # A process that decodes a folder into the cache in two worker processes, as patchgen-train does.
 DECODE_FOLDER = """
 import sys
-from patchgen.models.cache import Decoding
 from patchgen.models.data import load_folder
+from patchgen.models.decoding import Decoding
 load_folder(sys.argv[1], 8, Decoding(cache_dir=sys.argv[2], workers=2))
 """
 

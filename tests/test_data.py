@@ -12,9 +12,10 @@ from PIL import Image, ImageCms, ImageFile
 
 import patchgen.runtime.decode as decode_module
 import tinyfont
-from patchgen.models.cache import Decoding
-from patchgen.models.data import (NOTO_FONT_ENV, DataSource, holdout_split, image_suffixes, load_data, load_emoji,
-                                  load_folder, load_named, max_decode_pixels, prepare_image)
+from patchgen.models.data import (NOTO_FONT_ENV, DataSource, holdout_split, load_data, load_emoji, load_folder,
+                                  load_named)
+from patchgen.models.decoding import Decoding, image_suffixes
+from patchgen.runtime.decode import max_decode_pixels, prepare_image
 from patchgen.runtime.errors import PatchgenError
 
 SIZE = 16  # the files are SIZE x SIZE and load at SIZE: no resampling, so pixels compare one to one
@@ -203,6 +204,7 @@ def test_every_format_pillow_opens_is_used(tmp_path):
     assert load_folder(tmp_path, SIZE).source.num_images == 5
 
 
+@pytest.mark.quick
 def test_folder_data_skips_unreadable(tmp_path):
     (tmp_path / "sub").mkdir()
     Image.new("RGB", (40, 20), (255, 0, 0)).save(tmp_path / "a.png")
@@ -218,6 +220,7 @@ def test_folder_data_skips_unreadable(tmp_path):
         load_folder(tmp_path / "empty", 8)
 
 
+@pytest.mark.quick
 def test_prepare_image_centre_crops():
     img = Image.new("RGB", (30, 10), (0, 0, 0))
     img.paste((255, 255, 255), (10, 0, 20, 10))  # the centre square is white
@@ -231,6 +234,7 @@ def test_orientation_applies_before_the_centre_crop(tmp_path):
     assert load_folder(tmp_path, 4).images.max() < 8
 
 
+@pytest.mark.quick
 def test_holdout_split_is_fixed_and_disjoint():
     train_a, held_a = holdout_split(100, 0.1, 0)
     train_b, held_b = holdout_split(100, 0.1, 0)
@@ -260,6 +264,7 @@ def test_a_folder_named_like_a_subset_is_a_folder(tmp_path, monkeypatch):
     assert len(data.images) == 1 and data.source.name.startswith("folder:")
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("name", ["twemoji-flags", "imagenet"])
 def test_unknown_data_name_is_a_clear_error(name):
     with pytest.raises(PatchgenError, match="unknown data set"):
@@ -275,13 +280,14 @@ def tiny_noto(tmp_path, monkeypatch):
     return path
 
 
-@pytest.mark.parametrize("spec, skin_tones, colours", [
+@pytest.mark.quick
+@pytest.mark.parametrize("data_name, skin_tones, colours", [
     ("noto-emoji", True, [tinyfont.FACE, tinyfont.THUMBS, tinyfont.TONE, tinyfont.THUMBS_TONE]),
     ("noto-emoji", False, [tinyfont.FACE, tinyfont.THUMBS]),  # the modifier and the ligature through it left out
     ("noto-emoji-faces", True, [tinyfont.FACE]),
     ("noto-emoji-faces", False, [tinyfont.FACE])])
-def test_noto_emoji_from_the_fonts_bitmaps(tiny_noto, spec, skin_tones, colours):
-    data = load_data(spec, 8, skin_tones=skin_tones)
+def test_noto_emoji_from_the_fonts_bitmaps(tiny_noto, data_name, skin_tones, colours):
+    data = load_data(data_name, 8, skin_tones=skin_tones)
     assert data.images.shape == (len(colours), 8, 8, 3) and data.images.dtype == np.uint8
     expected = np.broadcast_to(np.array(colours, np.uint8)[:, None, None], data.images.shape)
     np.testing.assert_array_equal(data.images, expected)
@@ -415,6 +421,7 @@ def write_quads(folder, n):
     return folder
 
 
+@pytest.mark.quick
 def test_a_data_set_has_an_identity(tmp_path, monkeypatch):
     """Issue 31, kind 8: the same files give the same identity however they are loaded: in memory or through
     the image cache (built, then mapped), at any image side, under any Pillow version."""

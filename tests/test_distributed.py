@@ -163,6 +163,7 @@ def test_batch_that_does_not_split_is_one_clear_error(tmp_path, folder):
     assert "[rank0]: Traceback" not in r.stderr and not (tmp_path / "run").exists()
 
 
+@pytest.mark.quick
 def test_world_part_and_rank_seed():
     assert World(0, 1).part(5) == slice(0, 5)
     assert [World(r, 4).part(8) for r in range(4)] == [slice(0, 2), slice(2, 4), slice(4, 6), slice(6, 8)]

@@ -48,6 +48,7 @@ def as_init(image: np.ndarray) -> np.ndarray:
     return make_edit(HALO_SPEC, image)[0].init
 
 
+@pytest.mark.quick
 def test_noise_stream_is_pinned():
     """The first noise values of (seed 0, image 0) and (seed 2^32 - 1, image 5), as float32 bits. numpy does
     not promise its streams across versions: when this fails, every seed's image has changed."""
@@ -66,6 +67,7 @@ def test_strength_runs_the_last_floor_of_the_steps(steps, strength, run):
     assert list(edit_timesteps(timesteps, strength)) == list(timesteps[steps - run:])
 
 
+@pytest.mark.quick
 def test_strength_near_zero_leaves_the_image():
     net, image = CountingNet(HALO_SPEC), random_image(HALO_SPEC)
     x = sample_images(net, HALO_SPEC, num_images=2, seed=0, steps=50, init=as_init(image), strength=0.01)
@@ -285,6 +287,7 @@ def test_bad_edit_input_is_one_line_and_creates_nothing(edit_files, args, messag
     assert not (tmp / "out").exists()
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("kwargs,message", [
     ({"mask": np.ones((32, 32), bool)}, r"--mask must be \[64, 64\] or \[64, 64, 1 to 4\]"),
     ({"mask": np.ones((64, 64, 0), bool)}, r"--mask must be \[64, 64\] or \[64, 64, 1 to 4\]"),

@@ -22,6 +22,7 @@ def test_a_command_without_its_extra_says_what_to_install(name, extra):
                                 f"pip install 'patchgen[{extra}]'")
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("name", ["train", "export"])
 def test_a_command_with_its_extra_runs(name):
     r = run_entry(name, "--help", block_torch=False)

@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from patchgen.export.onnx_export import (PARITY_TOLERANCE, eps_gain, example_inputs, export_onnx, max_parity_error,
-                                         parity_scale, parity_timesteps)
+from patchgen.export.onnx_export import example_inputs, export_onnx
+from patchgen.export.parity import (PARITY_TIMESTEPS, PARITY_TOLERANCE, eps_gain, max_parity_error, parity_scale,
+                                    spread_timesteps)
 from patchgen.models.checkpoint import load_checkpoint, model_from_checkpoint
 from patchgen.models.config import ModelConfig
 from patchgen.models.diffusion import EpsDenoiser, eps_from_prediction, schedule_coefficients
@@ -118,6 +119,7 @@ def test_raw_weights_differ_from_ema(tmp_path):
     assert np.abs(raw - ema).max() > 1e-3
 
 
+@pytest.mark.quick
 def test_eps_gain_is_the_derivative_of_the_conversion():
     """d eps / d pred of the graph's own conversion, by autograd, at low, mid and high t."""
     schedule = Schedule()
@@ -131,6 +133,7 @@ def test_eps_gain_is_the_derivative_of_the_conversion():
         np.testing.assert_allclose(grad, eps_gain(kind, schedule)[t.numpy()], rtol=1e-5)
 
 
+@pytest.mark.quick
 def test_x0_gain_at_t0_for_the_default_cosine_schedule():
     gain = eps_gain("x0", Schedule())
     assert gain[0] == pytest.approx(155.63, abs=0.01) and gain.argmax() == 0  # sqrt(abar_0 / (1 - abar_0))
@@ -139,13 +142,14 @@ def test_x0_gain_at_t0_for_the_default_cosine_schedule():
     assert np.all(parity_scale("v", Schedule()) == 1)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("num_timesteps", [2, 3, 10, 1000, 4000])
 def test_parity_timesteps_are_fixed_and_span_the_schedule(num_timesteps):
-    ts = parity_timesteps(num_timesteps)
+    ts = spread_timesteps(num_timesteps, PARITY_TIMESTEPS)
     assert ts.dtype == np.int64 and ts[0] == 0 and ts[-1] == num_timesteps - 1
     assert np.all(np.diff(ts) > 0) and len(ts) == min(9, num_timesteps)
     assert np.diff(ts).max() - np.diff(ts).min() <= 1  # evenly spread
-    np.testing.assert_array_equal(ts, parity_timesteps(num_timesteps))
+    np.testing.assert_array_equal(ts, spread_timesteps(num_timesteps, PARITY_TIMESTEPS))
 
 
 def test_x0_model_passes_a_deterministic_check_that_includes_t0(exported):
@@ -267,17 +271,17 @@ def test_cli_bad_input(tmp_path, checkpoint, output, message):
 def test_parity_check_runs_every_patch_position(exported, monkeypatch):
     """The export's parity check feeds every one-hot position at least once (16 on a 4x4 grid), not just the
     first few: a wrong position path (the edge mask is built from pos) cannot pass unseen."""
-    import patchgen.export.onnx_export as onnx_export
+    import patchgen.export.parity as parity
 
     config, ckpt, path = exported("g4-halo-mask-x0")
     seen = []
-    original = onnx_export.example_inputs
+    original = parity.example_feeds
 
     def recording(*args, **kwargs):
         feeds = original(*args, **kwargs)
         seen.extend(np.argmax(feeds["pos"], axis=1).tolist())
         return feeds
-    monkeypatch.setattr(onnx_export, "example_inputs", recording)
+    monkeypatch.setattr(parity, "example_feeds", recording)
     assert max_parity_error(model_from_checkpoint(load_checkpoint(ckpt)), path) <= PARITY_TOLERANCE
     assert set(seen) == set(range(config.grid**2))
 
@@ -290,6 +294,25 @@ def external_from_1_kib(monkeypatch):
     monkeypatch.setattr(onnx_file, "EXTERNAL_DATA_FROM", 1)
     monkeypatch.setattr(onnx_file, "EXTERNAL_TENSOR_FROM", 1024)
     return onnx_file
+
+
+@pytest.mark.quick
+def test_a_staged_model_is_committed_whole_or_left_nowhere(tmp_path, external_from_1_kib):
+    """onnx_file.staged on a hand-made graph (no export): a model not committed leaves nothing; a committed
+    one is the .onnx plus its external data, and loads with the same weights."""
+    weights = np.arange(1024, dtype=np.float32).reshape(1, 1024)  # 4 KiB: external data
+    graph = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                                   [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 1])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 1024])],
+                                   [onnx.numpy_helper.from_array(weights, "w")])
+    model, out = onnx.helper.make_model(graph), tmp_path / "m.onnx"
+    with external_from_1_kib.staged(model, out) as stage:
+        assert stage.data is not None and stage.onnx.exists()
+    assert list(tmp_path.iterdir()) == []
+    with external_from_1_kib.staged(model, out) as stage:
+        stage.commit()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", stage.data.name]
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(onnx.load(out).graph.initializer[0]), weights)
 
 
 def test_a_large_model_keeps_its_weights_as_aligned_external_data(exported, tmp_path, external_from_1_kib):
@@ -318,7 +341,7 @@ def test_re_export_replaces_the_data_file_and_a_killed_exports_leftovers_go(tmp_
     old = export_onnx(first, out / "m.onnx").data_path
     (out / "m.onnx.0123456789ab.data").write_bytes(b"a killed export's data, never committed")
     (out / ".m.onnx.p999999999.abc123.tmp").write_bytes(b"a killed export's graph")
-    with pytest.raises(PatchgenError, match="exists; pass --force"):
+    with pytest.raises(PatchgenError, match="exists; pass force=True"):
         export_onnx(second, out / "m.onnx")
     new = export_onnx(second, out / "m.onnx", force=True).data_path
     assert new != old and sorted(p.name for p in out.iterdir()) == sorted(["m.onnx", new.name])
@@ -326,9 +349,10 @@ def test_re_export_replaces_the_data_file_and_a_killed_exports_leftovers_go(tmp_
 
 def test_a_failed_check_leaves_no_external_data(tmp_path, external_from_1_kib, monkeypatch):
     import patchgen.export.onnx_export as ex
+    import patchgen.export.parity as parity
 
     ckpt = write_checkpoint(tmp_path / "c.pt", tiny_config())
-    monkeypatch.setattr(ex, "PARITY_TOLERANCE", -1.0)
+    monkeypatch.setattr(parity, "PARITY_TOLERANCE", -1.0)
     with pytest.raises(PatchgenError, match="parity check failed"):
         ex.export_onnx(ckpt, tmp_path / "m.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]

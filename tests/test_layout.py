@@ -6,6 +6,8 @@ import torch
 from patchgen.runtime.layout import (crop_centre, from_patches, pad_image, patch_view, pool_gcc, position_onehot,
                                      to_patches, to_windows, window_view)
 
+pytestmark = pytest.mark.quick  # the whole file is in the quick tier (pyproject.toml)
+
 
 @pytest.mark.parametrize("grid", [1, 2, 4])
 def test_split_merge_round_trip_is_exact(grid):

@@ -25,6 +25,7 @@ def write(path, text):
     path.write_text(text)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("files,quota", [
     ({}, None),
     ({"job/cpu.max": "max 100000"}, None),
@@ -39,6 +40,7 @@ def test_cpu_quota_cgroup_v2(fake_system, files, quota):
     assert limits.cpu_quota() == quota
 
 
+@pytest.mark.quick
 def test_cpu_quota_cgroup_v1(fake_system):
     write(fake_system / "self_cgroup", "4:memory:/job\n3:cpu,cpuacct:/job\n")
     write(fake_system / "cgroup" / "cpu" / "job" / "cpu.cfs_quota_us", "50000")
@@ -47,6 +49,7 @@ def test_cpu_quota_cgroup_v1(fake_system):
     assert limits.available_cpus() == 1  # rounded up, never 0
 
 
+@pytest.mark.quick
 def test_available_memory_takes_the_tighter_of_meminfo_and_cgroup(fake_system):
     write(fake_system / "self_cgroup", "0::/job\n")
     assert limits.available_memory(100 * MIB) == (100 * MIB + 1024 * MIB, "MemAvailable")
@@ -59,6 +62,7 @@ def test_available_memory_takes_the_tighter_of_meminfo_and_cgroup(fake_system):
     assert limits.available_memory(100 * MIB)[1] == "MemAvailable"
 
 
+@pytest.mark.quick
 def test_budget_above_what_the_process_can_have_is_capped(fake_system):
     budget, limited_by = cap_to_available(99999999 * 2**30)
     assert budget < 2 * 2**30 and limited_by == "MemAvailable"

@@ -50,6 +50,7 @@ def test_halo_reads_the_window_and_returns_the_centre(halo, edge_mask):
     assert count(net) == count(plain)
 
 
+@pytest.mark.quick
 def test_edge_masks_mark_the_image():
     config = tiny_config(image_size=16, grid=2, halo=2, edge_mask=True)  # P = 8, window 12
     masks = edge_masks(config).reshape(2, 2, 12, 12)
@@ -92,6 +93,7 @@ def test_eps_denoiser_outputs_eps_for_x0_networks():
     torch.testing.assert_close(EpsDenoiser(net)(x, t, pos, gcc), expected)
 
 
+@pytest.mark.quick
 def test_predict_full_assembles_patches_in_order():
     torch.manual_seed(0)
     config = tiny_config(use_gcc=False)
@@ -104,6 +106,7 @@ def test_predict_full_assembles_patches_in_order():
     torch.testing.assert_close(full[1:, :, 8:, :8], direct, atol=1e-5, rtol=0)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("overrides,message", [
     (dict(grid=3), "does not divide"),
     (dict(grid=0), "grid must be >= 1"),
@@ -125,6 +128,7 @@ def test_config_rejects(overrides, message):
         tiny_config(**overrides)
 
 
+@pytest.mark.quick
 def test_config_dict_round_trip():
     config = tiny_config(schedule=Schedule(kind="linear", num_timesteps=500), prediction="v", global_context=2,
                          halo=2, edge_mask=True)

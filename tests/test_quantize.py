@@ -8,9 +8,9 @@ import onnx
 import pytest
 from PIL import Image
 
-from patchgen.export.onnx_export import export_onnx, parity_timesteps
-from patchgen.export.quantize import (PARITY_RMS_TOLERANCE, calibration_images, parity_rms, realistic_feeds,
-                                      timestep_nodes)
+from patchgen.export.onnx_export import export_onnx
+from patchgen.export.parity import PARITY_RMS_TOLERANCE, PARITY_TIMESTEPS, parity_rms, spread_timesteps
+from patchgen.export.quantize import calibration_images, realistic_feeds, timestep_nodes
 from patchgen.models.checkpoint import load_checkpoint, model_from_checkpoint
 from patchgen.models.data import DataSource
 from patchgen.runtime.errors import PatchgenError
@@ -82,7 +82,7 @@ def test_same_contract_and_metadata_parity_in_bounds(exports, folder, name, weig
     # The export checked parity on its own fresh windows; this checks it again on others.
     net = model_from_checkpoint(load_checkpoint(ckpt))
     images = calibration_images(DataSource(""), net.config.image_size, str(folder), 4, seed=9)
-    feeds = list(realistic_feeds(net, images, parity_timesteps(net.config.schedule.num_timesteps), seed=9))
+    feeds = list(realistic_feeds(net, images, spread_timesteps(net.config.schedule.num_timesteps, PARITY_TIMESTEPS), seed=9))
     assert parity_rms(net, path, feeds) <= PARITY_RMS_TOLERANCE[weights]
     assert parity_rms(net, fp32_path, feeds) <= 1e-5
     # The runtime needs no special case: same loader, same sampler, images of the same shape.
@@ -109,6 +109,7 @@ def test_smaller_weights(exports):
     assert sizes["fp16"] <= 0.55 * sizes["fp32"] and sizes["int8"] <= 0.4 * sizes["fp32"], sizes  # tiny: 0.35
 
 
+@pytest.mark.quick
 def test_calibration_windows_cover_the_schedule_and_positions(folder, tmp_path):
     ckpt = write_checkpoint(tmp_path / "c.pt", tiny_config(**CONFIGS["g4-halo-mask-x0"]))
     net = model_from_checkpoint(load_checkpoint(ckpt))
@@ -164,6 +165,7 @@ def test_signed_int8_activations(tmp_path, folder):
     assert not (tmp_path / "n.onnx").exists()
 
 
+@pytest.mark.quick
 def test_unknown_weights_in_the_api(tmp_path):
     with pytest.raises(PatchgenError, match="weights must be one of fp32, fp16, int8"):
         export_onnx(write_checkpoint(tmp_path / "c.pt", tiny_config()), tmp_path / "m.onnx", weights="int4")

@@ -118,6 +118,7 @@ def test_checkpoint_write_that_fails(tmp_path, small_disk):
     assert not list(disk.iterdir())
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("errno_, advice", [(errno.ENOSPC, "free some space there"), (errno.EDQUOT, "free some"),
                                             (errno.EROFS, "a writable one"), (errno.EIO, "the disk reports an error")])
 def test_a_wrapped_write_failure_is_worded_by_its_kind(tmp_path, errno_, advice):
@@ -131,6 +132,7 @@ def test_a_wrapped_write_failure_is_worded_by_its_kind(tmp_path, errno_, advice)
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.quick
 def test_an_unworded_os_error_is_still_one_line():
     from patchgen.cli.common import CliError, user_errors
 
@@ -157,6 +159,7 @@ def test_training_into_a_full_disk_leaves_no_folder(image_folder, small_disk):
     assert not (disk / "run").exists()
 
 
+@pytest.mark.quick
 def test_free_space_is_said_in_units_that_show_it(tmp_path):
     with pytest.raises(PatchgenError, match=r"the image cache needs 1024\.0G but .* free"):
         check_free_space(tmp_path, 2**40, "the image cache")
@@ -602,6 +605,7 @@ def test_progress_lines_when_stderr_is_a_file(onnx_model, tmp_path, image_folder
     assert len(lines) == 10 and lines[-1].startswith("training: 10/10 steps (100%)") and "loss" in lines[-1], text
 
 
+@pytest.mark.quick
 def test_line_progress_every_tenth_or_every_30_s():
     """LineProgress on a fake clock: a line at each tenth of the work, and one after 30 s without one; the
     ETA from the pace since the start (a resumed job's pace from where it resumed)."""

@@ -101,7 +101,7 @@ def test_peak_memory_does_not_grow_with_image_count(models, tmp_path):
 def test_budget_plans_and_minimum(models):
     _, onnx_path = models["g2"]
     model = load_model(onnx_path)
-    with pytest.raises(PatchgenError, match=r"below this model's minimum of \d+\.\dM .*--memory-budget \d+M"):
+    with pytest.raises(PatchgenError, match=r"below this model's minimum of \d+\.\dM .*memory_budget='\d+M'"):
         make_plan(model, 1, memory_budget="10M")
     # The default budget (75% of this machine's memory): everything fits, the fastest batch measured runs. (A
     # tight budget in a process whose mark is far above its RSS, as a test process's is, charges the hidden
@@ -119,10 +119,12 @@ def test_budget_plans_and_minimum(models):
         make_plan(model, 1, memory_budget="1G", patch_batch=2)
 
 
+@pytest.mark.quick
 def test_thread_candidates():
     assert [thread_candidates(n) for n in (1, 2, 4, 6, 8)] == [[1], [1, 2], [1, 2, 4], [1, 2, 4, 6], [1, 2, 4, 8]]
 
 
+@pytest.mark.quick
 def test_plan_arithmetic():
     mem = MemoryModel(reached=110, floor=100, calls=((1, 5), (2, 10), (4, 22)))  # bytes; calls: (batch, added)
     batches, no_extra = [1, 2, 3, 4, 8], lambda b: 0
@@ -132,12 +134,14 @@ def test_plan_arithmetic():
         plan_patch_batch(mem, 109, batches, no_extra)  # below the high-water mark already reached
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("text,expected", [("200M", 200 * 2**20), ("1.5G", int(1.5 * 2**30)), ("512MiB", 512 * 2**20),
                                            ("1000", 1000), ("64k", 64 * 1024)])
 def test_parse_size(text, expected):
     assert parse_size(text) == expected
 
 
+@pytest.mark.quick
 def test_parse_size_rejects():
     with pytest.raises(PatchgenError, match="like 200M"):
         parse_size("lots")
@@ -192,7 +196,8 @@ def test_sample_bad_input(models, tmp_path, args, message):
     assert not list(tmp_path.rglob("*.png")) and not (tmp_path / "out").exists()  # refused before creating anything
 
 
-def test_no_default_model_message(tmp_path, monkeypatch):
+@pytest.mark.quick
+def test_no_default_model_message(tmp_path, monkeypatch, capsys):
     import patchgen.cli.sample as cli
     import patchgen.runtime.pretrained as pretrained
 
@@ -200,6 +205,9 @@ def test_no_default_model_message(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as e:
         cli.main(["--out", str(tmp_path)])
     assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "model no-such-model does not exist" in err, err
+    assert all(name in err for name in pretrained.shipped_models()), err  # the names that would work
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpm++", "ddpm"])
@@ -256,13 +264,14 @@ def test_model_hash_covers_external_data(models, tmp_path):
     onnx.save(onnx.load(onnx_path), tmp_path / "ext.onnx", save_as_external_data=True, location="weights.bin",
               size_threshold=1024)
     assert external_data_files(tmp_path / "ext.onnx") == ["weights.bin"]
-    before = load_model(tmp_path / "ext.onnx")
+    before, graph = load_model(tmp_path / "ext.onnx"), (tmp_path / "ext.onnx").read_bytes()
     weights = bytearray((tmp_path / "weights.bin").read_bytes())
     weights[-1] ^= 0xFF
     (tmp_path / "weights.bin").write_bytes(weights)
     after = load_model(tmp_path / "ext.onnx")
-    assert after.sha256 != before.sha256
-    assert (tmp_path / "ext.onnx").read_bytes() and before.sha256 != load_model(onnx_path).sha256
+    assert (tmp_path / "ext.onnx").read_bytes() == graph  # only the external weights changed ...
+    assert after.sha256 != before.sha256  # ... and the hash saw it
+    assert before.sha256 != load_model(onnx_path).sha256
 
 
 def test_seed_range_maps_one_to_one(models):
@@ -326,7 +335,7 @@ def test_provider_selection(models, monkeypatch):
     real = ort.get_available_providers()
     if "CUDAExecutionProvider" not in real:  # pretend the build has it, as a GPU wheel without its drivers would
         monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", *real])
-        with pytest.raises(PatchgenError, match="could not start the cuda provider.*--provider cpu"):
+        with pytest.raises(PatchgenError, match="could not start the cuda provider.*provider='cpu'"):
             open_session(str(models["g2"][1]), provider="cuda")
 
 

@@ -16,6 +16,7 @@ def oracle(x0):
     return lambda x, t: np.broadcast_to(x0, x.shape).astype(np.float32)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("sampler", [sample_ddim, sample_dpmpp_2m])
 def test_deterministic_samplers_recover_the_data_with_a_perfect_denoiser(sampler):
     x0 = np.random.default_rng(0).uniform(-1, 1, (1, 3, 4, 4)).astype(np.float32)
@@ -24,6 +25,7 @@ def test_deterministic_samplers_recover_the_data_with_a_perfect_denoiser(sampler
     np.testing.assert_allclose(out, x0, atol=1e-5)
 
 
+@pytest.mark.quick
 def test_ddpm_step_is_the_posterior():
     """A strided DDPM step t -> s draws mean + std * z of q(x_s | x_t, x0) (Ho et al. 2020, eqs. 6-7)."""
     t, s = 600, 550
@@ -43,6 +45,7 @@ def test_ddpm_step_is_the_posterior():
     np.testing.assert_allclose(seen[s], mean + std * z, atol=1e-5)
 
 
+@pytest.mark.quick
 def test_eps_from_x0_inverts_the_forward_process():
     x0, eps = np.float32(0.25), np.float32(-1.5)
     a = ABAR[300]
@@ -50,6 +53,7 @@ def test_eps_from_x0_inverts_the_forward_process():
     assert eps_from_x0(np.float32(x_t), x0, a) == pytest.approx(eps, abs=1e-5)
 
 
+@pytest.mark.quick
 def test_per_image_noise_does_not_depend_on_batching():
     together = normal_like(image_rngs(3, 0, 4), (2, 2))
     apart = np.concatenate([normal_like(image_rngs(3, i, 1), (2, 2)) for i in range(4)])

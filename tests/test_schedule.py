@@ -6,6 +6,7 @@ from patchgen.runtime.schedule import (MAX_TERMINAL_SIGNAL, Schedule, alphas_cum
                                        timestep_sequence)
 
 
+@pytest.mark.quick
 def test_cosine_schedule_pinned():
     abar = alphas_cumprod(Schedule())
     assert abar.dtype == np.float64 and abar.shape == (1000,)
@@ -16,6 +17,7 @@ def test_cosine_schedule_pinned():
     assert betas(Schedule()).max() <= 0.999
 
 
+@pytest.mark.quick
 def test_linear_schedule_pinned():
     assert (Schedule(kind="linear").beta_start, Schedule(kind="linear").beta_end) == (1e-4, 0.02)
     abar = alphas_cumprod(Schedule(kind="linear"))
@@ -23,6 +25,7 @@ def test_linear_schedule_pinned():
     assert abar[-1] == pytest.approx(4.035829765375676e-05, rel=1e-9)
 
 
+@pytest.mark.quick
 def test_schedule_is_read_only():
     with pytest.raises(ValueError):
         alphas_cumprod(Schedule())[0] = 1.0
@@ -37,6 +40,7 @@ def test_timestep_sequence_for_every_step_count(T):
         assert np.all(np.diff(ts) < 0)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("T,steps", [(1000, s) for s in (61, 103, 121, 122, 201, 206, 999)]
                          + [(100, s) for s in (29, 31, 58, 62, 97)] + [(4000, 3999), (1000, 1)])
 def test_timestep_sequence_reported_step_counts(T, steps):
@@ -44,6 +48,7 @@ def test_timestep_sequence_reported_step_counts(T, steps):
     assert len(ts) == steps and len(set(ts)) == steps and ts[0] == T - 1 and ts.min() >= 0
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("kind,T", [("cosine", T) for T in (5, 10, 20, 100, 1000, 4000)]
                          + [("linear", T) for T in (21, 50, 100, 250, 1000, 4000)])  # linear beta_end = 20 / T < 1
 def test_every_valid_schedule_ends_in_pure_noise(kind, T):
@@ -78,6 +83,7 @@ def test_schedules_that_cannot_start_from_noise_are_refused(kwargs, message):
         Schedule(**kwargs)
 
 
+@pytest.mark.quick
 def test_timestep_sequence():
     np.testing.assert_array_equal(timestep_sequence(1000, 1000), np.arange(999, -1, -1))
     ts = timestep_sequence(1000, 50)
@@ -88,6 +94,7 @@ def test_timestep_sequence():
         timestep_sequence(1000, 1001)
 
 
+@pytest.mark.quick
 def test_unknown_kind():
     with pytest.raises(ValueError, match="unknown schedule"):
         Schedule(kind="sigmoid")

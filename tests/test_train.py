@@ -41,16 +41,16 @@ def test_loss_falls(tmp_path, blobs16, tiny_train_config, bf16):
         assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
 
 
-@pytest.mark.parametrize("overrides,tc", [
+@pytest.mark.parametrize("overrides,train_settings", [
     (dict(prediction="v", global_context=2), dict(loss="l2", loss_weighting="min_snr")),
     (dict(prediction="x0", gcc_source="x0"), dict(patches_per_image=2)),
     (dict(grid=1, use_position=False, use_gcc=False), {}),
     (dict(halo=2), {}),
     (dict(halo=4, edge_mask=True, prediction="x0", gcc_source="x0", global_context=2), dict(patches_per_image=2)),
 ])
-def test_levers_train(tmp_path, blobs16, overrides, tc):
+def test_levers_train(tmp_path, blobs16, overrides, train_settings):
     result = train(tmp_path, 3, data=blobs16, config=tiny_config(**overrides),
-                   tc=TrainConfig(batch_size=4, **tc), **NO_PREVIEW)
+                   tc=TrainConfig(batch_size=4, **train_settings), **NO_PREVIEW)
     assert all(np.isfinite(result.losses))
 
 
@@ -68,9 +68,9 @@ def test_checkpoint_round_trip(tmp_path, blobs16, tiny_train_config):
 
 def test_resume_equals_uninterrupted(tmp_path, blobs16):
     config = tiny_config(dropout=0.1, gcc_source="x0")  # dropout and the self-conditioning coin use RNG too
-    tc = TrainConfig(batch_size=4, warmup_steps=3, patches_per_image=3)
-    whole = train(tmp_path / "a", 8, data=blobs16, config=config, tc=tc, **NO_PREVIEW)
-    first = train(tmp_path / "b", 4, data=blobs16, config=config, tc=tc, **NO_PREVIEW)
+    train_config = TrainConfig(batch_size=4, warmup_steps=3, patches_per_image=3)
+    whole = train(tmp_path / "a", 8, data=blobs16, config=config, tc=train_config, **NO_PREVIEW)
+    first = train(tmp_path / "b", 4, data=blobs16, config=config, tc=train_config, **NO_PREVIEW)
     torch.manual_seed(1234)  # the resumed run must not depend on the process's RNG
     second = train(tmp_path / "b", 8, resume=True, data=blobs16, **NO_PREVIEW)
     assert first.losses + second.losses == whole.losses
@@ -80,6 +80,7 @@ def test_resume_equals_uninterrupted(tmp_path, blobs16):
         assert torch.equal(a["ema"][key], b["ema"][key]), key
 
 
+@pytest.mark.quick
 def test_preview_is_written(tmp_path, blobs16, tiny_train_config):
     train(tmp_path, 2, data=blobs16, config=tiny_config(), tc=tiny_train_config, preview_every=2,
           preview_count=4, preview_steps=3)
@@ -89,7 +90,7 @@ def test_preview_is_written(tmp_path, blobs16, tiny_train_config):
 
 def test_new_run_refuses_existing_checkpoint(tmp_path, blobs16, tiny_train_config):
     train(tmp_path, 1, data=blobs16, config=tiny_config(), tc=tiny_train_config, **NO_PREVIEW)
-    with pytest.raises(PatchgenError, match="--resume"):
+    with pytest.raises(PatchgenError, match="pass resume=True"):
         train(tmp_path, 1, data=blobs16, config=tiny_config(), tc=tiny_train_config, **NO_PREVIEW)
 
 
@@ -326,6 +327,7 @@ def test_sigterm_checkpoints_then_resumes(tmp_path, blobs16):
     assert load_checkpoint(run / "checkpoint.pt")["step"] == step + 2
 
 
+@pytest.mark.quick
 def test_seam_score_and_border_step():
     from patchgen.models.metrics import border_step, seam_score
 
@@ -408,6 +410,7 @@ def test_an_old_evaluation_log_is_upgraded_on_resume(tmp_path, blobs16, tiny_tra
     assert new["step"] == "4" and float(new["seam"]) > 0 and float(new["seam_global"]) > 0
 
 
+@pytest.mark.quick
 def test_the_verdict_says_whether_numbers_still_improve():
     from patchgen.models.evaluation import PATIENCE, verdict
 
@@ -477,6 +480,7 @@ def test_api_resume_without_a_data_hook_reloads_the_named_data(tmp_path, blobs16
         data.source, holdout_fraction=0.1, holdout_seed=0, image_size=16, num_train=18)
 
 
+@pytest.mark.quick
 def test_data_source_round_trips_through_a_checkpoint_dict():
     source = DataSource("noto-emoji-faces", "Noto", "Apache-2.0 AND OFL-1.1", 120, 0, 128, 0.1, 0, 108)
     assert DataSource.from_dict(source.to_dict()) == source
@@ -497,22 +501,24 @@ def test_cli_cuda_without_a_gpu_is_one_clear_error(tmp_path):
 
 def _cli_settings(*args):
     """(ModelConfig, TrainConfig) that `patchgen-train ARGS` would start a new run with (nothing is trained)."""
-    from patchgen.cli.train import _new_run_settings, main
+    from patchgen.cli.train import SETTINGS, _new_run, main
 
     params = main.make_context("patchgen-train", ["--out", "unused", *map(str, args)]).params
-    names = _new_run_settings.__code__.co_varnames[:_new_run_settings.__code__.co_argcount]
-    return _new_run_settings(**{name: params[name] for name in names})
+    run = _new_run({s.param: params[s.param] for s in SETTINGS})
+    return run.config, run.train_config
 
 
 def test_the_default_config_is_the_recipe_and_paper_is_the_papers():
     from patchgen.models.config import ModelConfig, recipe_settings
 
-    config, tc = _cli_settings()  # 64x64, 2x2 patches of 32 px, 3 levels: the shipped faces64_2x2's recipe
-    assert (config.prediction, config.global_context, config.halo, tc.lr, tc.recipe) == ("x0", 4, 8, 5e-4, "patchgen")
+    config, train_config = _cli_settings()  # 64x64, 2x2 patches of 32 px, 3 levels: the shipped faces64_2x2's recipe
+    assert (config.prediction, config.global_context, config.halo) == ("x0", 4, 8)
+    assert (train_config.lr, train_config.recipe) == (5e-4, "patchgen")
     assert config == dataclasses.replace(ModelConfig(), prediction="x0", global_context=4, halo=8)
-    assert tc == dataclasses.replace(TrainConfig(), lr=5e-4, recipe="patchgen")
-    config, tc = _cli_settings("--recipe", "paper")  # Arakawa et al.: eps, one-hot position + GCC of x_t, no halo
-    assert config == ModelConfig() and tc == dataclasses.replace(TrainConfig(), recipe="paper")
+    assert train_config == dataclasses.replace(TrainConfig(), lr=5e-4, recipe="patchgen")
+    # Arakawa et al.: eps, one-hot position + GCC of x_t, no halo
+    config, train_config = _cli_settings("--recipe", "paper")
+    assert config == ModelConfig() and train_config == dataclasses.replace(TrainConfig(), recipe="paper")
     # the halo follows the patch and the levels, so the default always builds; a 1x1 model gets neither lever
     for size, grid, mults in [(32, 2, "1,2"), (64, 4, "1,2,2"), (128, 4, "1,2,2,2"), (96, 2, "1,2,2,2"),
                               (24, 2, "1,2"), (16, 4, "1"), (64, 1, "1,2,2")]:
@@ -524,8 +530,8 @@ def test_the_default_config_is_the_recipe_and_paper_is_the_papers():
         if grid > 1:
             assert abs(config.halo - p / 4) <= 2 ** (levels - 1) / 2 and p % config.global_context == 0
     # every lever still settable on its own
-    config, tc = _cli_settings("--halo", 0, "--prediction", "v", "--lr", "1e-4", "--global-context", 2)
-    assert (config.halo, config.prediction, tc.lr, config.global_context) == (0, "v", 1e-4, 2)
+    config, train_config = _cli_settings("--halo", 0, "--prediction", "v", "--lr", "1e-4", "--global-context", 2)
+    assert (config.halo, config.prediction, train_config.lr, config.global_context) == (0, "v", 1e-4, 2)
     assert _cli_settings("--no-gcc")[0].global_context == 0
 
 
@@ -552,3 +558,20 @@ def test_a_checkpoint_from_before_the_recipes_resumes_as_it_was_trained(tmp_path
     assert after["step"] == 3 and after["model_config"] == before["model_config"] == config
     assert after["train_config"] == before["train_config"] and after["train_config"].recipe == ""
     assert (config.prediction, config.halo, config.global_context, after["train_config"].lr) == ("eps", 0, 0, 2e-4)
+
+
+def test_each_setting_is_declared_once_as_a_config_field():
+    """patchgen-train's options of a new run are made from the config fields that carry an Option, each refused
+    on --resume and named as its option in errors; ModelConfig holds each ModelSpec field under its name."""
+    from patchgen.cli.train import FIELD_OPTIONS, NEW_RUN_OPTIONS, NewRun, main
+    from patchgen.models.config import ModelConfig, field_options
+    from patchgen.runtime.spec import ModelSpec
+
+    options = {p.name for p in main.params}
+    made = {o.key or f.name: o for cls in (NewRun, ModelConfig, TrainConfig) for f, o in field_options(cls)}
+    assert set(NEW_RUN_OPTIONS) <= options and len(NEW_RUN_OPTIONS) == len(made)
+    assert {"no_gcc", "no_position", "timesteps", "schedule", "recipe", "halo", "lr", "holdout"} <= set(NEW_RUN_OPTIONS)
+    assert FIELD_OPTIONS["num_timesteps"] == "--timesteps" and FIELD_OPTIONS["global_context"] == "--global-context"
+    assert "attention_heads" not in made and "weight_decay" not in made  # fields without an option
+    config = tiny_config(halo=2, prediction="x0")
+    assert config.spec == ModelSpec(**{f.name: getattr(config, f.name) for f in dataclasses.fields(ModelSpec)})

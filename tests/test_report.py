@@ -1,0 +1,221 @@
+"""`patchgen-sample --report`: the run's machine-readable record (cli/report.py), and the benchmarks that read it
+instead of the sampler's stderr, which is worded for people."""
+import ast
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from patchgen.cli.report import SCHEMA, write_report
+from patchgen.cli.sample import main
+from patchgen.export.onnx_export import export_onnx
+from patchgen.runtime.onnxfile import model_sha256
+
+from conftest import sample_cli, tiny_config, write_checkpoint
+
+BENCH = Path(__file__).parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("model")
+    export_onnx(write_checkpoint(d / "c.pt", tiny_config()), d / "m.onnx")
+    return d / "m.onnx"
+
+
+def invoke(*args):
+    """patchgen-sample in this process: (exit code, stderr)."""
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    return r.exit_code, r.stderr
+
+
+def refused(r, *fragments):
+    """Exit 2 and one `Error:` line holding every fragment."""
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.startswith("Error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert all(f in r.stderr for f in fragments), r.stderr
+
+
+def load_benchmark(name: str, monkeypatch):
+    """benchmarks/<name>.py as a module (it imports benchlib from its own folder)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_report_of_a_finished_run(onnx_model, tmp_path, monkeypatch):
+    out, report = tmp_path / "out", tmp_path / "run.json"
+    code, err = invoke("--model", onnx_model, "-n", 2, "--steps", 2, "--threads", 1, "--out", out,
+                       "--grid-image", tmp_path / "grid.png", "--report", report)
+    assert code == 0, err
+    r = json.loads(report.read_text())
+    assert r["schema"] == SCHEMA == 1 and r["status"] == "done" and r["error"] is None
+    assert r["model"]["path"] == str(onnx_model) and r["model"]["name"] == "m"
+    assert r["model"]["sha256"] == model_sha256(onnx_model)
+    assert (r["model"]["grid"], r["model"]["image_size"], r["model"]["channels"]) == (2, 16, 3)
+    assert r["request"] == {"num_images": 2, "seed": 0, "sampler": "ddim", "steps": 2, "steps_run": 2, "eta": 0.0,
+                            "edit": None}
+    plan = r["plan"]
+    assert plan["patch_batch"] >= 1 and plan["allocation"] in ("lean", "arena") and plan["threads"] == 1
+    assert plan["default_budget"] and plan["budget_bytes"] > plan["predicted_peak_bytes"] > 2**20
+    assert r["peak_rss_bytes"] > 2**20  # the kernel's high-water mark, in bytes (this test process's)
+    s = r["seconds"]
+    assert s["total"] >= s["sampling"] > 0 and s["per_image"] == pytest.approx(s["sampling"] / 2)
+    assert r["files"] == [str(out / "seed0_00000.png"), str(out / "seed0_00001.png"), str(tmp_path / "grid.png")]
+    assert all(Path(f).is_file() for f in r["files"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "out", "run.json"]  # no temporary left
+    arm64 = load_benchmark("arm64_compare", monkeypatch).cli_report(report)  # what the arm64 comparison reads
+    assert arm64 == {"s_per_image": s["per_image"], "peak_mib": r["peak_rss_bytes"] / 2**20}
+
+
+def test_report_of_a_refused_budget_names_the_minimum(onnx_model, tmp_path):
+    """A budget below the weights is refused while loading (a bound); at that bound, the planner refuses with
+    the measured minimum, which a fresh run accepts. The report says which, and what the run had by then."""
+    report = tmp_path / "r.json"
+    args = ("--model", onnx_model, "-n", 1, "--steps", 1, "--threads", 1, "--out", tmp_path / "out", "--report",
+            report, "--force")
+    r = sample_cli(*args, "--memory-budget", "1M")
+    refused(r, "memory budget 1.0M is below")
+    bound = json.loads(report.read_text())
+    assert bound["status"] == "error" and bound["plan"] is None and bound["model"]["sha256"] is None
+    assert bound["error"]["stage"] == "loading" and bound["error"]["minimum_budget_bytes"] > 2**20
+    assert bound["error"]["message"] in r.stderr and not (tmp_path / "out").exists()
+    r = sample_cli(*args, "--memory-budget", str(bound["error"]["minimum_budget_bytes"]))
+    refused(r)
+    measured = json.loads(report.read_text())
+    assert measured["error"]["stage"] == "planning" and measured["model"]["sha256"] == model_sha256(onnx_model)
+    assert measured["error"]["minimum_budget_bytes"] > bound["error"]["minimum_budget_bytes"]
+    r = sample_cli(*args, "--memory-budget", str(measured["error"]["minimum_budget_bytes"]))
+    assert r.returncode == 0, r.stderr
+    done = json.loads(report.read_text())
+    assert done["status"] == "done" and done["plan"]["budget_bytes"] == measured["error"]["minimum_budget_bytes"]
+
+
+def test_a_report_path_that_cannot_be_written_is_refused_before_any_work(onnx_model, tmp_path):
+    (tmp_path / "folder.json").mkdir()
+    base = ("--model", onnx_model, "-n", 1, "--steps", 1, "--out", tmp_path / "out")
+    refused(sample_cli(*base, "--report", tmp_path / "folder.json"), "--report", "is a directory")
+    refused(sample_cli(*base, "--report", tmp_path / "nowhere" / "r.json"), "--report", "does not exist")
+    refused(sample_cli(*base, "--report", onnx_model), "is the model file")
+    refused(sample_cli(*base, "--report", tmp_path / "g.png", "--grid-image", tmp_path / "g.png"),
+            "--report", "is the --grid-image too")
+    refused(sample_cli(*base, "--report", tmp_path / "out" / "seed0_00000.png"), "one of this run's own PNGs")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.json"]  # nothing made, no out
+
+
+def test_an_earlier_report_is_replaced_only_with_force(onnx_model, tmp_path):
+    report = tmp_path / "r.json"
+    report.write_text("mine")
+    base = ("--model", onnx_model, "-n", 1, "--steps", 1, "--report", report)
+    refused(sample_cli(*base, "--out", tmp_path / "a"), "r.json already exists", "--force",
+            "choose another --report")
+    assert report.read_text() == "mine" and not (tmp_path / "a").exists()
+    r = sample_cli(*base, "--out", tmp_path / "a", "--force")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(report.read_text())["status"] == "done"
+
+
+def test_report_in_the_out_folder(onnx_model, tmp_path):
+    """--report inside an --out the run creates: written there, done or refused."""
+    out = tmp_path / "new"
+    code, err = invoke("--model", onnx_model, "-n", 1, "--steps", 1, "--out", out, "--report", out / "r.json")
+    assert code == 0, err
+    assert json.loads((out / "r.json").read_text())["files"] == [str(out / "seed0_00000.png")]
+    out = tmp_path / "refused"
+    code, err = invoke("--model", onnx_model, "-n", 1, "--steps", 1, "--out", out, "--report", out / "r.json",
+                       "--memory-budget", "1M")
+    assert code == 2 and [p.name for p in out.iterdir()] == ["r.json"], err
+    assert json.loads((out / "r.json").read_text())["status"] == "error"
+
+
+def test_report_of_a_stopped_run(onnx_model, tmp_path, monkeypatch):
+    """Ctrl-C after the first image: status stopped, the image that was written, and the grid that was not."""
+    import patchgen.runtime.images as images
+
+    real, seen = images.save_png, []
+
+    def save_png(path, image, text=None):
+        if seen:
+            raise KeyboardInterrupt
+        seen.append(path)
+        real(path, image, text)
+
+    monkeypatch.setattr(images, "save_png", save_png)
+    report = tmp_path / "r.json"
+    code, err = invoke("--model", onnx_model, "-n", 3, "--steps", 1, "--memory-budget", "min", "--out",
+                       tmp_path / "out", "--grid-image", tmp_path / "g.png", "--report", report)
+    assert code == 130 and "stopped: 1 of 3 image(s) written" in err, err
+    r = json.loads(report.read_text())
+    assert r["status"] == "stopped" and r["error"] is None and r["files"] == [str(tmp_path / "out" / "seed0_00000.png")]
+    assert r["seconds"]["sampling"] is None and r["plan"]["patch_batch"] == 1
+
+
+def test_write_report_is_atomic(tmp_path):
+    """A report that fails while it is written leaves the earlier file whole and no temporary beside it."""
+    path = tmp_path / "r.json"
+    write_report(path, {"schema": 1, "status": "done"})
+    before = path.read_text()
+    with pytest.raises(TypeError):
+        write_report(path, {"schema": 1, "status": object()})  # not JSON: fails inside the write
+    assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+# ---- The benchmarks read the report: a sampler whose every stderr line is reworded breaks none of them.
+
+# patchgen-sample with every message it prints on stderr reversed, character by character.
+REWORDED = ["-c", "import click, patchgen.cli.sample as sample\n"
+                  "echo = click.echo\n"
+                  "click.echo = lambda message=None, *a, **k: echo(None if message is None else str(message)[::-1], "
+                  "*a, **k)\n"
+                  "sample.main()\n"]
+
+
+@pytest.fixture
+def benchlib(monkeypatch):
+    return load_benchmark("benchlib", monkeypatch)
+
+
+def test_benchmarks_read_the_report_not_the_wording(onnx_model, tmp_path, benchlib, monkeypatch):
+    """benchlib's helpers, which every benchmark that runs patchgen-sample uses, against a sampler whose
+    every stderr line is reversed: the plan, speed and the refused minimum all still come through."""
+    monkeypatch.setattr(benchlib, "SAMPLE_CLI", REWORDED)
+    r = benchlib.sample_cli(str(onnx_model), tmp_path / "b", "--memory-budget", "1G", num_images=2, steps=1)
+    assert r["returncode"] == 0 and "llac rep )se(hctap" in r["stderr"], r["stderr"]  # reworded indeed
+    assert 1 <= r["patch_batch"] <= 8 and r["allocation"] in ("lean", "arena") and r["threads"] == 1
+    assert r["predicted_mib"] > 1 and r["s_per_image"] > 0 and r["created_out"]
+    minimum, runs = benchlib.refused_minimum(str(onnx_model), tmp_path / "c", steps=1)
+    assert minimum is not None and minimum > 1 and [run["returncode"] for run in runs] == [2, 2]
+    assert ".0M is below" not in "".join(run["stderr"] for run in runs)  # reversed, so not what was read
+    assert not (tmp_path / "c").exists()
+
+
+def test_no_benchmark_reads_sampler_prose_with_a_regex():
+    """No `re` call in benchmarks/*.py is given a process's stderr or a log of it."""
+    for path in BENCH.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "re"):
+                text = ast.unparse(node)
+                assert "stderr" not in text and ".log" not in text, (path.name, text)
+
+
+def test_the_session_settings_a_benchmark_varies_are_a_parameter(monkeypatch):
+    """session_options(overrides=...), or $PATCHGEN_SESSION_OPTIONS in a fresh process (benchlib.sample_run):
+    onnxruntime's own names laid over patchgen's; anything else is one PatchgenError line."""
+    from patchgen.runtime.errors import PatchgenError
+    from patchgen.runtime.session import OVERRIDES_ENV, session_options
+
+    assert not session_options().enable_mem_pattern and not session_options().enable_cpu_mem_arena
+    so = session_options(overrides={"enable_mem_pattern": True, "session.disable_prepacking": "1"})
+    assert so.enable_mem_pattern and so.get_session_config_entry("session.disable_prepacking") == "1"
+    monkeypatch.setenv(OVERRIDES_ENV, json.dumps({"enable_cpu_mem_arena": True}))
+    assert session_options().enable_cpu_mem_arena and not session_options(overrides={}).enable_cpu_mem_arena
+    for text in ("[1]", "{", json.dumps({"no_such_option": 1})):
+        monkeypatch.setenv(OVERRIDES_ENV, text)
+        with pytest.raises(PatchgenError, match=OVERRIDES_ENV):
+            session_options()
