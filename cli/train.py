@@ -151,7 +151,9 @@ def _new_run_options(command):
 @click.option("--decode-workers", type=click.IntRange(min=1), default=None,
               help="Processes that decode the images [default: this machine's CPUs over its ranks].")
 @click.option("--threads", type=click.IntRange(1, available_cpus()), default=None,
-              help="torch CPU threads, at most the CPUs this process may use [default: torch's choice].")
+              help="torch CPU threads, at most the CPUs this process may use [default: torch's choice: one per "
+                   "core, or $OMP_NUM_THREADS, which torchrun sets to 1 per rank; on 2 cores it trained 1.84x faster "
+                   "than 1 thread when quiet, 0.90x beside a competing load: benchmarks/results/train_threads.md].")
 @click.option("--bf16", is_flag=True, help="Mixed precision (bfloat16 autocast): faster on CPUs with AVX512-BF16/AMX and on GPUs.")
 @user_errors
 def main(out, max_steps, resume, accept_changed_data, checkpoint_every, preview_every, device, cache_dir, no_cache,
