@@ -60,9 +60,9 @@ from patchgen.models.train import new_state, state_dict
 path, config, keep, export = Path(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3] == "1", json.loads(sys.argv[4])
 config["channel_mults"] = tuple(config.get("channel_mults", (1, 2, 2)))
 config["attention_resolutions"] = tuple(config.get("attention_resolutions", (8,)))
-cfg, tc = ModelConfig(**config), TrainConfig()
+cfg, train_config = ModelConfig(**config), TrainConfig()
 ckpt = path.with_suffix(".pt")
-save_checkpoint(ckpt, state_dict(new_state(cfg, tc), cfg, tc, DataSource("random weights")))
+save_checkpoint(ckpt, state_dict(new_state(cfg, train_config), cfg, train_config, DataSource("random weights")))
 export_onnx(ckpt, path, force=True, **export)
 if not keep:
     ckpt.unlink()

@@ -54,8 +54,8 @@ data = load_data(folder, size, decoding=Decoding(Path(cache) if cache != "-" els
 load_s = time.perf_counter() - t0
 after_load = status("VmRSS")
 t0 = time.perf_counter()
-train(out, steps, data=data, config=ModelConfig(image_size=size, grid=2), tc=TrainConfig(batch_size=16), holdout=0.01,
-      preview_every=0, checkpoint_every=10**6)
+train(out, steps, data=data, config=ModelConfig(image_size=size, grid=2), train_config=TrainConfig(batch_size=16),
+      holdout=0.01, preview_every=0, checkpoint_every=10**6)
 print(json.dumps({"images": len(data.images), "load_s": load_s, "after_load_mib": after_load,
                   "train_s_per_step": (time.perf_counter() - t0) / steps, "vmhwm_mib": status("VmHWM"),
                   "rss_anon_mib": status("RssAnon"), "rss_file_mib": status("RssFile")}))

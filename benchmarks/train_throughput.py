@@ -22,14 +22,14 @@ size, grid, steps, warmup, batch, threads = map(int, sys.argv[1:7])
 bf16 = sys.argv[7] == "bf16"
 torch.set_num_threads(threads)
 config = ModelConfig(image_size=size, grid=grid, use_position=grid > 1)
-tc = TrainConfig(batch_size=batch)
+train_config = TrainConfig(batch_size=batch)
 images = np.random.default_rng(0).integers(0, 256, (256, size, size, 3), dtype=np.uint8)
-state = new_state(config, tc)
+state = new_state(config, train_config)
 for _ in range(warmup):
-    train_step(state, images, tc, bf16)
+    train_step(state, images, train_config, bf16)
 t0 = time.perf_counter()
 for _ in range(steps):
-    train_step(state, images, tc, bf16)
+    train_step(state, images, train_config, bf16)
 dt = time.perf_counter() - t0
 print(json.dumps({"grid": grid, "precision": sys.argv[7], "image_size": size, "batch_size": batch, "steps": steps,
                   "params": sum(p.numel() for p in state.net.parameters()),

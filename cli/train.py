@@ -334,7 +334,7 @@ def _new_run_inputs(world, decoding, new_run: NewRun, say) -> dict:
         say(f"data: {images.source.attribution}")
     say(f"data: {len(images.images)} images ({images.source.skipped} skipped: unreadable or without "
         "a faithful RGB form)")
-    return dict(data=images, config=new_run.config, tc=new_run.train_config, holdout=new_run.holdout)
+    return dict(data=images, config=new_run.config, train_config=new_run.train_config, holdout=new_run.holdout)
 
 
 def _report(world, out, max_steps, result, seconds: float, say) -> None:

@@ -174,20 +174,20 @@ class Draws:
         return Draws(self.t[images], self.noise[images], self.self_condition, index)
 
 
-def draw_batch(config: ModelConfig, tc: TrainConfig, batch: int, gen: torch.Generator) -> Draws:
+def draw_batch(config: ModelConfig, train_config: TrainConfig, batch: int, gen: torch.Generator) -> Draws:
     """Draw one batch's randomness from `gen` in a fixed order: t ~ U[0, T), the noise, the self-conditioning
-    coin, then (with tc.patches_per_image < G*G) a random subset of positions per image. All on the CPU."""
+    coin, then (with train_config.patches_per_image < G*G) a random subset of positions per image. All on the CPU."""
     g2, size = config.grid**2, config.image_size
     t = torch.randint(0, config.schedule.num_timesteps, (batch,), generator=gen)
     noise = torch.randn((batch, config.channels, size, size), generator=gen)
     self_condition = draw_self_condition(config, gen)
     index = None
-    if 0 < tc.patches_per_image < g2:
-        index = torch.rand(batch, g2, generator=gen).argsort(dim=1)[:, : tc.patches_per_image]
+    if 0 < train_config.patches_per_image < g2:
+        index = torch.rand(batch, g2, generator=gen).argsort(dim=1)[:, : train_config.patches_per_image]
     return Draws(t, noise, self_condition, index)
 
 
-def diffusion_loss(net: nn.Module, x0: torch.Tensor, draws: Draws, tc: TrainConfig,
+def diffusion_loss(net: nn.Module, x0: torch.Tensor, draws: Draws, train_config: TrainConfig,
                    coefs: Coefficients) -> torch.Tensor:
     """One Monte-Carlo estimate of the DDPM loss (Ho et al. 2020, eq. 14, with the target and weighting of
     `prediction_target` and `loss_weight`) on the patches of x0 [B, C, H, W] in [-1, 1]: x_t by `q_sample`
@@ -208,6 +208,6 @@ def diffusion_loss(net: nn.Module, x0: torch.Tensor, draws: Draws, tc: TrainConf
     target = select_patches(to_patches(target, config.grid), index)  # the centre P x P of each window
     tp = t.repeat_interleave(index.shape[1])
     pred = net(patches, tp, pos, gcc_p)
-    err = (pred - target).abs() if tc.loss == "l1" else (pred - target) ** 2
-    w = loss_weight(config.prediction, tc.loss_weighting, tp, *coefs, tc.min_snr_gamma)
+    err = (pred - target).abs() if train_config.loss == "l1" else (pred - target) ** 2
+    w = loss_weight(config.prediction, train_config.loss_weighting, tp, *coefs, train_config.min_snr_gamma)
     return (w * err.mean(dim=(1, 2, 3))).mean()

@@ -31,9 +31,9 @@ PROBE_IMAGES = 32  # held-out images for the GCC-use probe and the real seam sco
 HOLDOUT_SEED = 0  # fixed: the held-out evaluation images are the same for every run
 
 
-def learning_rate(step: int, tc: TrainConfig) -> float:
-    """Linear warm-up to tc.lr over tc.warmup_steps, then constant."""
-    return tc.lr * min(1.0, (step + 1) / max(tc.warmup_steps, 1))
+def learning_rate(step: int, train_config: TrainConfig) -> float:
+    """Linear warm-up to train_config.lr over train_config.warmup_steps, then constant."""
+    return train_config.lr * min(1.0, (step + 1) / max(train_config.warmup_steps, 1))
 
 
 @torch.no_grad()
@@ -54,20 +54,20 @@ class TrainState:
     ddp: Optional[torch.nn.Module] = None  # net inside DistributedDataParallel, when there are several ranks
 
 
-def new_state(config: ModelConfig, tc: TrainConfig, device: str = "cpu") -> TrainState:
-    torch.manual_seed(tc.seed)  # weight init (the same on every rank) and dropout
+def new_state(config: ModelConfig, train_config: TrainConfig, device: str = "cpu") -> TrainState:
+    torch.manual_seed(train_config.seed)  # weight init (the same on every rank) and dropout
     net = PatchUNet(config).to(device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    opt = torch.optim.AdamW(net.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
     rank = distributed.world().rank
     if rank:  # each rank its own dropout stream
-        torch.manual_seed(distributed.rank_seed(tc.seed, rank, 0))
-    return TrainState(net, ema, opt, torch.Generator().manual_seed(tc.seed))
+        torch.manual_seed(distributed.rank_seed(train_config.seed, rank, 0))
+    return TrainState(net, ema, opt, torch.Generator().manual_seed(train_config.seed))
 
 
-def train_step(state: TrainState, images, tc: TrainConfig, bf16: bool = False,
+def train_step(state: TrainState, images, train_config: TrainConfig, bf16: bool = False,
                coefs: Optional[Coefficients] = None, part: slice = slice(None)) -> float:
-    """One optimisation step on a random batch of tc.batch_size `images` (uint8 [N, H, W, C], or anything
+    """One optimisation step on a random batch of train_config.batch_size `images` (uint8 [N, H, W, C], or anything
     indexed like it: an ImageSubset, a memory map); returns the loss of the images this process computed.
 
     part: this rank's images of the batch (`distributed.World.part`); the whole batch's randomness is drawn
@@ -83,19 +83,19 @@ def train_step(state: TrainState, images, tc: TrainConfig, bf16: bool = False,
                          "start_run or resume_run, which wrap the net")
     if coefs is None:
         coefs = schedule_coefficients(config.schedule, device)
-    idx = torch.randint(0, len(images), (tc.batch_size,), generator=state.gen).numpy()
-    draws = draw_batch(config, tc, tc.batch_size, state.gen)
+    idx = torch.randint(0, len(images), (train_config.batch_size,), generator=state.gen).numpy()
+    draws = draw_batch(config, train_config, train_config.batch_size, state.gen)
     x0 = torch.from_numpy(to_model_range(images[idx[part]])).to(device)
     state.net.train()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        loss = diffusion_loss(state.ddp or state.net, x0, draws.part(part), tc, coefs)
+        loss = diffusion_loss(state.ddp or state.net, x0, draws.part(part), train_config, coefs)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(state.net.parameters(), tc.grad_clip)
+    torch.nn.utils.clip_grad_norm_(state.net.parameters(), train_config.grad_clip)
     for group in state.optimizer.param_groups:
-        group["lr"] = learning_rate(state.step, tc)
+        group["lr"] = learning_rate(state.step, train_config)
     state.optimizer.step()
-    ema_update(state.ema, state.net, state.step, tc.ema_decay)
+    ema_update(state.ema, state.net, state.step, train_config.ema_decay)
     state.step += 1
     return loss.item()
 
@@ -103,7 +103,7 @@ def train_step(state: TrainState, images, tc: TrainConfig, bf16: bool = False,
 DEFAULT_CADENCE = {"checkpoint_every": 500, "preview_every": 500}  # steps; a run keeps its own across resumes
 
 
-def state_dict(state: TrainState, config: ModelConfig, tc: TrainConfig, data: DataSource,
+def state_dict(state: TrainState, config: ModelConfig, train_config: TrainConfig, data: DataSource,
                cadence: Optional[dict] = None, rank_rng: Optional[list] = None) -> dict:
     """What a checkpoint holds. rank_rng: every rank's torch generator state (`distributed.gather_rng_states`);
     default: this process's alone."""
@@ -111,7 +111,7 @@ def state_dict(state: TrainState, config: ModelConfig, tc: TrainConfig, data: Da
     return {
         "cadence": dict(cadence or DEFAULT_CADENCE),
         "model_config": config.to_dict(),
-        "train_config": tc.to_dict(),
+        "train_config": train_config.to_dict(),
         "data": data.to_dict(),
         "step": state.step,
         "model": state.net.state_dict(),
@@ -184,7 +184,7 @@ class Run:
     """A run ready for `run_loop`: what `start_run` and `resume_run` both return."""
     dir: Path
     state: TrainState
-    tc: TrainConfig
+    train_config: TrainConfig
     source: DataSource  # with the run's held-out split and training count
     cadence: dict  # checkpoint_every, preview_every (steps); a run keeps its own across resumes
     images: ImageSubset  # the training split of the data's uint8 [N, H, W, C] (gathered per batch, no copy)
@@ -202,13 +202,13 @@ class Run:
         return self.dir / CHECKPOINT_NAME
 
 
-def _run(run_dir, state: TrainState, tc: TrainConfig, source: DataSource, cadence: dict, data: ImageSet,
+def _run(run_dir, state: TrainState, train_config: TrainConfig, source: DataSource, cadence: dict, data: ImageSet,
          saved_step: Optional[int]) -> Run:
     """Split `data` as `source` says, and check that its images fit the model."""
     config = state.net.config
     if data.images.shape[1] != config.image_size:
         raise PatchgenError(f"data images are {data.images.shape[1]}px but the model is {config.image_size}px")
-    part = distributed.world().part(tc.batch_size)  # a batch that does not split over the ranks fails here
+    part = distributed.world().part(train_config.batch_size)  # a batch that does not split over the ranks fails here
     train_idx, held_idx = holdout_split(len(data.images), source.holdout_fraction, source.holdout_seed)
     if len(train_idx) == 0:
         raise PatchgenError(f"holding out {source.holdout_fraction:g} of {len(data.images)} image(s) leaves none to "
@@ -217,16 +217,17 @@ def _run(run_dir, state: TrainState, tc: TrainConfig, source: DataSource, cadenc
     probe = data.images[(held_idx if len(held_idx) else train_idx)[:PROBE_IMAGES]]
     coefs = schedule_coefficients(config.schedule, next(state.net.parameters()).device)
     state.ddp = distributed.wrap(state.net)
-    return Run(Path(run_dir), state, tc, dataclasses.replace(source, num_train=len(train_idx)), cadence, images,
-               probe, coefs, saved_step, part)
+    return Run(Path(run_dir), state, train_config, dataclasses.replace(source, num_train=len(train_idx)), cadence,
+               images, probe, coefs, saved_step, part)
 
 
-def start_run(run_dir, data: ImageSet, config: ModelConfig, tc: TrainConfig, holdout: float = 0.1,
+def start_run(run_dir, data: ImageSet, config: ModelConfig, train_config: TrainConfig, holdout: float = 0.1,
               device: str = "cpu") -> Run:
-    """A new run: fresh weights from tc.seed, `holdout` of the images held out by the fixed HOLDOUT_SEED."""
+    """A new run: fresh weights from train_config.seed, `holdout` of the images held out by the fixed HOLDOUT_SEED."""
     source = dataclasses.replace(data.source, holdout_fraction=holdout, holdout_seed=HOLDOUT_SEED,
                                  image_size=config.image_size)
-    return _run(run_dir, new_state(config, tc, device), tc, source, dict(DEFAULT_CADENCE), data, None)
+    return _run(run_dir, new_state(config, train_config, device), train_config, source, dict(DEFAULT_CADENCE), data,
+                None)
 
 
 def default_loader(source: DataSource) -> ImageSet:
@@ -277,7 +278,7 @@ def checkpoint(run: Run) -> None:
     if distributed.world().writer:
         check_free_space(run.dir, checkpoint_bytes(run.state), f"the checkpoint at step {run.state.step}", ELSEWHERE)
         save_checkpoint(run.checkpoint_path,
-                        state_dict(run.state, run.config, run.tc, run.source, run.cadence, rank_rng))
+                        state_dict(run.state, run.config, run.train_config, run.source, run.cadence, rank_rng))
     distributed.barrier()
     run.saved_step = run.state.step
 
@@ -286,7 +287,7 @@ def _preview(run: Run, recent: list, count: int, steps: int, on_preview: Optiona
     """Rank 0's preview at the run's step (`evaluation.evaluate`: `count` images in `steps` sampling steps),
     logged with the mean loss of the `recent` steps; on_preview(line) gets its numbers (`preview_line`)."""
     try:
-        evaluate(run.dir, run.state.step, run.state.ema, run.probe_images, run.tc.seed, run.source.name,
+        evaluate(run.dir, run.state.step, run.state.ema, run.probe_images, run.train_config.seed, run.source.name,
                  count, steps, loss=sum(recent) / len(recent) if recent else None)
     except OSError as e:
         raise write_error(e, run.dir, ELSEWHERE) from None
@@ -316,11 +317,11 @@ def run_loop(run: Run, max_steps: int, bf16: bool = False, progress: Optional[Ca
     with _StopFlag() as stop, TrainLog(run.dir / LOG_NAMES[0], writer) as log:
         while state.step < max_steps and not stopping:
             t0 = time.perf_counter()
-            loss = train_step(state, run.images, run.tc, bf16, run.coefs, run.part)
+            loss = train_step(state, run.images, run.train_config, bf16, run.coefs, run.part)
             loss, stopping = distributed.sync_step(loss, stop.signal or 0)
             losses.append(loss)
-            speed = run.tc.batch_size / (time.perf_counter() - t0)
-            log.row(state.step, loss, learning_rate(state.step - 1, run.tc), speed)
+            speed = run.train_config.batch_size / (time.perf_counter() - t0)
+            log.row(state.step, loss, learning_rate(state.step - 1, run.train_config), speed)
             if progress is not None and writer:
                 progress(state.step, loss, speed)
             if every["preview_every"] and state.step % every["preview_every"] == 0:
@@ -335,7 +336,7 @@ def run_loop(run: Run, max_steps: int, bf16: bool = False, progress: Optional[Ca
 
 
 def train(run_dir, max_steps: int, *, data: Optional[ImageSet] = None, config: Optional[ModelConfig] = None,
-          tc: Optional[TrainConfig] = None, holdout: float = 0.1, resume: bool = False,
+          train_config: Optional[TrainConfig] = None, holdout: float = 0.1, resume: bool = False,
           checkpoint_every: Optional[int] = None, preview_every: Optional[int] = None, preview_count: int = 16,
           preview_steps: int = 50, device: str = "cpu", bf16: bool = False,
           progress: Optional[Callable[[int, float, float], None]] = None,
@@ -343,7 +344,7 @@ def train(run_dir, max_steps: int, *, data: Optional[ImageSet] = None, config: O
           accept_changed_data: bool = False, on_preview: Optional[Callable[[str], None]] = None) -> RunResult:
     """Train (or resume) a run in `run_dir` up to `max_steps` steps; checkpoint.pt and preview PNGs go there.
 
-    A new run needs data, config and tc. A resumed run reads its configs and data source from the checkpoint
+    A new run needs data, config and train_config. A resumed run reads its configs and data source from the checkpoint
     (its images are `data`, or `load_data(source)`) and continues exactly: its losses equal those of an
     uninterrupted run, and its logs hold each step once. A resume already at `max_steps` returns at once and
     changes nothing. checkpoint_every / preview_every (steps; 0 = no previews): None keeps the resumed run's
@@ -360,14 +361,14 @@ def train(run_dir, max_steps: int, *, data: Optional[ImageSet] = None, config: O
                 return RunResult([], ckpt["step"], None)
             run = resume_run(run_dir, device, data, load_data, ckpt, accept_changed_data)
             del ckpt
-        elif data is None or config is None or tc is None:
-            raise ValueError("a new run needs data, config and tc")
+        elif data is None or config is None or train_config is None:
+            raise ValueError("a new run needs data, config and train_config")
         else:
-            run = start_run(run_dir, data, config, tc, holdout, device)
+            run = start_run(run_dir, data, config, train_config, holdout, device)
         given = (("checkpoint_every", checkpoint_every), ("preview_every", preview_every))
         run.cadence.update({k: v for k, v in given if v is not None})
         if run.cadence["checkpoint_every"] < 1 or run.cadence["preview_every"] < 0:
             raise ValueError(f"checkpoint_every must be >= 1 and preview_every >= 0, got {run.cadence}")
-        settings = {**run.config.to_dict(), **run.tc.to_dict(), "data": run.source.to_dict()}  # config.json
+        settings = {**run.config.to_dict(), **run.train_config.to_dict(), "data": run.source.to_dict()}  # config.json
         prepare_folder(run.dir, resume, run.state.step, checkpoint_bytes(run.state), settings)
         return run_loop(run, max_steps, bf16, progress, preview_count, preview_steps, on_preview)

@@ -263,7 +263,7 @@ def _planning_budget(model: OnnxModel, memory_budget: Union[None, int, str]) -> 
     return budget, limited_by, notes
 
 
-def _calibrated(model: OnnxModel, request: Request, budget: int, g2: int, extra) -> tuple[memory.MemoryModel, int]:
+def _calibrated(model: OnnxModel, request: Request, budget: int, g2: int, extra) -> tuple[memory.Calibration, int]:
     """(the memory model measured, the patch batch to run) within `budget`, `extra(b)` bytes held beside a call.
 
     What the planner searches (`session.ALLOCATIONS`, the patch batch) is measured on real calls: one lean
@@ -312,7 +312,7 @@ def _first_call(model: OnnxModel, run, budget: int, extra) -> float:
 THREAD_BYTES = MIB  # charged per intra-op thread beyond those calibrated, before one is tried (0.3-0.4 MiB measured)
 
 
-def _settle(model: OnnxModel, run, mem: memory.MemoryModel, pb: int, budget: int, extra) -> memory.MemoryModel:
+def _settle(model: OnnxModel, run, mem: memory.Calibration, pb: int, budget: int, extra) -> memory.Calibration:
     """After arena calibration chose `pb`: unless the caller chose the threads, time `pb` at each other thread
     count (`thread_candidates`; a count above the calibrated one only when its threads' THREAD_BYTES fit),
     each in a session reopened with it (the old one released first: its arena goes, and the new one grows
@@ -333,7 +333,7 @@ def _settle(model: OnnxModel, run, mem: memory.MemoryModel, pb: int, budget: int
     steady = memory.measure_call(run, pb)
     calls = tuple((b, max(added, steady) if b == pb else added) for b, added in mem.calls)
     seconds = tuple(best[0] if b == pb else s for (b, _), s in zip(mem.calls, mem.seconds))
-    return memory.MemoryModel(memory.peak_rss(), memory.current_rss(), calls, seconds, "arena")
+    return memory.Calibration(memory.peak_rss(), memory.current_rss(), calls, seconds, "arena")
 
 
 def iter_samples(model: OnnxModel, plan: Plan, callback=None, on_x0=None) -> Iterator[tuple[int, np.ndarray]]:

@@ -240,7 +240,10 @@ def probe_call(run: Callable[[int], None], patch_batch: int) -> tuple[int, float
 
 
 @dataclass(frozen=True)
-class MemoryModel:
+class Calibration:
+    """What calibrating this process measured (`calibrate`, `calibrate_arena`): its peak and resident bytes and
+    the bytes (and seconds) of each probed patch batch's call, from which a plan predicts any batch's peak."""
+
     reached: int  # bytes: the high-water mark after loading and calibrating
     floor: int  # bytes resident between calls, after calibration
     calls: tuple[tuple[int, int], ...]  # (patch batch, bytes its call added at most), batches increasing
@@ -273,40 +276,40 @@ class MemoryModel:
         return max(self.reached, self.floor + self.call_bytes(patch_batch) + extra)
 
 
-def largest_fit(model: MemoryModel, budget: int, batches: Sequence[int], extra: Callable[[int], int]) -> int:
+def largest_fit(calibration: Calibration, budget: int, batches: Sequence[int], extra: Callable[[int], int]) -> int:
     """The largest of `batches` (increasing) whose predicted peak, with extra(b), fits `budget`; 0 if none."""
     low, high = 0, len(batches)  # the predicted peak grows with the batch: bisect; batches[:low] all fit
     while low < high:
         mid = (low + high) // 2
-        low, high = (mid + 1, high) if model.peak(batches[mid], extra(batches[mid])) <= budget else (low, mid)
+        low, high = (mid + 1, high) if calibration.peak(batches[mid], extra(batches[mid])) <= budget else (low, mid)
     return batches[low - 1] if low else 0
 
 
 def calibrate(warm_up: Optional[Callable[[], None]], run: Callable[[int], None], budget: int,
-              batches: Sequence[int], extra: Callable[[int], int], timed: bool = False) -> MemoryModel:
+              batches: Sequence[int], extra: Callable[[int], int], timed: bool = False) -> Calibration:
     """Measure this process: `warm_up()` runs the smallest sampling there is (None: the caller ran it), then
     `run(b)` makes calls of b = 1, 2, 4, ... patches (from `batches`, increasing from 1) while the doubled
     batch is predicted to fit `budget` with the extra(b) bytes sampling holds beside a call, and last of the
     largest batch predicted to fit: a plan's batch is one measured, or smaller. timed: each probe is timed
     too (`probe_call`), and doubling stops once it no longer gains speed (`worth_probing`)."""
-    def measured(model: Optional[MemoryModel], b: int) -> MemoryModel:
+    def measured(calibration: Optional[Calibration], b: int) -> Calibration:
         added, seconds = probe_call(run, b) if timed else (measure_call(run, b), 0.0)
-        calls = (*(model.calls if model else ()), (b, added))
-        times = (*(model.seconds if model else ()), seconds) if timed else ()
-        return MemoryModel(peak_rss(), max(model.floor if model else 0, current_rss()), calls, times)
+        calls = (*(calibration.calls if calibration else ()), (b, added))
+        times = (*(calibration.seconds if calibration else ()), seconds) if timed else ()
+        return Calibration(peak_rss(), max(calibration.floor if calibration else 0, current_rss()), calls, times)
 
     if warm_up is not None:
         warm_up()
-    model = measured(None, batches[0])
-    while model.largest < batches[-1]:
-        within = [b for b in batches if b <= 2 * model.largest]
-        b = largest_fit(model, budget, within, extra)
-        if b <= model.largest:
+    calibration = measured(None, batches[0])
+    while calibration.largest < batches[-1]:
+        within = [b for b in batches if b <= 2 * calibration.largest]
+        b = largest_fit(calibration, budget, within, extra)
+        if b <= calibration.largest:
             break
-        model = measured(model, b)
-        if b < within[-1] or (timed and not worth_probing(model.seconds)):  # the budget's edge, or no gain
+        calibration = measured(calibration, b)
+        if b < within[-1] or (timed and not worth_probing(calibration.seconds)):  # the budget's edge, or no gain
             break
-    return model
+    return calibration
 
 
 def worth_probing(seconds: Sequence[float]) -> bool:
@@ -342,7 +345,7 @@ def _arena_probe(run: Callable[[int], None], b: int, base: int, base_file: int) 
 
 
 def calibrate_arena(run: Callable[[int], None], budget: int, batches: Sequence[int],
-                    extra: Callable[[int], int]) -> MemoryModel:
+                    extra: Callable[[int], int]) -> Calibration:
     """Measure this process with an "arena" session (session.ALLOCATIONS) opened just now, before its first
     call, after a lean warm-up (what sampling loads on first use is already resident).
 
@@ -353,7 +356,7 @@ def calibrate_arena(run: Callable[[int], None], budget: int, batches: Sequence[i
     speed (`worth_probing`). The first probe, one patch, is the caller's to have checked (make_plan charges
     it from the lean call it measured).
 
-    The returned model: reached = the mark after calibration, floor = the RSS after it (the arena at its
+    The returned calibration: reached = the mark after calibration, floor = the RSS after it (the arena at its
     largest, held for the rest of the run), calls = each batch's second-call bytes, seconds per patch."""
     base, base_file = current_rss(), file_rss()
     calls: list[tuple[int, int]] = []
@@ -378,28 +381,28 @@ def calibrate_arena(run: Callable[[int], None], budget: int, batches: Sequence[i
         probe(fits[-1])
         if fits[-1] < within[-1] or not worth_probing(seconds):
             break
-    return MemoryModel(peak_rss(), current_rss(), tuple(calls), tuple(seconds), "arena")
+    return Calibration(peak_rss(), current_rss(), tuple(calls), tuple(seconds), "arena")
 
 
-def fastest_fit(model: MemoryModel, budget: int, extra: Callable[[int], int]) -> int:
+def fastest_fit(calibration: Calibration, budget: int, extra: Callable[[int], int]) -> int:
     """The measured batch with the fewest seconds per patch whose predicted peak, with extra(b), fits
     `budget`; of batches within TIE of that speed, the smallest (the same speed for less memory). 0 when none
-    fits. An untimed model: the largest that fits."""
-    fits = [b for b, _ in model.calls if model.peak(b, extra(b)) <= budget]
-    if not fits or not model.seconds:
+    fits. An untimed calibration: the largest that fits."""
+    fits = [b for b, _ in calibration.calls if calibration.peak(b, extra(b)) <= budget]
+    if not fits or not calibration.seconds:
         return fits[-1] if fits else 0
-    best = min(model.seconds_per_patch(b) for b in fits)
-    return min(b for b in fits if model.seconds_per_patch(b) <= TIE * best)
+    best = min(calibration.seconds_per_patch(b) for b in fits)
+    return min(b for b in fits if calibration.seconds_per_patch(b) <= TIE * best)
 
 
-def plan_patch_batch(model: MemoryModel, budget: int, batches: Sequence[int], extra: Callable[[int], int]) -> int:
-    """A timed model (calibrated with timed=True): the fastest measured batch that fits (`fastest_fit`);
+def plan_patch_batch(calibration: Calibration, budget: int, batches: Sequence[int], extra: Callable[[int], int]) -> int:
+    """A timed calibration (calibrated with timed=True): the fastest measured batch that fits (`fastest_fit`);
     else the largest of `batches`, up to the largest measured, whose predicted peak with extra(b) fits
     `budget`. When not even the smallest fits, a PatchgenError that names the minimum a fresh run accepts."""
-    pb = (fastest_fit(model, budget, extra) if model.seconds
-          else largest_fit(model, budget, [b for b in batches if b <= model.largest], extra))
+    pb = (fastest_fit(calibration, budget, extra) if calibration.seconds
+          else largest_fit(calibration, budget, [b for b in batches if b <= calibration.largest], extra))
     if pb == 0:
-        minimum = fresh_minimum(model.peak(batches[0], extra(batches[0])))
+        minimum = fresh_minimum(calibration.peak(batches[0], extra(batches[0])))
         raise BudgetTooSmall(f"memory budget {format_size(budget)} is below this model's minimum of "
                              f"{minimum / MIB:.1f}M (one patch per call)", minimum)
     return pb

@@ -64,11 +64,11 @@ def write_checkpoint(path, config: ModelConfig, step: int = 0, seed: int = 0, da
     from patchgen.models.checkpoint import save_checkpoint
     from patchgen.models.train import new_state, state_dict
 
-    tc = TrainConfig(seed=seed)
-    state = new_state(config, tc)
+    train_config = TrainConfig(seed=seed)
+    state = new_state(config, train_config)
     state.step = step
     data = data or DataSource("test-blobs", "made by the test", "CC0", num_train=1)
-    save_checkpoint(path, state_dict(state, config, tc, data))
+    save_checkpoint(path, state_dict(state, config, train_config, data))
     return path
 
 

@@ -15,7 +15,7 @@ from patchgen.export.onnx_export import export_onnx
 from patchgen.runtime.errors import PatchgenError
 from patchgen.runtime.generate import make_plan
 from patchgen.runtime.memory import (MIB, calibrate, calibrate_arena, fastest_fit, parse_size, plan_patch_batch,
-                                     MemoryModel)
+                                     Calibration)
 from patchgen.runtime.spec import ModelSpec
 
 from conftest import blob_folder, sample_peak, tiny_config, write_checkpoint
@@ -167,7 +167,7 @@ def test_arena_calibration_keeps_every_budget(weights, monkeypatch):
 
 @pytest.mark.quick
 def test_fastest_fit_prefers_speed_then_less_memory():
-    model = MemoryModel(reached=90 * MIB, floor=90 * MIB, calls=((1, MIB), (2, 2 * MIB), (4, 4 * MIB), (8, 8 * MIB)),
+    model = Calibration(reached=90 * MIB, floor=90 * MIB, calls=((1, MIB), (2, 2 * MIB), (4, 4 * MIB), (8, 8 * MIB)),
                         seconds=(0.010, 0.0060, 0.0059, 0.0050))
     none = lambda b: 0  # noqa: E731
     assert fastest_fit(model, 200 * MIB, none) == 8

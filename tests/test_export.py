@@ -207,7 +207,7 @@ def run_export(*args):
 
 
 def test_cli_exports_a_trained_checkpoint(tmp_path, blobs16, tiny_train_config):
-    train(tmp_path, 2, data=blobs16, config=tiny_config(), tc=tiny_train_config, preview_every=0)
+    train(tmp_path, 2, data=blobs16, config=tiny_config(), train_config=tiny_train_config, preview_every=0)
     ckpt = tmp_path / "checkpoint.pt"
     r = run_export(ckpt, "-o", tmp_path / "m.onnx")
     assert r.returncode == 0, r.stderr

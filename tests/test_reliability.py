@@ -111,10 +111,10 @@ def test_sample_onto_a_disk_that_fills(onnx_model, small_disk):
 def test_checkpoint_write_that_fails(tmp_path, small_disk):
     """torch.save wraps the failed write in its own RuntimeError: still one line, and no temporary left."""
     disk = small_disk(256 * 1024)
-    config, tc = tiny_config(base_width=16), TrainConfig()
-    state = new_state(config, tc)
+    config, train_config = tiny_config(base_width=16), TrainConfig()
+    state = new_state(config, train_config)
     with pytest.raises(PatchgenError, match=r"^cannot write .*checkpoint\.pt: No space left on device; free some"):
-        save_checkpoint(disk / "checkpoint.pt", state_dict(state, config, tc, DataSource("x")))
+        save_checkpoint(disk / "checkpoint.pt", state_dict(state, config, train_config, DataSource("x")))
     assert not list(disk.iterdir())
 
 
@@ -317,7 +317,7 @@ def test_resume_refuses_a_changed_image_folder(tmp_path, image_folder):
 
 def test_resume_through_the_api_checks_the_data(tmp_path, image_folder, tiny_train_config):
     data = load_folder(image_folder, 16)
-    train(tmp_path, 1, data=data, config=tiny_config(), tc=tiny_train_config, preview_every=0)
+    train(tmp_path, 1, data=data, config=tiny_config(), train_config=tiny_train_config, preview_every=0)
     other = load_folder(image_folder, 16)
     changed = type(data)(other.images[:6], DataSource(data.source.name, num_images=6, identity="0" * 16))
     with pytest.raises(PatchgenError, match="had 12 usable image"):

@@ -13,7 +13,7 @@ from patchgen.models.sample import sample_torch
 from patchgen.runtime.errors import PatchgenError
 from patchgen.runtime.generate import generate, iter_samples, make_plan
 from patchgen.runtime.loop import sample_images
-from patchgen.runtime.memory import MemoryModel, parse_size, plan_patch_batch
+from patchgen.runtime.memory import Calibration, parse_size, plan_patch_batch
 from patchgen.runtime.limits import available_cpus
 from patchgen.runtime.model import default_threads, load_model, thread_candidates
 from patchgen.runtime.onnxfile import external_data_files
@@ -126,7 +126,7 @@ def test_thread_candidates():
 
 @pytest.mark.quick
 def test_plan_arithmetic():
-    mem = MemoryModel(reached=110, floor=100, calls=((1, 5), (2, 10), (4, 22)))  # bytes; calls: (batch, added)
+    mem = Calibration(reached=110, floor=100, calls=((1, 5), (2, 10), (4, 22)))  # bytes; calls: (batch, added)
     batches, no_extra = [1, 2, 3, 4, 8], lambda b: 0
     assert plan_patch_batch(mem, 121, batches, no_extra) == 2  # 3 is charged the 22 bytes measured at 4
     assert plan_patch_batch(mem, 10**6, batches, no_extra) == 4  # never beyond the largest batch measured

@@ -30,12 +30,14 @@ NO_PREVIEW = dict(preview_every=0, checkpoint_every=1000)
 
 @pytest.mark.parametrize("bf16", [False, True])
 def test_loss_falls(tmp_path, blobs16, tiny_train_config, bf16):
-    result = train(tmp_path, 60, data=blobs16, config=tiny_config(), tc=tiny_train_config, bf16=bf16, **NO_PREVIEW)
+    result = train(tmp_path, 60, data=blobs16, config=tiny_config(), train_config=tiny_train_config, bf16=bf16,
+                   **NO_PREVIEW)
     losses = np.array(result.losses)
     assert len(losses) == 60
     assert losses[-15:].mean() < 0.7 * losses[:5].mean()
     if bf16:  # mixed precision: same first batch, nearly the same loss; weights stay float32
-        fp32 = train(tmp_path / "fp32", 1, data=blobs16, config=tiny_config(), tc=tiny_train_config, **NO_PREVIEW)
+        fp32 = train(tmp_path / "fp32", 1, data=blobs16, config=tiny_config(), train_config=tiny_train_config,
+                     **NO_PREVIEW)
         assert losses[0] == pytest.approx(fp32.losses[0], rel=0.02)
         ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
         assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
@@ -50,12 +52,12 @@ def test_loss_falls(tmp_path, blobs16, tiny_train_config, bf16):
 ])
 def test_levers_train(tmp_path, blobs16, overrides, train_settings):
     result = train(tmp_path, 3, data=blobs16, config=tiny_config(**overrides),
-                   tc=TrainConfig(batch_size=4, **train_settings), **NO_PREVIEW)
+                   train_config=TrainConfig(batch_size=4, **train_settings), **NO_PREVIEW)
     assert all(np.isfinite(result.losses))
 
 
 def test_checkpoint_round_trip(tmp_path, blobs16, tiny_train_config):
-    train(tmp_path, 5, data=blobs16, config=tiny_config(), tc=tiny_train_config, **NO_PREVIEW)
+    train(tmp_path, 5, data=blobs16, config=tiny_config(), train_config=tiny_train_config, **NO_PREVIEW)
     ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["step"] == 5 and ckpt["model_config"] == tiny_config()
     assert ckpt["data"].name == "blobs" and ckpt["data"].num_train == 58  # 10% of 64 held out
@@ -69,8 +71,8 @@ def test_checkpoint_round_trip(tmp_path, blobs16, tiny_train_config):
 def test_resume_equals_uninterrupted(tmp_path, blobs16):
     config = tiny_config(dropout=0.1, gcc_source="x0")  # dropout and the self-conditioning coin use RNG too
     train_config = TrainConfig(batch_size=4, warmup_steps=3, patches_per_image=3)
-    whole = train(tmp_path / "a", 8, data=blobs16, config=config, tc=train_config, **NO_PREVIEW)
-    first = train(tmp_path / "b", 4, data=blobs16, config=config, tc=train_config, **NO_PREVIEW)
+    whole = train(tmp_path / "a", 8, data=blobs16, config=config, train_config=train_config, **NO_PREVIEW)
+    first = train(tmp_path / "b", 4, data=blobs16, config=config, train_config=train_config, **NO_PREVIEW)
     torch.manual_seed(1234)  # the resumed run must not depend on the process's RNG
     second = train(tmp_path / "b", 8, resume=True, data=blobs16, **NO_PREVIEW)
     assert first.losses + second.losses == whole.losses
@@ -82,20 +84,20 @@ def test_resume_equals_uninterrupted(tmp_path, blobs16):
 
 @pytest.mark.quick
 def test_preview_is_written(tmp_path, blobs16, tiny_train_config):
-    train(tmp_path, 2, data=blobs16, config=tiny_config(), tc=tiny_train_config, preview_every=2,
+    train(tmp_path, 2, data=blobs16, config=tiny_config(), train_config=tiny_train_config, preview_every=2,
           preview_count=4, preview_steps=3)
     img = Image.open(tmp_path / "preview_0000002.png")
     assert img.size == (2 * 18 + 2, 2 * 18 + 2)
 
 
 def test_new_run_refuses_existing_checkpoint(tmp_path, blobs16, tiny_train_config):
-    train(tmp_path, 1, data=blobs16, config=tiny_config(), tc=tiny_train_config, **NO_PREVIEW)
+    train(tmp_path, 1, data=blobs16, config=tiny_config(), train_config=tiny_train_config, **NO_PREVIEW)
     with pytest.raises(PatchgenError, match="pass resume=True"):
-        train(tmp_path, 1, data=blobs16, config=tiny_config(), tc=tiny_train_config, **NO_PREVIEW)
+        train(tmp_path, 1, data=blobs16, config=tiny_config(), train_config=tiny_train_config, **NO_PREVIEW)
 
 
 def test_corrupt_checkpoints_fail_clearly(tmp_path, blobs16, tiny_train_config):
-    train(tmp_path, 1, data=blobs16, config=tiny_config(), tc=tiny_train_config, **NO_PREVIEW)
+    train(tmp_path, 1, data=blobs16, config=tiny_config(), train_config=tiny_train_config, **NO_PREVIEW)
     good = (tmp_path / "checkpoint.pt").read_bytes()
     (tmp_path / "truncated.pt").write_bytes(good[: len(good) // 2])
     with pytest.raises(PatchgenError, match="not a readable checkpoint"):
@@ -166,7 +168,7 @@ def test_cli_trains_on_noto_emoji_from_the_font(tmp_path):
 
 def test_cli_checks_the_run_folder_first(tmp_path, blobs16, tiny_train_config):
     """The run folder is checked before the data set loads and before the progress bar shows."""
-    train(tmp_path, 1, data=blobs16, config=tiny_config(), tc=tiny_train_config, **NO_PREVIEW)
+    train(tmp_path, 1, data=blobs16, config=tiny_config(), train_config=tiny_train_config, **NO_PREVIEW)
     r = run_cli("--data", str(tmp_path / "no-such-folder"), "--out", str(tmp_path))
     assert r.returncode == 2 and r.stderr.splitlines() == [f"Error: {tmp_path / 'checkpoint.pt'} already exists: "
                                                            "pass --resume to continue it or choose a new --out"]
@@ -192,7 +194,7 @@ SMALL_PREVIEWS = dict(preview_every=5, preview_count=2, preview_steps=2)
 
 
 def test_resume_with_nothing_to_do_changes_nothing(tmp_path, blobs16, tiny_train_config):
-    train(tmp_path, 10, data=blobs16, config=tiny_config(), tc=tiny_train_config, checkpoint_every=5,
+    train(tmp_path, 10, data=blobs16, config=tiny_config(), train_config=tiny_train_config, checkpoint_every=5,
           **SMALL_PREVIEWS)
     before = files_of(tmp_path)
     for max_steps in (10, 7):
@@ -205,10 +207,10 @@ def test_resume_with_nothing_to_do_changes_nothing(tmp_path, blobs16, tiny_train
 
 
 def test_a_new_run_starts_its_logs_anew(tmp_path, blobs16, tiny_train_config):
-    train(tmp_path, 7, data=blobs16, config=tiny_config(), tc=tiny_train_config, checkpoint_every=5,
+    train(tmp_path, 7, data=blobs16, config=tiny_config(), train_config=tiny_train_config, checkpoint_every=5,
           **SMALL_PREVIEWS)
     (tmp_path / "checkpoint.pt").unlink()
-    train(tmp_path, 6, data=blobs16, config=tiny_config(), tc=tiny_train_config, checkpoint_every=5,
+    train(tmp_path, 6, data=blobs16, config=tiny_config(), train_config=tiny_train_config, checkpoint_every=5,
           **SMALL_PREVIEWS)
     assert logged_steps(tmp_path / "train_log.csv") == list(range(1, 7))
     assert logged_steps(tmp_path / "eval_log.csv") == [5, 6]  # every 5 steps, and one at the end
@@ -224,14 +226,15 @@ def test_resume_after_a_crash_logs_each_step_once(tmp_path, blobs16, tiny_train_
             raise Killed
 
     with pytest.raises(Killed):
-        train(tmp_path, 100, data=blobs16, config=tiny_config(), tc=tiny_train_config, checkpoint_every=20,
+        train(tmp_path, 100, data=blobs16, config=tiny_config(), train_config=tiny_train_config, checkpoint_every=20,
               progress=crash_at_27, **SMALL_PREVIEWS)
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 20
     assert logged_steps(tmp_path / "train_log.csv")[-1] == 27 and logged_steps(tmp_path / "eval_log.csv")[-1] == 25
     train(tmp_path, 32, resume=True, data=blobs16, checkpoint_every=20, **SMALL_PREVIEWS)
     assert logged_steps(tmp_path / "train_log.csv") == list(range(1, 33))
     assert logged_steps(tmp_path / "eval_log.csv") == [5, 10, 15, 20, 25, 30, 32]
-    whole = train(tmp_path / "whole", 32, data=blobs16, config=tiny_config(), tc=tiny_train_config, **NO_PREVIEW)
+    whole = train(tmp_path / "whole", 32, data=blobs16, config=tiny_config(), train_config=tiny_train_config,
+                  **NO_PREVIEW)
     with open(tmp_path / "train_log.csv", newline="") as f:
         assert [float(row["loss"]) for row in csv.DictReader(f)] == [round(v, 6) for v in whole.losses]
 
@@ -245,7 +248,7 @@ from patchgen.models.config import TrainConfig
 from patchgen.models.data import DataSource, ImageSet
 from patchgen.models.train import train
 data = ImageSet(blob_images(64, 16), DataSource("blobs", num_images=64))
-train(sys.argv[1], 100000, data=data, config=tiny_config(), tc=TrainConfig(batch_size=8), checkpoint_every=20,
+train(sys.argv[1], 100000, data=data, config=tiny_config(), train_config=TrainConfig(batch_size=8), checkpoint_every=20,
       preview_every=5, preview_count=2, preview_steps=2)
 """
 
@@ -284,14 +287,14 @@ def test_a_run_removes_only_its_own_stale_temporaries(tmp_path, blobs16, tiny_tr
     for resume in (False, True):
         for name in stale + kept:
             (tmp_path / name).write_text("x")
-        train(tmp_path, 2 + 2 * resume, resume=resume, data=blobs16, config=tiny_config(), tc=tiny_train_config,
-              **NO_PREVIEW)
+        train(tmp_path, 2 + 2 * resume, resume=resume, data=blobs16, config=tiny_config(),
+              train_config=tiny_train_config, **NO_PREVIEW)
         assert sorted(p.name for p in tmp_path.iterdir() if p.name in stale + kept) == sorted(kept)
 
 
 def test_noise_band_columns_for_any_number_of_timesteps(tmp_path, blobs16, tiny_train_config):
     config = tiny_config(schedule=Schedule(num_timesteps=100))
-    train(tmp_path, 2, data=blobs16, config=config, tc=tiny_train_config, preview_every=2, preview_count=2,
+    train(tmp_path, 2, data=blobs16, config=config, train_config=tiny_train_config, preview_every=2, preview_count=2,
           preview_steps=2)
     with open(tmp_path / "eval_log.csv", newline="") as f:
         (row,) = csv.DictReader(f)
@@ -383,7 +386,7 @@ def test_evaluation_log(tmp_path, blobs16, tiny_train_config):
     from patchgen.models.evaluation import EVAL_COLUMNS, read_log
 
     lines = []
-    train(tmp_path, 4, data=blobs16, config=tiny_config(), tc=tiny_train_config, preview_every=2,
+    train(tmp_path, 4, data=blobs16, config=tiny_config(), train_config=tiny_train_config, preview_every=2,
           preview_count=4, preview_steps=2, on_preview=lines.append)
     rows = (tmp_path / "eval_log.csv").read_text().splitlines()
     assert rows[0].startswith("step,seam,seam_real,kid_x1000,loss,seam_global,seam_global_real,swap_increase_0_300")
@@ -397,7 +400,7 @@ def test_evaluation_log(tmp_path, blobs16, tiny_train_config):
 def test_an_old_evaluation_log_is_upgraded_on_resume(tmp_path, blobs16, tiny_train_config):
     """A run from before the local seam score: its eval_log's "seam" columns (the global score) are renamed, and
     the resumed run's rows match the header."""
-    train(tmp_path, 2, data=blobs16, config=tiny_config(), tc=tiny_train_config, preview_every=2,
+    train(tmp_path, 2, data=blobs16, config=tiny_config(), train_config=tiny_train_config, preview_every=2,
           preview_count=4, preview_steps=2)
     (tmp_path / "eval_log.csv").write_text("step,seam,seam_real,swap_increase_0_300,swap_increase_300_700,"
                                            "swap_increase_700_1000,mse_true_gcc_700_1000\n"
@@ -447,7 +450,7 @@ def test_a_bad_cell_in_the_evaluation_log_costs_that_number_not_the_run(tmp_path
 
 def test_resume_refuses_options_of_a_new_run(tmp_path, blobs16, tiny_train_config):
     """A resumed run keeps its checkpoint's configuration: options that would change it are refused, not ignored."""
-    train(tmp_path, 1, data=blobs16, config=tiny_config(), tc=tiny_train_config, **NO_PREVIEW)
+    train(tmp_path, 1, data=blobs16, config=tiny_config(), train_config=tiny_train_config, **NO_PREVIEW)
     before = (tmp_path / "checkpoint.pt").read_bytes()
     r = run_cli("--out", str(tmp_path), "--resume", "--max-steps", "2", "--grid", "4", "--timesteps", "3")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
@@ -457,7 +460,7 @@ def test_resume_refuses_options_of_a_new_run(tmp_path, blobs16, tiny_train_confi
 
 def test_resume_keeps_the_runs_cadence(tmp_path, blobs16, tiny_train_config):
     """--preview-every / --checkpoint-every given to a new run stay with it when it is resumed without them."""
-    train(tmp_path, 2, data=blobs16, config=tiny_config(), tc=tiny_train_config, checkpoint_every=3,
+    train(tmp_path, 2, data=blobs16, config=tiny_config(), train_config=tiny_train_config, checkpoint_every=3,
           preview_every=0)
     train(tmp_path, 4, resume=True, data=blobs16)
     assert not list(tmp_path.glob("preview_*.png")) and not (tmp_path / "eval_log.csv").exists()
@@ -472,8 +475,8 @@ def test_api_resume_without_a_data_hook_reloads_the_named_data(tmp_path, blobs16
     for k, img in enumerate(blobs16.images[:20]):
         Image.fromarray(img).save(folder / f"{k:02d}.png")
     data = load_folder(folder, 16)
-    whole = train(tmp_path / "a", 6, data=data, config=tiny_config(), tc=tiny_train_config, **NO_PREVIEW)
-    train(tmp_path / "b", 3, data=data, config=tiny_config(), tc=tiny_train_config, **NO_PREVIEW)
+    whole = train(tmp_path / "a", 6, data=data, config=tiny_config(), train_config=tiny_train_config, **NO_PREVIEW)
+    train(tmp_path / "b", 3, data=data, config=tiny_config(), train_config=tiny_train_config, **NO_PREVIEW)
     rest = train(tmp_path / "b", 6, resume=True, **NO_PREVIEW)
     assert rest.losses == whole.losses[3:]
     assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["data"] == dataclasses.replace(
@@ -543,7 +546,7 @@ def test_a_checkpoint_from_before_the_recipes_resumes_as_it_was_trained(tmp_path
     config = tiny_config(prediction="eps")
     (tmp_path / "images").mkdir()
     images = load_folder(blob_folder(tmp_path / "images", 8), config.image_size)
-    train(tmp_path / "run", 2, data=images, config=config, tc=TrainConfig(batch_size=4), **NO_PREVIEW)
+    train(tmp_path / "run", 2, data=images, config=config, train_config=TrainConfig(batch_size=4), **NO_PREVIEW)
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     for key in ("halo", "global_context", "edge_mask"):
         del ckpt["model_config"][key]
