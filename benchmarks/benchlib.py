@@ -127,18 +127,20 @@ MIB = 2**20
 SESSION_OPTIONS_ENV, MALLOC_TUNING_ENV = "PATCHGEN_SESSION_OPTIONS", "PATCHGEN_MALLOC_TUNING"
 
 
-def sample_cli(model: str, out: Path, *extra: str, num_images: int = 2, steps: int = 2, threads: int | None = 1,
-               preexec=None) -> dict:
+def sample_cli(model: str, out: Path, *extra: str, num_images: int = 2, steps: int | None = 2,
+               threads: int | None = 1, preexec=None) -> dict:
     """`patchgen-sample` in a fresh process (`run_fresh`), with what its --report says (cli/report.py; the
     lines on stderr are for people and are never read): the patch batch, allocation and threads it ran with,
     its predicted peak (MiB) and s/image (None where it has none), and whether --out was created. "report" is
-    the whole record (None when the run wrote none, as when its options were refused)."""
+    the whole record (None when the run wrote none, as when its options were refused). steps None: the
+    sampler's default."""
     threading = ["--threads", str(threads)] if threads else []  # 0/None: the planner's (or the default) count
+    stepping = ["--steps", str(steps)] if steps else []  # None: the sampler's default
     with tempfile.TemporaryDirectory(prefix="patchgen-bench-") as folder:
         report = Path(folder) / "report.json"
         # --force: a benchmark's runs take turns writing into the same scratch folder
-        r = run_fresh(python(*SAMPLE_CLI, "--model", model, "-n", str(num_images), "--steps", str(steps),
-                             *threading, "--out", str(out), "--force", "--report", str(report), *extra),
+        r = run_fresh(python(*SAMPLE_CLI, "--model", model, "-n", str(num_images), *stepping, *threading,
+                             "--out", str(out), "--force", "--report", str(report), *extra),
                       preexec=preexec)
         record = json.loads(report.read_text()) if report.exists() else None
     plan = (record or {}).get("plan") or {}

@@ -7,10 +7,13 @@ setting: the planner's choice (allocation, patch batch), the kernel's peak RSS (
 against the budget, the sampling s/image (the median; the run's own figure, after planning) and the whole
 process's wall time per image (imports, load and planning included), and the speed-up over `min` in the
 same round (median, range). First, unless --no-quick-start, the README's quick-start command as a new user
-runs it (the default model, 16 images, DDIM 50, a grid image), against the same with --memory-budget min.
+runs it (the default model, 16 images, a grid image, no other flag: DPM++ 20 under the default budget),
+against the same command as it ran before the planner and the DPM++ default (DDIM 50, --memory-budget min),
+and DDIM 50 under the default budget (what the planner alone buys).
 
     python benchmarks/budget_speed.py --rounds 3                      # shipped models + the 256x256 edge model
     python benchmarks/budget_speed.py --models faces64_2x2 --no-edge --no-quick-start --rounds 1 --steps 2 --out /tmp/b
+    python benchmarks/budget_speed.py --models "" --no-edge --rounds 5 --out benchmarks/results/budget_speed_quick_start
 """
 from __future__ import annotations
 
@@ -32,16 +35,21 @@ def settings(minimum: float) -> dict[str, list[str]]:
 
 
 QUICK_START = ["--grid-image"]  # + the grid's path: `patchgen-sample --num-images 16 --grid-image grid.png`
+BEFORE = "before: DDIM 50, --memory-budget min"  # the quick start before the planner and the DPM++ default
+QUICK_START_SETTINGS = {BEFORE: (["--sampler", "ddim", "--memory-budget", "min"], 50),
+                        "DDIM 50, default budget": (["--sampler", "ddim"], 50),
+                        "now: no flag (DPM++ 20, default budget)": ([], None)}  # (arguments, --steps)
 
 
 def quick_start_rows(tmp: Path, rounds: int) -> list[dict]:
-    """The README's quick-start command (the default model, 16 images, DDIM 50, a grid image, no --threads)
-    against the same with --memory-budget min, interleaved: s/image and whole-process wall time per image."""
-    runs: dict[str, list[dict]] = {"min": [], "default (no flag)": []}
+    """The README's quick-start command (the default model, 16 images, a grid image, no --threads) as it runs
+    now and as it ran before (QUICK_START_SETTINGS), interleaved: s/image and whole-process wall time per
+    image; speed-up: BEFORE's wall time over the setting's in the same round."""
+    runs: dict[str, list[dict]] = {setting: [] for setting in QUICK_START_SETTINGS}
     for r in range(rounds):
-        for setting, extra in (("min", ["--memory-budget", "min"]), ("default (no flag)", [])):
+        for setting, (extra, steps) in QUICK_START_SETTINGS.items():
             run = sample_cli("faces64_2x2", tmp / "qs", *QUICK_START, str(tmp / "grid.png"), *extra, num_images=16,
-                             steps=50, threads=None)
+                             steps=steps, threads=None)
             if run["returncode"] != 0:
                 raise click.ClickException(f"quick start {setting}: {run['stderr'].strip()[-300:]}")
             runs[setting].append(run)
@@ -49,8 +57,8 @@ def quick_start_rows(tmp: Path, rounds: int) -> list[dict]:
                        f"{run['threads']}t, {run['s_per_image']} s/image, wall {run['wall_s']:.1f} s")
     rows = []
     for setting, mine in runs.items():
-        ratios = [base["wall_s"] / run["wall_s"] for base, run in zip(runs["min"], mine)]
-        rows.append({"model": "quick start: faces64_2x2, -n 16, DDIM 50, --grid-image", "setting": setting,
+        ratios = [base["wall_s"] / run["wall_s"] for base, run in zip(runs[BEFORE], mine)]
+        rows.append({"model": "quick start: faces64_2x2, -n 16, --grid-image", "setting": setting,
                      "allocation": "/".join(sorted({run["allocation"] for run in mine})),
                      "patch_batch": "/".join(sorted({str(run["patch_batch"]) for run in mine}, key=int)),
                      "threads": "/".join(sorted({str(run["threads"]) for run in mine})),
@@ -75,8 +83,9 @@ def quick_start_rows(tmp: Path, rounds: int) -> list[dict]:
               help="--threads for every run; 0 leaves it out (the planner measures thread counts).")
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--quick-start/--no-quick-start", default=True, show_default=True,
-              help="Also the README's quick-start command as a new user runs it (16 images, DDIM 50, a grid "
-                   "image), against the same with --memory-budget min.")
+              help="Also the README's quick-start command as a new user runs it (16 images, a grid image), "
+                   "against the same as it ran before the planner and the DPM++ default (DDIM 50, --memory-budget "
+                   "min).")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "budget_speed", show_default=True)
 def main(models, edge, num_images, steps, threads, rounds, quick_start, out):
     rows = []
@@ -98,7 +107,8 @@ def main(models, edge, num_images, steps, threads, rounds, quick_start, out):
             results: dict[str, list[dict]] = {k: [] for k in cells}
             for r in range(rounds):
                 for setting, args in cells.items():
-                    run = sample_cli(model, tmp / "out", *args, num_images=num_images, steps=steps, threads=threads)
+                    run = sample_cli(model, tmp / "out", "--sampler", "ddim", *args, num_images=num_images,
+                                     steps=steps, threads=threads)
                     if run["returncode"] != 0:
                         raise click.ClickException(f"{name} {setting}: {run['stderr'].strip()[-300:]}")
                     results[setting].append(run)
@@ -123,8 +133,10 @@ def main(models, edge, num_images, steps, threads, rounds, quick_start, out):
                     "speedup": statistics.median(ratios), "speedup_range": f"{min(ratios):.2f}-{max(ratios):.2f}",
                     "rounds": [{"s_per_image": run["s_per_image"], "peak_mib": run["peak_mib"], "wall_s": run["wall_s"]}
                                for run in runs]})
-    write_results(out, f"What a memory budget buys: s/image against --memory-budget ({num_images} images, DDIM "
-                       f"{steps} steps, " + (f"{threads} threads)" if threads else "threads: the planner's)"),
+    title = (f"What a memory budget buys: s/image against --memory-budget ({num_images} images, DDIM {steps} steps, "
+             + (f"{threads} threads)" if threads else "threads: the planner's)") if chosen
+             else "The README's quick-start command, before and now: wall time per image")
+    write_results(out, title,
                   [("model", "model"), ("setting", "setting"), ("budget_mib", "budget (MiB)"),
                    ("allocation", "allocation"), ("patch_batch", "patches/call"), ("threads", "threads"), ("predicted_mib", "predicted peak"),
                    ("peak_mib", "peak RSS (MiB)"), ("within", "within"), ("s_per_image", "s/image"),
@@ -133,8 +145,9 @@ def main(models, edge, num_images, steps, threads, rounds, quick_start, out):
                               "round (interleaved). Peak RSS: the kernel's (ru_maxrss), the largest over rounds. s/image: "
                               "the run's own sampling time per image (after planning), the median; wall: the whole "
                               "process per image (imports, load, planning), the median. Speed-up: min's s/image over "
-                              "this setting's in the same round, median and range (quick start: of the whole "
-                              "process's wall time, as a new user waits for it). min: --memory-budget min (the "
+                              "this setting's in the same round, median and range (quick start: the first "
+                              "setting's whole-process wall time over this one's, as a new user waits for it). "
+                              "min: --memory-budget min (the "
                               "memory-first allocation, one patch per call: the behaviour before the planner). The "
                               "edge models have random weights (int8: calibrated on emoji-faces).")
 

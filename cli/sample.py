@@ -15,7 +15,7 @@ import click
 
 from patchgen.runtime.generate import MAX_SEED
 from patchgen.runtime.limits import available_cpus
-from patchgen.runtime.loop import DEFAULT_STEPS, SAMPLERS
+from patchgen.runtime.loop import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 from patchgen.runtime.memory import DEFAULT_BUDGET_SHARE
 from patchgen.runtime.model import default_threads
 from patchgen.runtime.edit import IMG2IMG_STRENGTH, MAX_JUMPS
@@ -29,9 +29,9 @@ EXAMPLE = """
 \b
 Examples:
   patchgen-sample --num-images 16 --grid-image samples.png       # the shipped smileys model
-  patchgen-sample --model faces64_1x1 --sampler dpm++            # a shipped model by name
+  patchgen-sample --model faces64_1x1 --sampler ddim             # a shipped model by name; DDIM 50
   patchgen-sample --model noto128_4x4 -n 16 --out samples128 --grid-image grid128.png   # 128x128, 4x4
-  patchgen-sample --model emoji32.onnx --sampler dpm++ --steps 20 --seed 7 --out samples/
+  patchgen-sample --model emoji32.onnx --steps 10 --seed 7 --out samples/
   patchgen-sample --model emoji32.onnx --memory-budget 150M      # the fastest setup that peaks within 150M
   patchgen-sample --memory-budget min                             # the smallest peak (one patch per call)
   patchgen-sample --provider cuda                                 # a Jetson's GPU (onnxruntime-gpu)
@@ -64,7 +64,8 @@ def check_output_folder(folder: Path) -> None:
 @click.option("--seed", type=click.IntRange(0, MAX_SEED), default=0, show_default=True,
               help="Image i depends only on (seed, i).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help=STEPS_HELP)
-@click.option("--sampler", type=click.Choice(SAMPLERS), default="ddim", show_default=True)
+@click.option("--sampler", type=click.Choice(SAMPLERS), default=None,
+              help=f"[default: {DEFAULT_SAMPLER}; ddim with --eta or --repaint-jumps, which need it]")
 @click.option("--eta", type=click.FloatRange(0, 1), default=None,
               help="DDIM only: its noise, 0 = deterministic, 1 = DDPM's posterior [default: 0].")
 @click.option("--patch-batch", type=click.IntRange(min=1), default=None,

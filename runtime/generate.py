@@ -18,7 +18,7 @@ import numpy as np
 from .errors import ArgumentError, PatchgenError
 from .images import to_uint8, write_png
 from .edit import Edit, ImageInput, make_edit
-from .loop import SAMPLERS, default_steps, edit_timesteps, sample_images
+from .loop import SAMPLERS, default_sampler, default_steps, edit_timesteps, sample_images
 from . import memory
 from .memory import (ARENA_PRIOR, DEFAULT_BUDGET_SHARE, MIB, BudgetTooSmall, calibrate, calibrate_arena,
                      checked_budget, fastest_fit, format_size, fresh_minimum, plan_patch_batch)
@@ -60,10 +60,12 @@ class Request:
             len(edit_timesteps(np.arange(self.steps), self.edit.strength))
 
 
-def sampling_request(spec: ModelSpec, num_images: int = 1, seed: int = 0, sampler: str = "ddim",
+def sampling_request(spec: ModelSpec, num_images: int = 1, seed: int = 0, sampler: Optional[str] = None,
                      steps: Optional[int] = None, eta: Optional[float] = None, edit: Optional[Edit] = None) -> Request:
-    """A Request with defaults filled in for this model (steps per its T, eta 0 for ddim), or a PatchgenError."""
+    """A Request with defaults filled in for this model (the sampler: `default_sampler`; steps per its T; eta 0
+    for ddim), or a PatchgenError."""
     T = spec.schedule.num_timesteps
+    sampler = default_sampler(eta, edit.jumps if edit is not None else 0) if sampler is None else sampler
     if sampler not in SAMPLERS:
         raise PatchgenError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if num_images < 1:
@@ -178,7 +180,7 @@ def probe(model: OnnxModel, request: Request):
     return warm_up, run
 
 
-def make_plan(model: OnnxModel, num_images: int = 1, seed: int = 0, sampler: str = "ddim",
+def make_plan(model: OnnxModel, num_images: int = 1, seed: int = 0, sampler: Optional[str] = None,
               steps: Optional[int] = None, eta: Optional[float] = None, *,
               memory_budget: Union[None, int, str] = None, patch_batch: Optional[int] = None,
               held_bytes: int = 0, held_per_image: int = 0, edit: Optional[Edit] = None) -> Plan:
@@ -355,13 +357,14 @@ def iter_samples(model: OnnxModel, plan: Plan, callback=None, on_x0=None) -> Ite
 
 
 def generate(model: Union[str, OnnxModel, None] = None, num_images: int = 1, seed: int = 0,
-             steps: Optional[int] = None, sampler: str = "ddim", memory_budget: Union[None, int, str] = None,
+             steps: Optional[int] = None, sampler: Optional[str] = None, memory_budget: Union[None, int, str] = None,
              patch_batch: Optional[int] = None, eta: Optional[float] = None,
              threads: Optional[int] = None, provider: str = DEFAULT_PROVIDER, *,
              init_image: Optional[ImageInput] = None, mask: Optional[ImageInput] = None,
              strength: Optional[float] = None, outpaint: Optional[str] = None, repaint_jumps: int = 0) -> np.ndarray:
     """uint8 images [N, H, W, C] from an .onnx path, a shipped model's name (`faces64_2x2`; None: the
     default) or a loaded OnnxModel. Image i depends only on (model, seed, i, sampler, steps, eta, the edit).
+    sampler None: dpm++ (20 steps), or ddim (50) with eta or repaint_jumps (`loop.default_sampler`).
     threads and provider apply when the model is opened here (see `load_model`). memory_budget bounds
     the host's peak RSS, not a GPU's memory: None, the default budget; "min", the smallest peak
     (`make_plan`).

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from conftest import sample_cli, sample_peak
-from patchgen.runtime.edit import make_edit
+from patchgen.runtime.edit import Edit, make_edit
 from patchgen.runtime.errors import PatchgenError
-from patchgen.runtime.generate import generate
+from patchgen.runtime.generate import generate, sampling_request
 from patchgen.runtime.images import to_uint8
 from patchgen.runtime.loop import SAMPLERS, edit_timesteps, sample_images
 from patchgen.runtime.memory import MIB, parse_size
@@ -46,6 +46,23 @@ def random_image(spec: ModelSpec, seed: int = 0) -> np.ndarray:
 
 def as_init(image: np.ndarray) -> np.ndarray:
     return make_edit(HALO_SPEC, image)[0].init
+
+
+@pytest.mark.quick
+def test_no_sampler_is_dpmpp_unless_what_is_asked_needs_ddim():
+    """dpm++ 20 by default; DDIM's eta, or RePaint's jumps (which dpm++'s multistep update cannot take), choose
+    ddim 50 instead, and a sampler given is kept (dpm++ with jumps is then refused, as before)."""
+    init = np.zeros(HALO_SPEC.image_shape, np.float32)
+    keep = np.ones((16, 16), bool)
+    keep[:4, :4] = False
+    jumps = Edit(init, keep, jumps=2)
+    chosen = [(r.sampler, r.steps, r.eta) for r in (sampling_request(HALO_SPEC), sampling_request(HALO_SPEC, eta=0.5),
+                                                    sampling_request(HALO_SPEC, edit=jumps),
+                                                    sampling_request(HALO_SPEC, edit=Edit(init, keep)),
+                                                    sampling_request(HALO_SPEC, sampler="ddim"))]
+    assert chosen == [("dpm++", 20, None), ("ddim", 50, 0.5), ("ddim", 50, 0.0), ("dpm++", 20, None), ("ddim", 50, 0.0)]
+    with pytest.raises(PatchgenError, match="repaint_jumps needs the ddim or ddpm sampler"):
+        sampling_request(HALO_SPEC, sampler="dpm++", edit=jumps)
 
 
 @pytest.mark.quick

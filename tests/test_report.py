@@ -57,7 +57,7 @@ def test_report_of_a_finished_run(onnx_model, tmp_path, monkeypatch):
     assert r["model"]["path"] == str(onnx_model) and r["model"]["name"] == "m"
     assert r["model"]["sha256"] == model_sha256(onnx_model)
     assert (r["model"]["grid"], r["model"]["image_size"], r["model"]["channels"]) == (2, 16, 3)
-    assert r["request"] == {"num_images": 2, "seed": 0, "sampler": "ddim", "steps": 2, "steps_run": 2, "eta": 0.0,
+    assert r["request"] == {"num_images": 2, "seed": 0, "sampler": "dpm++", "steps": 2, "steps_run": 2, "eta": None,
                             "edit": None}
     plan = r["plan"]
     assert plan["patch_batch"] >= 1 and plan["allocation"] in ("lean", "arena") and plan["threads"] == 1

@@ -46,7 +46,7 @@ def test_sample_runs_with_torch_blocked(models, tmp_path):
     assert [f.name for f in files] == ["seed0_00000.png", "seed0_00001.png"]
     img = Image.open(files[0])
     assert img.size == (16, 16) and img.mode == "RGB"
-    assert img.text["patchgen:sampler"] == "ddim" and img.text["patchgen:steps"] == "4"
+    assert img.text["patchgen:sampler"] == "dpm++" and img.text["patchgen:steps"] == "4"
     assert len(img.text["patchgen:model_sha256"]) == 64
     assert Image.open(tmp_path / "grid.png").size == (2 * 18 + 2, 18 + 2)
     assert re.search(r"s/image, peak RSS \d+\.\dM", r.stderr)
@@ -246,14 +246,16 @@ def test_out_of_range_timesteps_are_refused(models):
             model(x, np.array([t], np.int64), np.eye(4, dtype=np.float32)[:1], x)
 
 
-@pytest.mark.parametrize("args,eta", [([], "0.0"), (["--eta", "0.5"], "0.5"), (["--sampler", "ddpm"], None),
-                                      (["--sampler", "dpm++"], None)])
-def test_png_text_states_what_ran(models, tmp_path, args, eta):
+@pytest.mark.parametrize("args,eta,sampler", [([], None, "dpm++"), (["--eta", "0.5"], "0.5", "ddim"),
+                                              (["--sampler", "ddim"], "0.0", "ddim"),
+                                              (["--sampler", "ddpm"], None, "ddpm")])
+def test_png_text_states_what_ran(models, tmp_path, args, eta, sampler):
+    """No --sampler: dpm++, or ddim when --eta asks for DDIM's noise."""
     r = sample_cli("--model", models["g2"][1], "-n", "1", "--steps", "3", "--out", tmp_path, *args)
     assert r.returncode == 0, r.stderr
     text = Image.open(tmp_path / "seed0_00000.png").text
     assert text.get("patchgen:eta") == eta and text["patchgen:steps"] == "3"
-    assert text["patchgen:sampler"] == (args[1] if args and args[0] == "--sampler" else "ddim")
+    assert text["patchgen:sampler"] == sampler
 
 
 def test_model_hash_covers_external_data(models, tmp_path):
