@@ -260,22 +260,26 @@ def score(measured: list[Measured], edge: list[dict], shown_sampler: str, seed: 
     models' borders."""
     import numpy as np  # only now: the measured children never inherit a large parent
 
-    from patchgen.models.metrics import border_step, frechet_distance, kid, local_seam_score, seam_grid, seam_score
+    from patchgen.models.metrics import (border_step, frechet_distance, kid, local_seam_score, paired_kid_ratio,
+                                         seam_grid, seam_score)
 
     largest = {}  # image size -> the largest grid of that size
     for m in measured:
         largest[m.size] = max(largest.get(m.size, 1), m.grid)
-    rows, shown = [], []
+    rows, shown, first = [], [], {}  # first: model -> the features of its first sampler's samples
     for m, e in zip(measured, edge):
         f_real = np.load(features([m.real], cache / f"feat_{m.real.stem}.npy"))
         fake_name = f"feat_{m.sha[:12]}_{m.sampler}{m.steps}_s{seed}_{num_samples}.npy"
         f_fake = np.load(features([c.path for c in m.chunks], cache / fake_name))
+        base = first.setdefault(m.model, f_fake)
+        ratio = paired_kid_ratio(f_fake, base, f_real)  # against the first sampler, on the same noise
         images = np.concatenate([np.load(c.path)["images"] for c in m.chunks])
         real_images = np.load(m.real)["images"]
         g = seam_grid(m.grid, largest[m.size])
         rows.append({"model": m.model.name, "size": m.size, "data": m.data, "grid": f"{m.grid}x{m.grid}",
                      "halo": m.halo, "steps_trained": m.steps_trained, "sampler": f"{m.sampler} {m.steps}",
                      "n": len(images), "kid_x1000": 1000 * kid(f_fake, f_real),
+                     "kid_ratio": ratio[0], "kid_ratio_range": f"{ratio[1]:.2f}-{ratio[2]:.2f}",
                      "fd_effnet": frechet_distance(f_fake, f_real), "seam_at": f"{g}x{g}",
                      "seam": seam_score(images, g), "seam_real": seam_score(real_images, g),
                      "seam_local": local_seam_score(images, g), "seam_local_real": local_seam_score(real_images, g),
@@ -334,7 +338,8 @@ def main(models, samplers, num_samples, seed, chunk, cache, real_set, repeats, b
     write_results(out, f"Sample quality vs {real_kind} ({num_samples} samples each; EfficientNet-Lite0 features)",
                   [("model", "model"), ("grid", "grid"), ("halo", "halo"), ("steps_trained", "training steps"),
                    ("sampler", "sampler"),
-                   ("n", "samples"), ("kid_x1000", "KID x1000"), ("fd_effnet", "FD-EffNet"), ("seam_at", "seams at"),
+                   ("n", "samples"), ("kid_x1000", "KID x1000"), ("kid_ratio", "KID / first sampler's"),
+                   ("kid_ratio_range", "5-95%"), ("fd_effnet", "FD-EffNet"), ("seam_at", "seams at"),
                    ("seam_local", "local seam"), ("seam_local_real", "local seam, real"),
                    ("seam", "seam"), ("seam_real", "seam, real"), ("border", "border step"),
                    ("border_real", "border step, real"), ("peak_mib", "peak RSS (MiB)"),
@@ -342,6 +347,9 @@ def main(models, samplers, num_samples, seed, chunk, cache, real_set, repeats, b
                   + ([("budget_mib", "minimum budget (MiB)"), ("budget_peak_mib", "peak under it"),
                       ("within_budget", "peak <= budget"),
                       ("budget_s_per_image", "s/image under it")] if budget_minimum else []), rows,
+                  "KID / first sampler's: the model's KID over its first sampler's on the same noise, median and "
+                  "5-95% over 100 paired half-size subsets of the samples and of the real images "
+                  "(metrics.paired_kid_ratio). "
                   "FD-EffNet: Frechet distance in EfficientNet-Lite0 feature space, not comparable with "
                   "Inception FID. Seams at each model's grid (a 1x1 model at the largest grid of its image size, 2x2 "
                   "at least), beside the real images' score at the same positions: local, the step across a border "

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from patchgen.models.data import DataSource
-from patchgen.models.metrics import frechet_distance, kid
+from patchgen.models.metrics import frechet_distance, kid, paired_kid_ratio
 
 BENCH = Path(__file__).parent.parent / "benchmarks"
 
@@ -174,6 +174,20 @@ def test_kid_known_answers():
     off = (k.sum() - k.trace()) / (40 * 39)
     assert kid(a, a) == pytest.approx(-(2 / 40) * (k.trace() / 40 - off), rel=1e-9)
     assert kid(a, a + 3) > 0 and kid(a + 3, a) == pytest.approx(kid(a, a + 3), rel=1e-12)
+
+
+
+@pytest.mark.quick
+def test_paired_kid_ratio_compares_like_with_like():
+    rng = np.random.default_rng(3)
+    real = rng.standard_normal((60, 8))
+    near, far = real[:40] + 0.5, real[:40] + 1.0  # paired rows: the same starting point, moved 0.5 or 1
+    median, low, high = paired_kid_ratio(near, near, real)
+    assert median == low == high == 1.0
+    median, low, high = paired_kid_ratio(far, near, real, rounds=50)
+    assert low <= median <= high and low > 1.5  # the farther set is worse in every subset
+    with pytest.raises(ValueError, match="at least 4"):
+        paired_kid_ratio(near[:3], near[:3], real)
 
 
 def test_levers_table(tmp_path):
