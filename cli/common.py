@@ -22,9 +22,9 @@ class CliError(click.ClickException):
 
 # The library's arguments (errors.ArgumentError) whose option is not `--` + the name with dashes: by name, or
 # by name=value for a flag that sets that value.
-OPTIONS = {"held_bytes": "--grid-image", "output_path": "-o", "run_dir": "--out", "check=False": "--skip-check",
-           "simplify_graph=False": "--no-simplify", "cache_dir": "patchgen-train --cache-dir",
-           "workers": "patchgen-train --decode-workers"}
+OPTIONS = {"held_bytes": "--grid-image", "init_image": "--init-img", "output_path": "-o", "run_dir": "--out",
+           "check=False": "--skip-check", "simplify_graph=False": "--no-simplify",
+           "cache_dir": "patchgen-train --cache-dir", "workers": "patchgen-train --decode-workers"}
 
 
 def as_option(name: str, value: Optional[object] = None) -> str:

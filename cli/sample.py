@@ -22,7 +22,7 @@ from patchgen.runtime.edit import IMG2IMG_STRENGTH, MAX_JUMPS
 from patchgen.runtime.pretrained import DEFAULT_MODEL, shipped_models
 from patchgen.runtime.session import DEFAULT_PROVIDER, available_providers
 
-from .common import CliError, Command, one_line, progress, user_errors
+from .common import CliError, Command, as_option, one_line, progress, user_errors
 from .report import RunRecord, record, write_report
 
 EXAMPLE = """
@@ -213,7 +213,8 @@ def _plan(run: RunRecord, threads, provider, memory_budget, patch_batch, grid_im
     run.stage = "loading"
     model = run.model = load_model(run.model_file, threads, provider, memory_budget)
     run.stage = "editing"
-    edit, edit_notes = make_edit(model.spec, *edit_args, given_budget(memory_budget))
+    edit, edit_phrases = make_edit(model.spec, *edit_args, given_budget(memory_budget))
+    edit_notes = tuple(note.worded(as_option) for note in edit_phrases)
     c, h, w = model.spec.image_shape
     held = grid_memory(run.num_images, h, w, c) if grid_image else 0
     preview_held, preview_per_image = _preview_memory(preview, grid_image, run.num_images, model.spec.image_shape)

@@ -20,7 +20,7 @@ from patchgen.models.checkpoint import load_checkpoint, model_from_checkpoint
 from patchgen.models.data import DataSource
 from patchgen.models.diffusion import EpsDenoiser
 from patchgen.models.unet import PatchUNet
-from patchgen.runtime.errors import ArgumentError
+from patchgen.runtime.errors import ArgumentError, Phrase
 from patchgen.runtime.files import (as_utf8, check_free_space, check_writable_folder, claim, remove_stale_temporaries,
                                     temporary_prefix)
 from patchgen.runtime.metadata import spec_to_metadata
@@ -159,6 +159,7 @@ def describe(values) -> list:
 # Scratch space an export needs beside its output, in multiples of the fp32 weights: the staged file, or
 # int8's scratch (the fp32, pre-processed, calibration-augmented and quantized graphs) and its staged file.
 SCRATCH_FACTOR = {"fp32": 1, "fp16": 2, "int8": 5}
+ELSEWHERE = Phrase("choose another {output_path}", output_path=None)  # for runtime/files.py's helpers
 
 
 def check_output_path(path: Path, force: bool, checkpoint=None) -> None:
@@ -188,7 +189,7 @@ def export_onnx(checkpoint_path, output_path, *, ema: bool = True, simplify_grap
     check_output_path(output_path, force, checkpoint_path)
     folder = output_path.parent
     with claim(folder / f".{output_path.name}.lock", f"{output_path}",
-               "another export is writing it: wait for it to end, or choose another -o"):
+               Phrase(f"another export is writing it: wait for it to end, or {ELSEWHERE.text}", **ELSEWHERE.arguments)):
         check_output_path(output_path, force, checkpoint_path)  # again, under the claim
         for pattern in (output_path.name, output_path.name + ".data"):  # a killed export's, int8 scratch included
             remove_stale_temporaries(folder, pattern)
@@ -196,7 +197,7 @@ def export_onnx(checkpoint_path, output_path, *, ema: bool = True, simplify_grap
         net = model_from_checkpoint(ckpt, ema=ema)
         fp32_bytes = sum(p.numel() * 4 for p in net.parameters())
         check_free_space(folder, SCRATCH_FACTOR[weights] * fp32_bytes + 16 * 2**20, f"a {weights} export of this "
-                         f"model", "choose another -o")
+                         f"model", ELSEWHERE)
         images = _reduced_images(ckpt["data"], net.config.image_size, weights, calibration_data, check)
         model = to_onnx(net)
         if simplify_graph:

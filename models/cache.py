@@ -34,16 +34,15 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import PIL
 
-from patchgen.runtime.errors import ArgumentError
+from patchgen.runtime.errors import ArgumentError, Phrase
 from patchgen.runtime.files import (CACHE_ENV, atomic_output, cache_root, check_free_space,
                                     remove_stale_temporaries, write_error)
 
 from .decoding import Decoding
 
-# How to put the cache elsewhere: named as Decoding's cache_dir (errors.ArgumentError) where this module words
-# the error itself; as the option in ELSEWHERE, for the helpers of runtime/files.py, which take the fix as text.
-ELSEWHERE_FIX = "choose another cache folder ({cache_dir}, or $" + CACHE_ENV + ")"
-ELSEWHERE = f"choose another cache folder (patchgen-train --cache-dir, or ${CACHE_ENV})"
+# How to put the cache elsewhere, naming Decoding's cache_dir (errors.Phrase): the fix of this module's errors
+# and of runtime/files.py's.
+ELSEWHERE = Phrase("choose another cache folder ({cache_dir}, or $" + CACHE_ENV + ")", cache_dir=None)
 FORMAT = 2  # bump when decoding changes the pixels a source gives (2: JPEGs decoded at a reduced scale)
 CHUNK = 64  # sources per task sent to a worker process
 MIN_PARALLEL = 2 * CHUNK  # fewer sources are decoded in this process: starting workers would cost more
@@ -89,7 +88,7 @@ def decode_images(sources: Sequence, size: int, decode_one: Decoder, decoding: D
     cached = read_entry(folder, key, decoding)
     if cached is None:
         raise ArgumentError(f"the image cache {folder / key}.npy cannot be read back right after writing it; ",
-                            "check the disk, or " + ELSEWHERE_FIX, cache_dir=None)
+                            "check the disk, or " + ELSEWHERE.text, **ELSEWHERE.arguments)
     return cached
 
 
@@ -136,12 +135,13 @@ def build_entry(folder: Path, key: str, sources: Sequence, size: int, decode_one
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ArgumentError(f"cannot create the image cache folder {folder}: {e.strerror}; ",
-                            ELSEWHERE_FIX + ", a writable one", cache_dir=None) from None
+                            ELSEWHERE.text + ", a writable one", **ELSEWHERE.arguments) from None
     for pattern in (f"{key}.npy", f"{key}.json"):
         remove_stale_temporaries(folder, pattern)
     shape = (len(sources), size, size, 3)
     need = int(np.prod(shape))
-    check_free_space(folder, need, "the image cache", f"{ELSEWHERE}, on a larger disk")
+    check_free_space(folder, need, "the image cache", Phrase(ELSEWHERE.text + ", on a larger disk",
+                                                             **ELSEWHERE.arguments))
     decoding.say(f"decoding {len(sources)} images into the cache {folder / key}.npy")
     count = 0
     try:

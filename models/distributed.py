@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from patchgen.runtime.errors import PatchgenError
+from patchgen.runtime.errors import ArgumentError, PatchgenError
 
 # How long a rank waits at a collective for the others: long enough for rank 0's preview and evaluation.
 TIMEOUT = datetime.timedelta(minutes=60)
@@ -68,16 +68,17 @@ def check_device(device: str, local_rank: int = 0, ranks_here: int = 1) -> None:
     the machine's, fewer GPUs than ranks on this machine, or one named GPU for several ranks."""
     if not device.startswith("cuda"):
         return
+    given = "{device} " + device  # the argument and its value, then another value in the fix: "device cuda"
     if not torch.cuda.is_available():
-        raise PatchgenError(f"--device {device}: this torch build or machine has no CUDA GPU; use --device cpu, "
-                            "or install a CUDA build of torch")
+        raise ArgumentError(f"{given}: this torch build or machine has no CUDA GPU; ",
+                            "use {device} cpu, or install a CUDA build of torch", device=None)
     count, index = torch.cuda.device_count(), device.partition(":")[2]
     if ranks_here > 1 and index:
-        raise PatchgenError(f"--device {device} names one GPU for {ranks_here} ranks; pass --device cuda, and "
-                            "each rank takes the GPU of its local rank")
+        raise ArgumentError(f"{given} names one GPU for {ranks_here} ranks; ",
+                            "pass {device} cuda, and each rank takes the GPU of its local rank", device=None)
     if int(index or local_rank) >= count or ranks_here > count:
-        raise PatchgenError(f"--device {device}: this machine has {count} GPU(s) for {ranks_here} rank(s) here; "
-                            f"start at most {count} ranks per machine")
+        raise ArgumentError(f"{given}: this machine has {count} GPU(s) for {ranks_here} rank(s) here; ",
+                            f"start at most {count} ranks per machine", device=None)
 
 
 def init(device: str) -> tuple[World, str]:

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from patchgen.runtime.errors import ArgumentError
+from patchgen.runtime.errors import ArgumentError, Phrase
 from patchgen.runtime.files import (atomic_output, check_free_space, check_writable_folder, claim, made_folder,
                                     remove_if_empty, remove_stale_temporaries, write_error)
 
@@ -18,7 +18,7 @@ from . import distributed
 
 CHECKPOINT_NAME = "checkpoint.pt"
 RUN_LOCK = ".patchgen-train.lock"  # held (flock) by the run writing the folder, removed when it ends
-ELSEWHERE = "choose another --out"
+ELSEWHERE = Phrase("choose another {run_dir}", run_dir=None)  # for runtime/files.py's helpers
 LOG_NAMES = ("train_log.csv", "eval_log.csv")  # one row per step / per preview step, up to the checkpoint's step
 # What a run writes atomically, as glob patterns: the temporaries a killed run left are removed at the next start.
 ATOMIC_OUTPUTS = (CHECKPOINT_NAME, "preview_*.png", "config.json", *LOG_NAMES)
@@ -52,7 +52,7 @@ def run_folder(run_dir, resume: bool) -> Iterator[Path]:
     folder, made = made_folder(run_dir)
     try:
         with claim(folder / RUN_LOCK, f"run folder {folder}",
-                   f"wait for that run to end, or {ELSEWHERE}"):
+                   Phrase(f"wait for that run to end, or {ELSEWHERE.text}", **ELSEWHERE.arguments)):
             check_run_folder(folder, resume)  # again: another run may have written it before our claim
             check_writable_folder(folder)
             yield ckpt_path

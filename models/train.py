@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from patchgen.runtime.errors import PatchgenError
+from patchgen.runtime.errors import ArgumentError, PatchgenError
 from patchgen.runtime.files import check_free_space, write_error
 
 from .checkpoint import load_checkpoint, load_weights, save_checkpoint
@@ -211,8 +211,8 @@ def _run(run_dir, state: TrainState, train_config: TrainConfig, source: DataSour
     part = distributed.world().part(train_config.batch_size)  # a batch that does not split over the ranks fails here
     train_idx, held_idx = holdout_split(len(data.images), source.holdout_fraction, source.holdout_seed)
     if len(train_idx) == 0:
-        raise PatchgenError(f"holding out {source.holdout_fraction:g} of {len(data.images)} image(s) leaves none to "
-                            "train on; lower --holdout or add images")
+        raise ArgumentError(f"holding out {source.holdout_fraction:g} of {len(data.images)} image(s) leaves none to "
+                            "train on; ", "lower {holdout} or add images", holdout=None)
     images = ImageSubset(data.images, train_idx)
     probe = data.images[(held_idx if len(held_idx) else train_idx)[:PROBE_IMAGES]]
     coefs = schedule_coefficients(config.schedule, next(state.net.parameters()).device)
@@ -244,10 +244,10 @@ def same_data(saved: DataSource, now: DataSource, accept_changed_data: bool = Fa
     if not saved.identity or not now.identity or saved.identity == now.identity:
         return saved
     if not accept_changed_data:
-        raise PatchgenError(f"the images of {saved.name} changed since this run started: it had {saved.num_images} "
-                            f"usable image(s), now {now.num_images}, and files were added, removed or rewritten; "
-                            "restore them, or pass --accept-changed-data to train on from them as they are (its "
-                            "held-out images change too)")
+        raise ArgumentError(f"the images of {saved.name} changed since this run started: it had {saved.num_images} "
+                            f"usable image(s), now {now.num_images}, and files were added, removed or rewritten; ",
+                            "restore them, or pass {accept_changed_data} to train on from them as they are (its "
+                            "held-out images change too)", accept_changed_data=True)
     return dataclasses.replace(saved, num_images=now.num_images, skipped=now.skipped, identity=now.identity)
 
 

@@ -1,7 +1,9 @@
 """Editing inputs: the image an img2img, inpainting or outpainting run starts from, and which pixels it keeps.
 
 `make_edit` turns what a user gives (paths or arrays, a strength, a mask, an outpaint shift) into an `Edit`
-at the model's size, or one PatchgenError line. The sampling itself is `loop.sample_images(init=, keep=,
+at the model's size, or one PatchgenError line. Its errors and notes name generate()'s arguments (init_image,
+mask, strength, outpaint, repaint_jumps) as {fields} (errors.ArgumentError, errors.Phrase; in an f-string,
+{{mask}}), which a CLI words as its options. The sampling itself is `loop.sample_images(init=, keep=,
 strength=)`.
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ from PIL import Image
 
 from . import memory
 from .decode import DECODE_ERRORS, UnfaithfulImage, display_rgb, max_decode_pixels
-from .errors import PatchgenError
+from .errors import ArgumentError, PatchgenError, Phrase, field
 from .spec import ModelSpec
 
 IMG2IMG_STRENGTH = 0.75  # img2img's default, as stable-diffusion.cpp's --strength and diffusers' pipeline
@@ -57,9 +59,22 @@ class Edit:
         return int((~blocks.all(axis=(1, 3))).sum())
 
 
+def _path(source) -> Optional[str]:
+    """An image argument's value as a message shows it: its path, or None (the argument alone) for an image or
+    array."""
+    return str(source) if isinstance(source, (str, Path)) else None
+
+
+def _image_error(what: str, source, problem: str, fix: str = "") -> ArgumentError:
+    """An ArgumentError whose problem and fix name the image argument `what` ("init_image", "mask") as
+    field(what), with `source`'s path where it is one."""
+    return ArgumentError(problem, fix, **{what: _path(source)})
+
+
 def _open(source, what: str, size: int, budget: Optional[int]) -> Image.Image:
-    """Open an image file lazily (or take an open PIL image), refusing one whose decoding could not fit before
-    any pixel is decoded."""
+    """Open the image argument `what` (a file, lazily, or an open PIL image), refusing one whose decoding could
+    not fit before any pixel is decoded."""
+    name = field(what)
     if isinstance(source, Image.Image):
         img = source
     elif isinstance(source, (str, Path)):
@@ -68,16 +83,18 @@ def _open(source, what: str, size: int, budget: Optional[int]) -> Image.Image:
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 img = Image.open(source)
         except FileNotFoundError:
-            raise PatchgenError(f"{what} {source}: no such file") from None
+            raise _image_error(what, source, f"{name}: no such file") from None
         except IsADirectoryError:
-            raise PatchgenError(f"{what} {source} is a folder; give an image file") from None
+            raise _image_error(what, source, f"{name} is a folder; ", "give an image file") from None
         except Image.DecompressionBombError:
-            raise PatchgenError(f"{what} {source} has more pixels than Pillow will decode "
-                                f"({2 * Image.MAX_IMAGE_PIXELS}, its decompression-bomb bound); resize it first") from None
+            bound = 2 * Image.MAX_IMAGE_PIXELS
+            raise _image_error(what, source, f"{name} has more pixels than Pillow will decode ({bound}, its "
+                               "decompression-bomb bound); ", "resize it first") from None
         except DECODE_ERRORS as e:
-            raise PatchgenError(f"cannot read {what} {source} ({e}); give a PNG or JPEG image") from None
+            raise _image_error(what, source, f"cannot read {name} ({e}); ", "give a PNG or JPEG image") from None
     else:
-        raise PatchgenError(f"{what} must be a file's path, a PIL image or a uint8 array, not {type(source).__name__}")
+        raise _image_error(what, source, f"{name} must be a file's path, a PIL image or a uint8 array, not "
+                           f"{type(source).__name__}")
     try:
         _check_decoding(img, source, what, size, budget)
     except PatchgenError:
@@ -90,25 +107,26 @@ def _open(source, what: str, size: int, budget: Optional[int]) -> Image.Image:
 def _check_decoding(img: Image.Image, source, what: str, size: int, budget: Optional[int]) -> None:
     """Refuse an opened image whose decoding could not fit: over the decode bound, the budget or the memory."""
     img.draft("RGB", (size, size))  # JPEG: decoded at 1/2, 1/4 or 1/8 scale, each side still >= size
-    pixels = img.width * img.height
+    pixels, name = img.width * img.height, field(what)
     if pixels > max_decode_pixels(size):
-        raise PatchgenError(f"{what} {source} is {img.width}x{img.height}, over the {max_decode_pixels(size)} "
-                            f"pixels this {size}x{size} model decodes; resize it first")
+        raise _image_error(what, source, f"{name} is {img.width}x{img.height}, over the {max_decode_pixels(size)} "
+                           f"pixels this {size}x{size} model decodes; ", "resize it first")
     resident, need = memory.current_rss(), pixels * DECODE_BYTES_PER_PIXEL
-    why = f"decoding {what} {source} ({img.width}x{img.height}) needs about {memory.format_size(need)} beside the " \
+    why = f"decoding {name} ({img.width}x{img.height}) needs about {memory.format_size(need)} beside the " \
           f"{memory.format_size(resident)} this process holds"
     if budget is not None and resident + need > budget:
         least = math.ceil((resident + need + memory.RERUN_MARGIN) / memory.MIB)
         raise memory.BudgetTooSmall(f"memory budget {memory.format_size(budget)} is below this run's minimum ({why})",
-                                    least * memory.MIB, "resize the image")
+                                    least * memory.MIB, "resize the image", **{what: _path(source)})
     limit, limited_by = memory.available_memory(resident)
     if budget is None and limit is not None and resident + need > limit:
-        raise PatchgenError(f"{why}, but this process can have only {memory.format_size(limit)} ({limited_by}); "
-                            "resize the image first")
+        raise _image_error(what, source, f"{why}, but this process can have only {memory.format_size(limit)} "
+                           f"({limited_by}); ", "resize the image first")
 
 
 def _decoded(source, what: str, size: int, budget: Optional[int]) -> Image.Image:
-    """The image as a viewer shows it, 8-bit RGB (`decode.display_rgb`), from a path or a PIL image."""
+    """The image argument `what` as a viewer shows it, 8-bit RGB (`decode.display_rgb`), from a path or a PIL
+    image."""
     img = _open(source, what, size, budget)
     try:
         try:
@@ -117,9 +135,10 @@ def _decoded(source, what: str, size: int, budget: Optional[int]) -> Image.Image
             if img is not source:
                 img.close()
     except UnfaithfulImage as e:
-        raise PatchgenError(f"cannot use {what} {source} ({e}); save it as an 8-bit PNG or JPEG") from None
+        why = f"cannot use {field(what)} ({e}); "
+        raise _image_error(what, source, why, "save it as an 8-bit PNG or JPEG") from None
     except DECODE_ERRORS as e:
-        raise PatchgenError(f"cannot read {what} {source} ({e}); give a PNG or JPEG image") from None
+        raise _image_error(what, source, f"cannot read {field(what)} ({e}); ", "give a PNG or JPEG image") from None
 
 
 def _square(img: Image.Image, size: int, resample) -> Image.Image:
@@ -130,9 +149,10 @@ def _square(img: Image.Image, size: int, resample) -> Image.Image:
     return img.crop((left, top, left + side, top + side)).resize((size, size), resample)
 
 
-def read_image(source: ImageInput, spec: ModelSpec, what: str = "--init-img",
+def read_image(source: ImageInput, spec: ModelSpec, what: str = "init_image",
                budget: Optional[int] = None) -> tuple[np.ndarray, tuple[int, int]]:
-    """(uint8 [H, W, C] at the model's size, the (width, height) it was shown at before cropping and resizing).
+    """(uint8 [H, W, C] at the model's size, the (width, height) it was shown at before cropping and resizing);
+    errors name it as the argument `what`.
 
     A file or PIL image is decoded as training decodes images (`decode.display_rgb`: as a viewer shows it),
     centre-cropped to a square and resized with Lanczos (`decode.prepare_image`); an array must already be
@@ -141,8 +161,8 @@ def read_image(source: ImageInput, spec: ModelSpec, what: str = "--init-img",
     if isinstance(source, np.ndarray):
         image = source[:, :, None] if source.ndim == 2 else source
         if image.dtype != np.uint8 or image.shape != (size, size, c):
-            raise PatchgenError(f"{what} must be uint8 [{size}, {size}, {c}] for this model, got {source.dtype} "
-                                f"{list(source.shape)}")
+            raise _image_error(what, source, f"{field(what)} must be uint8 [{size}, {size}, {c}] for this model, "
+                               f"got {source.dtype} {list(source.shape)}")
         return image, (size, size)
     if c not in (1, 3):
         raise PatchgenError(f"this model has {c} channels; images can be edited with 1 (grey) or 3 (RGB) only")
@@ -169,8 +189,8 @@ def read_mask(source: ImageInput, size: int, image_size: tuple[int, int],
     if isinstance(source, np.ndarray):
         if source.ndim not in (2, 3) or source.shape[:2] != (size, size) or \
                 (source.ndim == 3 and not 1 <= source.shape[2] <= 4):
-            raise PatchgenError(f"--mask must be [{size}, {size}] or [{size}, {size}, 1 to 4] for this model, got "
-                                f"{list(source.shape)}")
+            raise ArgumentError(f"{{mask}} must be [{size}, {size}] or [{size}, {size}, 1 to 4] for this model, "
+                                f"got {list(source.shape)}", "", mask=None)
         if source.dtype == bool:
             level = source.astype(np.float64)
         elif np.issubdtype(source.dtype, np.integer):
@@ -178,34 +198,36 @@ def read_mask(source: ImageInput, size: int, image_size: tuple[int, int],
         elif np.issubdtype(source.dtype, np.floating):
             level = source.astype(np.float64)
         else:
-            raise PatchgenError(f"--mask must hold bool or numbers, not {source.dtype}")
+            raise ArgumentError(f"{{mask}} must hold bool or numbers, not {source.dtype}", "", mask=None)
         if level.ndim == 3:
             level = level[:, :, :3] @ LUMA if level.shape[2] >= 3 else level[:, :, 0]
         return level >= 0.5
-    shown = _decoded(source, "--mask", size, budget)
+    shown = _decoded(source, "mask", size, budget)
     if shown.size != image_size and shown.width != shown.height:
-        raise PatchgenError(f"--mask {source} is {shown.width}x{shown.height}: give it the --init-img's size "
+        raise ArgumentError(f"{{mask}} is {shown.width}x{shown.height}: ", f"give it the {{init_image}}'s size "
                             f"({image_size[0]}x{image_size[1]}) or a square one, resized to the model's "
-                            f"{size}x{size}")
+                            f"{size}x{size}", mask=_path(source), init_image=None)
     return np.asarray(_square(shown.convert("L"), size, Image.Resampling.NEAREST)) >= 128
 
 
 def outpaint_shift(text: str, grid: int) -> tuple[str, int]:
     """("right", K) from "right:K": the side where K new columns (or rows) of patches appear, 1 <= K < grid."""
     if not isinstance(text, str):
-        raise PatchgenError(f"--outpaint must be text such as right:1, not {type(text).__name__}")
+        raise ArgumentError(f"{{outpaint}} must be text such as right:1, not {type(text).__name__}", "",
+                            outpaint=None)
     m = re.fullmatch(r" *(left|right|up|down) *: *([0-9]+) *", text)
     if not m:
-        raise PatchgenError(f"cannot read --outpaint {text!r}; write it as SIDE:K, SIDE one of "
-                            f"{', '.join(OUTPAINT_SIDES)} and K the patches to add, e.g. right:1")
+        raise ArgumentError(f"cannot read {{outpaint}} {text!r}; ", f"write it as SIDE:K, SIDE one of "
+                            f"{', '.join(OUTPAINT_SIDES)} and K the patches to add, e.g. right:1", outpaint=None)
     side, k = m.group(1), int(m.group(2))
     if not 1 <= k < grid:
         if grid == 1:
-            raise PatchgenError("--outpaint needs a model of 2x2 patches or more: a 1x1 model has no patch to keep; "
-                                "use --init-img with --strength for img2img")
+            raise ArgumentError("{outpaint} needs a model of 2x2 patches or more: a 1x1 model has no patch to keep; ",
+                                "use {init_image} with {strength} for img2img", outpaint=None, init_image=None,
+                                strength=None)
         allowed = "1" if grid == 2 else f"1 to {grid - 1}"
-        raise PatchgenError(f"--outpaint {side}:{k} would shift the image off this {grid}x{grid} grid; K must be "
-                            f"{allowed}")
+        raise ArgumentError(f"{{outpaint}} would shift the image off this {grid}x{grid} grid; K must be {allowed}",
+                            "", outpaint=f"{side}:{k}")
     return side, k
 
 
@@ -227,54 +249,57 @@ def shifted(image: np.ndarray, side: str, k: int, patch_size: int) -> tuple[np.n
 
 
 def make_edit(spec: ModelSpec, init_image: Optional[ImageInput] = None, mask: Optional[ImageInput] = None,
-              strength: Optional[float] = None, outpaint: Optional[str] = None, jumps: int = 0,
-              budget: Optional[int] = None) -> tuple[Optional[Edit], tuple[str, ...]]:
-    """(the Edit, notes for the user), or (None, ()) when nothing is edited. Refuses in one PatchgenError
-    line: a mask, strength, outpaint or jumps without an image; jumps without a mask or outpaint, or outside
-    0 .. MAX_JUMPS; a strength outside (0, 1], or below 1 with an outpaint (the freed patches have nothing to
-    start from); a mask and an outpaint together; a mask that keeps every pixel; an outpaint of the whole
-    grid; a value of the wrong type; a file that cannot be read, or whose decoding would not fit `budget`
-    (bytes; None: the memory this process can have).
+              strength: Optional[float] = None, outpaint: Optional[str] = None, repaint_jumps: int = 0,
+              budget: Optional[int] = None) -> tuple[Optional[Edit], tuple[Phrase, ...]]:
+    """(the Edit, notes for the user), or (None, ()) when nothing is edited. Refuses in one ArgumentError
+    line: a mask, strength, outpaint or repaint_jumps without an image; repaint_jumps without a mask or
+    outpaint, or outside 0 .. MAX_JUMPS; a strength outside (0, 1], or below 1 with an outpaint (the freed
+    patches have nothing to start from); a mask and an outpaint together; a mask that keeps every pixel; an
+    outpaint of the whole grid; a value of the wrong type; a file that cannot be read, or whose decoding would
+    not fit `budget` (bytes; None: the memory this process can have).
 
     strength defaults to IMG2IMG_STRENGTH for img2img and to 1 (every step) for inpainting and outpainting."""
     if init_image is None:
-        for name, given in (("--mask", mask), ("--strength", strength), ("--outpaint", outpaint),
-                            ("--repaint-jumps", jumps or None)):
+        for name, given in (("mask", mask), ("strength", strength), ("outpaint", outpaint),
+                            ("repaint_jumps", repaint_jumps or None)):
             if given is not None:
-                raise PatchgenError(f"{name} needs --init-img, the image to edit")
+                raise ArgumentError(field(name) + " needs {init_image}, the image to edit", "", **{name: None},
+                                    init_image=None)
         return None, ()
-    shift = _checked_request(spec, mask, strength, outpaint, jumps)  # before decoding anything
+    shift = _checked_request(spec, mask, strength, outpaint, repaint_jumps)  # before decoding anything
     image, shown = read_image(init_image, spec, budget=budget)
     size = spec.image_size
-    notes = (f"--init-img {init_image} is {shown[0]}x{shown[1]}: centre-cropped and resized to {size}x{size}",) \
-        if shown != (size, size) else ()
+    notes = (Phrase(f"{{init_image}} is {shown[0]}x{shown[1]}: centre-cropped and resized to {size}x{size}",
+                    init_image=_path(init_image)),) if shown != (size, size) else ()
     image, keep = _kept_pixels(image, shown, spec, mask, shift, budget)
     init = image.transpose(2, 0, 1).astype(np.float32) / np.float32(127.5) - np.float32(1)
     default = IMG2IMG_STRENGTH if keep is None else 1.0
     outpaint = None if shift is None else f"{shift[0]}:{shift[1]}"  # as read: what the PNG's text records
-    return Edit(init, keep, default if strength is None else float(strength), outpaint, int(jumps)), notes
+    return Edit(init, keep, default if strength is None else float(strength), outpaint, int(repaint_jumps)), notes
 
 
 def _checked_request(spec: ModelSpec, mask, strength, outpaint, jumps) -> Optional[tuple[str, int]]:
     """The outpaint's (side, patches) or None, once the edit's values are checked (make_edit's refusals, all
-    before any image is decoded)."""
+    before any image is decoded; jumps: repaint_jumps)."""
     if not isinstance(jumps, numbers.Integral) or isinstance(jumps, bool):
-        raise PatchgenError(f"--repaint-jumps must be a whole number, not {jumps!r}")
+        raise ArgumentError(f"{{repaint_jumps}} must be a whole number, not {jumps!r}", "", repaint_jumps=None)
     if jumps and mask is None and outpaint is None:
-        raise PatchgenError("--repaint-jumps resamples around kept pixels: it needs --mask or --outpaint")
+        raise ArgumentError("{repaint_jumps} resamples around kept pixels: it needs {mask} or {outpaint}", "",
+                            repaint_jumps=None, mask=None, outpaint=None)
     if not 0 <= jumps <= MAX_JUMPS:
-        raise PatchgenError(f"--repaint-jumps must be 0 to {MAX_JUMPS}, got {jumps}")
+        raise ArgumentError(f"{{repaint_jumps}} must be 0 to {MAX_JUMPS}, got {jumps}", "", repaint_jumps=None)
     if strength is not None:
         if not isinstance(strength, numbers.Real) or isinstance(strength, bool):
-            raise PatchgenError(f"--strength must be a number, not {strength!r}")
+            raise ArgumentError(f"{{strength}} must be a number, not {strength!r}", "", strength=None)
         if not 0 < strength <= 1:  # NaN fails too
-            raise PatchgenError(f"--strength must be above 0 and at most 1, got {strength}")
+            raise ArgumentError(f"{{strength}} must be above 0 and at most 1, got {strength}", "", strength=None)
     if mask is not None and outpaint is not None:
-        raise PatchgenError("give --mask or --outpaint, not both: --outpaint makes its own mask")
+        raise ArgumentError("give {mask} or {outpaint}, not both: {outpaint} makes its own mask", "", mask=None,
+                            outpaint=None)
     shift = outpaint_shift(outpaint, spec.grid) if outpaint is not None else None
     if shift is not None and strength is not None and strength < 1:
-        raise PatchgenError(f"--outpaint paints patches that start from nothing, so it runs every step: drop "
-                            f"--strength {strength:g}")
+        raise ArgumentError("{outpaint} paints patches that start from nothing, so it runs every step: ",
+                            "drop {strength}", outpaint=None, strength=float(strength))
     return shift
 
 
@@ -285,9 +310,8 @@ def _kept_pixels(image: np.ndarray, shown: tuple[int, int], spec: ModelSpec, mas
     if mask is not None:
         keep = ~read_mask(mask, size, shown, budget)
         if keep.all():
-            name = "the mask" if isinstance(mask, np.ndarray) else f"--mask {mask}"
-            raise PatchgenError(f"{name} keeps every pixel (none is white): nothing to paint; make the area to "
-                                "paint white")
+            raise ArgumentError("{mask} keeps every pixel (none is white): nothing to paint; ",
+                                "make the area to paint white", mask=_path(mask))
     elif shift is not None:
         image, keep = shifted(image, *shift, spec.patch_size)
     return image, keep

@@ -5,6 +5,8 @@
   kind of file removes it with `remove_stale_temporaries`.
 - A write that fails (full disk, quota, read-only, I/O error) is one PatchgenError line naming the path and
   what to do (`write_error`); where the size is known in advance, `check_free_space` says so before the work.
+  The caller's way to write elsewhere is a Phrase that names its arguments ("choose another {run_dir}"), or
+  plain text, and the error an ArgumentError that a CLI words in its options.
 - `claim`: a run folder or an output file held by one process at a time (an flock the kernel drops when the
   holder dies, however); the second claimant is told the holder's pid.
 - `made_folder` / `remove_if_empty`: a run that fails before writing anything leaves no folder it created.
@@ -18,17 +20,18 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 try:
     import fcntl
 except ImportError:  # not POSIX (Windows): no flock, so claims are not enforced there
     fcntl = None
 
-from .errors import PatchgenError
+from .errors import ArgumentError, PatchgenError, Phrase
 from .memory import format_size
 
 CACHE_ENV = "PATCHGEN_CACHE_DIR"  # the root of patchgen's caches: images/ (training) and graphs/ (sampling)
+Fix = Union[str, Phrase]  # what to do: plain text, or a Phrase that names the caller's arguments
 
 
 def cache_root() -> Path:
@@ -56,6 +59,10 @@ _READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 _WRITE_FAILURES = (*_FULL, *_READ_ONLY, errno.EIO)
 
 
+def _phrase(fix: Fix) -> Phrase:
+    return fix if isinstance(fix, Phrase) else Phrase(fix)
+
+
 def _todo(e: OSError, elsewhere: str) -> str:
     if e.errno in _FULL:
         return f"free some space there or {elsewhere}"
@@ -66,12 +73,14 @@ def _todo(e: OSError, elsewhere: str) -> str:
     return elsewhere
 
 
-def write_error(e: OSError, where=None, elsewhere: str = "choose another folder") -> PatchgenError:
+def write_error(e: OSError, where=None, elsewhere: Fix = "choose another folder") -> ArgumentError:
     """One line for a write that failed: what failed, where, and what to do, by the kind of error (full
     disk or quota, read-only or not permitted, the device failing). `where`: the file or folder being
     written (default: the error's own file name); `elsewhere`: how to write somewhere else instead."""
     where = where if where is not None else (e.filename or "the output")
-    return PatchgenError(f"cannot write {where}: {e.strerror or e or type(e).__name__}; {_todo(e, elsewhere)}")
+    fix = _phrase(elsewhere)
+    return ArgumentError(f"cannot write {where}: {e.strerror or e or type(e).__name__}; ", _todo(e, fix.text),
+                         **fix.arguments)
 
 
 def os_error(e: OSError) -> PatchgenError:
@@ -92,15 +101,17 @@ def os_error_in(exc: BaseException) -> Optional[OSError]:
     return None
 
 
-def check_free_space(folder, need: int, what: str, elsewhere: str = "choose another folder") -> None:
-    """Refuse up front, before the work, when `folder` has less than `need` bytes free for `what`."""
+def check_free_space(folder, need: int, what: str, elsewhere: Fix = "choose another folder") -> None:
+    """Refuse up front, before the work, when `folder` has less than `need` bytes free for `what`
+    (`elsewhere`: how to write somewhere else instead)."""
     try:
         free = shutil.disk_usage(folder).free
     except OSError:
         return  # cannot tell: the write itself reports it
     if need > free:
-        raise PatchgenError(f"{what} needs {format_size(need)} but {folder} has {format_size(free)} free; "
-                            f"free some space there or {elsewhere}")
+        fix = _phrase(elsewhere)
+        raise ArgumentError(f"{what} needs {format_size(need)} but {folder} has {format_size(free)} free; ",
+                            f"free some space there or {fix.text}", **fix.arguments)
 
 
 def check_writable_folder(folder) -> None:
@@ -157,7 +168,7 @@ def remove_stale_temporaries(folder, pattern: str) -> int:
 
 
 @contextlib.contextmanager
-def atomic_output(path, mode: str = "wb", elsewhere: str = "choose another folder"):
+def atomic_output(path, mode: str = "wb", elsewhere: Fix = "choose another folder"):
     """Yield a file object; on success it replaces `path` in one rename, on error nothing is left behind.
 
     A write that fails (a full disk or quota, a read-only or failing device), also one wrapped by the
@@ -211,7 +222,7 @@ def remove_if_empty(folders) -> None:
             return
 
 
-class Claimed(PatchgenError):
+class Claimed(ArgumentError):
     """Another live process holds the claim."""
 
 
@@ -227,13 +238,13 @@ def _holder(fd: int) -> str:
 
 
 @contextlib.contextmanager
-def claim(lock: Path, what: str, todo: str) -> Iterator[None]:
+def claim(lock: Path, what: str, todo: Fix) -> Iterator[None]:
     """Hold `lock` exclusively (an `flock`, which the kernel releases when the holder exits, even by
     kill -9) for the block, with this process's pid written in it; the file is removed on the way out.
 
-    `what` names what is claimed and `todo` what the second claimant can do: it gets one line,
-    "<what> is in use by process <pid>; <todo>" (Claimed). Re-entrant within a process. Where there is no
-    flock (Windows, some network file systems) the block runs unclaimed.
+    `what` names what is claimed and `todo` what the second claimant can do (text, or a Phrase naming the
+    caller's arguments): it gets one line, "<what> is in use by process <pid>; <todo>" (Claimed). Re-entrant
+    within a process. Where there is no flock (Windows, some network file systems) the block runs unclaimed.
     A file left by a killed holder is taken over and removed by the next claimant."""
     lock = Path(lock)
     with contextlib.suppress(OSError):
@@ -260,7 +271,7 @@ def claim(lock: Path, what: str, todo: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _acquire(lock: Path, what: str, todo: str) -> Optional[int]:
+def _acquire(lock: Path, what: str, todo: Fix) -> Optional[int]:
     """The locked file's descriptor, or None where locking is unavailable; raises Claimed."""
     if fcntl is None:
         return None
@@ -274,7 +285,8 @@ def _acquire(lock: Path, what: str, todo: str) -> Optional[int]:
         except BlockingIOError:
             holder = _holder(fd)
             os.close(fd)
-            raise Claimed(f"{what} is in use by {holder}; {todo}") from None
+            fix = _phrase(todo)
+            raise Claimed(f"{what} is in use by {holder}; ", fix.text, **fix.arguments) from None
         except OSError:  # no flock here (ENOLCK, EOPNOTSUPP): unclaimed, and no lock file left
             os.close(fd)
             with contextlib.suppress(OSError):

@@ -76,8 +76,8 @@ def sampling_request(spec: ModelSpec, num_images: int = 1, seed: int = 0, sample
     if not 1 <= steps <= T:
         raise PatchgenError(f"steps must be between 1 and {T} (this model's T), got {steps}")
     if edit is not None and edit.jumps and sampler == "dpm++":
-        raise ArgumentError("", "{repaint_jumps} needs the ddim or ddpm sampler: dpm++'s multistep update keeps the "
-                            "previous step, which a jump back would break", repaint_jumps=None)
+        raise ArgumentError("{repaint_jumps} needs the ddim or ddpm sampler: dpm++'s multistep update keeps the "
+                            "previous step, which a jump back would break", "", repaint_jumps=None)
     if sampler == "ddim":
         eta = 0.0 if eta is None else float(eta)
         if not 0.0 <= eta <= 1.0:  # also refuses NaN

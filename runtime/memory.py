@@ -160,12 +160,12 @@ def cap_to_available(budget: int) -> tuple[int, str]:
 class BudgetTooSmall(ArgumentError):
     """The memory budget cannot hold the run, not even at one patch per call. problem: why; `minimum`
     (bytes): a budget a fresh run accepts, asked for in whole MiB; alternative: another fix ("resize the
-    image")."""
+    image"); arguments: those the problem names (ArgumentError), memory_budget aside."""
 
-    def __init__(self, problem: str, minimum: float, alternative: str = ""):
+    def __init__(self, problem: str, minimum: float, alternative: str = "", **arguments: Optional[object]):
         self.minimum = minimum
-        other = ", or " + alternative.replace("{", "{{").replace("}", "}}") if alternative else ""
-        super().__init__(f"{problem}; ", "pass {memory_budget} or more" + other,
+        other = ", or " + alternative if alternative else ""
+        super().__init__(f"{problem}; ", "pass {memory_budget} or more" + other, **arguments,
                          memory_budget=f"{math.ceil(minimum / MIB)}M")
 
 

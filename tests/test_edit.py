@@ -306,18 +306,62 @@ def test_bad_edit_input_is_one_line_and_creates_nothing(edit_files, args, messag
 
 @pytest.mark.quick
 @pytest.mark.parametrize("kwargs,message", [
-    ({"mask": np.ones((32, 32), bool)}, r"--mask must be \[64, 64\] or \[64, 64, 1 to 4\]"),
-    ({"mask": np.ones((64, 64, 0), bool)}, r"--mask must be \[64, 64\] or \[64, 64, 1 to 4\]"),
-    ({"mask": np.full((64, 64), "a")}, r"--mask must hold bool or numbers, not <U1"),
-    ({"strength": "0.5"}, r"--strength must be a number, not '0.5'"),
-    ({"outpaint": 1}, r"--outpaint must be text such as right:1, not int"),
-    ({"outpaint": "right:1", "repaint_jumps": 1.5}, r"--repaint-jumps must be a whole number, not 1.5"),
-    ({"init_image": [1, 2]}, r"--init-img must be a file's path, a PIL image or a uint8 array, not list"),
+    ({"mask": np.ones((32, 32), bool)}, r"^mask must be \[64, 64\] or \[64, 64, 1 to 4\]"),
+    ({"mask": np.ones((64, 64, 0), bool)}, r"^mask must be \[64, 64\] or \[64, 64, 1 to 4\]"),
+    ({"mask": np.full((64, 64), "a")}, r"^mask must hold bool or numbers, not <U1"),
+    ({"mask": np.zeros((64, 64), bool)}, r"^mask keeps every pixel \(none is white\)"),
+    ({"strength": "0.5"}, r"^strength must be a number, not '0.5'"),
+    ({"outpaint": 1}, r"^outpaint must be text such as right:1, not int"),
+    ({"outpaint": "right:1", "repaint_jumps": 1.5}, r"^repaint_jumps must be a whole number, not 1.5"),
+    ({"init_image": [1, 2]}, r"^init_image must be a file's path, a PIL image or a uint8 array, not list"),
+    ({"init_image": np.zeros((64, 64), np.uint8)}, r"^init_image must be uint8 \[64, 64, 3\] for this model"),
 ])
 def test_api_refuses_bad_edit_arguments(kwargs, message):
     kwargs = {"init_image": np.zeros((64, 64, 3), np.uint8), **kwargs}
     with pytest.raises(PatchgenError, match=message):
         generate("faces64_2x2", steps=1, memory_budget="min", **kwargs)
+
+
+SPEC_2X2 = ModelSpec(image_size=64, channels=3, grid=2, use_position=True, use_gcc=True,
+                     schedule=Schedule("cosine", 100))
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("kwargs,library,cli", [
+    ({"mask": "m.png"}, "mask needs init_image, the image to edit", "--mask needs --init-img, the image to edit"),
+    ({"repaint_jumps": 2}, "repaint_jumps needs init_image", "--repaint-jumps needs --init-img"),
+    ({"init_image": "{missing}.png"}, "init_image='{missing}.png': no such file",
+     "--init-img {missing}.png: no such file"),
+    ({"init_image": "i.png", "outpaint": "left:1", "strength": 0.5},
+     "outpaint paints patches that start from nothing, so it runs every step: drop strength=0.5",
+     "--outpaint paints patches that start from nothing, so it runs every step: drop --strength 0.5"),
+    ({"init_image": "i.png", "outpaint": "right:2"}, "outpaint='right:2' would shift the image off this 2x2 grid",
+     "--outpaint right:2 would shift the image off this 2x2 grid"),
+    ({"init_image": "i.png", "mask": "m.png", "outpaint": "up:1"},
+     "give mask or outpaint, not both: outpaint makes its own mask",
+     "give --mask or --outpaint, not both: --outpaint makes its own mask"),
+])
+def test_edit_errors_name_arguments_and_the_cli_words_them_as_options(kwargs, library, cli):
+    """The library says generate()'s arguments, never a flag; the CLI (`as_option`) says the same as flags."""
+    from patchgen.cli.common import as_option
+
+    with pytest.raises(PatchgenError) as e:
+        make_edit(SPEC_2X2, **kwargs)
+    assert "--" not in str(e.value) and str(e.value).startswith(library), str(e.value)
+    assert e.value.worded(as_option).startswith(cli), e.value.worded(as_option)
+
+
+@pytest.mark.quick
+def test_edit_notes_name_the_argument(tmp_path):
+    """make_edit's note on a resized input: init_image in the library's words, --init-img in the CLI's."""
+    from patchgen.cli.common import as_option
+
+    Image.fromarray(random_image(SPEC_2X2)).resize((100, 80)).save(tmp_path / "wide.png")
+    _, notes = make_edit(SPEC_2X2, tmp_path / "wide.png")
+    assert [str(n) for n in notes] == [f"init_image={str(tmp_path / 'wide.png')!r} is 100x80: centre-cropped and "
+                                       "resized to 64x64"]
+    assert [n.worded(as_option) for n in notes] == [f"--init-img {tmp_path / 'wide.png'} is 100x80: centre-cropped "
+                                                    "and resized to 64x64"]
 
 
 def test_mask_arrays_read_as_mask_files_do(edit_files):
