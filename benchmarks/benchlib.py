@@ -10,6 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from patchgen.runtime.environment import MALLOC_TUNING_ENV, SESSION_OPTIONS_ENV  # constants only
 from patchgen.runtime.files import atomic_output  # small: os, re, tempfile (the benchmark parents stay small)
 
 RESULTS = Path(__file__).parent / "results"
@@ -122,9 +123,6 @@ print(json.dumps({"imports_mib": imports, "floor_mib": floor, "peak_mib": status
 
 SAMPLE_CLI = ["-c", "from patchgen.cli.sample import main; main()"]
 MIB = 2**20
-# runtime/session.py's OVERRIDES_ENV and the switch its tune_allocator reads: named here, since importing the
-# runtime (onnxruntime) would make this driver large, which its children would inherit (run_fresh)
-SESSION_OPTIONS_ENV, MALLOC_TUNING_ENV = "PATCHGEN_SESSION_OPTIONS", "PATCHGEN_MALLOC_TUNING"
 
 
 def sample_cli(model: str, out: Path, *extra: str, num_images: int = 2, steps: int = 2, threads: int | None = 1,

@@ -25,10 +25,9 @@ try:
 except ImportError:  # not POSIX (Windows): no flock, so claims are not enforced there
     fcntl = None
 
+from .environment import CACHE_ENV  # the root of patchgen's caches
 from .errors import PatchgenError
 from .memory import format_size
-
-CACHE_ENV = "PATCHGEN_CACHE_DIR"  # the root of patchgen's caches: images/ (training) and graphs/ (sampling)
 
 
 def cache_root() -> Path:

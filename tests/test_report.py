@@ -208,14 +208,14 @@ def test_the_session_settings_a_benchmark_varies_are_a_parameter(monkeypatch):
     """session_options(overrides=...), or $PATCHGEN_SESSION_OPTIONS in a fresh process (benchlib.sample_run):
     onnxruntime's own names laid over patchgen's; anything else is one PatchgenError line."""
     from patchgen.runtime.errors import PatchgenError
-    from patchgen.runtime.session import OVERRIDES_ENV, session_options
+    from patchgen.runtime.session import SESSION_OPTIONS_ENV, session_options
 
     assert not session_options().enable_mem_pattern and not session_options().enable_cpu_mem_arena
     so = session_options(overrides={"enable_mem_pattern": True, "session.disable_prepacking": "1"})
     assert so.enable_mem_pattern and so.get_session_config_entry("session.disable_prepacking") == "1"
-    monkeypatch.setenv(OVERRIDES_ENV, json.dumps({"enable_cpu_mem_arena": True}))
+    monkeypatch.setenv(SESSION_OPTIONS_ENV, json.dumps({"enable_cpu_mem_arena": True}))
     assert session_options().enable_cpu_mem_arena and not session_options(overrides={}).enable_cpu_mem_arena
     for text in ("[1]", "{", json.dumps({"no_such_option": 1})):
-        monkeypatch.setenv(OVERRIDES_ENV, text)
-        with pytest.raises(PatchgenError, match=OVERRIDES_ENV):
+        monkeypatch.setenv(SESSION_OPTIONS_ENV, text)
+        with pytest.raises(PatchgenError, match=SESSION_OPTIONS_ENV):
             session_options()
