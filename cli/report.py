@@ -2,8 +2,8 @@
 and scripts read, instead of the lines the commands print, which are worded for people and may change.
 
 Schema 1: one JSON object, written atomically (`files.atomic_output`) when the command ends, however it ends once
-its options and outputs were checked: done, refused or failed (error), or stopped by Ctrl-C or SIGTERM. A
---report path that cannot be written is refused before any work, with no report.
+its options were checked (patchgen-sample: and its outputs): done, refused or failed (error), or stopped by Ctrl-C
+or SIGTERM. A --report path that cannot be written is refused before any work, with no report.
 
 Every report:
 - `schema`: 1; a field's meaning never changes within a schema number, and fields may be added.
