@@ -147,6 +147,20 @@ def sample_cli(model: str, out: Path, *extra: str, num_images: int = 2, steps: i
             "s_per_image": per_image, "created_out": out.exists()}
 
 
+EXPORT_CLI = ["-m", "patchgen.cli.export"]
+
+
+def export_cli(checkpoint: Path, out: Path, *extra: str) -> dict:
+    """`patchgen-export CHECKPOINT -o OUT --force` in a fresh process (`run_fresh`), with what its --report says
+    (cli/report.py; the lines it prints are for people and are never read) as "report": the whole record, None
+    when the export wrote none (as when its options were refused)."""
+    with tempfile.TemporaryDirectory(prefix="patchgen-bench-") as folder:
+        report = Path(folder) / "report.json"
+        r = run_fresh(python(*EXPORT_CLI, str(checkpoint), "-o", str(out), "--force", "--report", str(report),
+                             *extra))
+        return {**r, "report": json.loads(report.read_text()) if report.exists() else None}
+
+
 def refusal_minimum(run: dict) -> float | None:
     """The minimum budget (MiB) that a `sample_cli` run refused for too small a budget named, else None."""
     error = (run["report"] or {}).get("error") or {}
