@@ -240,7 +240,8 @@ def export_record(run: ExportRecord, status: str, error: Optional[BaseException]
                         "calibration_data": run.calibration_data},
             "parity": _parity(run, error), "parameters": None if r is None else r.parameters,
             "model_sha256": None if r is None else model_sha256(r.path),
-            "seconds": {"total": seconds}, "files": [{"path": str(p), "bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files],
+            "seconds": {"total": seconds},
+            "files": [{"path": str(p), "bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files],
             "error": None if error is None else {"message": message(error)}}
 
 
