@@ -219,6 +219,7 @@ def test_export_report_of_a_failed_check(checkpoint, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export.json"]  # no ONNX file, no temporary
 
 
+@pytest.mark.quick
 def test_export_report_of_an_unreadable_checkpoint(tmp_path):
     (tmp_path / "c.pt").write_bytes(b"not a checkpoint")
     report = tmp_path / "export.json"
@@ -229,6 +230,7 @@ def test_export_report_of_an_unreadable_checkpoint(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "export.json"]
 
 
+@pytest.mark.quick
 def test_an_export_report_path_that_cannot_be_written_is_refused_before_any_work(checkpoint, tmp_path):
     (tmp_path / "folder.json").mkdir()
     (tmp_path / "old.json").write_text("mine")
