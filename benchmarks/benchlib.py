@@ -10,6 +10,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from patchgen.runtime.environment import MALLOC_TUNING_ENV, SESSION_OPTIONS_ENV  # constants only
 from patchgen.runtime.files import atomic_output  # small: os, re, tempfile (the benchmark parents stay small)
 
 RESULTS = Path(__file__).parent / "results"
@@ -122,9 +123,6 @@ print(json.dumps({"imports_mib": imports, "floor_mib": floor, "peak_mib": status
 
 SAMPLE_CLI = ["-c", "from patchgen.cli.sample import main; main()"]
 MIB = 2**20
-# runtime/session.py's OVERRIDES_ENV and the switch its tune_allocator reads: named here, since importing the
-# runtime (onnxruntime) would make this driver large, which its children would inherit (run_fresh)
-SESSION_OPTIONS_ENV, MALLOC_TUNING_ENV = "PATCHGEN_SESSION_OPTIONS", "PATCHGEN_MALLOC_TUNING"
 
 
 def sample_cli(model: str, out: Path, *extra: str, num_images: int = 2, steps: int | None = 2,
@@ -149,6 +147,20 @@ def sample_cli(model: str, out: Path, *extra: str, num_images: int = 2, steps: i
     return {**r, "report": record, "patch_batch": plan.get("patch_batch"), "allocation": plan.get("allocation"),
             "threads": plan.get("threads"), "predicted_mib": predicted / MIB if predicted else None,
             "s_per_image": per_image, "created_out": out.exists()}
+
+
+EXPORT_CLI = ["-m", "patchgen.cli.export"]
+
+
+def export_cli(checkpoint: Path, out: Path, *extra: str) -> dict:
+    """`patchgen-export CHECKPOINT -o OUT --force` in a fresh process (`run_fresh`), with what its --report says
+    (cli/report.py; the lines it prints are for people and are never read) as "report": the whole record, None
+    when the export wrote none (as when its options were refused)."""
+    with tempfile.TemporaryDirectory(prefix="patchgen-bench-") as folder:
+        report = Path(folder) / "report.json"
+        r = run_fresh(python(*EXPORT_CLI, str(checkpoint), "-o", str(out), "--force", "--report", str(report),
+                             *extra))
+        return {**r, "report": json.loads(report.read_text()) if report.exists() else None}
 
 
 def refusal_minimum(run: dict) -> float | None:

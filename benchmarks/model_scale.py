@@ -34,6 +34,7 @@ import click
 from benchlib import RESULTS, python, random_model, run_fresh, write_results
 from memory_vs_grid import ATTENTION_LIMIT, attention_bytes, fits
 
+from patchgen.runtime.environment import CACHE_ENV
 from patchgen.runtime.pretrained import pretrained_dir, resolve_model  # stdlib only: the parent stays lean
 
 WIDTHS = {
@@ -108,7 +109,7 @@ def inline_copy(model: Path, to: Path) -> Path:
 def measure(model: Path, way: str, cache: Path, steps: int, threads: int) -> dict:
     if way == "cold":
         shutil.rmtree(cache, ignore_errors=True)
-    r = run_fresh(python("-c", CHILD, str(model), way, str(steps), str(threads)), env={"PATCHGEN_CACHE_DIR": str(cache)})
+    r = run_fresh(python("-c", CHILD, str(model), way, str(steps), str(threads)), env={CACHE_ENV: str(cache)})
     if r["returncode"] != 0:
         return {"error": (r["stderr"].strip().splitlines() or ["?"])[-1][:160]}
     return {**json.loads(r["stdout"]), "kernel_peak_mib": r["peak_mib"]}

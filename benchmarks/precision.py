@@ -19,7 +19,7 @@ from pathlib import Path
 
 import click
 
-from benchlib import RESULTS, python, random_model, sample_run, write_results
+from benchlib import RESULTS, export_cli, python, random_model, sample_run, write_results
 
 # setting -> patchgen-export arguments; int8 is U8S8 (the default), int8-s8s8 signed activations
 SETTINGS = {"fp32": [], "fp16": ["--precision", "fp16"], "int8": ["--quantize", "int8"],
@@ -43,16 +43,28 @@ print(json.dumps(dict(ops.most_common())))
 """
 
 
-def export(checkpoint: Path, out: Path, weights: str, calibration_data: str | None) -> None:
+def export(checkpoint: Path, out: Path, weights: str, calibration_data: str | None) -> dict:
+    """`checkpoint` exported to `out` as the SETTINGS `weights` say (benchlib.export_cli): its --report."""
     args = list(SETTINGS[weights])
     if weights != "fp32" and calibration_data:
         args += ["--calibration-data", calibration_data]
-    r = subprocess.run(python("-m", "patchgen.cli.export", str(checkpoint), "-o", str(out), "--force", *args),
-                       capture_output=True, text=True)
-    if r.returncode:
-        raise click.ClickException(f"export {weights} of {checkpoint} failed: {r.stderr.strip()[-400:]}")
-    parity = [line.strip() for line in r.stdout.splitlines() if "parity" in line]
-    click.echo(f"{out.name}: {' / '.join(parity)}")
+    r = export_cli(checkpoint, out, *args)
+    report = r["report"] or {}
+    if r["returncode"] or report.get("status") != "done":
+        why = (report.get("error") or {}).get("message") or r["stderr"].strip()[-400:]  # no report: what it said
+        raise click.ClickException(f"export {weights} of {checkpoint} failed: {why}")
+    click.echo(f"{out.name}: {parity_line(report['parity'])}")
+    return report
+
+
+def parity_line(parity: dict) -> str:
+    """An export report's parity member as one line: each error measured, against its limit."""
+    if not parity["checked"]:
+        return "parity not checked"
+    line = f"max error {parity['max_error']:.2e} (limit {parity['max_error_tolerance']:g})"
+    if parity["rms_error"] is not None:
+        line += f", RMS error {parity['rms_error']:.2e} (limit {parity['rms_error_tolerance']:g})"
+    return f"parity in the model's own parametrisation ({parity['prediction']}): {line}"
 
 
 def weight_settings(ctx, param, value: str) -> list[str]:
@@ -72,16 +84,18 @@ def cpu_flags() -> str:
     return ", ".join(have) or "none of avx2/avx512/vnni"
 
 
-def export_all(sources: list[tuple[str, Path, str | None]], settings: list[str], folder: Path) -> dict:
+def export_all(sources: list[tuple[str, Path, str | None]], settings: list[str],
+               folder: Path) -> tuple[dict, dict]:
     """(name, weights) -> the file of each (name, checkpoint, calibration data) source exported at each of
-    `settings` (names of SETTINGS) into `folder`."""
-    files = {}
+    `settings` (names of SETTINGS) into `folder`, and -> its bytes (external data included), as its report says."""
+    files, sizes = {}, {}
     for name, ckpt, calibration in sources:
         stem = name.split()[0]
         for w in settings:
             files[name, w] = folder / f"{stem}_{w}.onnx"
-            export(ckpt, files[name, w], w, calibration)
-    return files
+            report = export(ckpt, files[name, w], w, calibration)
+            sizes[name, w] = sum(f["bytes"] for f in report["files"])
+    return files, sizes
 
 
 def timed_rounds(files: dict, allocations: list[str], rounds: int, steps: int, threads: int,
@@ -107,7 +121,8 @@ def timed_rounds(files: dict, allocations: list[str], rounds: int, steps: int, t
     return cells, times, peaks, plans
 
 
-def precision_row(files: dict, cell: tuple[str, str, str], times: dict, peaks: dict, plans: dict) -> dict:
+def precision_row(files: dict, sizes: dict, cell: tuple[str, str, str], times: dict, peaks: dict,
+                  plans: dict) -> dict:
     """The table's row of one cell: file size, peak RSS, s/step, the speed-up against fp32 in the same rounds,
     and the kernels in onnxruntime's optimised graph."""
     name, w, a = cell
@@ -116,8 +131,7 @@ def precision_row(files: dict, cell: tuple[str, str, str], times: dict, peaks: d
     kernels = json.loads(subprocess.run(python("-c", KERNELS_CHILD, str(path)), capture_output=True,
                                         text=True, check=True).stdout)
     return {"model": name, "weights": w, "allocation": a, "plan": "/".join(sorted(plans[cell])),
-            "file_mb": path.stat().st_size / 1e6,
-            "size_vs_fp32": path.stat().st_size / files[name, "fp32"].stat().st_size,
+            "file_mb": sizes[name, w] / 1e6, "size_vs_fp32": sizes[name, w] / sizes[name, "fp32"],
             "peak_mib": max(peaks[cell]), "s_per_step": statistics.median(times[cell]),
             "speedup": statistics.median(ratios), "speedup_min": min(ratios), "speedup_max": max(ratios),
             "kernels": ", ".join(f"{k} {v}" for k, v in kernels.items()
@@ -156,9 +170,9 @@ def main(checkpoints, edge, edge_size, edge_grid, settings, rounds, steps, threa
             stem = f"edge{edge_size}_{edge_grid}x{edge_grid}"
             model = random_model(Path(tmp) / f"{stem}.onnx", edge_size, edge_grid, keep_checkpoint=True)
             sources.append((f"{stem} (random weights)", model.with_suffix(".pt"), "emoji-faces"))
-        files = export_all(sources, settings, folder)
+        files, sizes = export_all(sources, settings, folder)
         cells, times, peaks, plans = timed_rounds(files, allocations, rounds, steps, threads, patch_batch)
-        rows = [precision_row(files, cell, times, peaks, plans) for cell in cells]
+        rows = [precision_row(files, sizes, cell, times, peaks, plans) for cell in cells]
     notes = (f"{rounds} rounds, interleaved; each cell a fresh `patchgen-sample`-like process (1 image, {steps} DDIM "
              f"steps, patch batch {patch_batch} but the planner's own, {threads} threads), peak RSS from the kernel "
              f"(largest over rounds), "

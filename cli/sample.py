@@ -4,12 +4,11 @@ Edge path: imports only numpy, onnxruntime, pillow and click (never torch).
 """
 from __future__ import annotations
 
-import contextlib
+import functools
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Optional
 
 import click
 
@@ -23,7 +22,7 @@ from patchgen.runtime.pretrained import DEFAULT_MODEL, shipped_models
 from patchgen.runtime.session import DEFAULT_PROVIDER, available_providers
 
 from .common import CliError, Command, as_option, one_line, progress, user_errors
-from .report import RunRecord, record, write_report
+from .report import SampleRecord, reported, sample_record
 
 EXAMPLE = """
 \b
@@ -126,8 +125,8 @@ def main(model_path, num_images, seed, steps, sampler, eta, patch_batch, memory_
     # No output may replace an input: the model (and its weights), --init-img, --mask; not even with --force.
     check_inputs(model_file, {"--init-img": init_img, "--mask": mask}, beside, out_dir, seed, num_images)
     check_outputs(out_dir, seed, num_images, beside, force)  # nor an earlier run's, without --force
-    run = RunRecord(model_file, out_dir, num_images, seed, sampler, steps, eta)
-    with reported(run, report):
+    run = SampleRecord(model_file, out_dir, num_images, seed, sampler, steps, eta)
+    with reported(report, functools.partial(sample_record, run)):
         model, plan = _plan(run, threads, provider, memory_budget, patch_batch, grid_image, preview,
                             (init_img, mask, strength, outpaint, repaint_jumps))
         _run(run, model, plan, grid_image, preview, preview_every)
@@ -173,35 +172,7 @@ def check_inputs(model_file: Path, inputs: dict, beside: dict, out_dir: Path, se
                            "choose another --out or --seed, or copy it first")
 
 
-@contextlib.contextmanager
-def reported(run: RunRecord, path: Optional[Path]) -> Iterator[None]:
-    """Write `run`'s --report to `path` (None: none) as the block ends: done, error or stopped. After an error
-    or a stop, a report that cannot be written is a note, and the run's own error stands."""
-    if path is None:
-        yield
-        return
-    try:
-        yield
-    except KeyboardInterrupt:
-        _report_anyway(path, record(run, "stopped"))
-        raise
-    except Exception as e:
-        _report_anyway(path, record(run, "error", e))
-        raise
-    write_report(path, record(run, "done"))
-
-
-def _report_anyway(path: Path, report: dict) -> None:
-    from patchgen.runtime.errors import PatchgenError
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)  # in an --out that the run did not get to make
-        write_report(path, report)
-    except (PatchgenError, OSError) as e:
-        click.echo(f"note: no report: {one_line(str(e))}", err=True)
-
-
-def _plan(run: RunRecord, threads, provider, memory_budget, patch_batch, grid_image, preview, edit_args):
+def _plan(run: SampleRecord, threads, provider, memory_budget, patch_batch, grid_image, preview, edit_args):
     """Open the model, read the edit's images and plan the run (each stage recorded in `run`, for its report);
     say their notes. edit_args: make_edit's (init image, mask, strength, outpaint, repaint jumps)."""
     from patchgen.runtime.edit import make_edit
@@ -231,7 +202,7 @@ def _plan(run: RunRecord, threads, provider, memory_budget, patch_batch, grid_im
     return model, plan
 
 
-def _run(run: RunRecord, model, plan, grid_image, preview, preview_every) -> None:
+def _run(run: SampleRecord, model, plan, grid_image, preview, preview_every) -> None:
     """Make --out and sample into it. A run stopped or failed before its first image leaves no folder it made;
     one stopped says what it wrote."""
     from patchgen.runtime.files import check_writable_folder, made_folder, remove_if_empty
@@ -332,7 +303,7 @@ def _sample_name(name: str, seed: int, num_images: int) -> bool:
     return name == f"seed{seed}_{index}.png" and index.isdigit() and len(index) == 5 and int(index) < num_images
 
 
-def _sample(model, plan, run: RunRecord, grid_image, preview=None, preview_every=1) -> None:
+def _sample(model, plan, run: SampleRecord, grid_image, preview=None, preview_every=1) -> None:
     """Sample the plan's images into run.out_dir (and the grid), with a progress bar and a closing line; each
     file is recorded in `run` as it is written, and the sampling time once done."""
     from patchgen.runtime.generate import iter_samples, png_text

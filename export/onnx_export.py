@@ -8,7 +8,6 @@ import logging
 import signal
 import warnings
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Optional
 
@@ -23,7 +22,7 @@ from patchgen.models.unet import PatchUNet
 from patchgen.runtime.errors import ArgumentError, Phrase
 from patchgen.runtime.files import (as_utf8, check_free_space, check_writable_folder, claim, remove_stale_temporaries,
                                     temporary_prefix)
-from patchgen.runtime.metadata import spec_to_metadata
+from patchgen.runtime.metadata import patchgen_version, spec_to_metadata
 from patchgen.runtime.session import check_openable
 from patchgen.runtime.spec import example_feeds
 
@@ -33,13 +32,6 @@ from .onnx_file import Staged, staged
 # Opset 18: the lowest the torch.export-based exporter emits, and read by onnxruntime >= 1.14, which covers
 # the older builds shipped for Jetson and Raspberry Pi. GroupNorm lowers to InstanceNormalization + Reshape.
 OPSET = 18
-
-
-def patchgen_version() -> str:
-    try:
-        return version("patchgen")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def example_inputs(net: PatchUNet, batch: int, rng: np.random.Generator, t: Optional[np.ndarray] = None,

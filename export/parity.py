@@ -33,6 +33,18 @@ PARITY_TIMESTEPS = 9  # timesteps the float32 check runs at, `spread_timesteps` 
 PARITY_RMS_TOLERANCE = {"fp16": 5e-3, "int8": 0.1}
 
 
+class ParityFailed(ArgumentError):
+    """A graph outside its tolerance, so no file was written. weights: "fp32" (the measure is `max_parity_error`)
+    or "fp16" / "int8" (`parity_rms`); error: the measure (NaN for a graph that gives NaN), limit: its tolerance,
+    both in the units of what the network predicts (`prediction`: "eps", "v" or "x0")."""
+
+    def __init__(self, weights: str, prediction: str, error: float, limit: float):
+        failed = "parity check failed: max error" if weights == "fp32" else f"{weights} parity check failed: RMS error"
+        super().__init__(f"{failed} in the model's own parametrisation ({prediction}) = {error:.3g} > {limit:g}; ",
+                         "no file written ({check} writes it anyway)", check=False)
+        self.weights, self.prediction, self.error, self.limit = weights, prediction, error, limit
+
+
 def spread_timesteps(num_timesteps: int, count: int) -> np.ndarray:
     """int64 [<= count]: `count` timesteps evenly spread over [0, T), always 0 and T-1 (fewer when T < count)."""
     # t_k = floor(k (T-1) / (count-1)), k = 0 .. count-1: exact integers, t_0 = 0, t_last = T-1.
@@ -116,23 +128,18 @@ def parity_rms(net: PatchUNet, model_path, feeds: list[dict]) -> float:
 
 
 def checked_max_error(net: PatchUNet, model_path) -> float:
-    """`max_parity_error` of the float32 graph at `model_path`; an ArgumentError above PARITY_TOLERANCE (or NaN)."""
+    """`max_parity_error` of the float32 graph at `model_path`; ParityFailed above PARITY_TOLERANCE (or NaN)."""
     error = max_parity_error(net, model_path)
     if not error <= PARITY_TOLERANCE:  # also catches NaN
-        raise _failed(f"parity check failed: max error in the model's own parametrisation ({net.config.prediction}) "
-                      f"= {error:.3g} > {PARITY_TOLERANCE:g}; ")
+        raise ParityFailed("fp32", net.config.prediction, error, PARITY_TOLERANCE)
     return error
 
 
 def checked_rms(net: PatchUNet, model_path, weights: str, feeds: list[dict]) -> float:
-    """`parity_rms` of the `weights` ("fp16", "int8") file at `model_path` on `feeds`; an ArgumentError above
+    """`parity_rms` of the `weights` ("fp16", "int8") file at `model_path` on `feeds`; ParityFailed above
     PARITY_RMS_TOLERANCE[weights] (or NaN)."""
     error, limit = parity_rms(net, model_path, feeds), PARITY_RMS_TOLERANCE[weights]
     if not error <= limit:
-        raise _failed(f"{weights} parity check failed: RMS error in the model's own parametrisation "
-                      f"({net.config.prediction}) = {error:.3g} > {limit:g}; ")
+        raise ParityFailed(weights, net.config.prediction, error, limit)
     return error
 
-
-def _failed(problem: str) -> ArgumentError:
-    return ArgumentError(problem, "no file written ({check} writes it anyway)", check=False)

@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 
 from patchgen.runtime.decode import max_decode_pixels
+from patchgen.runtime.environment import NOTO_FONT_ENV  # a NotoColorEmoji.ttf elsewhere (in the tests, a tiny one)
 from patchgen.runtime.errors import PatchgenError
 
 from .cache import data_identity, decode_images
@@ -31,7 +32,6 @@ NOTO_ATTRIBUTION = ("Noto Color Emoji by Google Inc. (https://github.com/googlef
                     "under the Apache License 2.0, the font under the SIL Open Font License 1.1; bitmaps read from "
                     "the font file")
 NOTO_LICENSE = "Apache-2.0 AND OFL-1.1"
-NOTO_FONT_ENV = "PATCHGEN_NOTO_FONT"  # a NotoColorEmoji.ttf elsewhere (or, in the tests, a tiny one)
 NOTO_FONT_PATHS = ("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf",  # Debian, Ubuntu: fonts-noto-color-emoji
                    "/usr/share/fonts/noto/NotoColorEmoji.ttf")  # Arch: noto-fonts-emoji
 

@@ -27,10 +27,10 @@ try:
 except ImportError:  # not POSIX (Windows): no flock, so claims are not enforced there
     fcntl = None
 
+from .environment import CACHE_ENV  # the root of patchgen's caches
 from .errors import ArgumentError, PatchgenError, Phrase
 from .memory import format_size
 
-CACHE_ENV = "PATCHGEN_CACHE_DIR"  # the root of patchgen's caches: images/ (training) and graphs/ (sampling)
 Fix = Union[str, Phrase]  # what to do: plain text, or a Phrase that names the caller's arguments
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+from importlib.metadata import PackageNotFoundError, version
 from typing import Optional
 
 from .errors import PatchgenError
@@ -24,6 +25,14 @@ SPEC_KEYS = {"image_size": "patchgen.image_size", "channels": "patchgen.channels
 SCHEDULE_KEYS = {name: f"patchgen.schedule.{name}"
                  for name in ("kind", "num_timesteps", "cosine_s", "max_beta", "beta_start", "beta_end")}
 INTEGER = re.compile(r"-?[0-9]+")  # what str(int) writes: no "1e3", "1_000", " 12" or "12.0"
+
+
+def patchgen_version() -> str:
+    """The installed patchgen's version, as a file's metadata and the commands' reports record it."""
+    try:
+        return version("patchgen")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _bool(value: bool) -> str:

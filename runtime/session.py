@@ -37,6 +37,7 @@ from typing import Optional
 
 import onnxruntime as ort
 
+from .environment import MALLOC_TUNING_ENV, SESSION_OPTIONS_ENV
 from .errors import ArgumentError, PatchgenError
 
 SUFFIX = "ExecutionProvider"
@@ -51,10 +52,6 @@ EXTERNAL_MIN_BYTES = 1024  # initializers from this size up go to an optimised g
 # off in both: it pre-plans one block per input shape, more memory for no measured speed
 # (benchmarks/results/session_options.md). The planner (generate.make_plan) chooses between them.
 ALLOCATIONS = ("lean", "arena")
-# Benchmarks only (benchmarks/session_options.py, precision.py): onnxruntime settings laid over patchgen's in every
-# session a process opens, a JSON object of SessionOptions attributes ({"enable_mem_pattern": true}) and session
-# config entries (keys with a dot: {"session.disable_prepacking": "1"}). A run with it set keeps no budget promise.
-OVERRIDES_ENV = "PATCHGEN_SESSION_OPTIONS"
 OPTIMIZATION = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
                 "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                 "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
@@ -63,7 +60,7 @@ OPTIMIZATION = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 @functools.lru_cache(maxsize=1)
 def tune_allocator() -> bool:
     """glibc only, once per process, before the first session; PATCHGEN_MALLOC_TUNING=0 turns it off."""
-    if os.environ.get("PATCHGEN_MALLOC_TUNING", "1") == "0":
+    if os.environ.get(MALLOC_TUNING_ENV, "1") == "0":
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -93,23 +90,24 @@ def session_options(threads: int = 1, optimization: str = "all", allocation: str
 
 def apply_overrides(so: ort.SessionOptions, overrides: Optional[dict] = None) -> ort.SessionOptions:
     """`so` with `overrides` set on it: a key with a dot is a session config entry (its value as text), any other
-    a SessionOptions attribute. None: the JSON object in $PATCHGEN_SESSION_OPTIONS (OVERRIDES_ENV), if set.
+    a SessionOptions attribute. None: the JSON object in $PATCHGEN_SESSION_OPTIONS (SESSION_OPTIONS_ENV), if set.
     PatchgenError for text that is not a JSON object, or a key that is neither."""
     if overrides is None:
         try:
-            overrides = json.loads(os.environ.get(OVERRIDES_ENV) or "{}")
+            overrides = json.loads(os.environ.get(SESSION_OPTIONS_ENV) or "{}")
         except ValueError as e:
-            raise PatchgenError(f"{OVERRIDES_ENV} is not JSON: {e}") from None
+            raise PatchgenError(f"{SESSION_OPTIONS_ENV} is not JSON: {e}") from None
     if not isinstance(overrides, dict):
-        raise PatchgenError(f"{OVERRIDES_ENV} must be a JSON object of onnxruntime settings, got {overrides!r}")
+        raise PatchgenError(f"{SESSION_OPTIONS_ENV} must be a JSON object of onnxruntime settings, "
+                            f"got {overrides!r}")
     for key, value in overrides.items():
         if "." in key:
             so.add_session_config_entry(key, str(value))
         elif hasattr(so, key) and not key.startswith("_") and not callable(getattr(so, key)):
             setattr(so, key, value)
         else:
-            raise PatchgenError(f"{OVERRIDES_ENV}: {key!r} is neither an onnxruntime SessionOptions attribute nor a "
-                                "session config entry (a name with a dot)")
+            raise PatchgenError(f"{SESSION_OPTIONS_ENV}: {key!r} is neither an onnxruntime SessionOptions attribute "
+                                "nor a session config entry (a name with a dot)")
     return so
 
 
@@ -175,7 +173,8 @@ def open_session(path, threads: int = 1, provider: str = DEFAULT_PROVIDER, optim
         warnings.simplefilter("ignore", UserWarning)
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
     if chosen not in session.get_providers():  # onnxruntime falls back to the CPU with only a log line
+        running = ", ".join(map(short_name, session.get_providers()))
         raise ArgumentError(f"onnxruntime could not start the {short_name(chosen)} provider (missing driver or "
-                            f"libraries?); the session runs only on {', '.join(map(short_name, session.get_providers()))}. ",
+                            f"libraries?); the session runs only on {running}. ",
                             "Pass {provider} to run on the CPU", provider=DEFAULT_PROVIDER)
     return session

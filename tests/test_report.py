@@ -1,16 +1,21 @@
-"""`patchgen-sample --report`: the run's machine-readable record (cli/report.py), and the benchmarks that read it
-instead of the sampler's stderr, which is worded for people."""
+"""`patchgen-sample --report` and `patchgen-export --report`: the commands' machine-readable records
+(cli/report.py), and the benchmarks that read them instead of what the commands print, which is worded for people."""
 import ast
+import hashlib
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
+from patchgen.cli import export as export_command
 from patchgen.cli.report import SCHEMA, write_report
 from patchgen.cli.sample import main
 from patchgen.export.onnx_export import export_onnx
+from patchgen.runtime.metadata import patchgen_version
 from patchgen.runtime.onnxfile import model_sha256
 
 from conftest import sample_cli, tiny_config, write_checkpoint
@@ -54,6 +59,7 @@ def test_report_of_a_finished_run(onnx_model, tmp_path, monkeypatch):
     assert code == 0, err
     r = json.loads(report.read_text())
     assert r["schema"] == SCHEMA == 1 and r["status"] == "done" and r["error"] is None
+    assert r["command"] == "patchgen-sample" and r["version"] == patchgen_version() != "unknown"
     assert r["model"]["path"] == str(onnx_model) and r["model"]["name"] == "m"
     assert r["model"]["sha256"] == model_sha256(onnx_model)
     assert (r["model"]["grid"], r["model"]["image_size"], r["model"]["channels"]) == (2, 16, 3)
@@ -164,6 +170,84 @@ def test_write_report_is_atomic(tmp_path):
     assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["r.json"]
 
 
+# ---- patchgen-export --report
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("checkpoint") / "c.pt", tiny_config())
+
+
+def export(*args):
+    """patchgen-export in this process: (exit code, stdout, stderr)."""
+    r = CliRunner().invoke(export_command.main, [str(a) for a in args])
+    return r.exit_code, r.stdout, r.stderr
+
+
+def test_export_report_of_a_finished_export(checkpoint, tmp_path):
+    """Each file written with its size and hash, the parity error the command printed and its limit."""
+    model, report = tmp_path / "m.onnx", tmp_path / "export.json"
+    code, out, err = export(checkpoint, "-o", model, "--report", report)
+    assert code == 0, err
+    r = json.loads(report.read_text())
+    assert (r["schema"], r["command"], r["version"], r["status"]) == (1, "patchgen-export", patchgen_version(), "done")
+    assert r["checkpoint"] == str(checkpoint) and r["error"] is None and r["parameters"] > 1000
+    assert r["request"] == {"precision": "fp32", "int8_activations": None, "weights": "ema", "simplify": True,
+                            "calibration_data": None}
+    parity = r["parity"]
+    assert parity["checked"] and parity["prediction"] == "eps" and parity["rms_error"] is None
+    assert 0 <= parity["max_error"] <= parity["max_error_tolerance"] == 1e-4
+    assert f"= {parity['max_error']:.2e} (limit 0.0001)" in out  # the line printed for people says the same
+    assert r["files"] == [{"path": str(model), "bytes": model.stat().st_size,
+                           "sha256": hashlib.sha256(model.read_bytes()).hexdigest()}]
+    assert r["model_sha256"] == model_sha256(model) and r["seconds"]["total"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export.json", "m.onnx"]  # no temporary left
+
+
+def test_export_report_of_a_failed_check(checkpoint, tmp_path, monkeypatch):
+    """A parity check that fails: exit 2, no model, and the report holds the printed error and the measure."""
+    import patchgen.export.parity as parity
+
+    monkeypatch.setattr(parity, "PARITY_TOLERANCE", -1.0)
+    report = tmp_path / "export.json"
+    code, out, err = export(checkpoint, "-o", tmp_path / "m.onnx", "--report", report)
+    assert code == 2 and out == "", err
+    r = json.loads(report.read_text())
+    assert r["status"] == "error" and r["files"] == [] and r["model_sha256"] is None
+    assert err == f"Error: {r['error']['message']}\n" and "--skip-check writes it anyway" in err
+    assert r["parity"]["max_error"] >= 0 and r["parity"]["max_error_tolerance"] == -1.0
+    assert r["parity"]["prediction"] == "eps" and f"= {r['parity']['max_error']:.3g} > -1" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export.json"]  # no ONNX file, no temporary
+
+
+@pytest.mark.quick
+def test_export_report_of_an_unreadable_checkpoint(tmp_path):
+    (tmp_path / "c.pt").write_bytes(b"not a checkpoint")
+    report = tmp_path / "export.json"
+    code, _, err = export(tmp_path / "c.pt", "-o", tmp_path / "m.onnx", "--report", report)
+    r = json.loads(report.read_text())
+    assert code == 2 and err == f"Error: {r['error']['message']}\n" and "not a readable checkpoint" in err
+    assert r["status"] == "error" and r["parity"]["max_error"] is None and r["parity"]["prediction"] is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "export.json"]
+
+
+@pytest.mark.quick
+def test_an_export_report_path_that_cannot_be_written_is_refused_before_any_work(checkpoint, tmp_path):
+    (tmp_path / "folder.json").mkdir()
+    (tmp_path / "old.json").write_text("mine")
+    model = tmp_path / "m.onnx"
+    for report, fragments in [(tmp_path / "folder.json", ["--report", "is a directory"]),
+                              (tmp_path / "nowhere" / "r.json", ["--report", "does not exist"]),
+                              (model, ["--report", "is the -o too"]),
+                              (tmp_path / "m.onnx.0123abcd.data", ["--report", "the model's weights"]),
+                              (checkpoint, ["--report", "is the checkpoint"]),
+                              (tmp_path / "old.json", ["old.json already exists", "--force"])]:
+        code, out, err = export(checkpoint, "-o", model, "--report", report)
+        assert code == 2 and out == "" and err.startswith("Error: ") and len(err.splitlines()) == 1, err
+        assert all(f in err for f in fragments), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.json", "old.json"]
+    assert (tmp_path / "old.json").read_text() == "mine"
+
+
 # ---- The benchmarks read the report: a sampler whose every stderr line is reworded breaks none of them.
 
 # patchgen-sample with every message it prints on stderr reversed, character by character.
@@ -172,6 +256,14 @@ REWORDED = ["-c", "import click, patchgen.cli.sample as sample\n"
                   "click.echo = lambda message=None, *a, **k: echo(None if message is None else str(message)[::-1], "
                   "*a, **k)\n"
                   "sample.main()\n"]
+
+
+# patchgen-export with every line it prints (the parity lines on stdout, errors on stderr) reversed likewise.
+REWORDED_EXPORT = ["-c", "import click, patchgen.cli.export as export\n"
+                         "echo = click.echo\n"
+                         "click.echo = lambda message=None, *a, **k: echo(None if message is None else "
+                         "str(message)[::-1], *a, **k)\n"
+                         "export.main()\n"]
 
 
 @pytest.fixture
@@ -193,6 +285,24 @@ def test_benchmarks_read_the_report_not_the_wording(onnx_model, tmp_path, benchl
     assert not (tmp_path / "c").exists()
 
 
+def test_precision_reads_the_export_report_not_the_wording(checkpoint, tmp_path, monkeypatch, capsys):
+    """benchmarks/precision.py's export, against a patchgen-export whose every printed line is reversed: the
+    parity errors it shows, and the error of an export that fails, come from the report."""
+    precision = load_benchmark("precision", monkeypatch)
+    monkeypatch.setattr(sys.modules["benchlib"], "EXPORT_CLI", REWORDED_EXPORT)  # the benchlib precision uses
+    runs, export_cli = [], precision.export_cli
+    monkeypatch.setattr(precision, "export_cli", lambda *args: runs.append(export_cli(*args)) or runs[-1])
+    report = precision.export(checkpoint, tmp_path / "m.onnx", "fp32", None)
+    assert "ytirap" in runs[0]["stdout"] and "parity" not in runs[0]["stdout"]  # reworded indeed
+    shown = capsys.readouterr().out
+    assert f"max error {report['parity']['max_error']:.2e} (limit 0.0001)" in shown, shown
+    assert report["files"][0]["path"] == str(tmp_path / "m.onnx")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(click.ClickException, match="bad.pt is not a readable checkpoint"):
+        precision.export(tmp_path / "bad.pt", tmp_path / "b.onnx", "fp32", None)
+    assert "tniopkcehc elbadaer" in runs[1]["stderr"]  # what it printed was reversed; the report was not
+
+
 def test_no_benchmark_reads_sampler_prose_with_a_regex():
     """No `re` call in benchmarks/*.py is given a process's stderr or a log of it."""
     for path in BENCH.glob("*.py"):
@@ -208,14 +318,14 @@ def test_the_session_settings_a_benchmark_varies_are_a_parameter(monkeypatch):
     """session_options(overrides=...), or $PATCHGEN_SESSION_OPTIONS in a fresh process (benchlib.sample_run):
     onnxruntime's own names laid over patchgen's; anything else is one PatchgenError line."""
     from patchgen.runtime.errors import PatchgenError
-    from patchgen.runtime.session import OVERRIDES_ENV, session_options
+    from patchgen.runtime.session import SESSION_OPTIONS_ENV, session_options
 
     assert not session_options().enable_mem_pattern and not session_options().enable_cpu_mem_arena
     so = session_options(overrides={"enable_mem_pattern": True, "session.disable_prepacking": "1"})
     assert so.enable_mem_pattern and so.get_session_config_entry("session.disable_prepacking") == "1"
-    monkeypatch.setenv(OVERRIDES_ENV, json.dumps({"enable_cpu_mem_arena": True}))
+    monkeypatch.setenv(SESSION_OPTIONS_ENV, json.dumps({"enable_cpu_mem_arena": True}))
     assert session_options().enable_cpu_mem_arena and not session_options(overrides={}).enable_cpu_mem_arena
     for text in ("[1]", "{", json.dumps({"no_such_option": 1})):
-        monkeypatch.setenv(OVERRIDES_ENV, text)
-        with pytest.raises(PatchgenError, match=OVERRIDES_ENV):
+        monkeypatch.setenv(SESSION_OPTIONS_ENV, text)
+        with pytest.raises(PatchgenError, match=SESSION_OPTIONS_ENV):
             session_options()
