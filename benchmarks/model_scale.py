@@ -32,7 +32,7 @@ from pathlib import Path
 import click
 
 from benchlib import RESULTS, python, random_model, run_fresh, write_results
-from memory_vs_grid import ATTENTION_LIMIT, attention_bytes, fits
+from memory_vs_grid import ATTENTION_LIMIT, attention_bytes, unfit
 
 from patchgen.runtime.pretrained import pretrained_dir, resolve_model  # stdlib only: the parent stays lean
 
@@ -133,12 +133,16 @@ def make_cells(models, widths: str, sizes: str, grids: str, int8_grids: str, inl
         path = resolve_model(given)
         cells.append({"name": path.stem, "width": path.stem, "size": "-", "grid": 1, "weights": "as shipped"
                       if path.parent == pretrained_dir() else "as given", "model": path, "cache": work / path.stem / "cache"})
-    for width in (int(w) for w in widths.split(",") if w):
+    widths = [int(w) for w in widths.split(",") if w]
+    sizes, grids = [int(s) for s in sizes.split(",")], [int(g) for g in grids.split(",")]
+    why = unfit([(size, grid, len(WIDTHS[width]["channel_mults"]), 0) for width in widths for size in sizes
+                 for grid in grids])
+    for width in widths:
         config = WIDTHS[width]
         levels = len(config["channel_mults"])
-        for size in map(int, sizes.split(",")):
-            for grid in map(int, grids.split(",")):
-                if not fits(size, grid, levels) or attention_bytes(size, grid, levels) > ATTENTION_LIMIT:
+        for size in sizes:
+            for grid in grids:
+                if why[size, grid, levels, 0] or attention_bytes(size, grid, levels) > ATTENTION_LIMIT:
                     continue
                 int8 = (size, grid) in int8_cells or (None, grid) in int8_cells
                 for weights in ("fp32", "int8") if int8 else ("fp32",):
