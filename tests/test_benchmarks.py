@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from patchgen.models.data import DataSource
+from patchgen.models.data import DataSource, holdout_split
 from patchgen.models.metrics import frechet_distance, kid
 
 BENCH = Path(__file__).parent.parent / "benchmarks"
@@ -47,8 +47,8 @@ def test_benchmark_runs_tiny(script, tmp_path):
 
 
 def test_quality_tiny(tmp_path):
-    """Two models side by side: a 2x2 and its 1x1 baseline, sampled by two workers, metrics, the round-by-round
-    peak ratio, the budget."""
+    """Two models side by side: a 2x2 and its 1x1 baseline, sampled by two workers, metrics against the held-out
+    split, the peak ratio, the budget; tiny models, 4 samples, 1 round."""
     from patchgen.export.onnx_export import export_onnx
 
     from conftest import tiny_config, write_checkpoint
@@ -59,9 +59,9 @@ def test_quality_tiny(tmp_path):
         export_onnx(write_checkpoint(tmp_path / "c.pt", config, data=faces), path)
     out = tmp_path / "quality"
     r = subprocess.run([sys.executable, str(BENCH / "quality.py"), "--models", ",".join(map(str, models)),
-                        "--samplers", "ddim:2", "--num-samples", "4", "--chunk", "2", "--cache", str(tmp_path / "cache"),
-                        "--real", "all", "--repeats", "2", "--budget-minimum", "--workers", "2", "--out", str(out)],
-                       capture_output=True, text=True, timeout=900)
+                        "--samplers", "ddim:2", "--num-samples", "4", "--chunk", "2",
+                        "--cache", str(tmp_path / "cache"), "--real", "heldout", "--repeats", "1", "--budget-minimum",
+                        "--workers", "2", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     patches, base = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert patches["n"] == 4 and patches["fd_effnet"] > 0 and patches["seam_real"] > 0 and "fid" not in patches
@@ -74,8 +74,8 @@ def test_quality_tiny(tmp_path):
     assert (tmp_path / "quality_samples.png").exists()
     assert len(list((tmp_path / "cache").glob("*_ddim2_s0_*_2.npz"))) == 4  # 2 chunks per model, two workers
     assert not list((tmp_path / "cache").glob("*.tmp.npz"))
-    (real,) = (tmp_path / "cache").glob("real_twemoji-faces_*_all.npz")  # the model's own data set, all of it
-    assert len(np.load(real)["images"]) == 125
+    (real,) = (tmp_path / "cache").glob("real_twemoji-faces_*_heldout.npz")  # the model's own held-out split
+    assert len(np.load(real)["images"]) == len(holdout_split(125, 0.1, 0)[1])
 
 
 def test_halo_study_tiny(tmp_path):
