@@ -79,7 +79,8 @@ def test_quality_tiny(tmp_path):
 
 
 def test_halo_study_tiny(tmp_path):
-    """benchmarks/halo.py on a study folder as train_halo.sh leaves it: one group, a 1x1 run and a halo run."""
+    """benchmarks/halo.py on a study folder as train_halo.sh leaves it: one group, a 1x1 run and a halo run; tiny
+    models, 4 samples of 2 steps against the held-out images, 1 timed round."""
     from patchgen.models.checkpoint import load_checkpoint
 
     from conftest import tiny_config, write_checkpoint
@@ -95,8 +96,9 @@ def test_halo_study_tiny(tmp_path):
         (run / "train_log.csv").write_text("step,loss,lr,images_per_s\n1,0.5,1e-4,8.0\n2,0.4,1e-4,8.0\n")
     out = tmp_path / "halo"
     r = subprocess.run([sys.executable, str(BENCH / "halo.py"), "--runs", str(tmp_path / "runs"), "--num-samples", "4",
-                        "--cache", str(tmp_path / "cache"), "--out", str(out)], capture_output=True, text=True,
-                       timeout=900)
+                        "--sampler", "ddim:2", "--repeats", "1", "--real", "heldout",
+                        "--cache", str(tmp_path / "cache"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [(row["run"], row["halo_px"], row["edge_mask"]) for row in rows] == [("full", 0, "no"), ("halo2", 2, "yes")]
