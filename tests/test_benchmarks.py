@@ -283,11 +283,13 @@ def test_train_halo_runs_the_study(tmp_path):
 
 
 def test_train_scale_tiny(tmp_path):
-    """Both parts: the memory rows (memory, cache build, cache map) and 1 vs 2 ranks (torchrun included)."""
+    """Both parts: the memory rows (memory, cache build, cache map) and 1 vs 2 ranks (torchrun included); a tiny
+    model (base width 8), batch 4."""
     out = tmp_path / "scale"
     r = subprocess.run([sys.executable, str(BENCH / "train_scale.py"), "--sizes", "20", "--steps", "4", "--rounds", "1",
-                        "--image-size", "16", "--work", str(tmp_path / "work"), "--out", str(out)],
-                       capture_output=True, text=True, timeout=900, cwd=tmp_path)
+                        "--image-size", "16", "--base-width", "8", "--batch-size", "4",
+                        "--work", str(tmp_path / "work"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     memory = json.loads((tmp_path / "scale_memory.json").read_text())["rows"]
     assert [row["mode"] for row in memory] == ["memory (--no-cache)", "cache: build, then map", "cache: map"]
