@@ -300,17 +300,18 @@ def test_train_scale_tiny(tmp_path):
 
 
 def test_train_gpu_script_dry_run_on_cpu(tmp_path):
-    """benchmarks/train_gpu.sh on the CPU at a tiny size: both runs train, and what comes back is at most 8
-    files, the slim checkpoints loadable for export."""
+    """benchmarks/train_gpu.sh on the CPU at a tiny size (16 px, base width 8, 2 steps): both runs train, and
+    what comes back is at most 8 files, the slim checkpoints loadable for export."""
     import tinyfont
     from patchgen.models.checkpoint import load_checkpoint, model_from_checkpoint
 
     font = tmp_path / "Tiny.ttf"
     tinyfont.write_font(font, tinyfont.GLYPHS, tinyfont.LIGATURES)
     out = tmp_path / "out"
-    env = {**os.environ, "DEVICE": "cpu", "STEPS": "2", "MINUTES": "8", "SIZE": "32", "EVERY": "0", "BF16": "",
-           "OUT": str(out), "PATCHGEN_NOTO_FONT": str(font), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(["bash", str(BENCH / "train_gpu.sh")], env=env, capture_output=True, text=True, timeout=900)
+    env = {**os.environ, "DEVICE": "cpu", "STEPS": "2", "MINUTES": "8", "SIZE": "16", "HALO": "2", "EVERY": "0",
+           "BF16": "", "TRAIN_ARGS": "--base-width 8 --num-res-blocks 1", "OUT": str(out),
+           "PATCHGEN_NOTO_FONT": str(font), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(["bash", str(BENCH / "train_gpu.sh")], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "g4: step 2" in r.stdout and "g1: step 2" in r.stdout
     files = sorted(p.name for p in out.iterdir())
