@@ -238,8 +238,8 @@ def test_hard_limit_tiny(tmp_path, monkeypatch):
     if hard_limit.why_not():
         pytest.skip(f"hard_limit.py: {hard_limit.why_not()}")
     out = tmp_path / "hl"
-    r = subprocess.run([sys.executable, str(BENCH / "hard_limit.py"), "--random", "16/2/8", "--points", "4",
-                        "--steps", "1", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    r = subprocess.run([sys.executable, str(BENCH / "hard_limit.py"), "--random", "16/2/8", "--points", "3",
+                        "--steps", "1", "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert len(rows) >= 3 and all(row["oom_killed"] == "no" and row["exit"] == 0 for row in rows), rows
