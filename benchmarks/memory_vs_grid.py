@@ -135,7 +135,8 @@ def main(sizes, grids, paper, paper_size, steps, halos, threads, out, plot_only)
                                f"MiB, floor {row['floor_mib']}, {row['s_per_step']} s/step {row['error']}")
                 model.unlink()
     write_results(out, f"Peak RSS vs grid ({steps} DDIM steps, {threads} threads, random weights)",
-                  [("model", "model"), ("size", "image"), ("grid", "grid"), ("halo", "halo"), ("per_call", "patches/call"),
+                  [("model", "model"), ("size", "image"), ("grid", "grid"), ("halo", "halo"),
+                   ("per_call", "patches/call"),
                    ("file_mib", "ONNX MiB"), ("floor_mib", "floor MiB"), ("peak_mib", "peak MiB"),
                    ("vs_full", "peak / 1x1 peak"), ("peak_over_floor", "peak / floor"), ("s_per_step", "s/step"),
                    ("error", "note")], rows,

@@ -19,8 +19,8 @@ BENCH = Path(__file__).parent.parent / "benchmarks"
 TINY = {
     "budget_sweep.py": ["--image-size", "16", "--grid", "2", "--points", "2", "--steps", "1", "--repeats", "1"],
     "session_options.py": ["--image-size", "16", "--grid", "2", "--steps", "1", "--repeats", "1"],
-    "model_scale.py": ["--widths", "32", "--sizes", "16", "--grids", "1,2", "--int8", "2", "--rounds", "1", "--steps", "1",
-                       "--threads", "1", "--work", "work"],
+    "model_scale.py": ["--widths", "32", "--sizes", "16", "--grids", "1,2", "--int8", "2", "--rounds", "1",
+                       "--steps", "1", "--threads", "1", "--work", "work"],
     "memory_vs_grid.py": ["--sizes", "16", "--grids", "1,2", "--halos", "0,2", "--no-paper", "--steps", "1"],
     "vs_pytorch.py": ["--image-size", "16", "--grids", "2", "--steps", "1", "--repeats", "1", "--halo", "2"],
     "budget_speed.py": ["--models", "faces64_2x2", "--no-edge", "--no-quick-start", "--rounds", "1", "--steps", "1",
@@ -29,8 +29,8 @@ TINY = {
     "threads.py": ["--image-size", "16", "--grids", "2", "--steps", "1", "--repeats", "1", "--threads", "1"],
     "precision.py": ["--edge-size", "16", "--edge-grid", "2", "--weights", "fp32,int8", "--rounds", "1", "--steps", "1",
                      "--threads", "1"],
-    "train_throughput.py": ["--image-size", "16", "--grids", "1,2", "--steps", "1", "--warmup", "0", "--batch-size", "2",
-                            "--precisions", "fp32,bf16"],
+    "train_throughput.py": ["--image-size", "16", "--grids", "1,2", "--steps", "1", "--warmup", "0",
+                            "--batch-size", "2", "--precisions", "fp32,bf16"],
     "train_threads.py": ["--image-size", "16", "--steps", "2", "--warmup", "0", "--rounds", "1", "--load-procs", "1"],
     "recipe.py": ["--runs", "runs", "--image-size", "16", "--steps", "2", "--preview-every", "2", "--num-samples", "4"],
 }
@@ -183,7 +183,8 @@ def test_levers_table(tmp_path):
     run.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"prediction": "x0", "gcc_source": "xt", "global_context": 4}))
     (run / "eval_log.csv").write_text("step,seam,seam_real,swap_increase_0_300,swap_increase_300_700,"
-                                      "swap_increase_700_1000,mse_true_gcc_700_1000\n500,2.5,0.8,0.03,0.02,0.004,0.48\n")
+                                      "swap_increase_700_1000,mse_true_gcc_700_1000\n"
+                                      "500,2.5,0.8,0.03,0.02,0.004,0.48\n")
     out = tmp_path / "levers"
     r = subprocess.run([sys.executable, str(BENCH / "levers.py"), str(run), "--out", str(out)], capture_output=True,
                        text=True, timeout=60)
@@ -275,8 +276,8 @@ def test_train_halo_runs_the_study(tmp_path):
                                                     else "0")
         assert ("--edge-mask" in call) == name.endswith("_mask")
         assert ("--grid 1 " in call) == (name == "full")
-    r = subprocess.run(["bash", str(BENCH / "train_halo.sh")], env={**env, "OUT": str(tmp_path / "only2"), "STUDY": "g2",
-                                                                   "HALO8": "1", "HALO2": "8"},
+    r = subprocess.run(["bash", str(BENCH / "train_halo.sh")],
+                       env={**env, "OUT": str(tmp_path / "only2"), "STUDY": "g2", "HALO8": "1", "HALO2": "8"},
                        capture_output=True, text=True, timeout=60)
     logs = "".join((tmp_path / "only2" / f"queue_{q}.log").read_text() for q in "ab")
     assert r.returncode == 0 and "g1/" not in logs and "g2/halo8 " in logs
