@@ -32,7 +32,8 @@ TINY = {
     "train_throughput.py": ["--image-size", "16", "--grids", "1,2", "--steps", "1", "--warmup", "0",
                             "--batch-size", "2", "--precisions", "fp32,bf16"],
     "train_threads.py": ["--image-size", "16", "--steps", "2", "--warmup", "0", "--rounds", "1", "--load-procs", "1"],
-    "recipe.py": ["--runs", "runs", "--image-size", "16", "--steps", "2", "--preview-every", "2", "--num-samples", "4"],
+    "recipe.py": ["--runs", "runs", "--image-size", "16", "--steps", "2", "--preview-every", "2", "--num-samples", "4",
+                  "--base-width", "8", "--sampler", "ddim:2"],
 }
 
 
