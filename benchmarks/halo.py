@@ -1,12 +1,14 @@
 """The halo study: runs trained by benchmarks/train_halo.sh, exported and measured side by side.
 
 Per run: seam score next to the real images' (and their ratio), the border step, KID (x1000, against all real
-images of the set) and its ratio to the 1x1 baseline of the same group, s/image and peak RSS of
-`patchgen-sample` (fresh processes, via quality.py), and the training compute time from the run's own log.
-A side-by-side PNG shows 8 samples per run (same seeds), with the real images last in each group.
+images of the set, or its held-out split with --real heldout) and its ratio to the 1x1 baseline of the same
+group, s/image and peak RSS of `patchgen-sample` (fresh processes, via quality.py), and the training compute
+time from the run's own log. A side-by-side PNG shows 8 samples per run (same seeds), with the real images
+last in each group.
 
     python benchmarks/halo.py --runs runs/halo                      # every group folder in runs/halo
     python benchmarks/halo.py --runs runs/halo --groups g1 --num-samples 200 --out /tmp/halo
+    python benchmarks/halo.py --runs runs/halo --num-samples 4 --sampler ddim:2 --repeats 1 --real heldout  # smoke
 """
 from __future__ import annotations
 
@@ -17,9 +19,7 @@ from pathlib import Path
 import click
 
 from benchlib import RESULTS, python, run_fresh, write_results
-from quality import REPO, check, measure
-
-SAMPLER = ("dpm++", 20)
+from quality import REPO, check, measure, sampler_plan
 
 
 def export(run: Path) -> Path:
@@ -73,9 +73,16 @@ def labelled_panel(rows: list[tuple[str, "object"]], scale: int):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--cache", type=click.Path(file_okay=False, path_type=Path), default=REPO / "runs" / "quality_cache",
               show_default=True, help="Where samples and features are kept between runs.")
+@click.option("--sampler", default="dpm++:20", show_default=True,
+              help="sampler:steps of the samples and of the timed runs.")
+@click.option("--real", "real_set", type=click.Choice(["heldout", "all"]), default="all", show_default=True,
+              help="Real images to compare with: the whole set, or its held-out split (fewer: a smoke run).")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Rounds of the peak RSS and s/image runs (fresh processes; the runs take turns in each).")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "halo", show_default=True)
-def main(runs_dir, groups, num_samples, seed, cache, out):
+def main(runs_dir, groups, num_samples, seed, cache, sampler, real_set, repeats, out):
     """Measure every finished run of the halo study; write OUT.{md,json} and OUT_samples.png."""
+    ((sampler, steps),) = sampler_plan(sampler)  # one sampler
     cache.mkdir(parents=True, exist_ok=True)
     chosen = groups.split(",") if groups else None
     studied = {}
@@ -86,8 +93,8 @@ def main(runs_dir, groups, num_samples, seed, cache, out):
     if not studied:
         raise click.ClickException(f"no finished runs (with checkpoint.pt) under {runs_dir}")
     # One measure() call for all runs: every fresh process runs before this driver imports numpy.
-    rows, shown = measure([m for runs in studied.values() for _, m in runs], [SAMPLER], num_samples, seed, 50,
-                          cache, "all")
+    rows, shown = measure([m for runs in studied.values() for _, m in runs], [(sampler, steps)], num_samples, seed,
+                          50, cache, real_set, repeats)
     table, panels, k = [], [], 0
     for name, runs in studied.items():
         group_rows, group_shown = rows[k:k + len(runs)], shown[k:k + len(runs)]
@@ -104,17 +111,19 @@ def main(runs_dir, groups, num_samples, seed, cache, out):
         panels.append(labelled_panel([*zip(labels, (images for _, images, _ in group_shown)),
                                       ("real", group_shown[0][2])], max(1, 64 // info[0]["image_size"])))
     write_results(out, f"Halo study: neighbour context per patch, Twemoji faces ({num_samples} samples each, "
-                  f"{SAMPLER[0]} {SAMPLER[1]} steps)",
+                  f"{sampler} {steps} steps)",
                   [("setting", "setting"), ("run", "run"), ("halo_px", "halo (px)"), ("edge_mask", "edge mask"),
                    ("steps", "steps"), ("batch", "batch"), ("seam", "seam"), ("seam_real", "seam, real"),
                    ("seam_ratio", "seam / real"), ("border", "border step"), ("border_real", "border step, real"),
                    ("kid_x1000", "KID x1000"), ("kid_vs_full", "KID / 1x1"), ("s_per_image", "s/image"),
                    ("peak_mib", "peak RSS (MiB)"), ("train_s", "training (s)")], table,
                   "Same recipe and width in each group (x0-prediction, global vector 4, lr 5e-4, bf16, base width 32, "
-                  "1-2-2), one torch thread per run, two runs side by side. KID against all real images of the set "
-                  "(EfficientNet-Lite0 features); seam and border step at the model's grid (a 1x1 at the largest grid of its image size). "
-                  "s/image and peak RSS: `patchgen-sample`, 4 images, 1 patch per call, 2 threads, 3 fresh processes "
-                  "(the fastest time, the largest peak). Training: compute seconds from the run's log. "
+                  "1-2-2), one torch thread per run, two runs side by side. KID against "
+                  + ("all real images of the set " if real_set == "all" else "the set's held-out images ")
+                  + "(EfficientNet-Lite0 features); seam and border step at the model's grid (a 1x1 at the largest "
+                  "grid of its image size). s/image and peak RSS: `patchgen-sample`, 4 images, the default budget's "
+                  f"plan, 2 threads, {repeats} fresh processes (the fastest time, the largest peak). Training: "
+                  "compute seconds from the run's log. "
                   f"Samples: {out.name}_samples.png.")
     from PIL import Image
 

@@ -108,19 +108,23 @@ def measure(model: str, tmp: Path, steps: int, points: int) -> list[dict]:
                      "patch_batch": r["patch_batch"] or "-",
                      "peak_mib": r["peak_mib"], "cgroup_peak_mib": cg_peak, "exit": r["returncode"],
                      "oom_killed": "YES" if killed else "no", "note": note})
-        click.echo(f"{name} limit = budget {budget:.1f} MiB: {r['allocation']} x{r['patch_batch']}, peak RSS {r['peak_mib']:.1f}, "
+        click.echo(f"{name} limit = budget {budget:.1f} MiB: {r['allocation']} x{r['patch_batch']}, "
+                   f"peak RSS {r['peak_mib']:.1f}, "
                    f"cgroup peak {cg_peak:.1f} MiB, exit {r['returncode']}, OOM-killed {'YES' if killed else 'no'}"
                    + (f" ({note})" if note else ""))
     return rows
 
 
-@click.command(epilog="Example: python benchmarks/hard_limit.py --model faces64_2x2 --random 128/2/32 --random 256/4/32")
+@click.command(epilog="Example: python benchmarks/hard_limit.py --model faces64_2x2 --random 128/2/32 "
+                      "--random 256/4/32")
 @click.option("--model", "models", multiple=True, help="An exported model or a shipped model's name (repeatable).")
 @click.option("--random", "randoms", multiple=True,
               help="A random-weight model made here, SIZE/GRID/BASE_WIDTH[/HALO[/int8]] (repeatable; int8: "
                    "calibrated on emoji-faces).")
 @click.option("--steps", type=int, default=2, show_default=True)
-@click.option("--points", type=click.IntRange(min=4), default=6, show_default=True, help="Budgets per model.")
+@click.option("--points", type=click.IntRange(min=3), default=6, show_default=True,
+              help="Budgets per model: the minimum, +2 MiB, +8 MiB, then evenly up to the peak of all patches in one "
+                   "call (3: a smoke run).")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "hard_limit", show_default=True)
 def main(models, randoms, steps, points, out):
     """Run each budget inside a memory cgroup whose hard limit is that budget; count OOM kills."""
@@ -141,11 +145,14 @@ def main(models, randoms, steps, points, out):
         for model in chosen or ["faces64_2x2"]:
             rows += measure(model, tmp, steps, points)
     kills = sum(r["oom_killed"] == "YES" for r in rows)
+    limit = ("v2 memory.max" if (CGROUP / "cgroup.controllers").is_file()
+             else "v1 memory.limit_in_bytes, swap off")
     notes = (f"Each row: a fresh `patchgen-sample -n 2 --steps {steps} --threads 1 --memory-budget B` inside a new "
-             f"memory cgroup with hard limit B ({'v2 memory.max' if (CGROUP / 'cgroup.controllers').is_file() else 'v1 memory.limit_in_bytes, swap off'}). "
+             f"memory cgroup with hard limit B ({limit}). "
              f"The page cache is dropped before each run, so that the libraries and the model file are charged to "
              f"the run's cgroup as they are read. One unbudgeted run per model first builds its graph cache "
-             f"(runtime/graph_cache.py), as any first run does. Peak RSS: the kernel's ru_maxrss of the process; cgroup peak: the "
+             f"(runtime/graph_cache.py), as any first run does. Peak RSS: the kernel's ru_maxrss of the process; "
+             f"cgroup peak: the "
              f"cgroup's high-water mark, page cache included (pages still mapped by other processes stay charged "
              f"to them). OOM kills in all: {kills} of {len(rows)} runs.")
     write_results(out, "Budgets under a hard memory limit (cgroup limit = budget)",

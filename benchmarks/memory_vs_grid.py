@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from benchlib import RESULTS, plot, random_model, sample_run, write_results
+from benchlib import RESULTS, plot, python, random_model, run_fresh, sample_run, write_results
 
 MODELS = {
     "edge": dict(base_width=32, channel_mults=(1, 2, 2), attention_resolutions=(8,)),
@@ -27,8 +27,29 @@ MODELS = {
 ATTENTION_LIMIT = 8 * 2**30  # bytes; beyond this the export's own torch check would exhaust a 24 GiB machine
 
 
-def fits(size: int, grid: int, levels: int, halo: int = 0) -> bool:
-    return size % grid == 0 and (size // grid + 2 * halo) % 2 ** (levels - 1) == 0
+# Why a random model of each (size, grid, levels, halo) cannot be made ("" when it can), by the library's own
+# rules (runtime/spec.py: spec_problems cuts the image into G x G patches, fit_problems takes the (P+2M)^2
+# window through the levels). A child process: runtime.spec imports numpy, and the driver stays small
+# (benchlib.run_fresh). Patch models have position and GCC conditioning, a 1x1 has neither (random_model).
+FIT_CHILD = r"""
+import json, sys
+from patchgen.runtime.spec import fit_problems, spec_problems
+why = []
+for size, grid, levels, halo in json.loads(sys.argv[1]):
+    patch = grid > 1
+    problems = spec_problems(size, 3, grid, patch, patch, halo=halo) or fit_problems(
+        size // grid, grid, halo, levels, patch, patch, global_context=0, edge_mask=False)
+    why.append(problems.message())
+print(json.dumps(why))
+"""
+
+
+def unfit(cells: list[tuple[int, int, int, int]]) -> dict[tuple[int, int, int, int], str]:
+    """(size, grid, levels, halo) -> why a random model of it cannot be made, "" when it can (FIT_CHILD)."""
+    r = run_fresh(python("-c", FIT_CHILD, json.dumps(cells)))
+    if r["returncode"]:
+        raise click.ClickException(r["stderr"][-2000:])
+    return dict(zip(cells, json.loads(r["stdout"])))
 
 
 def attention_bytes(size: int, grid: int, levels: int, heads: int = 4, halo: int = 0) -> int:
@@ -78,13 +99,17 @@ def main(sizes, grids, paper, paper_size, steps, halos, threads, out, plot_only)
     grids = [int(g) for g in grids.split(",")]
     halo_list = [int(m) for m in halos.split(",")]
     plan = [("edge", int(s)) for s in sizes.split(",")] + ([("paper", paper_size)] if paper else [])
+    pairs = [(g, m) for g in grids for m in ([0] if g == 1 else halo_list)]
+    why = unfit([(size, grid, len(MODELS[name]["channel_mults"]), halo) for name, size in plan for grid, halo in pairs])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, size in plan:
             config = MODELS[name]
             full_peak = None
-            for grid, halo in [(g, m) for g in grids for m in ([0] if g == 1 else halo_list)]:
-                if not fits(size, grid, len(config["channel_mults"]), halo):
+            for grid, halo in pairs:
+                problem = why[size, grid, len(config["channel_mults"]), halo]
+                if problem:
+                    click.echo(f"{name} {size} {grid}x{grid} halo {halo}: skipped, {problem}")
                     continue
                 need = attention_bytes(size, grid, len(config["channel_mults"]), halo=halo)
                 if need > ATTENTION_LIMIT:
@@ -110,7 +135,8 @@ def main(sizes, grids, paper, paper_size, steps, halos, threads, out, plot_only)
                                f"MiB, floor {row['floor_mib']}, {row['s_per_step']} s/step {row['error']}")
                 model.unlink()
     write_results(out, f"Peak RSS vs grid ({steps} DDIM steps, {threads} threads, random weights)",
-                  [("model", "model"), ("size", "image"), ("grid", "grid"), ("halo", "halo"), ("per_call", "patches/call"),
+                  [("model", "model"), ("size", "image"), ("grid", "grid"), ("halo", "halo"),
+                   ("per_call", "patches/call"),
                    ("file_mib", "ONNX MiB"), ("floor_mib", "floor MiB"), ("peak_mib", "peak MiB"),
                    ("vs_full", "peak / 1x1 peak"), ("peak_over_floor", "peak / floor"), ("s_per_step", "s/step"),
                    ("error", "note")], rows,

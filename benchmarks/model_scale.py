@@ -32,7 +32,7 @@ from pathlib import Path
 import click
 
 from benchlib import RESULTS, python, random_model, run_fresh, write_results
-from memory_vs_grid import ATTENTION_LIMIT, attention_bytes, fits
+from memory_vs_grid import ATTENTION_LIMIT, attention_bytes, unfit
 
 from patchgen.runtime.environment import CACHE_ENV
 from patchgen.runtime.pretrained import pretrained_dir, resolve_model  # stdlib only: the parent stays lean
@@ -84,7 +84,8 @@ def calibration_folder(folder: Path, size: int, count: int = 24) -> Path:
                 "rng = np.random.default_rng(0); yy, xx = np.mgrid[:size, :size]\n"
                 "for k in range(n):\n"
                 "    img = np.full((size, size, 3), 255, np.uint8); c = rng.uniform(0.3, 0.7, 2) * size\n"
-                "    img[(yy - c[0]) ** 2 + (xx - c[1]) ** 2 < (rng.uniform(0.2, 0.35) * size) ** 2] = rng.integers(0, 200, 3)\n"
+                "    disc = (yy - c[0]) ** 2 + (xx - c[1]) ** 2 < (rng.uniform(0.2, 0.35) * size) ** 2\n"
+                "    img[disc] = rng.integers(0, 200, 3)\n"
                 "    Image.fromarray(img).save(out / f'{k:03d}.png')\n")
         r = run_fresh(python("-c", code, str(folder), str(size), str(count)))
         if r["returncode"]:
@@ -100,7 +101,8 @@ def inline_copy(model: Path, to: Path) -> Path:
     """The same model as one file (its weights inside the .onnx), made in a child process (it needs onnx)."""
     if not to.exists():
         to.parent.mkdir(parents=True, exist_ok=True)
-        r = run_fresh(python("-c", "import onnx, sys; onnx.save(onnx.load(sys.argv[1]), sys.argv[2])", str(model), str(to)))
+        r = run_fresh(python("-c", "import onnx, sys; onnx.save(onnx.load(sys.argv[1]), sys.argv[2])", str(model),
+                             str(to)))
         if r["returncode"]:
             raise click.ClickException(r["stderr"][-300:])
     return to
@@ -120,12 +122,14 @@ def summarise(runs: list[dict]) -> dict:
     if not ok:
         return {"error": runs[-1]["error"]}
     return {"open_s": statistics.median(r["open_s"] for r in ok), "peak_mib": max(r["kernel_peak_mib"] for r in ok),
-            "anon_mib": statistics.median(r["anon_mib"] for r in ok), "file_mib": statistics.median(r["file_mib"] for r in ok),
+            "anon_mib": statistics.median(r["anon_mib"] for r in ok),
+            "file_mib": statistics.median(r["file_mib"] for r in ok),
             "s_per_step": statistics.median(r["s_per_step"] for r in ok), "graph": ok[-1]["graph"],
             "runs": len(ok), "notes": sorted({n for r in ok for n in r["notes"]})}
 
 
-def make_cells(models, widths: str, sizes: str, grids: str, int8_grids: str, inline_grids: str, work: Path) -> list[dict]:
+def make_cells(models, widths: str, sizes: str, grids: str, int8_grids: str, inline_grids: str,
+               work: Path) -> list[dict]:
     """The models to measure, exported (or found) first: one dict per cell."""
     int8_cells = [tuple(map(int, g.split("/"))) if "/" in g else (None, int(g)) for g in int8_grids.split(",") if g]
     inline = {int(g) for g in inline_grids.split(",") if g}
@@ -133,19 +137,25 @@ def make_cells(models, widths: str, sizes: str, grids: str, int8_grids: str, inl
     for given in models:
         path = resolve_model(given)
         cells.append({"name": path.stem, "width": path.stem, "size": "-", "grid": 1, "weights": "as shipped"
-                      if path.parent == pretrained_dir() else "as given", "model": path, "cache": work / path.stem / "cache"})
-    for width in (int(w) for w in widths.split(",") if w):
+                      if path.parent == pretrained_dir() else "as given", "model": path,
+                      "cache": work / path.stem / "cache"})
+    widths = [int(w) for w in widths.split(",") if w]
+    sizes, grids = [int(s) for s in sizes.split(",")], [int(g) for g in grids.split(",")]
+    why = unfit([(size, grid, len(WIDTHS[width]["channel_mults"]), 0) for width in widths for size in sizes
+                 for grid in grids])
+    for width in widths:
         config = WIDTHS[width]
         levels = len(config["channel_mults"])
-        for size in map(int, sizes.split(",")):
-            for grid in map(int, grids.split(",")):
-                if not fits(size, grid, levels) or attention_bytes(size, grid, levels) > ATTENTION_LIMIT:
+        for size in sizes:
+            for grid in grids:
+                if why[size, grid, levels, 0] or attention_bytes(size, grid, levels) > ATTENTION_LIMIT:
                     continue
                 int8 = (size, grid) in int8_cells or (None, grid) in int8_cells
                 for weights in ("fp32", "int8") if int8 else ("fp32",):
                     name = f"w{width}_{size}_{grid}x{grid}_{weights}"
                     extra = {} if weights == "fp32" else {
-                        "weights": "int8", "calibration_data": str(calibration_folder(work / f"calibration{size}", size))}
+                        "weights": "int8",
+                        "calibration_data": str(calibration_folder(work / f"calibration{size}", size))}
                     click.echo(f"model {name} ...")
                     model = random_model(work / name / "model.onnx", size, grid, **config, **extra)
                     cells.append({"name": name, "width": width, "size": size, "grid": grid, "weights": weights,

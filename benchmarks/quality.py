@@ -63,13 +63,20 @@ x = sample_images(model, model.spec, num_images=int(count), seed=int(seed), step
 np.savez(out, images=to_uint8(x))
 """
 
+# argv: a JSON list of [out.npy, [images.npz, ...]]: the features of each list's images, torch and the network
+# loaded once for all.
 FEATURE_CHILD = r"""
-import sys, numpy as np, torch
+import json, sys, numpy as np, torch
 from patchgen.models.features import effnet_features
 torch.set_num_threads(2)
-out, paths = sys.argv[1], sys.argv[2:]
-np.save(out, effnet_features(np.concatenate([np.load(p)["images"] for p in paths])))
+for out, paths in json.loads(sys.argv[1]):
+    np.save(out, effnet_features(np.concatenate([np.load(p)["images"] for p in paths])))
 """
+
+
+def sampler_plan(text: str) -> list[tuple[str, int]]:
+    """"ddim:50,dpm++:20" -> [("ddim", 50), ("dpm++", 20)]."""
+    return [(s.split(":")[0], int(s.split(":")[1])) for s in text.split(",")]
 
 
 def check(r: dict) -> dict:
@@ -183,10 +190,12 @@ def peak_ratios(rows: list[dict]) -> None:
         row["peak_vs_1x1"] = f"{statistics.median(ratios):.3f} ({min(ratios):.3f}-{max(ratios):.3f})"
 
 
-def features(paths: list[Path], out: Path) -> Path:
-    if not out.exists():
-        check(run_fresh(python("-c", FEATURE_CHILD, str(out), *map(str, paths))))
-    return out
+def features(sets: list[tuple[Path, list[Path]]]) -> None:
+    """The features of each (out.npy, its images' .npz files) whose out is not cached yet, all in one fresh
+    process."""
+    todo = {str(out): [str(p) for p in paths] for out, paths in sets if not out.exists()}
+    if todo:
+        check(run_fresh(python("-c", FEATURE_CHILD, json.dumps(list(todo.items())))))
 
 
 def file_part(name: str) -> str:
@@ -266,11 +275,13 @@ def score(measured: list[Measured], edge: list[dict], shown_sampler: str, seed: 
     largest = {}  # image size -> the largest grid of that size
     for m in measured:
         largest[m.size] = max(largest.get(m.size, 1), m.grid)
+    real_features = [cache / f"feat_{m.real.stem}.npy" for m in measured]
+    fake_features = [cache / f"feat_{m.sha[:12]}_{m.sampler}{m.steps}_s{seed}_{num_samples}.npy" for m in measured]
+    features([(f, [m.real]) for f, m in zip(real_features, measured)]
+             + [(f, [c.path for c in m.chunks]) for f, m in zip(fake_features, measured)])
     rows, shown, first = [], [], {}  # first: model -> the features of its first sampler's samples
-    for m, e in zip(measured, edge):
-        f_real = np.load(features([m.real], cache / f"feat_{m.real.stem}.npy"))
-        fake_name = f"feat_{m.sha[:12]}_{m.sampler}{m.steps}_s{seed}_{num_samples}.npy"
-        f_fake = np.load(features([c.path for c in m.chunks], cache / fake_name))
+    for m, e, real_file, fake_file in zip(measured, edge, real_features, fake_features):
+        f_real, f_fake = np.load(real_file), np.load(fake_file)
         base = first.setdefault(m.model, f_fake)
         ratio = paired_kid_ratio(f_fake, base, f_real)  # against the first sampler, on the same noise
         images = np.concatenate([np.load(c.path)["images"] for c in m.chunks])
@@ -320,7 +331,8 @@ def save_strip(path: Path, shown: list, real_kind: str) -> None:
 @click.option("--budget-minimum", is_flag=True,
               help="Also run each model under the smallest --memory-budget that patchgen-sample accepts for it.")
 @click.option("--memory-budget", default=None,
-              help="For the peak RSS and s/image runs [default: none, the default budget's plan]; min: 1 patch per call.")
+              help="For the peak RSS and s/image runs [default: none, the default budget's plan]; min: 1 patch per "
+                   "call.")
 @click.option("--workers", type=click.IntRange(1, 2), default=1, show_default=True,
               help="Sampling processes at once: 1 of 2 threads, or 2 of 1 thread (faster on 2 cores).")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "quality", show_default=True)
@@ -328,7 +340,7 @@ def main(models, samplers, num_samples, seed, chunk, cache, real_set, repeats, b
          out):
     """KID, FD-EffNet, seam score, peak RSS and time per image for each model x sampler."""
     cache.mkdir(parents=True, exist_ok=True)
-    plan = [(s.split(":")[0], int(s.split(":")[1])) for s in samplers.split(",")]
+    plan = sampler_plan(samplers)
     real_kind = ("held-out real images" if real_set == "heldout"
                  else "all real images of the set, training images included")
     rows, shown = measure([Path(m) for m in models.split(",")], plan, num_samples, seed, chunk, cache, real_set,

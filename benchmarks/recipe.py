@@ -6,12 +6,14 @@ Data: a built-in set (Twemoji's 125 faces) and a generated folder of 40 coloured
 triangles on pale backgrounds, the kind of small set a new user brings. Each run trains in its own process
 (two side by side, one torch thread each) and resumes from its checkpoint when the script runs again, so the
 budget can be spread over sessions. Then, per run: the exported model's KID (x1000, against all real images
-of its set) and local and global seam scores on --num-samples samples (DPM++ 20, via quality.py), and the
-run's own preview numbers over its steps (eval_log.csv: local seam, the 16-sample preview KID). A PNG shows 8
+of its set) and local and global seam scores on --num-samples samples (--sampler: DPM++ 20, via quality.py),
+and the run's own preview numbers over its steps (eval_log.csv: local seam, the 16-sample preview KID). A PNG shows 8
 samples per run, the real images under each data set's pair; another, each run's previews over its steps.
 
     python benchmarks/recipe.py --shapes-steps 750               # 32x32, 2x2, 1500 (shapes: 750) steps x 16 images
     python benchmarks/recipe.py --steps 3000 --runs runs/recipe  # train on (resumes), then measure again
+    python benchmarks/recipe.py --runs /tmp/r --image-size 16 --steps 2 --preview-every 2 --num-samples 4 \
+        --base-width 8 --sampler ddim:2 --out /tmp/r/recipe     # a smoke run: a tiny model, seconds per run
 """
 from __future__ import annotations
 
@@ -25,10 +27,9 @@ import click
 
 from benchlib import RESULTS, write_results
 from halo import export, labelled_panel
-from quality import REPO, measure
+from quality import REPO, measure, sampler_plan
 
 RECIPES = ("patchgen", "paper")
-SAMPLER = ("dpm++", 20)
 SHAPES = 40  # images in the generated folder
 
 
@@ -60,12 +61,15 @@ def make_shapes(folder: Path, n: int = SHAPES, size: int = 64, seed: int = 0) ->
     return folder
 
 
-def train(run: Path, data: str, recipe: str, image_size: int, grid: int, steps: int, preview_every: int) -> Path:
-    """Train (or resume) one run to `steps` in a fresh process; its stderr goes to run.log beside it."""
+def train(run: Path, data: str, recipe: str, image_size: int, grid: int, steps: int, preview_every: int,
+          base_width: int | None = None) -> Path:
+    """Train (or resume) one run to `steps` in a fresh process; its stderr goes to run.log beside it.
+    base_width: None for patchgen-train's default."""
     args = ["--out", str(run), "--max-steps", str(steps), "--threads", "1", "--checkpoint-every", "250"]
     if not (run / "checkpoint.pt").exists():
         args += ["--data", data, "--recipe", recipe, "--image-size", str(image_size), "--grid", str(grid),
                  "--batch-size", "16", "--preview-every", str(preview_every), "--holdout", "0"]
+        args += ["--base-width", str(base_width)] if base_width else []
     else:
         args += ["--resume"]
     with open(run.with_suffix(".log"), "a") as log:
@@ -117,10 +121,13 @@ def preview_sheet(runs: list[Path], path: Path) -> None:
 @click.option("--preview-every", type=click.IntRange(min=1), default=250, show_default=True)
 @click.option("--num-samples", type=click.IntRange(min=2), default=200, show_default=True,
               help="Samples per model for KID and the seam scores.")
+@click.option("--base-width", type=click.IntRange(min=8), default=None,
+              help="U-Net channels at the first level of every run [default: patchgen-train's]; 8: a smoke run.")
+@click.option("--sampler", default="dpm++:20", show_default=True, help="sampler:steps of the measured samples.")
 @click.option("--parallel", type=click.IntRange(1, 4), default=2, show_default=True,
               help="Training processes at once (one torch thread each).")
 @click.option("--out", type=click.Path(path_type=Path), default=RESULTS / "recipe", show_default=True)
-def main(runs, image_size, grid, steps, shapes_steps, preview_every, num_samples, parallel, out):
+def main(runs, image_size, grid, steps, shapes_steps, preview_every, num_samples, base_width, sampler, parallel, out):
     """patchgen's default recipe against the paper's, at equal budget, on a built-in set and a generated folder."""
     shapes = make_shapes(runs / "shapes")
     datasets = {"emoji-faces": "emoji-faces", "shapes": str(shapes)}
@@ -130,11 +137,13 @@ def main(runs, image_size, grid, steps, shapes_steps, preview_every, num_samples
     for run, *_ in jobs:
         run.parent.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(parallel) as pool:
-        list(pool.map(lambda job: train(job[0], job[1], job[2], image_size, grid, job[3], preview_every), jobs))
+        list(pool.map(lambda job: train(job[0], job[1], job[2], image_size, grid, job[3], preview_every, base_width),
+                      jobs))
     models = [export(run) for run, *_ in jobs]
     (runs / "quality_cache").mkdir(exist_ok=True)
-    rows, shown = measure(models, [SAMPLER], num_samples, seed=0, chunk=50, cache=runs / "quality_cache",
-                          real_set="all", repeats=1, workers=2)
+    ((sampler, sampler_steps),) = sampler_plan(sampler)  # one sampler
+    rows, shown = measure(models, [(sampler, sampler_steps)], num_samples, seed=0, chunk=50,
+                          cache=runs / "quality_cache", real_set="all", repeats=1, workers=2)
     for row, (run, _, recipe, _) in zip(rows, jobs):
         row.update(run=run.name, data=run.name.rsplit("_", 1)[0], recipe=recipe, history=preview_history(run))
     panel = []
@@ -153,7 +162,7 @@ def main(runs, image_size, grid, steps, shapes_steps, preview_every, num_samples
     for r in rows:
         del r["history"]
     write_results(out, f"Recipes at equal budget per data set (steps x 16 images), {image_size}x{image_size}, "
-                       f"{grid}x{grid} patches ({num_samples} samples each, {SAMPLER[0]} {SAMPLER[1]})",
+                       f"{grid}x{grid} patches ({num_samples} samples each, {sampler} {sampler_steps})",
                   [("data", "data"), ("recipe", "recipe"), ("halo", "halo"), ("steps_trained", "steps"),
                    ("kid_x1000", "KID x1000"), ("seam_local", "local seam"), ("seam_local_real", "local seam, real"),
                    ("seam", "global seam"), ("seam_real", "global seam, real"), ("fd_effnet", "FD-EffNet"),

@@ -9,6 +9,8 @@
 #
 #   benchmarks/train_gpu.sh                        # on the GPU machine: runs land in $OUT (or runs/gpu)
 #   DEVICE=cpu STEPS=3 MINUTES=2 SIZE=32 benchmarks/train_gpu.sh   # its dry run on a CPU
+#   DEVICE=cpu STEPS=2 SIZE=16 HALO=2 TRAIN_ARGS="--base-width 8 --num-res-blocks 1" benchmarks/train_gpu.sh
+#                                                  # a smoke run: a tiny model in both runs, seconds
 #
 # What it needs there: torch with CUDA, numpy, pillow, click and fontTools (the device image has them), and
 # the Noto Color Emoji font: copy /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf into .gpu/ in the
@@ -37,6 +39,7 @@ for d in runtime models export cli; do ln -s "$PWD/$d" $SHIM/patchgen/$d; done
 export PYTHONPATH=$SHIM${PYTHONPATH:+:$PYTHONPATH}
 PY=${PYTHON:-python3}
 BF16=${BF16---bf16}
+TRAIN_ARGS=${TRAIN_ARGS:-}  # more patchgen-train options for both runs (a smoke run's tiny model)
 $PY -c "import torch; print('torch', torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())"
 mkdir -p "$RESULT"
 train() {
@@ -44,7 +47,7 @@ train() {
   # SIGTERM after MINUTES: patchgen-train finishes its step, checkpoints and exits 143
   timeout -s TERM -k 90 $((MINUTES * 60)) $PY -m patchgen.cli.train --data noto-emoji-faces --image-size $SIZE \
     --batch-size 16 --lr 5e-4 --prediction x0 --max-steps $STEPS --preview-every $EVERY --checkpoint-every 500 \
-    --device $DEVICE $BF16 --out $WORK/$name "$@" > $WORK/$name.log 2>&1 || echo "$name: exit $?" >> $WORK/$name.log
+    --device $DEVICE $BF16 $TRAIN_ARGS --out $WORK/$name "$@" > $WORK/$name.log 2>&1 || echo "$name: exit $?" >> $WORK/$name.log
 }
 # the image cache, once, before the two runs map it
 $PY -c "from patchgen.models.data import load_data; from patchgen.models.decoding import Decoding

@@ -11,16 +11,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from patchgen.models.data import DataSource
+from patchgen.models.data import DataSource, holdout_split
 from patchgen.models.metrics import frechet_distance, kid, paired_kid_ratio
 
 BENCH = Path(__file__).parent.parent / "benchmarks"
+# Smoke runs get tiny inputs, and a timeout of at least 10x the CPU seconds the run takes on the 2-core machine
+# (an upper bound on its quiet time): a loaded CI machine, 4-5x slower, cannot trip it.
 
 TINY = {
     "budget_sweep.py": ["--image-size", "16", "--grid", "2", "--points", "2", "--steps", "1", "--repeats", "1"],
     "session_options.py": ["--image-size", "16", "--grid", "2", "--steps", "1", "--repeats", "1"],
-    "model_scale.py": ["--widths", "32", "--sizes", "16", "--grids", "1,2", "--int8", "2", "--rounds", "1", "--steps", "1",
-                       "--threads", "1", "--work", "work"],
+    "model_scale.py": ["--widths", "32", "--sizes", "16", "--grids", "1,2", "--int8", "2", "--rounds", "1",
+                       "--steps", "1", "--threads", "1", "--work", "work"],
     "memory_vs_grid.py": ["--sizes", "16", "--grids", "1,2", "--halos", "0,2", "--no-paper", "--steps", "1"],
     "vs_pytorch.py": ["--image-size", "16", "--grids", "2", "--steps", "1", "--repeats", "1", "--halo", "2"],
     "budget_speed.py": ["--models", "faces64_2x2", "--no-edge", "--no-quick-start", "--rounds", "1", "--steps", "1",
@@ -29,10 +31,11 @@ TINY = {
     "threads.py": ["--image-size", "16", "--grids", "2", "--steps", "1", "--repeats", "1", "--threads", "1"],
     "precision.py": ["--edge-size", "16", "--edge-grid", "2", "--weights", "fp32,int8", "--rounds", "1", "--steps", "1",
                      "--threads", "1"],
-    "train_throughput.py": ["--image-size", "16", "--grids", "1,2", "--steps", "1", "--warmup", "0", "--batch-size", "2",
-                            "--precisions", "fp32,bf16"],
+    "train_throughput.py": ["--image-size", "16", "--grids", "1,2", "--steps", "1", "--warmup", "0",
+                            "--batch-size", "2", "--precisions", "fp32,bf16"],
     "train_threads.py": ["--image-size", "16", "--steps", "2", "--warmup", "0", "--rounds", "1", "--load-procs", "1"],
-    "recipe.py": ["--runs", "runs", "--image-size", "16", "--steps", "2", "--preview-every", "2", "--num-samples", "4"],
+    "recipe.py": ["--runs", "runs", "--image-size", "16", "--steps", "2", "--preview-every", "2", "--num-samples", "4",
+                  "--base-width", "8", "--sampler", "ddim:2"],
 }
 
 
@@ -47,8 +50,8 @@ def test_benchmark_runs_tiny(script, tmp_path):
 
 
 def test_quality_tiny(tmp_path):
-    """Two models side by side: a 2x2 and its 1x1 baseline, sampled by two workers, metrics, the round-by-round
-    peak ratio, the budget."""
+    """Two models side by side: a 2x2 and its 1x1 baseline, sampled by two workers, metrics against the held-out
+    split, the peak ratio, the budget; tiny models, 4 samples, 1 round."""
     from patchgen.export.onnx_export import export_onnx
 
     from conftest import tiny_config, write_checkpoint
@@ -59,9 +62,9 @@ def test_quality_tiny(tmp_path):
         export_onnx(write_checkpoint(tmp_path / "c.pt", config, data=faces), path)
     out = tmp_path / "quality"
     r = subprocess.run([sys.executable, str(BENCH / "quality.py"), "--models", ",".join(map(str, models)),
-                        "--samplers", "ddim:2", "--num-samples", "4", "--chunk", "2", "--cache", str(tmp_path / "cache"),
-                        "--real", "all", "--repeats", "2", "--budget-minimum", "--workers", "2", "--out", str(out)],
-                       capture_output=True, text=True, timeout=900)
+                        "--samplers", "ddim:2", "--num-samples", "4", "--chunk", "2",
+                        "--cache", str(tmp_path / "cache"), "--real", "heldout", "--repeats", "1", "--budget-minimum",
+                        "--workers", "2", "--out", str(out)], capture_output=True, text=True, timeout=620)
     assert r.returncode == 0, r.stderr[-3000:]
     patches, base = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert patches["n"] == 4 and patches["fd_effnet"] > 0 and patches["seam_real"] > 0 and "fid" not in patches
@@ -74,12 +77,13 @@ def test_quality_tiny(tmp_path):
     assert (tmp_path / "quality_samples.png").exists()
     assert len(list((tmp_path / "cache").glob("*_ddim2_s0_*_2.npz"))) == 4  # 2 chunks per model, two workers
     assert not list((tmp_path / "cache").glob("*.tmp.npz"))
-    (real,) = (tmp_path / "cache").glob("real_twemoji-faces_*_all.npz")  # the model's own data set, all of it
-    assert len(np.load(real)["images"]) == 125
+    (real,) = (tmp_path / "cache").glob("real_twemoji-faces_*_heldout.npz")  # the model's own held-out split
+    assert len(np.load(real)["images"]) == len(holdout_split(125, 0.1, 0)[1])
 
 
 def test_halo_study_tiny(tmp_path):
-    """benchmarks/halo.py on a study folder as train_halo.sh leaves it: one group, a 1x1 run and a halo run."""
+    """benchmarks/halo.py on a study folder as train_halo.sh leaves it: one group, a 1x1 run and a halo run; tiny
+    models, 4 samples of 2 steps against the held-out images, 1 timed round."""
     from patchgen.models.checkpoint import load_checkpoint
 
     from conftest import tiny_config, write_checkpoint
@@ -95,8 +99,9 @@ def test_halo_study_tiny(tmp_path):
         (run / "train_log.csv").write_text("step,loss,lr,images_per_s\n1,0.5,1e-4,8.0\n2,0.4,1e-4,8.0\n")
     out = tmp_path / "halo"
     r = subprocess.run([sys.executable, str(BENCH / "halo.py"), "--runs", str(tmp_path / "runs"), "--num-samples", "4",
-                        "--cache", str(tmp_path / "cache"), "--out", str(out)], capture_output=True, text=True,
-                       timeout=900)
+                        "--sampler", "ddim:2", "--repeats", "1", "--real", "heldout",
+                        "--cache", str(tmp_path / "cache"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=480)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [(row["run"], row["halo_px"], row["edge_mask"]) for row in rows] == [("full", 0, "no"), ("halo2", 2, "yes")]
@@ -195,7 +200,8 @@ def test_levers_table(tmp_path):
     run.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"prediction": "x0", "gcc_source": "xt", "global_context": 4}))
     (run / "eval_log.csv").write_text("step,seam,seam_real,swap_increase_0_300,swap_increase_300_700,"
-                                      "swap_increase_700_1000,mse_true_gcc_700_1000\n500,2.5,0.8,0.03,0.02,0.004,0.48\n")
+                                      "swap_increase_700_1000,mse_true_gcc_700_1000\n"
+                                      "500,2.5,0.8,0.03,0.02,0.004,0.48\n")
     out = tmp_path / "levers"
     r = subprocess.run([sys.executable, str(BENCH / "levers.py"), str(run), "--out", str(out)], capture_output=True,
                        text=True, timeout=60)
@@ -250,8 +256,8 @@ def test_hard_limit_tiny(tmp_path, monkeypatch):
     if hard_limit.why_not():
         pytest.skip(f"hard_limit.py: {hard_limit.why_not()}")
     out = tmp_path / "hl"
-    r = subprocess.run([sys.executable, str(BENCH / "hard_limit.py"), "--random", "16/2/8", "--points", "4",
-                        "--steps", "1", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    r = subprocess.run([sys.executable, str(BENCH / "hard_limit.py"), "--random", "16/2/8", "--points", "3",
+                        "--steps", "1", "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert len(rows) >= 3 and all(row["oom_killed"] == "no" and row["exit"] == 0 for row in rows), rows
@@ -287,19 +293,21 @@ def test_train_halo_runs_the_study(tmp_path):
                                                     else "0")
         assert ("--edge-mask" in call) == name.endswith("_mask")
         assert ("--grid 1 " in call) == (name == "full")
-    r = subprocess.run(["bash", str(BENCH / "train_halo.sh")], env={**env, "OUT": str(tmp_path / "only2"), "STUDY": "g2",
-                                                                   "HALO8": "1", "HALO2": "8"},
+    r = subprocess.run(["bash", str(BENCH / "train_halo.sh")],
+                       env={**env, "OUT": str(tmp_path / "only2"), "STUDY": "g2", "HALO8": "1", "HALO2": "8"},
                        capture_output=True, text=True, timeout=60)
     logs = "".join((tmp_path / "only2" / f"queue_{q}.log").read_text() for q in "ab")
     assert r.returncode == 0 and "g1/" not in logs and "g2/halo8 " in logs
 
 
 def test_train_scale_tiny(tmp_path):
-    """Both parts: the memory rows (memory, cache build, cache map) and 1 vs 2 ranks (torchrun included)."""
+    """Both parts: the memory rows (memory, cache build, cache map) and 1 vs 2 ranks (torchrun included); a tiny
+    model (base width 8), batch 4."""
     out = tmp_path / "scale"
     r = subprocess.run([sys.executable, str(BENCH / "train_scale.py"), "--sizes", "20", "--steps", "4", "--rounds", "1",
-                        "--image-size", "16", "--work", str(tmp_path / "work"), "--out", str(out)],
-                       capture_output=True, text=True, timeout=900, cwd=tmp_path)
+                        "--image-size", "16", "--base-width", "8", "--batch-size", "4",
+                        "--work", str(tmp_path / "work"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=500, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     memory = json.loads((tmp_path / "scale_memory.json").read_text())["rows"]
     assert [row["mode"] for row in memory] == ["memory (--no-cache)", "cache: build, then map", "cache: map"]
@@ -310,17 +318,18 @@ def test_train_scale_tiny(tmp_path):
 
 
 def test_train_gpu_script_dry_run_on_cpu(tmp_path):
-    """benchmarks/train_gpu.sh on the CPU at a tiny size: both runs train, and what comes back is at most 8
-    files, the slim checkpoints loadable for export."""
+    """benchmarks/train_gpu.sh on the CPU at a tiny size (16 px, base width 8, 2 steps): both runs train, and
+    what comes back is at most 8 files, the slim checkpoints loadable for export."""
     import tinyfont
     from patchgen.models.checkpoint import load_checkpoint, model_from_checkpoint
 
     font = tmp_path / "Tiny.ttf"
     tinyfont.write_font(font, tinyfont.GLYPHS, tinyfont.LIGATURES)
     out = tmp_path / "out"
-    env = {**os.environ, "DEVICE": "cpu", "STEPS": "2", "MINUTES": "8", "SIZE": "32", "EVERY": "0", "BF16": "",
-           "OUT": str(out), "PATCHGEN_NOTO_FONT": str(font), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(["bash", str(BENCH / "train_gpu.sh")], env=env, capture_output=True, text=True, timeout=900)
+    env = {**os.environ, "DEVICE": "cpu", "STEPS": "2", "MINUTES": "8", "SIZE": "16", "HALO": "2", "EVERY": "0",
+           "BF16": "", "TRAIN_ARGS": "--base-width 8 --num-res-blocks 1", "OUT": str(out),
+           "PATCHGEN_NOTO_FONT": str(font), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(["bash", str(BENCH / "train_gpu.sh")], env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "g4: step 2" in r.stdout and "g1: step 2" in r.stdout
     files = sorted(p.name for p in out.iterdir())
